@@ -1,0 +1,302 @@
+"""Regenerate the committed test fixtures: a tiny random GPT-2 saved in OpenAI's official layout.
+
+The real GPT-2 checkpoints are hundreds of megabytes, so the tests prove that loading works on a
+tiny random GPT-2 instead. Hugging Face `transformers` builds the model and computes reference
+logits and greedy continuations; the files are written with exactly the key names, shapes and
+dtypes of the official `openai-community/gpt2` checkpoint files.
+
+Only this script needs torch, transformers, safetensors and tiktoken. The fixtures it writes are
+committed, so the tests themselves run without any of those packages.
+
+Run it from the repository root:
+
+    .venv/bin/python tests/make_fixtures.py
+
+It writes (see tests/fixtures/README.md for what each file holds):
+
+    tests/fixtures/tiny-gpt2/config.json
+    tests/fixtures/tiny-gpt2/model.safetensors
+    tests/fixtures/tiny-gpt2/pytorch_model.bin
+    tests/fixtures/tiny-gpt2-reference.npz
+    tests/fixtures/strided.bin
+    tests/fixtures/strided-legacy.bin
+    tests/fixtures/strided-expected.npz
+
+Everything is seeded, so tensor values and reference numbers come out the same on every run.
+The two .bin files still differ byte-wise between runs, because torch.save writes a random
+serialization id (zip format) or memory addresses as storage keys (legacy format).
+"""
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import tiktoken
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+SEED = 1234
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MODEL_DIR = FIXTURES / "tiny-gpt2"
+END_OF_TEXT = 50256
+GREEDY_NEW_TOKENS = 20
+# Logits at these many vocabulary columns are kept for every position (see reference_logits).
+SAMPLED_COLUMNS = 256
+# A greedy step whose best two logits are closer than this could flip under float32 rounding
+# differences between implementations, which would make the fixture flaky.
+MIN_GREEDY_MARGIN = 1e-3
+
+
+def make_config():
+    # n_ctx and architectures are not needed by transformers, but the official gpt2 config.json
+    # has them, and a loader may read n_ctx.
+    return GPT2Config(
+        architectures=["GPT2LMHeadModel"],
+        n_ctx=128,
+        vocab_size=50257,
+        n_positions=128,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        # The eager attention path is the plain softmax(QK^T)V that a from-scratch model mirrors.
+        attn_implementation="eager",
+    )
+
+
+def randomize_weights(model):
+    """Replace the default init (std 0.02) with a larger one so the logits are far from uniform.
+
+    With std 0.02 every logit is almost zero and any two inputs give nearly the same greedy
+    continuation, so a broken loader could still pass. Nonzero biases and LayerNorm gains that
+    are not exactly one make sure every parameter actually influences the output. Std 0.3 (rather
+    than 0.2) gives logits with a std of about 1.2 and keeps every greedy step's best two logits
+    more than MIN_GREEDY_MARGIN apart.
+    """
+    generator = torch.Generator().manual_seed(SEED)
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=generator) * std
+
+    with torch.no_grad():
+        # named_parameters() lists the tied lm_head/wte matrix only once.
+        for name, param in model.named_parameters():
+            is_layer_norm = ".ln_" in name or name.startswith("transformer.ln_f")
+            if is_layer_norm and name.endswith(".weight"):
+                param.copy_(1.0 + normal(param.shape, 0.1))
+            elif name.endswith(".bias"):
+                param.copy_(normal(param.shape, 0.1))
+            else:
+                param.copy_(normal(param.shape, 0.3))
+
+
+def make_model():
+    model = GPT2LMHeadModel(make_config())
+    randomize_weights(model)
+    model.eval()
+    return model
+
+
+def official_state_dict(model):
+    """The state dict exactly as openai-community/gpt2 stores it.
+
+    The official files use the GPT2Model names (no "transformer." prefix), leave out
+    lm_head.weight because it is tied to wte.weight, and carry the causal-mask buffer
+    h.N.attn.bias (float32 lower-triangular ones, shape (1, 1, n_positions, n_positions)) right
+    after h.N.ln_1.bias. Current transformers no longer has that buffer, so it is added here.
+    They do not carry h.N.attn.masked_bias: transformers 2.9-4.x reported it as "newly
+    initialized" when loading gpt2 (huggingface/transformers#6780), and the key list printed in
+    huggingface/transformers#26173 has no such key.
+    """
+    n_positions = model.config.n_positions
+    causal_mask = torch.tril(torch.ones(n_positions, n_positions))
+    causal_mask = causal_mask.view(1, 1, n_positions, n_positions)
+    hf_state = model.transformer.state_dict()
+    state = collections.OrderedDict()
+    for key, value in hf_state.items():
+        state[key] = value.detach().clone().contiguous()
+        if key.endswith(".ln_1.bias"):
+            layer = key.split(".")[1]
+            state[f"h.{layer}.attn.bias"] = causal_mask.clone()
+    # module.state_dict() attaches per-module version info; torch.save pickles it along, so a
+    # loader must cope with it.
+    state._metadata = hf_state._metadata
+    return state
+
+
+def save_model_files(model):
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(MODEL_DIR / "config.json")
+    state = official_state_dict(model)
+    safetensors.torch.save_file(state, MODEL_DIR / "model.safetensors", metadata={"format": "pt"})
+    torch.save(state, MODEL_DIR / "pytorch_model.bin")
+    return state
+
+
+def check_saved_weights(model, state):
+    """Load the written safetensors back into a fresh HF model and compare outputs."""
+    reloaded = GPT2LMHeadModel(make_config())
+    on_disk = safetensors.torch.load_file(MODEL_DIR / "model.safetensors")
+    weights = {k: v for k, v in on_disk.items() if not k.endswith(".attn.bias")}
+    missing, unexpected = reloaded.transformer.load_state_dict(weights, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    reloaded.eval()
+    ids = torch.arange(10).view(1, 10)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    bin_state = torch.load(MODEL_DIR / "pytorch_model.bin", weights_only=True)
+    assert list(bin_state) == list(state)
+    for key in state:
+        assert torch.equal(bin_state[key], on_disk[key]), key
+
+
+def forward_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.float()
+
+
+def reference_logits(model, encoder):
+    """Reference logits for several inputs, trimmed to fit the fixture size budget.
+
+    Full logits are 50257 floats (201 KB) per position, so keeping them all is too large.
+    For every position we keep: the logsumexp over the whole vocabulary (checks the whole
+    row in one number), the argmax, and the logits at a fixed sample of vocabulary columns.
+    Full rows are kept only for the last position of a few cases.
+    """
+    rng = np.random.default_rng(SEED)
+    vocab = model.config.vocab_size
+    cases = {
+        "len1": [[int(rng.integers(vocab))]],
+        "len5": [encoder.encode("Hello, my dog is")],
+        "len17": [rng.integers(vocab, size=17).tolist()],
+        "len128": [rng.integers(vocab, size=128).tolist()],
+        "batch2": rng.integers(vocab, size=(2, 9)).tolist(),
+    }
+    full_last_row_cases = ["len5", "len128", "batch2"]
+    all_logits = {name: forward_logits(model, ids) for name, ids in cases.items()}
+
+    columns = set(rng.choice(vocab, size=SAMPLED_COLUMNS, replace=False).tolist())
+    # The extreme ids and every argmax make off-by-one errors in the vocab axis visible.
+    columns.update([0, 1, vocab - 2, vocab - 1])
+    for logits in all_logits.values():
+        columns.update(logits.argmax(dim=-1).flatten().tolist())
+    columns = np.array(sorted(columns), dtype=np.int64)
+
+    out = {"case_names": np.array(list(cases)), "vocab_columns": columns}
+    for name, ids in cases.items():
+        logits = all_logits[name]
+        out[f"{name}_ids"] = np.array(ids, dtype=np.int64)
+        out[f"{name}_logsumexp"] = torch.logsumexp(logits.double(), dim=-1).float().numpy()
+        out[f"{name}_argmax"] = logits.argmax(dim=-1).numpy().astype(np.int64)
+        out[f"{name}_column_logits"] = logits[:, :, torch.from_numpy(columns)].numpy()
+        if name in full_last_row_cases:
+            out[f"{name}_last_logits"] = logits[:, -1, :].numpy()
+    return out
+
+
+def greedy_by_hand(model, prompt, steps):
+    """Greedy decoding with a full forward pass per step; returns tokens and the smallest margin."""
+    tokens = list(prompt)
+    smallest_margin = float("inf")
+    for _ in range(steps):
+        last = forward_logits(model, [tokens])[0, -1]
+        top2 = torch.topk(last, 2).values
+        smallest_margin = min(smallest_margin, float(top2[0] - top2[1]))
+        tokens.append(int(last.argmax()))
+    return tokens[len(prompt) :], smallest_margin
+
+
+def greedy_continuations(model, encoder):
+    prompt_texts = ["<|endoftext|>", "Hello, my dog is", "The quick brown fox"]
+    out = {
+        "greedy_prompt_texts": np.array(prompt_texts),
+        "greedy_new_tokens": np.array(GREEDY_NEW_TOKENS),
+    }
+    for index, text in enumerate(prompt_texts):
+        prompt = encoder.encode(text, allowed_special={"<|endoftext|>"})
+        ids = torch.tensor([prompt], dtype=torch.long)
+        with torch.no_grad():
+            generated = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=GREEDY_NEW_TOKENS,
+                min_new_tokens=GREEDY_NEW_TOKENS,
+                pad_token_id=END_OF_TEXT,
+                eos_token_id=None,
+            )
+        new_tokens = generated[0, len(prompt) :].tolist()
+        assert len(new_tokens) == GREEDY_NEW_TOKENS, len(new_tokens)
+        by_hand, margin = greedy_by_hand(model, prompt, GREEDY_NEW_TOKENS)
+        assert by_hand == new_tokens, (by_hand, new_tokens)
+        assert margin > MIN_GREEDY_MARGIN, f"prompt {text!r}: greedy margin {margin} too small"
+        out[f"greedy{index}_prompt"] = np.array(prompt, dtype=np.int64)
+        out[f"greedy{index}_output"] = np.array(new_tokens, dtype=np.int64)
+        out[f"greedy{index}_output_text"] = np.array(encoder.decode(new_tokens))
+        out[f"greedy{index}_min_margin"] = np.array(margin, dtype=np.float32)
+    return out
+
+
+def strided_tensors():
+    """Tensors whose storage layout is not one plain contiguous block, plus every dtype we read."""
+    generator = torch.Generator().manual_seed(SEED)
+    base = torch.randn(5, 7, generator=generator)
+    cube = torch.randn(2, 3, 4, generator=generator)
+    shared = torch.arange(24, dtype=torch.float32)
+    tensors = collections.OrderedDict()
+    tensors["plain"] = base
+    tensors["transposed"] = base.t()
+    tensors["row_view"] = base[3]
+    tensors["column_view"] = base[:, 2]
+    tensors["permuted"] = cube.permute(2, 0, 1)
+    tensors["expanded"] = torch.tensor([1.5, -2.5, 4.0]).view(3, 1).expand(3, 4)
+    tensors["shared_a"] = shared[2:10].view(2, 4)
+    tensors["shared_b"] = shared.view(4, 6)[1:, ::2]
+    tensors["float16"] = torch.randn(3, 2, generator=generator).half().t()
+    tensors["bfloat16"] = torch.randn(3, 2, generator=generator).bfloat16().t()
+    tensors["int64"] = torch.tensor([[-(2**40), 7], [3, 2**50]], dtype=torch.int64)
+    tensors["int32"] = torch.tensor([-5, 0, 2**30], dtype=torch.int32)
+    tensors["uint8"] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
+    tensors["bool"] = torch.tensor([[True, False, True]])
+    tensors["scalar"] = torch.tensor(-1e4)
+    tensors["empty"] = torch.zeros(0, 3)
+    return tensors
+
+
+def save_strided_fixtures():
+    tensors = strided_tensors()
+    torch.save(tensors, FIXTURES / "strided.bin")
+    torch.save(tensors, FIXTURES / "strided-legacy.bin", _use_new_zipfile_serialization=False)
+    # bfloat16 has no numpy dtype; the reader returns it upcast to float32, which is exact.
+    expected = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        expected[name] = tensor.contiguous().numpy()
+    np.savez(FIXTURES / "strided-expected.npz", **expected)
+
+
+def main():
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    # The shared tokenizer cache lets tiktoken work without network access.
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")
+    encoder = tiktoken.get_encoding("r50k_base")
+    model = make_model()
+    state = save_model_files(model)
+    check_saved_weights(model, state)
+    reference = reference_logits(model, encoder)
+    reference.update(greedy_continuations(model, encoder))
+    np.savez_compressed(FIXTURES / "tiny-gpt2-reference.npz", **reference)
+    save_strided_fixtures()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    for path in sorted(FIXTURES.rglob("*")):
+        if path.is_file():
+            print(f"{path.stat().st_size:>10,d}  {path.relative_to(FIXTURES.parent.parent)}")
+
+
+if __name__ == "__main__":
+    main()

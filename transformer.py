@@ -1,0 +1,671 @@
+"""A decoder-only transformer written out on tinygrad, and a loop that trains toy ones and checks they learned.
+
+The model follows "Attention Is All You Need" (Vaswani et al., 2017) for scaled dot-product attention,
+multi-head attention and sinusoidal positions, and GPT-2 ("Language Models are Unsupervised Multitask
+Learners", Radford et al., 2019) for the pre-LayerNorm block, learned positions and weight names.
+gpt.py builds GPT-2 from the classes here, so the names (wte, wpe, h, ln_1, attn.c_attn, ...) are the
+ones in OpenAI's checkpoint.
+
+Read it top to bottom: attention, heads, LayerNorm, MLP, positions, the block, the model, sampling,
+then the training tasks and the loop.
+
+    python transformer.py -v                         # learn to reverse digit strings, report exact match
+    python transformer.py --task shakespeare -v      # character-level tinyshakespeare, report val loss
+    python transformer.py --task reverse --sample    # decode with the checkpoint saved in models/
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Context, Tensor, TinyJit, Variable, dtypes, nn
+from tinygrad.nn.state import get_state_dict, load_state_dict, safe_load, safe_save
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def causal_mask(T: int, S, start_pos=0) -> Tensor:
+    """Additive mask (T, S): 0 where query t may look at key s, -inf where s is in its future.
+
+    Query t sits at absolute position start_pos + t, and may see keys 0 .. start_pos + t."""
+    return Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / √d + mask) v  for q (..., T, d), k and v (..., S, d)  ->  (..., T, d).
+
+    Dividing by √d keeps the dot products at unit variance, so the softmax does not saturate
+    (Vaswani et al., 2017, section 3.2.1)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, S)
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(-1) @ v
+
+
+class Linear:
+    """y = x W + b, with W stored (in, out) as GPT-2's Conv1D does, so checkpoints load untransposed."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool = True, std: float = 0.02):
+        self.weight = Tensor.normal(n_in, n_out, std=std)
+        self.bias = Tensor.zeros(n_out) if bias else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x.linear(self.weight, self.bias)
+
+
+class SingleHeadAttention:
+    """One causal attention head, the unit multi-head attention repeats: q, k, v of width head_size."""
+
+    def __init__(self, n_embd: int, head_size: int):
+        self.query = Linear(n_embd, head_size)
+        self.key = Linear(n_embd, head_size)
+        self.value = Linear(n_embd, head_size)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, hs)
+        return attention(q, k, v, causal_mask(T, T))
+
+
+class CausalSelfAttention:
+    """n_head heads side by side: one matmul makes q, k and v for every head (GPT-2's c_attn),
+    the heads attend independently, and c_proj mixes their concatenated outputs.
+
+    Called with start_pos, it keeps the keys and values of earlier positions in a cache, so
+    decoding one new token costs one row of attention instead of re-running the whole prefix."""
+
+    def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1):
+        assert n_embd % n_head == 0, f"{n_embd=} is not divisible by {n_head=}"
+        self.n_head, self.n_ctx = n_head, n_ctx
+        self.c_attn = Linear(n_embd, 3 * n_embd)
+        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer) so
+        # the residual's variance does not grow with depth (Radford et al., 2019, section 2.3).
+        self.c_proj = Linear(n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer))
+        self.cache_kv: Tensor | None = None
+
+    def __call__(self, x: Tensor, start_pos=None) -> Tensor:
+        B, T, C = x.shape
+        H = self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=-1)  # each (B, T, C)
+        q = q.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
+        k = k.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
+        v = v.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
+        if start_pos is None:
+            mask = causal_mask(T, T)
+        else:
+            k, v = self.remember(k, v, start_pos)  # (B, H, start_pos + T, hs)
+            # one new query may look at every cached key, so a single step needs no mask
+            mask = causal_mask(T, start_pos + T, start_pos) if T > 1 else None
+        y = attention(q, k, v, mask)  # (B, H, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.c_proj(y)
+
+    def remember(self, k: Tensor, v: Tensor, start_pos) -> tuple[Tensor, Tensor]:
+        """Write this call's keys and values at start_pos and return everything cached so far."""
+        B, H, T, hs = k.shape
+        if self.cache_kv is None or self.cache_kv.shape[1] != B or self.cache_kv.dtype != k.dtype:
+            cache = Tensor.zeros(2, B, H, self.n_ctx, hs, dtype=k.dtype).contiguous().realize()
+            self.cache_kv = cache.is_param_(False)  # state, not a weight: kept out of checkpoints
+        end = start_pos + T
+        self.cache_kv[:, :, :, start_pos:end].assign(Tensor.stack(k, v))  # (2, B, H, T, hs)
+        return self.cache_kv[0, :, :, :end], self.cache_kv[1, :, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------
+# The rest of a block: LayerNorm, the MLP, positions
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerNorm:
+    """Normalize each position's features to mean 0 and variance 1, then scale and shift.
+
+    The variance is the biased one (divide by C, not C - 1), as in Ba et al. (2016) and PyTorch."""
+
+    def __init__(self, n_embd: int, eps: float = 1e-5):
+        self.weight, self.bias, self.eps = Tensor.ones(n_embd), Tensor.zeros(n_embd), eps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) * (var + self.eps).rsqrt() * self.weight + self.bias
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (Hendrycks & Gimpel, 2016) that GPT-2 was trained with."""
+    return 0.5 * x * (1 + (math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)).tanh())
+
+
+class MLP:
+    """Position-wise feed-forward network: widen 4x, GELU, project back."""
+
+    def __init__(self, n_embd: int, n_layer: int = 1):
+        self.c_fc = Linear(n_embd, 4 * n_embd)
+        self.c_proj = Linear(4 * n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.c_proj(gelu(self.c_fc(x)))
+
+
+def sinusoidal_positions(n_ctx: int, n_embd: int) -> Tensor:
+    """(n_ctx, n_embd) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same).
+
+    Fixed, not learned; each pair of features is a clock at its own frequency (Vaswani et al., 3.5)."""
+    pos = np.arange(n_ctx)[:, None]
+    freq = 10000.0 ** (-np.arange(0, n_embd, 2) / n_embd)
+    table = np.zeros((n_ctx, n_embd), dtype=np.float32)
+    table[:, 0::2] = np.sin(pos * freq)
+    table[:, 1::2] = np.cos(pos * freq)[:, : n_embd // 2]
+    return Tensor(table)
+
+
+class Block:
+    """Attention then MLP, each added to the residual stream.
+
+    Pre-LN (GPT-2) normalizes the input of each branch: x + f(ln(x)). Post-LN, as in the 2017 paper,
+    normalizes after the sum: ln(x + f(x)); it trains less stably without warmup (Xiong et al., 2020)."""
+
+    def __init__(self, config: Config):
+        c = config
+        self.prenorm = c.prenorm
+        self.ln_1 = LayerNorm(c.n_embd, c.ln_eps)
+        self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_ctx, c.n_layer)
+        self.ln_2 = LayerNorm(c.n_embd, c.ln_eps)
+        self.mlp = MLP(c.n_embd, c.n_layer)
+
+    def __call__(self, x: Tensor, start_pos=None) -> Tensor:
+        if self.prenorm:
+            x = x + self.attn(self.ln_1(x), start_pos)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, start_pos))
+        return self.ln_2(x + self.mlp(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 16
+    n_ctx: int = 32  # longest sequence the model sees (GPT-2's n_positions)
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    positions: str = "learned"  # or "sinusoidal"
+    prenorm: bool = True  # False: post-LN as in Vaswani et al.
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions={self.positions!r}: expected 'learned' or 'sinusoidal'")
+
+
+class Transformer:
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size).
+
+    The output layer reuses the token embedding (weight tying, Press & Wolf 2017), as GPT-2 does."""
+
+    def __init__(self, config: Config):
+        c = self.config = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wte.weight = Tensor.normal(c.vocab_size, c.n_embd, std=0.02)
+        if c.positions == "learned":
+            self.wpe = nn.Embedding(c.n_ctx, c.n_embd)
+            self.wpe.weight = Tensor.normal(c.n_ctx, c.n_embd, std=0.01)
+        else:
+            self.pe = sinusoidal_positions(c.n_ctx, c.n_embd).is_param_(False)  # a constant
+        self.h = [Block(c) for _ in range(c.n_layer)]
+        # pre-LN leaves the residual stream unnormalized, so one last LayerNorm precedes the output
+        self.ln_f = LayerNorm(c.n_embd, c.ln_eps) if c.prenorm else None
+
+    def __call__(self, idx: Tensor, start_pos=None) -> Tensor:
+        """start_pos=None: the whole sequence, no cache. An int or bound Variable: idx continues
+        a sequence whose first start_pos tokens are already in the KV cache."""
+        B, T = idx.shape
+        first = 0 if start_pos is None else start_pos
+        table = self.wpe.weight if self.config.positions == "learned" else self.pe
+        x = self.wte(idx) + table[first : first + T]  # (B, T, C) + (T, C)
+        for block in self.h:
+            x = block(x, start_pos)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        return x @ self.wte.weight.T  # (B, T, vocab_size)
+
+    def parameters(self) -> dict[str, Tensor]:
+        return {k: v for k, v in get_state_dict(self).items() if v.is_param}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and generation
+# ---------------------------------------------------------------------------------------------
+
+
+def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:
+    """Pick one token per row of logits (B, V).
+
+    temperature 0 is greedy (argmax). Otherwise the logits are divided by the temperature, top-k keeps
+    the k likeliest tokens, top-p keeps the smallest set whose probability reaches p (the "nucleus",
+    Holtzman et al., 2019), and one token is drawn from what is left. Sampling runs in NumPy on the host:
+    it is cheap next to the model, and a seeded rng gives the same draws on every backend."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]  # (B, 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, -1)
+        # keep a token if the tokens likelier than it do not reach top_p yet (so the first always stays)
+        keep_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    rng = rng if rng is not None else np.random.default_rng()
+    # inverse-CDF draw: the first token whose cumulative probability passes a uniform number
+    u = rng.random((probs.shape[0], 1))
+    return np.minimum((np.cumsum(probs, -1) < u).sum(-1), probs.shape[-1] - 1)
+
+
+def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
+             top_k=None, top_p=None, rng=None):
+    """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
+
+    The prompt is run in one pass (prefill) that fills each layer's KV cache; after that every step
+    feeds one token. That step is compiled once by TinyJit with its position as a symbolic Variable, so
+    the loop neither re-traces nor recompiles per token. When the context is full, the window slides:
+    the newest half of the tokens is prefilled again and decoding goes on from there."""
+    n_ctx = model.config.n_ctx
+    window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
+    decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
+    pos_var = Variable("pos", 1, n_ctx - 1)
+    logits = model(Tensor(window), 0)[:, -1].numpy()  # (B, V)
+    for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, rng).astype(np.int32)  # (B,)
+        yield nxt
+        window = np.concatenate([window, nxt[:, None]], axis=1)
+        if window.shape[1] > n_ctx:
+            window = window[:, -(n_ctx // 2) :]
+            logits = model(Tensor(window), 0)[:, -1].numpy()
+        else:
+            pos = pos_var.bind(window.shape[1] - 1)
+            logits = decode(Tensor(nxt[:, None]), pos).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: what to learn, and how to tell that it was learned
+# ---------------------------------------------------------------------------------------------
+
+IGNORE = -100  # target id that carries no loss (tinygrad treats ignore_index=-1 as "ignore nothing")
+
+
+class Reverse:
+    """Read n digits and '>', then write the same digits backwards: "3141>1413".
+
+    Held out: every digit string whose hash falls in one class (a tenth of them) is kept out of
+    training batches, and the exact-match score is measured on those strings only. The loss covers
+    only the answer digits; the question digits are random and cannot be predicted."""
+
+    name, metric, higher_is_better = "reverse", "exact_match", True
+    steps, batch_size, lr, eval_every = 600, 64, 3e-3, 100
+
+    def __init__(self, n_digits: int = 8, seed: int = 0):
+        self.n = n_digits
+        self.sep = 10
+        self.config = Config(vocab_size=11, n_ctx=2 * n_digits + 1, n_layer=2, n_head=4, n_embd=64)
+        self.chance = 10.0**-n_digits  # guessing every digit right
+        self.test = self.draw(np.random.default_rng(seed + 1), 1000, held_out=True)
+
+    def held_out(self, digits: np.ndarray) -> np.ndarray:
+        weights = 7 ** np.arange(self.n) % 1009  # any fixed mixing of the digits will do
+        return (digits * weights).sum(-1) % 10 == 0
+
+    def draw(self, rng, B: int, held_out: bool) -> np.ndarray:
+        out = np.zeros((0, self.n), dtype=np.int32)
+        while len(out) < B:
+            d = rng.integers(0, 10, (2 * B, self.n), dtype=np.int32)
+            out = np.concatenate([out, d[self.held_out(d) == held_out]])
+        return out[:B]
+
+    def batch(self, rng, B: int) -> tuple[np.ndarray, np.ndarray]:
+        d = self.draw(rng, B, held_out=False)
+        seq = np.concatenate([d, np.full((B, 1), self.sep), d[:, ::-1]], axis=1)  # (B, 2n + 1)
+        x, y = seq[:, :-1], seq[:, 1:].copy()
+        y[:, : self.n - 1] = IGNORE
+        return x.astype(np.int32), y.astype(np.int32)
+
+    def answer(self, model: Transformer, digits: np.ndarray) -> np.ndarray:
+        prompt = np.concatenate([digits, np.full((len(digits), 1), self.sep)], axis=1)
+        return np.stack(list(generate(model, prompt, self.n)), axis=1)  # (B, n), greedy
+
+    def evaluate(self, model: Transformer) -> float:
+        return float((self.answer(model, self.test) == self.test[:, ::-1]).all(-1).mean())
+
+    def show(self, model: Transformer, n: int = 4) -> str:
+        got = self.answer(model, self.test[:n])
+        lines = []
+        for d, g in zip(self.test[:n], got):
+            ok = "ok" if (g == d[::-1]).all() else "WRONG"
+            lines.append(f"{''.join(map(str, d))}>{''.join(map(str, g))}  {ok}")
+        return "\n".join(lines)
+
+
+class Shakespeare:
+    """Character-level language model of tinyshakespeare (Karpathy's char-rnn corpus).
+
+    The model sees 64 characters and predicts each next one; the score is the mean cross-entropy
+    on the last tenth of the text, which training never sees."""
+
+    name, metric, higher_is_better = "shakespeare", "val_loss", False
+    steps, batch_size, lr, eval_every = 2000, 12, 1e-3, 250
+    url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+    def __init__(self, data: str | None = None, seed: int = 0):
+        text = self.load(data)
+        self.chars = sorted(set(text))
+        ids = np.array([self.chars.index(ch) for ch in self.chars], dtype=np.int32)
+        lookup = dict(zip(self.chars, ids))
+        data_ids = np.array([lookup[ch] for ch in text], dtype=np.int32)
+        split = int(0.9 * len(data_ids))
+        self.train, self.val = data_ids[:split], data_ids[split:]
+        V = len(self.chars)
+        # nanoGPT's CPU "baby" shakespeare_char configuration, without dropout
+        self.config = Config(vocab_size=V, n_ctx=64, n_layer=4, n_head=4, n_embd=128)
+        self.chance = math.log(V)  # the loss of a uniform guess
+        self.bigram = self.bigram_loss()
+        self.eval_rng = np.random.default_rng(seed + 1)
+
+    @classmethod
+    def load(cls, path: str | None) -> str:
+        if path is None:
+            cache = Path(__file__).parent / "data" / "tinyshakespeare.txt"
+            if not cache.exists():
+                from download import DownloadError, download
+
+                try:
+                    download(cls.url, cache)
+                except DownloadError as e:
+                    raise SystemExit(f"error: could not fetch tinyshakespeare ({e}); "
+                                     "pass a local copy with --data PATH")
+            path = str(cache)
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read dataset {path}: {e}")
+
+    def bigram_loss(self) -> float:
+        """Val loss of next-char counts from the training text (add-one smoothed): a floor to beat."""
+        V = len(self.chars)
+        counts = np.ones((V, V))
+        np.add.at(counts, (self.train[:-1], self.train[1:]), 1)
+        probs = counts / counts.sum(-1, keepdims=True)
+        return float(-np.log(probs[self.val[:-1], self.val[1:]]).mean())
+
+    def windows(self, data: np.ndarray, rng, B: int) -> tuple[np.ndarray, np.ndarray]:
+        T = self.config.n_ctx
+        start = rng.integers(0, len(data) - T - 1, B)
+        x = np.stack([data[s : s + T] for s in start])
+        y = np.stack([data[s + 1 : s + T + 1] for s in start])
+        return x, y
+
+    def batch(self, rng, B: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.windows(self.train, rng, B)
+
+    def evaluate(self, model: Transformer, batches: int = 20) -> float:
+        rng = np.random.default_rng(1234)  # the same val windows every time, so scores compare
+        losses = []
+        for _ in range(batches):
+            x, y = self.windows(self.val, rng, 64)
+            logits = model(Tensor(x))
+            losses.append(logits.sparse_categorical_crossentropy(Tensor(y)).item())
+        return float(np.mean(losses))
+
+    def show(self, model: Transformer, n: int = 200) -> str:
+        rng = np.random.default_rng(0)
+        prompt = np.array([[self.chars.index("\n")]])
+        out = np.concatenate(list(generate(model, prompt, n, temperature=0.8, rng=rng)))
+        return "".join(self.chars[i] for i in out)
+
+    def baselines(self) -> str:
+        return (f"uniform {self.chance:.2f}, bigram {self.bigram:.2f}, "
+                "5-gram 1.67 (reference) nats")
+
+
+TASKS = {"reverse": Reverse, "shakespeare": Shakespeare}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: Transformer, lr: float, weight_decay: float = 0.1):
+    """AdamW (Loshchilov & Hutter, 2019). Weight decay pulls matrices and embeddings toward zero;
+    biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
+    params = list(model.parameters().values())
+    decay = [p for p in params if p.ndim >= 2]
+    keep = [p for p in params if p.ndim < 2]
+    return nn.optim.OptimizerGroup(
+        nn.optim.AdamW(decay, lr, b1=0.9, b2=0.99, weight_decay=weight_decay),
+        nn.optim.AdamW(keep, lr, b1=0.9, b2=0.99, weight_decay=0.0),
+    )
+
+
+def learning_rate(step: int, max_lr: float, total: int, warmup: int) -> float:
+    """Linear warmup to max_lr, then cosine decay to a tenth of it (GPT-3 paper, Brown et al., 2020)."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_train_step(model: Transformer, opt, clip: float = 1.0):
+    """One optimizer step, compiled by TinyJit: after two calls the kernels are captured and
+    replayed, so Python no longer rebuilds the graph each step."""
+    params = opt.params
+
+    @TinyJit
+    def step(x: Tensor, y: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
+        loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
+        grads = loss.gradient(*params)
+        # rescale all gradients together when their global norm exceeds clip (Pascanu et al., 2013)
+        norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
+        scale = (clip / (norm + 1e-6)).minimum(1.0)
+        for p, g in zip(params, grads):
+            p.grad = g * scale
+        for o in opt.optimizers:
+            o.lr.assign(lr)
+        Tensor.realize(loss, norm, *opt.schedule_step())
+        return loss, norm
+
+    return step
+
+
+def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
+    """model weights + optimizer state in one safetensors file, config and progress in JSON beside it.
+
+    Both are written under temporary names and renamed, so a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = dict(model.parameters())
+    for i, o in enumerate(opt.optimizers):
+        for j, (m, v) in enumerate(zip(o.m, o.v)):
+            tensors[f"optim.{i}.m.{j}"], tensors[f"optim.{i}.v.{j}"] = m, v
+        tensors[f"optim.{i}.b1_t"], tensors[f"optim.{i}.b2_t"] = o.b1_t, o.b2_t
+    tmp_weights, tmp_meta = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
+    safe_save(tensors, str(tmp_weights))
+    tmp_meta.write_text(json.dumps({**meta, "config": asdict(model.config)}, indent=2))
+    os.replace(tmp_weights, path.with_suffix(".safetensors"))
+    os.replace(tmp_meta, path.with_suffix(".json"))
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path: Path, opt_lr: float | None = None):
+    """-> (model, optimizer or None, meta). Raises CheckpointError with a one-line reason."""
+    meta_path, weights_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = Config(**meta["config"])
+        tensors = safe_load(str(weights_path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    model = Transformer(config)
+    weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    expected = model.parameters()
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise CheckpointError(f"checkpoint {path} does not fit its config: "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in expected.items():
+        if v.shape != weights[k].shape:
+            raise CheckpointError(f"checkpoint {path}: {k} has shape {weights[k].shape}, "
+                                  f"expected {v.shape}")
+    load_state_dict(model, weights, verbose=False)
+    opt = None
+    if opt_lr is not None:
+        opt = make_optimizer(model, opt_lr)
+        for i, o in enumerate(opt.optimizers):
+            for j, (m, v) in enumerate(zip(o.m, o.v)):
+                m.assign(tensors[f"optim.{i}.m.{j}"].to(m.device)).realize()
+                v.assign(tensors[f"optim.{i}.v.{j}"].to(v.device)).realize()
+            o.b1_t.assign(tensors[f"optim.{i}.b1_t"].to(o.b1_t.device)).realize()
+            o.b2_t.assign(tensors[f"optim.{i}.b2_t"].to(o.b2_t.device)).realize()
+    return model, opt, meta
+
+
+def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None,
+          resume: bool = False, verbose: bool = False, config: Config | None = None,
+          log=print) -> dict:
+    """Train a model on task, evaluate it on held-out data as it goes, and return the final scores.
+
+    The loop only needs from a task: config, batch(rng, B), evaluate(model), show(model), the
+    metric's name and direction, and its chance level; a new task plugs in by providing those."""
+    steps = steps if steps is not None else task.steps
+    Tensor.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    start = 0
+    if resume:
+        model, opt, meta = load_checkpoint(out, opt_lr=task.lr)
+        if meta.get("task") != task.name:
+            raise CheckpointError(f"checkpoint {out} is for task {meta.get('task')!r}, "
+                                  f"not {task.name!r}")
+        start = meta["step"]
+        rng = np.random.default_rng([seed, start])  # fresh batches, not a replay of the first ones
+        log(f"resumed {out} at step {start}")
+    else:
+        model = Transformer(config or task.config)
+        opt = make_optimizer(model, task.lr)
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters().values())
+    log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, {c.n_head} heads, "
+        f"{c.n_embd} dims, context {c.n_ctx}; {steps} steps of batch {task.batch_size}")
+    step_fn = make_train_step(model, opt)
+    warmup = max(1, min(100, steps // 10))
+    tokens_per_step = task.batch_size * c.n_ctx
+    t0 = time.perf_counter()
+    with Context(TRAINING=1):
+        for step in range(start, steps):
+            x, y = task.batch(rng, task.batch_size)
+            lr = learning_rate(step, task.lr, steps, warmup)
+            loss, norm = step_fn(Tensor(x), Tensor(y), Tensor([lr]))
+            done = step + 1
+            if verbose and (done % 25 == 0 or done == steps):
+                elapsed = time.perf_counter() - t0
+                rate = (done - start) / elapsed
+                log(f"step {done:5d}/{steps}  loss {loss.item():.4f}  lr {lr:.2e}  "
+                    f"grad-norm {norm.item():.2f}  {rate * tokens_per_step:,.0f} tok/s  "
+                    f"ETA {(steps - done) / rate:.0f}s")
+            if verbose and done % task.eval_every == 0 and done != steps:
+                log(f"eval  step {done}: {task.metric} {task.evaluate(model):.4f}")
+    elapsed = time.perf_counter() - t0
+    score = task.evaluate(model)
+    if out is not None:
+        save_checkpoint(out, model, opt, {"task": task.name, "step": steps, "seed": seed})
+        log(f"saved {out.with_suffix('.safetensors')}")
+    return {"model": model, "score": score, "steps": steps, "time": elapsed}
+
+
+def verdict(task, score: float) -> bool:
+    """Did the model learn? Exact match must be high; val loss must sit well below chance."""
+    if task.metric == "exact_match":
+        return score >= 0.99
+    return score <= 2.0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="reverse", help=f"one of {', '.join(TASKS)}")
+    ap.add_argument("--steps", type=int, help="training steps (default: the task's budget)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", help="local text file for --task shakespeare (default: download)")
+    ap.add_argument("--out", type=Path, help="checkpoint path without suffix (default: models/TASK)")
+    ap.add_argument("--resume", action="store_true", help="continue training from --out")
+    ap.add_argument("--sample", action="store_true", help="generate from the saved checkpoint")
+    ap.add_argument("--n-layer", type=int)
+    ap.add_argument("--n-head", type=int)
+    ap.add_argument("--n-embd", type=int)
+    ap.add_argument("--positions", choices=["learned", "sinusoidal"])
+    ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
+    ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
+    args = ap.parse_args(argv)
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.task not in TASKS:
+        return fail(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    if args.steps is not None and args.steps < 1:
+        return fail(f"--steps must be at least 1, got {args.steps}")
+    try:
+        task = TASKS[args.task](args.data) if args.task == "shakespeare" else TASKS[args.task]()
+    except SystemExit as e:
+        return fail(str(e).removeprefix("error: "))
+    out = args.out or Path(__file__).parent / "models" / task.name
+    log = print if args.verbose else (lambda *a, **k: None)
+    try:
+        if args.sample:
+            model, _, meta = load_checkpoint(out)
+            print(task.show(model))
+            return 0
+        overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head),
+                                       ("n_embd", args.n_embd), ("positions", args.positions))
+                     if v is not None}
+        if args.post_ln:
+            overrides["prenorm"] = False
+        config = replace(task.config, **overrides)
+        if args.verbose and args.task == "shakespeare":
+            log(f"baselines: {task.baselines()}")
+        result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log)
+    except (CheckpointError, ValueError) as e:
+        return fail(str(e))
+    log("samples:\n" + task.show(result["model"]))
+    ok = verdict(task, result["score"])
+    log(f"verdict: {task.metric} {result['score']:.4f} against chance {task.chance:.4g}: "
+        f"{'learned' if ok else 'did NOT learn'}")
+    print(f"result: task={task.name} {task.metric}={result['score']:.4f} chance={task.chance:.4g} "
+          f"steps={result['steps']} time={result['time']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
