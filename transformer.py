@@ -47,7 +47,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, S)
     if mask is not None:
         scores = scores + mask
-    return scores.softmax(-1) @ v
+    return scores.softmax(-1).contiguous() @ v
 
 
 class Linear:
@@ -58,7 +58,9 @@ class Linear:
         self.bias = Tensor.zeros(n_out) if bias else None
 
     def __call__(self, x: Tensor) -> Tensor:
-        return x.linear(self.weight, self.bias)
+        # Materialize the input, and the gradient flowing back: an elementwise expression fused into
+        # a matmul operand is recomputed for every output column, which costs more than one write.
+        return x.contiguous().linear(self.weight, self.bias).contiguous_backward()
 
 
 class SingleHeadAttention:
@@ -94,7 +96,7 @@ class CausalSelfAttention:
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
         B, T, C = x.shape
         H = self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=-1)  # each (B, T, C)
+        q, k, v = [t.contiguous_backward() for t in self.c_attn(x).split(C, dim=-1)]  # each (B, T, C)
         q = q.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
         k = k.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
         v = v.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)

@@ -1,0 +1,304 @@
+"""GPT-2 with OpenAI's official weights, built from transformer.py's blocks, and a CLI that talks.
+
+GPT-2 ("Language Models are Unsupervised Multitask Learners", Radford et al., 2019) is exactly
+transformer.py's Transformer with learned positions, pre-LN blocks, a 1024-token context and the
+50257-token byte-level BPE vocabulary. This file adds what the real model needs around it: the four
+sizes, fetching the weights from the Hugging Face hub, mapping them onto the model, the tokenizer,
+and streaming generation.
+
+    python gpt.py -p "How can entropy be reversed?"
+    python gpt.py --model gpt2-medium -n 100 -t 0.8 --top-p 0.9 -p "The meaning of life is"
+    echo "Once upon a time" | python gpt.py --num-samples 3 --seed 1
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Device, Tensor, dtypes
+from tinygrad.nn.state import safe_load
+
+from transformer import Config, Transformer, generate
+
+# (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
+SIZES = {
+    "gpt2": (12, 12, 768),  # 124M parameters
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
+EOT = 50256  # <|endoftext|>: separates documents in GPT-2's training data
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class GPTError(Exception):
+    """A problem the user can fix; main() prints it as one line."""
+
+
+def gpt2_config(model: str) -> Config:
+    if model not in SIZES:
+        raise GPTError(f"unknown model {model!r}; choose one of {', '.join(SIZES)}")
+    n_layer, n_head, n_embd = SIZES[model]
+    return Config(vocab_size=50257, n_ctx=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def config_from_hf(path: Path, fallback: Config) -> Config:
+    """A checkpoint in a Hugging Face folder has its shape in config.json beside it."""
+    if not path.exists():
+        return fallback
+    hf = json.loads(path.read_text())
+    return replace(fallback, vocab_size=hf["vocab_size"], n_ctx=hf["n_positions"],
+                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                   ln_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: where they come from and how they map onto the model
+# ---------------------------------------------------------------------------------------------
+
+
+def weights_url(model: str) -> str:
+    """The hub's URL for a file; HF_ENDPOINT points elsewhere (a mirror), as huggingface_hub does."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/openai-community/{model}/resolve/main/model.safetensors"
+
+
+def fetch_weights(model: str, weights_dir: Path) -> Path:
+    """Path of the verified checkpoint, downloading it on first use (see download.py)."""
+    from download import DownloadError, download
+
+    dest = weights_dir / model / "model.safetensors"
+    try:
+        return download(weights_url(model), dest)
+    except DownloadError as e:
+        raise GPTError(f"{e}. Fetch it when online (python gpt.py --model {model} --download), "
+                       f"or pass a local checkpoint with --weights FILE") from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Tensor]:
+    """Tensors of a safetensors file (memory-mapped, read lazily) or a PyTorch pytorch_model.bin."""
+    if not path.is_file():
+        raise GPTError(f"no such checkpoint file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or path.suffix in (".bin", ".pt", ".pth"):
+        from torchbin import load_pytorch_bin
+
+        try:
+            return {k: Tensor(v) for k, v in load_pytorch_bin(path).items()}
+        except Exception as e:  # the loader's own errors already say what is wrong
+            raise GPTError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+    try:
+        return safe_load(str(path))
+    except Exception:
+        raise GPTError(f"{path} is not a safetensors or PyTorch checkpoint") from None
+
+
+# Checkpoint tensors that hold no weights: GPT-2's causal-mask buffers (we build the mask), and the
+# output head, which is the token embedding again (tied).
+SKIPPED = ("attn.bias", "attn.masked_bias", "lm_head.weight")
+
+
+def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Tensor]:
+    """Checkpoint names -> model names, checked strictly: every model weight present with its
+    shape, every checkpoint tensor used or deliberately skipped. transformer.py uses GPT-2's own
+    names and stores Linear weights (in, out) like GPT-2's Conv1D, so the table is short."""
+    wanted = model.parameters()
+    mapped, unused = {}, []
+    for key, t in ckpt.items():
+        name = key.removeprefix("transformer.")  # present when saved from GPT2LMHeadModel
+        if name in wanted:
+            mapped[name] = t
+        elif not name.endswith(SKIPPED):
+            unused.append(key)
+    missing = [k for k in wanted if k not in mapped]
+    bad_shape = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}"
+                 for k, v in wanted.items() if k in mapped and mapped[k].shape != v.shape]
+    bad_dtype = [f"{k} {mapped[k].dtype}" for k in mapped if not dtypes.is_float(mapped[k].dtype)]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+    if unused:
+        problems.append(f"unexpected {', '.join(unused[:4])}" + (" ..." if len(unused) > 4 else ""))
+    if bad_shape:
+        problems.append(f"wrong shape {', '.join(bad_shape[:4])}")
+    if bad_dtype:
+        problems.append(f"not floating point {', '.join(bad_dtype[:4])}")
+    if problems:
+        raise GPTError("checkpoint does not fit the model: " + "; ".join(problems))
+    return mapped
+
+
+def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Path = WEIGHTS_DIR,
+              half: bool = False) -> Transformer:
+    """Build GPT-2 and fill it with a checkpoint: `weights` if given, else the hub's, cached."""
+    config = gpt2_config(model)
+    path = Path(weights) if weights is not None else fetch_weights(model, weights_dir)
+    try:
+        config = config_from_hf(path.parent / "config.json", config)
+    except (OSError, ValueError, KeyError) as e:
+        raise GPTError(f"cannot read {path.parent / 'config.json'}: {e}") from None
+    gpt = Transformer(config)
+    dtype = dtypes.float16 if half else dtypes.float32
+    for name, t in map_checkpoint(read_checkpoint(path), gpt).items():
+        target = gpt.parameters()[name]
+        # replace() swaps in the (lazy, on-disk) checkpoint tensor; realize copies it to the device
+        target.replace(t.to(Device.DEFAULT).cast(dtype)).realize()
+    return gpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Text in, text out
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer():
+    """GPT-2's byte-level BPE. tiktoken's r50k_base is the same vocabulary and merges, fetched once
+    and cached by tiktoken (TIKTOKEN_CACHE_DIR chooses where)."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("r50k_base")
+    except Exception as e:
+        raise GPTError(f"cannot load GPT-2's tokenizer (tiktoken r50k_base): {e}") from None
+
+
+def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperature=0.0,
+             top_k=None, top_p=None, seed=None, num_samples=1, ignore_eos=False,
+             stream=None, log=None) -> tuple[list[str], dict]:
+    """Continue prompt num_samples times; return each continuation (without the prompt) and
+    timings: prefill seconds (the first token, JIT warm-up included) and decode seconds.
+
+    With stream (a binary file), the first sample's text is written as its tokens arrive. A token
+    can end in the middle of a UTF-8 character, so bytes go through an incremental decoder that holds
+    an incomplete character back until the next token completes it."""
+    ids = enc.encode(prompt, allowed_special=set()) or [EOT]  # empty: start a new document
+    if len(ids) > gpt.config.n_ctx and log:
+        log(f"note: the prompt has {len(ids)} tokens; the model sees only the last "
+            f"{gpt.config.n_ctx}")
+    prompt_ids = np.array([ids] * num_samples, dtype=np.int32)  # (B, T)
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in range(num_samples)]
+    done = np.zeros(num_samples, dtype=bool)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    t0 = time.perf_counter()
+    t_first = None
+    for tokens in generate(gpt, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng):
+        if t_first is None:
+            t_first = time.perf_counter()
+        for b, tok in enumerate(tokens):
+            if done[b]:
+                continue
+            if tok == EOT and not ignore_eos:
+                done[b] = True
+                continue
+            out[b].append(int(tok))
+            if b == 0 and stream is not None:
+                stream.write(decoder.decode(enc.decode_single_token_bytes(int(tok))).encode())
+                stream.flush()
+        if done.all():
+            break
+    if stream is not None:
+        stream.write(decoder.decode(b"", final=True).encode())
+        stream.flush()
+    t_end = time.perf_counter()
+    stats = {"prompt_tokens": len(ids), "new_tokens": max(len(o) for o in out),
+             "prefill_s": (t_first or t_end) - t0, "decode_s": t_end - (t_first or t_end)}
+    return [enc.decode(o) for o in out], stats
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Generate text with OpenAI's GPT-2 on tinygrad.")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help="the prompt (default: read stdin if it is not a tty)")
+    src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
+    ap.add_argument("--model", default="gpt2", help=f"one of {', '.join(SIZES)} (default gpt2)")
+    ap.add_argument("-n", "--max-new-tokens", type=int, default=100)
+    ap.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    ap.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--ignore-eos", action="store_true", help="go on past <|endoftext|>")
+    ap.add_argument("--weights", type=Path, help="local model.safetensors or pytorch_model.bin")
+    ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="download cache")
+    ap.add_argument("--download", action="store_true", help="only fetch the weights, then exit")
+    ap.add_argument("--device", help="tinygrad backend: CPU, CL, CUDA, METAL, ...")
+    ap.add_argument("--half", action="store_true", help="float16 weights and activations")
+    ap.add_argument("--timing", action="store_true", help="print prefill and decode speed")
+    args = ap.parse_args(argv)
+
+    def log(msg: str):
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        if args.model not in SIZES:
+            raise GPTError(f"unknown model {args.model!r}; choose one of {', '.join(SIZES)}")
+        if args.temperature < 0:
+            raise GPTError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise GPTError(f"--top-p must be in (0, 1], got {args.top_p}")
+        if args.top_k is not None and args.top_k < 1:
+            raise GPTError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.max_new_tokens < 0 or args.num_samples < 1:
+            raise GPTError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+        if args.download:
+            log(f"weights at {fetch_weights(args.model, args.weights_dir)}")
+            return 0
+        if args.device:
+            try:
+                Device.DEFAULT = Device[args.device.upper()].device
+            except Exception as e:
+                raise GPTError(f"device {args.device!r} is not usable here: {e}") from None
+        if args.prompt is not None:
+            prompt = args.prompt
+        elif args.file is not None:
+            try:
+                prompt = args.file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise GPTError(f"cannot read prompt file {args.file}: {e}") from None
+        else:
+            prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        enc = tokenizer()
+        gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
+        out = sys.stdout.buffer
+        stream_first = args.num_samples == 1
+        out.write(prompt.encode())
+        out.flush()
+        texts, stats = complete(gpt, enc, prompt, args.max_new_tokens, args.temperature,
+                                args.top_k, args.top_p, args.seed, args.num_samples,
+                                args.ignore_eos, stream=out if stream_first else None, log=log)
+        if not stream_first:
+            for i, text in enumerate(texts):
+                if i:
+                    out.write(f"\n\n----- sample {i + 1} of {len(texts)} -----\n\n".encode()
+                              + prompt.encode())
+                out.write(text.encode())
+        out.write(b"\n")
+        out.flush()
+        if args.timing:
+            s = stats
+            # the first token comes out of the prefill; every later one is a decode step
+            log(f"prefill: {s['prompt_tokens']} tokens in {s['prefill_s']:.2f}s "
+                f"({s['prompt_tokens'] / s['prefill_s']:.1f} tok/s, compilation included); "
+                f"decode: {max(s['new_tokens'] - 1, 0)} tokens in {s['decode_s']:.2f}s "
+                f"({max(s['new_tokens'] - 1, 0) / max(s['decode_s'], 1e-9):.1f} tok/s)")
+    except GPTError as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
