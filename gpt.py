@@ -64,7 +64,7 @@ def config_from_hf(path: Path, fallback: Config) -> Config:
 
 
 def weights_url(model: str) -> str:
-    """The hub's URL for a file; HF_ENDPOINT points elsewhere (a mirror), as huggingface_hub does."""
+    """The hub's URL for the weights; HF_ENDPOINT picks a mirror, as huggingface_hub does."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     return f"{endpoint}/openai-community/{model}/resolve/main/model.safetensors"
 
@@ -176,8 +176,8 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
     timings: prefill seconds (the first token, JIT warm-up included) and decode seconds.
 
     With stream (a binary file), the first sample's text is written as its tokens arrive. A token
-    can end in the middle of a UTF-8 character, so bytes go through an incremental decoder that holds
-    an incomplete character back until the next token completes it."""
+    can end in the middle of a UTF-8 character, so bytes go through an incremental decoder that
+    holds an incomplete character back until the next token completes it."""
     ids = enc.encode(prompt, allowed_special=set()) or [EOT]  # empty: start a new document
     if len(ids) > gpt.config.n_ctx and log:
         log(f"note: the prompt has {len(ids)} tokens; the model sees only the last "

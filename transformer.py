@@ -1,17 +1,18 @@
-"""A decoder-only transformer written out on tinygrad, and a loop that trains toy ones and checks they learned.
+"""A decoder-only transformer written out on tinygrad, and a loop that trains toy ones.
 
-The model follows "Attention Is All You Need" (Vaswani et al., 2017) for scaled dot-product attention,
-multi-head attention and sinusoidal positions, and GPT-2 ("Language Models are Unsupervised Multitask
-Learners", Radford et al., 2019) for the pre-LayerNorm block, learned positions and weight names.
-gpt.py builds GPT-2 from the classes here, so the names (wte, wpe, h, ln_1, attn.c_attn, ...) are the
-ones in OpenAI's checkpoint.
+The model follows "Attention Is All You Need" (Vaswani et al., 2017) for scaled dot-product
+attention, multi-head attention and sinusoidal positions, and GPT-2 ("Language Models are
+Unsupervised Multitask Learners", Radford et al., 2019) for the pre-LayerNorm block, learned
+positions and weight names. gpt.py builds GPT-2 from the classes here, so the names (wte, wpe, h,
+ln_1, attn.c_attn, ...) are the ones in OpenAI's checkpoint. The training loop checks on held-out
+data that a model really learned.
 
 Read it top to bottom: attention, heads, LayerNorm, MLP, positions, the block, the model, sampling,
 then the training tasks and the loop.
 
-    python transformer.py -v                         # learn to reverse digit strings, report exact match
-    python transformer.py --task shakespeare -v      # character-level tinyshakespeare, report val loss
-    python transformer.py --task reverse --sample    # decode with the checkpoint saved in models/
+    python transformer.py -v                        # learn to reverse digit strings: exact match
+    python transformer.py --task shakespeare -v     # character-level tinyshakespeare: val loss
+    python transformer.py --task reverse --sample   # decode with the checkpoint saved in models/
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Context, Tensor, TinyJit, Variable, dtypes, nn
+from tinygrad import Context, Tensor, TinyJit, Variable, nn
 from tinygrad.nn.state import get_state_dict, load_state_dict, safe_load, safe_save
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
 
 
 class Linear:
-    """y = x W + b, with W stored (in, out) as GPT-2's Conv1D does, so checkpoints load untransposed."""
+    """y = x W + b, with W stored (in, out) as GPT-2's Conv1D does: checkpoints load as they are."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool = True, std: float = 0.02):
         self.weight = Tensor.normal(n_in, n_out, std=std)
@@ -64,7 +65,7 @@ class Linear:
 
 
 class SingleHeadAttention:
-    """One causal attention head, the unit multi-head attention repeats: q, k, v of width head_size."""
+    """One causal attention head, the unit that multi-head attention repeats."""
 
     def __init__(self, n_embd: int, head_size: int):
         self.query = Linear(n_embd, head_size)
@@ -96,7 +97,9 @@ class CausalSelfAttention:
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
         B, T, C = x.shape
         H = self.n_head
-        q, k, v = [t.contiguous_backward() for t in self.c_attn(x).split(C, dim=-1)]  # each (B, T, C)
+        # contiguous_backward: each of the three gradients is written once, then joined, instead of
+        # one kernel recomputing all three attention matmuls for every column of c_attn
+        q, k, v = [t.contiguous_backward() for t in self.c_attn(x).split(C, dim=-1)]  # (B, T, C)
         q = q.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
         k = k.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
         v = v.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
@@ -159,7 +162,8 @@ class MLP:
 def sinusoidal_positions(n_ctx: int, n_embd: int) -> Tensor:
     """(n_ctx, n_embd) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same).
 
-    Fixed, not learned; each pair of features is a clock at its own frequency (Vaswani et al., 3.5)."""
+    Fixed, not learned: each pair of features is a clock at its own frequency (Vaswani et al.,
+    section 3.5)."""
     pos = np.arange(n_ctx)[:, None]
     freq = 10000.0 ** (-np.arange(0, n_embd, 2) / n_embd)
     table = np.zeros((n_ctx, n_embd), dtype=np.float32)
@@ -171,8 +175,9 @@ def sinusoidal_positions(n_ctx: int, n_embd: int) -> Tensor:
 class Block:
     """Attention then MLP, each added to the residual stream.
 
-    Pre-LN (GPT-2) normalizes the input of each branch: x + f(ln(x)). Post-LN, as in the 2017 paper,
-    normalizes after the sum: ln(x + f(x)); it trains less stably without warmup (Xiong et al., 2020)."""
+    Pre-LN (GPT-2) normalizes the input of each branch: x + f(ln(x)). Post-LN, as in the 2017
+    paper, normalizes after the sum: ln(x + f(x)); it trains less stably without warmup (Xiong et
+    al., 2020)."""
 
     def __init__(self, config: Config):
         c = config
@@ -256,10 +261,11 @@ class Transformer:
 def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:
     """Pick one token per row of logits (B, V).
 
-    temperature 0 is greedy (argmax). Otherwise the logits are divided by the temperature, top-k keeps
-    the k likeliest tokens, top-p keeps the smallest set whose probability reaches p (the "nucleus",
-    Holtzman et al., 2019), and one token is drawn from what is left. Sampling runs in NumPy on the host:
-    it is cheap next to the model, and a seeded rng gives the same draws on every backend."""
+    temperature 0 is greedy (argmax). Otherwise the logits are divided by the temperature, top-k
+    keeps the k likeliest tokens, top-p keeps the smallest set whose probability reaches p (the
+    "nucleus", Holtzman et al., 2019), and one token is drawn from what is left. Sampling runs in
+    NumPy on the host: it is cheap next to the model, and a seeded rng draws the same on every
+    backend."""
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return logits.argmax(-1)
@@ -272,7 +278,7 @@ def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-probs, axis=-1)
         sorted_probs = np.take_along_axis(probs, order, -1)
-        # keep a token if the tokens likelier than it do not reach top_p yet (so the first always stays)
+        # keep a token if the likelier ones do not reach top_p yet (so the first always stays)
         keep_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, -1)
@@ -289,9 +295,9 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
 
     The prompt is run in one pass (prefill) that fills each layer's KV cache; after that every step
-    feeds one token. That step is compiled once by TinyJit with its position as a symbolic Variable, so
-    the loop neither re-traces nor recompiles per token. When the context is full, the window slides:
-    the newest half of the tokens is prefilled again and decoding goes on from there."""
+    feeds one token. That step is compiled once by TinyJit with its position as a symbolic
+    Variable, so the loop neither re-traces nor recompiles per token. When the context is full, the
+    window slides: the newest half of the tokens is prefilled again and decoding goes on."""
     n_ctx = model.config.n_ctx
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
     decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
@@ -313,7 +319,8 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
 # Tasks: what to learn, and how to tell that it was learned
 # ---------------------------------------------------------------------------------------------
 
-IGNORE = -100  # target id that carries no loss (tinygrad treats ignore_index=-1 as "ignore nothing")
+# A target id that carries no loss. Not -1: tinygrad reads ignore_index=-1 as "ignore nothing".
+IGNORE = -100
 
 
 class Reverse:
@@ -367,6 +374,10 @@ class Reverse:
         return "\n".join(lines)
 
 
+class DataError(Exception):
+    pass
+
+
 class Shakespeare:
     """Character-level language model of tinyshakespeare (Karpathy's char-rnn corpus).
 
@@ -380,8 +391,7 @@ class Shakespeare:
     def __init__(self, data: str | None = None, seed: int = 0):
         text = self.load(data)
         self.chars = sorted(set(text))
-        ids = np.array([self.chars.index(ch) for ch in self.chars], dtype=np.int32)
-        lookup = dict(zip(self.chars, ids))
+        lookup = {ch: i for i, ch in enumerate(self.chars)}
         data_ids = np.array([lookup[ch] for ch in text], dtype=np.int32)
         split = int(0.9 * len(data_ids))
         self.train, self.val = data_ids[:split], data_ids[split:]
@@ -402,16 +412,16 @@ class Shakespeare:
                 try:
                     download(cls.url, cache)
                 except DownloadError as e:
-                    raise SystemExit(f"error: could not fetch tinyshakespeare ({e}); "
-                                     "pass a local copy with --data PATH")
+                    raise DataError(f"could not fetch tinyshakespeare ({e}); "
+                                    "pass a local copy with --data PATH") from None
             path = str(cache)
         try:
             return Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: cannot read dataset {path}: {e}")
+            raise DataError(f"cannot read dataset {path}: {e}") from None
 
     def bigram_loss(self) -> float:
-        """Val loss of next-char counts from the training text (add-one smoothed): a floor to beat."""
+        """Val loss of next-char counts from the training text (add-one smoothed): a bar to pass."""
         V = len(self.chars)
         counts = np.ones((V, V))
         np.add.at(counts, (self.train[:-1], self.train[1:]), 1)
@@ -469,7 +479,7 @@ def make_optimizer(model: Transformer, lr: float, weight_decay: float = 0.1):
 
 
 def learning_rate(step: int, max_lr: float, total: int, warmup: int) -> float:
-    """Linear warmup to max_lr, then cosine decay to a tenth of it (GPT-3 paper, Brown et al., 2020)."""
+    """Linear warmup to max_lr, then cosine decay to a tenth of it (Brown et al., 2020, GPT-3)."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -499,9 +509,9 @@ def make_train_step(model: Transformer, opt, clip: float = 1.0):
 
 
 def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
-    """model weights + optimizer state in one safetensors file, config and progress in JSON beside it.
+    """Weights + optimizer state in one safetensors file, config and progress in JSON beside it.
 
-    Both are written under temporary names and renamed, so a crash never leaves half a checkpoint."""
+    Both are written under temporary names, then renamed: a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = dict(model.parameters())
     for i, o in enumerate(opt.optimizers):
@@ -576,8 +586,9 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
         opt = make_optimizer(model, task.lr)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters().values())
-    log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, {c.n_head} heads, "
-        f"{c.n_embd} dims, context {c.n_ctx}; {steps} steps of batch {task.batch_size}")
+    log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, "
+        f"{c.n_head} heads, {c.n_embd} dims, context {c.n_ctx}; "
+        f"{steps} steps of batch {task.batch_size}")
     step_fn = make_train_step(model, opt)
     warmup = max(1, min(100, steps // 10))
     tokens_per_step = task.batch_size * c.n_ctx
@@ -619,7 +630,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="training steps (default: the task's budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", help="local text file for --task shakespeare (default: download)")
-    ap.add_argument("--out", type=Path, help="checkpoint path without suffix (default: models/TASK)")
+    ap.add_argument("--out", type=Path, help="checkpoint path, no suffix (default: models/TASK)")
     ap.add_argument("--resume", action="store_true", help="continue training from --out")
     ap.add_argument("--sample", action="store_true", help="generate from the saved checkpoint")
     ap.add_argument("--n-layer", type=int)
@@ -640,8 +651,8 @@ def main(argv=None) -> int:
         return fail(f"--steps must be at least 1, got {args.steps}")
     try:
         task = TASKS[args.task](args.data) if args.task == "shakespeare" else TASKS[args.task]()
-    except SystemExit as e:
-        return fail(str(e).removeprefix("error: "))
+    except DataError as e:
+        return fail(str(e))
     out = args.out or Path(__file__).parent / "models" / task.name
     log = print if args.verbose else (lambda *a, **k: None)
     try:

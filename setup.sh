@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up everything transformer.py and gpt.py need, idempotently: a C compiler for tinygrad's CPU
+# backend, a virtual environment in .venv, and the Python packages. `make` runs this for you.
+#   ./setup.sh          runtime + test dependencies
+#   WITH_OPENCL=1 ./setup.sh   also PoCL, so tinygrad's OpenCL backend (DEV=CL) runs on the CPU
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+if [[ "$(uname -s)" == "Linux" ]]; then
+  command -v clang >/dev/null || need_apt+=(clang)
+  if [[ "${WITH_OPENCL:-0}" == "1" ]] && ! ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
+    need_apt+=(pocl-opencl-icd)
+  fi
+  if ((${#need_apt[@]})); then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      echo "setup: installing ${need_apt[*]} with apt-get" >&2
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null && command -v apt-get >/dev/null; then
+      echo "setup: installing ${need_apt[*]} with sudo apt-get" >&2
+      sudo apt-get update -qq >/dev/null
+      sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+      echo "setup: tinygrad's CPU backend needs clang; install it first (Debian/Ubuntu:" \
+           "sudo apt-get install -y ${need_apt[*]}), then run this again" >&2
+      exit 1
+    fi
+  fi
+elif [[ "$(uname -s)" == "Darwin" ]] && ! command -v clang >/dev/null; then
+  echo "setup: tinygrad's CPU backend needs clang: run 'xcode-select --install', then this again" >&2
+  exit 1
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
