@@ -100,6 +100,10 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
         raise GPTError(f"{path} is not a safetensors or PyTorch checkpoint") from None
 
 
+# GPT-2 was written in TensorFlow, and its Conv1D layers store weights as (in, out); transformer.py's
+# Linear stores (out, in) for faster decoding, so these four are transposed on load.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
 # Checkpoint tensors that hold no weights: GPT-2's causal-mask buffers (we build the mask), and the
 # output head, which is the token embedding again (tied).
 SKIPPED = ("attn.bias", "attn.masked_bias", "lm_head.weight")
@@ -108,13 +112,13 @@ SKIPPED = ("attn.bias", "attn.masked_bias", "lm_head.weight")
 def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Tensor]:
     """Checkpoint names -> model names, checked strictly: every model weight present with its
     shape, every checkpoint tensor used or deliberately skipped. transformer.py uses GPT-2's own
-    names and stores Linear weights (in, out) like GPT-2's Conv1D, so the table is short."""
+    names, so the table is short: a prefix to drop, four weights to transpose, buffers to skip."""
     wanted = model.parameters()
     mapped, unused = {}, []
     for key, t in ckpt.items():
         name = key.removeprefix("transformer.")  # present when saved from GPT2LMHeadModel
         if name in wanted:
-            mapped[name] = t
+            mapped[name] = t.T if name.endswith(CONV1D) else t
         elif not name.endswith(SKIPPED):
             unused.append(key)
     missing = [k for k in wanted if k not in mapped]
