@@ -117,7 +117,10 @@ def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Ten
     mapped, unused = {}, []
     for key, t in ckpt.items():
         name = key.removeprefix("transformer.")  # present when saved from GPT2LMHeadModel
-        if name in wanted:
+        if name == "wte.weight" and t.shape[0] == model.config.vocab_size:
+            # the model pads its vocabulary rows with zeros (see Transformer)
+            mapped[name] = t.pad(((0, wanted[name].shape[0] - t.shape[0]), None))
+        elif name in wanted:
             mapped[name] = t.T if name.endswith(CONV1D) else t
         elif not name.endswith(SKIPPED):
             unused.append(key)
