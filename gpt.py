@@ -100,8 +100,8 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
         raise GPTError(f"{path} is not a safetensors or PyTorch checkpoint") from None
 
 
-# GPT-2 was written in TensorFlow, and its Conv1D layers store weights as (in, out); transformer.py's
-# Linear stores (out, in) for faster decoding, so these four are transposed on load.
+# GPT-2 was written in TensorFlow, and its Conv1D layers store weights as (in, out);
+# transformer.py's Linear stores (out, in) for faster decoding, so these four are transposed.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 # Checkpoint tensors that hold no weights: GPT-2's causal-mask buffers (we build the mask), and the
