@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
+from tinygrad.helpers import DEV
 from tinygrad.nn.state import safe_load
 
 from transformer import Config, Transformer, generate
@@ -75,7 +76,8 @@ def fetch_weights(model: str, weights_dir: Path) -> Path:
 
     dest = weights_dir / model / "model.safetensors"
     try:
-        return download(weights_url(model), dest)
+        # on a terminal, a progress bar; in a pipe or a log, only the one-line outcome
+        return download(weights_url(model), dest, progress=sys.stderr.isatty())
     except DownloadError as e:
         raise GPTError(f"{e}. Fetch it when online (python gpt.py --model {model} --download), "
                        f"or pass a local checkpoint with --weights FILE") from None
@@ -106,7 +108,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 # Checkpoint tensors that hold no weights: GPT-2's causal-mask buffers (we build the mask), and the
 # output head, which is the token embedding again (tied).
-SKIPPED = ("attn.bias", "attn.masked_bias", "lm_head.weight")
+SKIPPED = (".attn.bias", ".attn.masked_bias")
+TIED = "lm_head.weight"
 
 
 def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Tensor]:
@@ -122,7 +125,7 @@ def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Ten
             mapped[name] = t.pad(((0, wanted[name].shape[0] - t.shape[0]), None))
         elif name in wanted:
             mapped[name] = t.T if name.endswith(CONV1D) else t
-        elif not name.endswith(SKIPPED):
+        elif not name.endswith(SKIPPED) and name != TIED:
             unused.append(key)
     missing = [k for k in wanted if k not in mapped]
     bad_shape = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}"
@@ -185,7 +188,8 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
     With stream (a binary file), the first sample's text is written as its tokens arrive. A token
     can end in the middle of a UTF-8 character, so bytes go through an incremental decoder that
     holds an incomplete character back until the next token completes it."""
-    ids = enc.encode(prompt, allowed_special=set()) or [EOT]  # empty: start a new document
+    # "<|endoftext|>" typed in a prompt is the document separator, as in GPT-2's training data
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]  # empty: a new document
     if len(ids) > gpt.config.n_ctx and log:
         log(f"note: the prompt has {len(ids)} tokens; the model sees only the last "
             f"{gpt.config.n_ctx}")
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
             return 0
         if args.device:
             try:
-                Device.DEFAULT = Device[args.device.upper()].device
+                DEV.value = Device[args.device.upper()].device  # tinygrad's default backend
             except Exception as e:
                 raise GPTError(f"device {args.device!r} is not usable here: {e}") from None
         if args.prompt is not None:

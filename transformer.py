@@ -294,9 +294,11 @@ def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(-1, keepdims=True)
     rng = rng if rng is not None else np.random.default_rng()
-    # inverse-CDF draw: the first token whose cumulative probability passes a uniform number
-    u = rng.random((probs.shape[0], 1))
-    return np.minimum((np.cumsum(probs, -1) < u).sum(-1), probs.shape[-1] - 1)
+    # inverse-CDF draw: the first token whose cumulative probability passes a uniform number.
+    # Scaling by the total (1 up to rounding) means only tokens of nonzero probability can win.
+    cdf = np.cumsum(probs, -1)
+    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
+    return (cdf <= u).sum(-1)
 
 
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
@@ -312,9 +314,11 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
     pos_var = Variable("pos", 1, n_ctx - 1)
     logits = model(Tensor(window), 0)[:, -1].numpy()  # (B, V)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, rng).astype(np.int32)  # (B,)
         yield nxt
+        if step == max_new_tokens - 1:
+            break
         window = np.concatenate([window, nxt[:, None]], axis=1)
         if window.shape[1] > n_ctx:
             window = window[:, -(n_ctx // 2) :]

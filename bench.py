@@ -1,0 +1,569 @@
+"""Benchmark: this project's tinygrad transformer against PyTorch, on the same machine, in one run.
+
+What it measures (GPT-2 124M with random weights in the real shapes, so no download is needed):
+
+  decode     tokens/s of greedy generation in steady state (tokens 10..N, N = --tokens), time to
+             first token (model build + realizing the weights + prefill of a 16-token prompt), the
+             JIT warm-up (tokens 2 and 3: one plain run, then the capture), kernels launched per
+             decode step, peak RSS. Peer: Hugging Face GPT2LMHeadModel, fp32, a manual greedy loop
+             with past_key_values.
+  half       the same with 16-bit weights: tinygrad float16 against PyTorch bfloat16.
+  prefill    tokens/s for one 512-token prompt (timed after one warm-up of the same length).
+  train      ms per optimizer step of nanoGPT's CPU shakespeare_char model (4 layers, 4 heads,
+             128 dims, context 64, batch 12, vocab 65, no dropout, AdamW lr 1e-3, clip 1.0).
+  bandwidth  the machine's streaming read bandwidth (NumPy sums over 1 GiB), and decode speed as a
+             percentage of the bound it sets: every weight is read once per token.
+
+Every measurement runs in its own Python process, so imports, caches and peak memory do not mix;
+the child prints one JSON line and this script collects them into a table whose ratio column is
+tinygrad / PyTorch. Imports are not timed. The PyTorch rows need torch and transformers; without
+them those cells stay empty.
+
+    .venv/bin/python bench.py                        # everything, on DEV=CPU unless DEV is set
+    .venv/bin/python bench.py --quick                # fewer tokens and steps: a smoke run
+    .venv/bin/python bench.py --only decode,half --tokens 128 --json out.json
+    BEAM=2 .venv/bin/python bench.py --only decode   # tinygrad searches kernel optimizations
+
+BEAM=2 makes the first run slow; tinygrad caches what the search found in ~/.cache/tinygrad, so
+later runs start fast. The machine is often shared: run twice and trust what repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+GROUPS = ("decode", "half", "prefill", "train", "bandwidth")
+GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
+PROMPT_TOKENS = 16  # the short prompt before decoding
+PREFILL_TOKENS = 512
+STEADY_FROM = 10  # decode speed is timed from this token on, after the JIT has settled
+DEFAULT_TOKENS, QUICK_TOKENS = 64, 24
+TRAIN_WARMUP = 3  # TinyJit captures on its second call; the third is the first replay
+TRAIN_STEPS, QUICK_TRAIN_STEPS = 20, 8
+CHILD_TIMEOUT_S = 3600  # a cold BEAM search on two cores can take tens of minutes
+
+# nanoGPT's config/train_shakespeare_char.py, scaled down as its README suggests for a CPU
+TRAIN_SHAPE = dict(vocab=65, n_ctx=64, n_layer=4, n_head=4, n_embd=128, batch=12, lr=1e-3)
+
+# The goals of the speed issue, as the ratio tinygrad / PyTorch per table row: ">=" where more is
+# better (speed), "<=" where less is (time, memory).
+TARGETS = {
+    "decode": (">=", 1.0),
+    "decode16": (">=", 1.5),  # 16-bit weights read half the bytes of PyTorch's fp32 weights
+    "prefill": (">=", 1.0),
+    "train": ("<=", 2.0),
+}
+TTFT_TARGET_S = 10.0  # time to first token of GPT-2 124M on a warm kernel cache
+BOUND_TARGET = 60.0  # tinygrad decode should reach this % of the memory-bandwidth bound
+
+
+class BenchError(Exception):
+    """A problem with the arguments or the machine; main() prints it as one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: each function runs in a fresh interpreter and returns a dict that becomes a JSON line
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. ru_maxrss is in KiB on Linux (getrusage(2)), bytes on
+    macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def random_ids(T: int, vocab: int, seed: int) -> np.ndarray:
+    """(1, T) token ids; the same for every child, so both libraries see identical input."""
+    return np.random.default_rng(seed).integers(0, vocab, (1, T), dtype=np.int32)
+
+
+def train_batches(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    s = TRAIN_SHAPE
+    rng = np.random.default_rng(0)
+    shape = (s["batch"], s["n_ctx"])
+    return [(rng.integers(0, s["vocab"], shape, dtype=np.int32),
+             rng.integers(0, s["vocab"], shape, dtype=np.int32)) for _ in range(n)]
+
+
+def decode_summary(stamps: list[float], t_start: float) -> dict:
+    """Times from the moment each token came out. stamps[i] is when token i + 1 was ready."""
+    n = len(stamps)
+    return {
+        "tokens": n,
+        "ttft_s": stamps[0] - t_start,
+        "warmup_s": stamps[2] - stamps[0],  # tokens 2 and 3
+        "decode_tok_s": (n - STEADY_FROM) / (stamps[n - 1] - stamps[STEADY_FROM - 1]),
+    }
+
+
+def tinygrad_info() -> dict:
+    from tinygrad import Device
+
+    renderer = type(Device[Device.DEFAULT].renderer).__name__
+    return {"device": Device.DEFAULT, "renderer": renderer}
+
+
+def build_gpt2(half: bool):
+    """GPT-2 124M on tinygrad with random weights, realized, optionally cast to float16."""
+    from tinygrad import Tensor, dtypes
+
+    from gpt import gpt2_config
+    from transformer import Transformer
+
+    Tensor.manual_seed(0)
+    model = Transformer(gpt2_config("gpt2"))
+    params = list(model.parameters().values())
+    if half:
+        for t in params:
+            t.replace(t.cast(dtypes.float16)).realize()
+    Tensor.realize(*params)
+    return model
+
+
+def child_tinygrad_decode(tokens: int, half: bool) -> dict:
+    from tinygrad import Device, GlobalCounters, Tensor, Variable
+
+    from transformer import generate
+
+    t_start = time.perf_counter()
+    model = build_gpt2(half)
+    prompt = random_ids(PROMPT_TOKENS, GPT2_VOCAB, seed=0)
+    stamps, counts = [], []
+    last = None
+    for tok in generate(model, prompt, tokens, temperature=0.0):
+        stamps.append(time.perf_counter())
+        counts.append(GlobalCounters.kernel_count)
+        last = tok
+    # kernels between two yields in steady state, as GlobalCounters sees them: TinyJit's replay
+    # of the step, plus the copies of the token in and the logits out
+    per_step = [b - a for a, b in zip(counts[STEADY_FROM - 1 :], counts[STEADY_FROM:])]
+    # The same step outside the JIT: every kernel goes through the scheduler and is counted one by
+    # one, so a difference from the line above means the JIT counts a batched graph as fewer.
+    x = Tensor(last[:, None].astype(np.int32)).realize()
+    pos = Variable("pos", 1, model.config.n_ctx - 1).bind(PROMPT_TOKENS + STEADY_FROM)
+    before = GlobalCounters.kernel_count
+    model(x, pos)[:, -1].realize()
+    Device[Device.DEFAULT].synchronize()
+    unjitted = GlobalCounters.kernel_count - before
+    n_params = sum(p.numel() for p in model.parameters().values())
+    return {**decode_summary(stamps, t_start), "kernels_per_step": min(per_step),
+            "kernels_per_step_max": max(per_step), "kernels_unjitted": unjitted,
+            "n_params": n_params, "rss_mb": peak_rss_mb(), **tinygrad_info()}
+
+
+def child_tinygrad_prefill(half: bool) -> dict:
+    from tinygrad import Tensor
+
+    model = build_gpt2(half)
+    ids = random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1)
+    # start_pos=0 overwrites the KV cache, so the second call does exactly the work of the first
+    model(Tensor(ids), 0)[:, -1].numpy()
+    t0 = time.perf_counter()
+    model(Tensor(ids), 0)[:, -1].numpy()
+    seconds = time.perf_counter() - t0
+    return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
+            "rss_mb": peak_rss_mb(), **tinygrad_info()}
+
+
+def child_tinygrad_train(steps: int) -> dict:
+    from tinygrad import Context, Tensor
+
+    from transformer import Config, Transformer, make_optimizer, make_train_step
+
+    s = TRAIN_SHAPE
+    Tensor.manual_seed(0)
+    config = Config(vocab_size=s["vocab"], n_ctx=s["n_ctx"], n_layer=s["n_layer"],
+                    n_head=s["n_head"], n_embd=s["n_embd"])
+    model = Transformer(config)
+    opt = make_optimizer(model, s["lr"])
+    step_fn = make_train_step(model, opt)
+    times, losses = [], []
+    with Context(TRAINING=1):
+        for x, y in train_batches(TRAIN_WARMUP + steps):
+            t0 = time.perf_counter()
+            loss, _ = step_fn(Tensor(x), Tensor(y), Tensor([s["lr"]]))
+            losses.append(loss.item())  # waits for the step, as PyTorch's .item() does
+            times.append(time.perf_counter() - t0)
+    return train_summary(times, losses) | {"rss_mb": peak_rss_mb(), **tinygrad_info()}
+
+
+def train_summary(times: list[float], losses: list[float]) -> dict:
+    timed = times[TRAIN_WARMUP:]
+    return {"train_ms": 1e3 * statistics.mean(timed),
+            "train_ms_median": 1e3 * statistics.median(timed),
+            "train_ms_stdev": 1e3 * statistics.stdev(timed), "steps": len(timed),
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def torch_setup():
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    return torch, transformers
+
+
+def child_torch_probe() -> dict:
+    torch, transformers = torch_setup()
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def child_torch_decode(tokens: int, bf16: bool) -> dict:
+    torch, transformers = torch_setup()
+    t_start = time.perf_counter()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    if bf16:
+        model = model.to(torch.bfloat16)
+    ids = torch.from_numpy(random_ids(PROMPT_TOKENS, GPT2_VOCAB, seed=0)).long()
+    stamps = []
+    with torch.no_grad():
+        # logits_to_keep=1: only the last position's logits, as tinygrad's [:, -1] asks for
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        for i in range(tokens):
+            tok = out.logits[:, -1].argmax(-1)  # greedy, as generate(temperature=0.0)
+            stamps.append(time.perf_counter())
+            if i + 1 < tokens:
+                out = model(input_ids=tok[:, None], past_key_values=out.past_key_values,
+                            use_cache=True)
+    n_params = sum(p.numel() for p in model.parameters())  # the tied wte is counted once
+    return {**decode_summary(stamps, t_start), "n_params": n_params, "rss_mb": peak_rss_mb(),
+            "attn": model.config._attn_implementation}
+
+
+def child_torch_prefill() -> dict:
+    torch, transformers = torch_setup()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    ids = torch.from_numpy(random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1)).long()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1).logits.numpy()
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1).logits.numpy()
+        seconds = time.perf_counter() - t0
+    return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
+            "rss_mb": peak_rss_mb()}
+
+
+def child_torch_train(steps: int) -> dict:
+    torch, transformers = torch_setup()
+    s = TRAIN_SHAPE
+    config = transformers.GPT2Config(vocab_size=s["vocab"], n_positions=s["n_ctx"],
+                                     n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).train()
+    # the same split as transformer.make_optimizer: decay matrices and embeddings, not the rest
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.99))
+    times, losses = [], []
+    for x, y in train_batches(TRAIN_WARMUP + steps):
+        t0 = time.perf_counter()
+        x, y = torch.from_numpy(x).long(), torch.from_numpy(y).long()
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, s["vocab"]), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t0)
+    return train_summary(times, losses) | {"rss_mb": peak_rss_mb()}
+
+
+def child_bandwidth(repeats: int) -> dict:
+    """Streaming read bandwidth: sum a 1 GiB float32 array, far larger than any cache. One thread
+    rarely saturates memory, so the array is also summed in one slice per core; NumPy releases the
+    GIL inside the reduction, so the threads run in parallel."""
+    a = np.ones(2**28, dtype=np.float32)  # np.ones writes every page, so none is left unmapped
+    cores = os.cpu_count() or 1
+    slices = np.array_split(a, cores)
+
+    def best(fn) -> float:
+        seconds = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - t0)
+        return a.nbytes / min(seconds) / 1e9
+
+    with ThreadPoolExecutor(cores) as pool:
+        threaded = best(lambda: sum(pool.map(np.sum, slices)))
+    single = best(a.sum)
+    return {"single_gb_s": single, "threaded_gb_s": threaded, "gb_s": max(single, threaded),
+            "threads": cores}
+
+
+def run_child(name: str, tokens: int, quick: bool) -> dict:
+    """Dispatch on the child's name: MODE-WHAT[-PRECISION]."""
+    steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
+    children = {
+        "tinygrad-decode": lambda: child_tinygrad_decode(tokens, half=False),
+        "tinygrad-decode-half": lambda: child_tinygrad_decode(tokens, half=True),
+        "tinygrad-prefill": lambda: child_tinygrad_prefill(half=False),
+        "tinygrad-train": lambda: child_tinygrad_train(steps),
+        "torch-probe": child_torch_probe,
+        "torch-decode": lambda: child_torch_decode(tokens, bf16=False),
+        "torch-decode-bf16": lambda: child_torch_decode(tokens, bf16=True),
+        "torch-prefill": child_torch_prefill,
+        "torch-train": lambda: child_torch_train(steps),
+        "bandwidth": lambda: child_bandwidth(3 if quick else 5),
+    }
+    return children[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: start the children, collect their lines, print the table
+# ---------------------------------------------------------------------------------------------
+
+
+def spawn(name: str, args, env: dict) -> dict:
+    """Run one child and return its result, or {"error": one line} if it failed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--tokens",
+           str(args.tokens)] + (["--quick"] if args.quick else [])
+    print(f"  {name} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_S, cwd=Path(__file__).parent)
+    except subprocess.TimeoutExpired:
+        print(" timed out", file=sys.stderr)
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        print(f"  {name} failed: {why}", file=sys.stderr)
+        return {"error": why}
+    return json.loads(lines[-1])
+
+
+def plan(groups: set[str], torch_ok: bool) -> list[str]:
+    names = []
+    wanted = {
+        "decode": ["tinygrad-decode", "torch-decode"],
+        "half": ["tinygrad-decode-half", "torch-decode-bf16"],
+        "prefill": ["tinygrad-prefill", "torch-prefill"],
+        "train": ["tinygrad-train", "torch-train"],
+        "bandwidth": ["bandwidth"],
+    }
+    for group in GROUPS:
+        if group in groups:
+            names += [n for n in wanted[group] if torch_ok or not n.startswith("torch")]
+    return names
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def get(results: dict, name: str, key: str):
+    return results.get(name, {}).get(key)
+
+
+def ratio_cell(tg, pt, target: tuple[str, float] | None) -> tuple[str, str]:
+    """Ratio tinygrad / PyTorch, and the target with a mark for met or missed."""
+    if tg is None or pt is None or pt == 0:
+        return "", f"{target[0]} {target[1]:.2f}x" if target else ""
+    r = tg / pt
+    if target is None:
+        return f"{r:.2f}x", ""
+    sign, goal = target
+    met = r >= goal if sign == ">=" else r <= goal
+    return f"{r:.2f}x", f"{sign} {goal:.2f}x {'met' if met else 'missed'}"
+
+
+def fmt(value, digits: int) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def gpt2_params(vocab=GPT2_VOCAB, n_ctx=1024, n_layer=12, n_embd=768) -> int:
+    """GPT-2 124M's parameter count, 124,439,808: token and position embeddings (the output layer
+    reuses the token embedding, so it is counted once), per block two LayerNorms (2 * 2C), c_attn
+    (C x 3C + 3C), attn.c_proj (C x C + C), c_fc (C x 4C + 4C), mlp.c_proj (4C x C + C), and ln_f.
+    Counted from the model, not from an implementation, which may pad the vocabulary."""
+    C = n_embd
+    per_block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    return vocab * C + n_ctx * C + n_layer * per_block + 2 * C
+
+
+def bound_percent(results: dict, name: str, bytes_per_param: int) -> float | None:
+    """Decode speed as % of what memory bandwidth allows when each token reads every weight once:
+    bound = bandwidth / (parameters * bytes per parameter)."""
+    gb_s = get(results, "bandwidth", "gb_s")
+    tok_s = get(results, name, "decode_tok_s")
+    if gb_s is None or tok_s is None:
+        return None
+    return 100 * tok_s / (gb_s * 1e9 / (gpt2_params() * bytes_per_param))
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    r = results
+    rows = []
+
+    def add(label, key, tg_name, pt_name, field, digits):
+        tg, pt = get(r, tg_name, field), get(r, pt_name, field)
+        if tg is None and pt is None:
+            return
+        ratio, target = ratio_cell(tg, pt, TARGETS.get(key))
+        rows.append([label, fmt(tg, digits), fmt(pt, digits), ratio, target])
+
+    add("decode tok/s, fp32", "decode", "tinygrad-decode", "torch-decode", "decode_tok_s", 1)
+    add("decode tok/s, 16-bit (fp16 / torch bf16)", "decode16", "tinygrad-decode-half",
+        "torch-decode-bf16", "decode_tok_s", 1)
+    for name, peer, label, width in (("tinygrad-decode", "torch-decode", "fp32", 4),
+                                     ("tinygrad-decode-half", "torch-decode-bf16", "16-bit", 2)):
+        tg, pt = bound_percent(r, name, width), bound_percent(r, peer, width)
+        if tg is not None or pt is not None:
+            ratio, _ = ratio_cell(tg, pt, None)
+            target = "" if tg is None else f">= {BOUND_TARGET:.0f}% " + (
+                "met" if tg >= BOUND_TARGET else "missed")
+            rows.append([f"decode % of bandwidth bound, {label}", fmt(tg, 1), fmt(pt, 1), ratio,
+                         target])
+    add(f"prefill tok/s, {PREFILL_TOKENS} tokens, fp32", "prefill", "tinygrad-prefill",
+        "torch-prefill", "prefill_tok_s", 1)
+    add(f"time to first token s, fp32 (build + {PROMPT_TOKENS}-token prefill)", None,
+        "tinygrad-decode", "torch-decode", "ttft_s", 2)
+    ttft = get(r, "tinygrad-decode", "ttft_s")
+    if ttft is not None:  # an absolute goal, not a ratio
+        rows[-1][-1] = f"< {TTFT_TARGET_S:.0f} s " + ("met" if ttft < TTFT_TARGET_S else "missed")
+    add("JIT warm-up s (tokens 2-3), fp32", None, "tinygrad-decode", "torch-decode",
+        "warmup_s", 2)
+    add("kernels per decode step (GlobalCounters, in JIT)", None, "tinygrad-decode", "",
+        "kernels_per_step", 0)
+    add("kernels per decode step (same step, no JIT)", None, "tinygrad-decode", "",
+        "kernels_unjitted", 0)
+    add("peak RSS MB, decode fp32", None, "tinygrad-decode", "torch-decode", "rss_mb", 0)
+    add("peak RSS MB, decode 16-bit", None, "tinygrad-decode-half", "torch-decode-bf16",
+        "rss_mb", 0)
+    add("train ms/step (shakespeare_char, batch 12)", "train", "tinygrad-train", "torch-train",
+        "train_ms", 1)
+    return rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    head = ["metric", "tinygrad", "PyTorch", "ratio", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_info(results: dict, env: dict) -> dict:
+    tg = next((v for k, v in results.items() if k.startswith("tinygrad") and "device" in v), {})
+    probe = results.get("torch-probe", {})
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tinygrad_dev": env.get("DEV"),
+        "tinygrad_device": tg.get("device"),
+        "tinygrad_renderer": tg.get("renderer"),
+        "beam": env.get("BEAM", "0"),
+        "torch": probe.get("torch") or probe.get("skipped"),
+        "transformers": probe.get("transformers"),
+        "torch_threads": probe.get("threads"),
+        "torch_attention": get(results, "torch-decode", "attn"),
+        "read_bandwidth_gb_s": get(results, "bandwidth", "gb_s"),
+        "gpt2_params": gpt2_params(),
+    }
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help=f"comma-separated groups from: {', '.join(GROUPS)}")
+    ap.add_argument("--tokens", type=int, help=f"decode N tokens (default {DEFAULT_TOKENS}, "
+                                               f"{QUICK_TOKENS} with --quick)")
+    ap.add_argument("--device", help="tinygrad backend for the children (sets DEV): CPU, CL, ...")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, steps and repeats")
+    ap.add_argument("--json", type=Path, help="also write every number to this file")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = QUICK_TOKENS if args.quick else DEFAULT_TOKENS
+    if args.tokens < STEADY_FROM + 2:
+        raise BenchError(f"--tokens must be at least {STEADY_FROM + 2} (speed is timed from token "
+                         f"{STEADY_FROM} on), got {args.tokens}")
+    if PROMPT_TOKENS + args.tokens > 1024:
+        raise BenchError(f"--tokens {args.tokens} does not fit GPT-2's 1024-token context after a "
+                         f"{PROMPT_TOKENS}-token prompt")
+    groups = set(GROUPS) if args.only is None else {g.strip() for g in args.only.split(",")}
+    unknown = sorted(groups - set(GROUPS))
+    if unknown:
+        raise BenchError(f"--only: unknown group {', '.join(unknown)}; choose from "
+                         f"{', '.join(GROUPS)}")
+    args.groups = groups
+    return args
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.child:
+        print(json.dumps(run_child(args.child, args.tokens, args.quick)), flush=True)
+        return 0
+
+    env = dict(os.environ)
+    env.setdefault("DEV", "CPU")
+    if args.device:
+        env["DEV"] = args.device.upper()
+    print(f"bench: DEV={env['DEV']} BEAM={env.get('BEAM', '0')} tokens={args.tokens} "
+          f"groups={','.join(g for g in GROUPS if g in args.groups)}", file=sys.stderr)
+    results = {}
+    torch_ok = bool(args.groups - {"bandwidth"})
+    if torch_ok:
+        probe = spawn("torch-probe", args, env)
+        if "error" in probe:
+            # no peer is a normal outcome, not a failure: the tinygrad rows still stand alone
+            torch_ok = False
+            probe = {"skipped": f"torch or transformers does not import ({probe['error']})"}
+            print(f"note: PyTorch peer skipped: {probe['skipped']}", file=sys.stderr)
+        results["torch-probe"] = probe
+    for name in plan(args.groups, torch_ok):
+        results[name] = spawn(name, args, env)
+
+    info = machine_info(results, env)
+    rows = table_rows(results)
+    print()
+    print(markdown(rows))
+    print()
+    print(f"ratio = tinygrad / PyTorch. Decode speed counts tokens {STEADY_FROM}..{args.tokens} "
+          f"of greedy generation after a {PROMPT_TOKENS}-token prompt; random weights in GPT-2 "
+          "124M's shapes.")
+    for key, value in info.items():
+        if value is not None:
+            print(f"- {key}: {value:.1f}" if isinstance(value, float) else f"- {key}: {value}")
+    errors = {k: v["error"] for k, v in results.items() if "error" in v}
+    for name, why in errors.items():
+        print(f"- FAILED {name}: {why}")
+    if args.json:
+        report = {"machine": info, "tokens": args.tokens, "quick": args.quick, "results": results,
+                  "table": rows}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
