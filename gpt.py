@@ -305,6 +305,14 @@ def main(argv=None) -> int:
     except GPTError as e:
         log(f"error: {e}")
         return 1
+    except RuntimeError as e:
+        if not args.half:
+            raise
+        # seen with PoCL's OpenCL: tinygrad 0.14 fails to compile some float16 kernels there
+        first_line = str(e).splitlines()[0][:120]
+        log(f"error: --half failed on {Device.DEFAULT}: tinygrad could not compile a float16 "
+            f"kernel ({first_line}); run without --half")
+        return 1
     except KeyboardInterrupt:
         log("interrupted")
         return 130

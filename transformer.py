@@ -252,6 +252,9 @@ class Transformer:
         first = 0 if start_pos is None else start_pos
         table = self.wpe.weight if self.config.positions == "learned" else self.pe
         x = self.wte(idx) + table[first : first + T]  # (B, T, C) + (T, C)
+        # Weights may be stored in float16 (gpt.py --half) to halve the bytes each token reads;
+        # activations stay float32, and each matmul upcasts its weights as it loads them.
+        x = x.float()
         for block in self.h:
             x = block(x, start_pos)
         if self.ln_f is not None:
