@@ -644,6 +644,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="reverse", help=f"one of {', '.join(TASKS)}")
     ap.add_argument("--steps", type=int, help="training steps (default: the task's budget)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: the task's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", help="local text file for --task shakespeare (default: download)")
     ap.add_argument("--out", type=Path, help="checkpoint path, no suffix (default: models/TASK)")
@@ -669,6 +670,10 @@ def main(argv=None) -> int:
         task = TASKS[args.task](args.data) if args.task == "shakespeare" else TASKS[args.task]()
     except DataError as e:
         return fail(str(e))
+    if args.lr is not None:
+        if not args.lr > 0:
+            return fail(f"--lr must be positive, got {args.lr}")
+        task.lr = args.lr
     out = args.out or Path(__file__).parent / "models" / task.name
     log = print if args.verbose else (lambda *a, **k: None)
     try:
