@@ -156,10 +156,11 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
         raise GPTError(f"cannot read {path.parent / 'config.json'}: {e}") from None
     gpt = Transformer(config)
     dtype = dtypes.float16 if half else dtypes.float32
+    params = gpt.parameters()
     for name, t in map_checkpoint(read_checkpoint(path), gpt).items():
-        target = gpt.parameters()[name]
-        # replace() swaps in the (lazy, on-disk) checkpoint tensor; realize copies it to the device
-        target.replace(t.to(Device.DEFAULT).cast(dtype)).realize()
+        # replace() swaps in the (lazy, on-disk) checkpoint tensor; realize copies it to the
+        # device, one tensor at a time, so the random initialization is never computed
+        params[name].replace(t.to(Device.DEFAULT).cast(dtype)).realize()
     return gpt
 
 
