@@ -347,7 +347,7 @@ class Reverse:
     only the answer digits; the question digits are random and cannot be predicted."""
 
     name, metric, higher_is_better = "reverse", "exact_match", True
-    steps, batch_size, lr, eval_every = 600, 64, 3e-3, 100
+    steps, batch_size, lr, eval_every = 300, 64, 3e-3, 100
 
     def __init__(self, n_digits: int = 8, seed: int = 0):
         self.n = n_digits
@@ -401,7 +401,7 @@ class Shakespeare:
     on the last tenth of the text, which training never sees."""
 
     name, metric, higher_is_better = "shakespeare", "val_loss", False
-    steps, batch_size, lr, eval_every = 2000, 12, 1e-3, 250
+    steps, batch_size, lr, eval_every = 1300, 12, 3e-3, 250
     url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
     def __init__(self, data: str | None = None, seed: int = 0):
@@ -412,8 +412,10 @@ class Shakespeare:
         split = int(0.9 * len(data_ids))
         self.train, self.val = data_ids[:split], data_ids[split:]
         V = len(self.chars)
-        # nanoGPT's CPU "baby" shakespeare_char configuration, without dropout
-        self.config = Config(vocab_size=V, n_ctx=64, n_layer=4, n_head=4, n_embd=128)
+        # nanoGPT's CPU "baby" shakespeare_char configuration (no dropout), at half the width so
+        # that the default run fits in about five minutes on two cores; --n-embd 128 --steps 2000
+        # --lr 1e-3 is nanoGPT's exactly
+        self.config = Config(vocab_size=V, n_ctx=64, n_layer=4, n_head=4, n_embd=64)
         self.chance = math.log(V)  # the loss of a uniform guess
         self.bigram = self.bigram_loss()
         self.eval_rng = np.random.default_rng(seed + 1)
@@ -632,10 +634,11 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
 
 
 def verdict(task, score: float) -> bool:
-    """Did the model learn? Exact match must be high; val loss must sit well below chance."""
+    """Did the model learn? Exact match must be near perfect, and the val loss must beat a bigram
+    model, i.e. use more context than the previous character."""
     if task.metric == "exact_match":
         return score >= 0.99
-    return score <= 2.0
+    return score < task.bigram
 
 
 def main(argv=None) -> int:
