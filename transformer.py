@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, Variable, nn
-from tinygrad.nn.state import get_state_dict, load_state_dict, safe_load, safe_save
+from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 # ---------------------------------------------------------------------------------------------
 # Attention
@@ -536,11 +536,17 @@ def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
         for j, (m, v) in enumerate(zip(o.m, o.v)):
             tensors[f"optim.{i}.m.{j}"], tensors[f"optim.{i}.v.{j}"] = m, v
         tensors[f"optim.{i}.b1_t"], tensors[f"optim.{i}.b2_t"] = o.b1_t, o.b2_t
-    tmp_weights, tmp_meta = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
+    weights_path, meta_path = checkpoint_files(path)
+    tmp_weights, tmp_meta = Path(f"{weights_path}.tmp"), Path(f"{meta_path}.tmp")
     safe_save(tensors, str(tmp_weights))
     tmp_meta.write_text(json.dumps({**meta, "config": asdict(model.config)}, indent=2))
-    os.replace(tmp_weights, path.with_suffix(".safetensors"))
-    os.replace(tmp_meta, path.with_suffix(".json"))
+    os.replace(tmp_weights, weights_path)
+    os.replace(tmp_meta, meta_path)
+
+
+def checkpoint_files(path: Path) -> tuple[Path, Path]:
+    """PATH.safetensors and PATH.json (appended, so a name like run.1 keeps its dot)."""
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
 class CheckpointError(Exception):
@@ -549,7 +555,7 @@ class CheckpointError(Exception):
 
 def load_checkpoint(path: Path, opt_lr: float | None = None):
     """-> (model, optimizer or None, meta). Raises CheckpointError with a one-line reason."""
-    meta_path, weights_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    weights_path, meta_path = checkpoint_files(path)
     try:
         meta = json.loads(meta_path.read_text())
         config = Config(**meta["config"])
@@ -567,16 +573,23 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
         if v.shape != weights[k].shape:
             raise CheckpointError(f"checkpoint {path}: {k} has shape {weights[k].shape}, "
                                   f"expected {v.shape}")
-    load_state_dict(model, weights, verbose=False)
+    for k, v in expected.items():
+        v.replace(weights[k].to(v.device)).realize()
     opt = None
     if opt_lr is not None:
+        if not isinstance(meta.get("step"), int):
+            raise CheckpointError(f"checkpoint {path} does not say which step it reached")
         opt = make_optimizer(model, opt_lr)
-        for i, o in enumerate(opt.optimizers):
-            for j, (m, v) in enumerate(zip(o.m, o.v)):
-                m.assign(tensors[f"optim.{i}.m.{j}"].to(m.device)).realize()
-                v.assign(tensors[f"optim.{i}.v.{j}"].to(v.device)).realize()
-            o.b1_t.assign(tensors[f"optim.{i}.b1_t"].to(o.b1_t.device)).realize()
-            o.b2_t.assign(tensors[f"optim.{i}.b2_t"].to(o.b2_t.device)).realize()
+        try:
+            for i, o in enumerate(opt.optimizers):
+                for j, (m, v) in enumerate(zip(o.m, o.v)):
+                    m.assign(tensors[f"optim.{i}.m.{j}"].to(m.device)).realize()
+                    v.assign(tensors[f"optim.{i}.v.{j}"].to(v.device)).realize()
+                o.b1_t.assign(tensors[f"optim.{i}.b1_t"].to(o.b1_t.device)).realize()
+                o.b2_t.assign(tensors[f"optim.{i}.b2_t"].to(o.b2_t.device)).realize()
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint {path} has no optimizer state {e} to resume "
+                                  "from") from None
     return model, opt, meta
 
 
@@ -600,7 +613,13 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
         rng = np.random.default_rng([seed, start])  # fresh batches, not a replay of the first ones
         log(f"resumed {out} at step {start}")
     else:
-        model = Transformer(config or task.config)
+        config = config or task.config
+        data_shape = (task.config.n_ctx, task.config.vocab_size)
+        if (config.n_ctx, config.vocab_size) != data_shape:
+            raise ValueError(f"the task's data has n_ctx={data_shape[0]} and vocab_size="
+                             f"{data_shape[1]}; the model has n_ctx={config.n_ctx} and "
+                             f"vocab_size={config.vocab_size}")
+        model = Transformer(config)
         opt = make_optimizer(model, task.lr)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters().values())
@@ -629,7 +648,7 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
     score = task.evaluate(model)
     if out is not None:
         save_checkpoint(out, model, opt, {"task": task.name, "step": steps, "seed": seed})
-        log(f"saved {out.with_suffix('.safetensors')}")
+        log(f"saved {checkpoint_files(out)[0]}")
     return {"model": model, "score": score, "steps": steps, "time": elapsed}
 
 
