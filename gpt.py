@@ -252,8 +252,7 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        if args.model not in SIZES:
-            raise GPTError(f"unknown model {args.model!r}; choose one of {', '.join(SIZES)}")
+        gpt2_config(args.model)  # an unknown name fails here, before anything is fetched
         if args.temperature < 0:
             raise GPTError(f"--temperature must be >= 0, got {args.temperature}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -297,12 +296,12 @@ def main(argv=None) -> int:
         out.write(b"\n")
         out.flush()
         if args.timing:
-            s = stats
             # the first token comes out of the prefill; every later one is a decode step
-            log(f"prefill: {s['prompt_tokens']} tokens in {s['prefill_s']:.2f}s "
-                f"({s['prompt_tokens'] / s['prefill_s']:.1f} tok/s, compilation included); "
-                f"decode: {max(s['new_tokens'] - 1, 0)} tokens in {s['decode_s']:.2f}s "
-                f"({max(s['new_tokens'] - 1, 0) / max(s['decode_s'], 1e-9):.1f} tok/s)")
+            n_decoded = max(stats["new_tokens"] - 1, 0)
+            log(f"prefill: {stats['prompt_tokens']} tokens in {stats['prefill_s']:.2f}s "
+                f"({stats['prompt_tokens'] / stats['prefill_s']:.1f} tok/s, compilation "
+                f"included); decode: {n_decoded} tokens in {stats['decode_s']:.2f}s "
+                f"({n_decoded / max(stats['decode_s'], 1e-9):.1f} tok/s)")
     except GPTError as e:
         log(f"error: {e}")
         return 1
