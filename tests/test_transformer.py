@@ -535,7 +535,7 @@ def test_training_learns_to_reverse():
     assert result["score"] >= 0.9, result["score"]
 
 
-# The Shakespeare tests share one small shape; the task's own is n_ctx 64, n_embd 128, 4 layers.
+# The Shakespeare tests share one small shape; the task's own is n_ctx 64, n_embd 64, 4 layers.
 SMALL_CHAR = {"n_ctx": 16, "n_embd": 32, "n_layer": 1, "n_head": 4}
 needs_text = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is missing")
 
@@ -551,6 +551,26 @@ def test_shakespeare_loss_falls():
     assert before == pytest.approx(math.log(len(task.chars)), abs=0.1)  # a fresh model guesses
     after = train(task, steps=30, seed=0, log=lambda *a: None)["score"]
     assert after < before - 0.3, (before, after)
+
+
+@needs_text
+def test_shakespeare_evaluate_scores_whole_windows_of_the_val_text():
+    task = Shakespeare(data=str(SHAKESPEARE))
+    task.config = replace(task.config, **SMALL_CHAR)
+    Tensor.manual_seed(3)
+    model = Transformer(task.config)
+    # Oracle: cut the val text into consecutive windows of n_ctx, score every character's
+    # successor, in NumPy. evaluate() uses whole chunks of 256 windows, so the same prefix.
+    T = task.config.n_ctx
+    n = (len(task.val) - 1) // T // 256 * 256
+    x, y = task.val[: n * T].reshape(n, T), task.val[1 : n * T + 1].reshape(n, T)
+    logits = np.concatenate([model(Tensor(x[i : i + 1024])).numpy() for i in range(0, n, 1024)])
+    probs = np_softmax(logits.astype(np.float64))
+    nll = -np.log(np.take_along_axis(probs, y[..., None], -1)[..., 0])  # (n, T)
+    assert task.evaluate(model) == pytest.approx(nll.mean(), abs=1e-4)
+    quick = nll.reshape(-1, 256, T)[::4].mean()  # every fourth chunk
+    assert task.evaluate(model, quick=True) == pytest.approx(quick, abs=1e-4)
+    assert n * T > 0.85 * len(task.val)  # nearly all of the held-out text is scored
 
 
 # Regression: a model shorter than the task's windows used to crash deep inside tinygrad
