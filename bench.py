@@ -1,9 +1,10 @@
 """Benchmark: this project's tinygrad transformer against PyTorch, on the same machine, in one run.
 
-What it measures (GPT-2 124M with random weights in the real shapes, so no download is needed):
+What it measures (GPT-2 124M with random weights in the real shapes, so no download is needed;
+both libraries load them from one checkpoint that this script writes in the hub's layout):
 
   decode     tokens/s of greedy generation in steady state (tokens 10..N, N = --tokens), time to
-             first token (model build + realizing the weights + prefill of a 16-token prompt), the
+             first token (loading the checkpoint from disk + prefill of a 16-token prompt), the
              JIT warm-up (tokens 2 and 3: one plain run, then the capture), kernels launched per
              decode step, peak RSS. Peer: Hugging Face GPT2LMHeadModel, fp32, a manual greedy loop
              with past_key_values.
@@ -37,6 +38,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,30 +117,60 @@ def tinygrad_info() -> dict:
     return {"device": Device.DEFAULT, "renderer": renderer}
 
 
-def build_gpt2(half: bool):
-    """GPT-2 124M on tinygrad with random weights, realized, optionally cast to float16."""
-    from tinygrad import Tensor, dtypes
+def write_random_gpt2(folder: Path) -> Path:
+    """GPT-2 124M with random weights, saved as the hub serves it: model.safetensors (Conv1D
+    weights (in, out), no "transformer." prefix) and config.json. Written with NumPy, so it needs
+    neither torch nor tinygrad; returns the folder."""
+    C, L, V, n_ctx = 768, 12, GPT2_VOCAB, 1024
+    shapes = {"wte.weight": (V, C), "wpe.weight": (n_ctx, C)}
+    for i in range(L):
+        for name, shape in (("ln_1.weight", (C,)), ("ln_1.bias", (C,)),
+                            ("attn.c_attn.weight", (C, 3 * C)), ("attn.c_attn.bias", (3 * C,)),
+                            ("attn.c_proj.weight", (C, C)), ("attn.c_proj.bias", (C,)),
+                            ("ln_2.weight", (C,)), ("ln_2.bias", (C,)),
+                            ("mlp.c_fc.weight", (C, 4 * C)), ("mlp.c_fc.bias", (4 * C,)),
+                            ("mlp.c_proj.weight", (4 * C, C)), ("mlp.c_proj.bias", (C,))):
+            shapes[f"h.{i}.{name}"] = shape
+    shapes |= {"ln_f.weight": (C,), "ln_f.bias": (C,)}
+    rng = np.random.default_rng(0)
+    header, blobs, offset = {}, [], 0
+    for name, shape in shapes.items():
+        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+            array = np.ones(shape, np.float32)
+        else:
+            array = rng.standard_normal(shape, np.float32) * np.float32(0.02)
+        header[name] = {"dtype": "F32", "shape": list(shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        blobs.append(array)
+        offset += array.nbytes
+    # safetensors: an 8-byte little-endian header length, the JSON header, then the raw tensors
+    head = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for array in blobs:
+            f.write(array.tobytes())
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": V,
+              "n_positions": n_ctx, "n_embd": C, "n_layer": L, "n_head": 12,
+              "layer_norm_epsilon": 1e-5}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
-    from gpt import gpt2_config
-    from transformer import Transformer
 
-    Tensor.manual_seed(0)
-    model = Transformer(gpt2_config("gpt2"))
-    params = list(model.parameters().values())
-    if half:
-        for t in params:
-            t.replace(t.cast(dtypes.float16)).realize()
-    Tensor.realize(*params)
-    return model
+def load_gpt2_tinygrad(folder: Path, half: bool):
+    """The path gpt.py takes: read the checkpoint, map it, copy it to the device."""
+    from gpt import load_gpt2
+
+    return load_gpt2(weights=folder / "model.safetensors", half=half)
 
 
-def child_tinygrad_decode(tokens: int, half: bool) -> dict:
+def child_tinygrad_decode(folder: Path, tokens: int, half: bool) -> dict:
     from tinygrad import Device, GlobalCounters, Tensor, Variable
 
     from transformer import generate
 
     t_start = time.perf_counter()
-    model = build_gpt2(half)
+    model = load_gpt2_tinygrad(folder, half)
     prompt = random_ids(PROMPT_TOKENS, GPT2_VOCAB, seed=0)
     stamps, counts = [], []
     last = None
@@ -163,10 +195,10 @@ def child_tinygrad_decode(tokens: int, half: bool) -> dict:
             "n_params": n_params, "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
 
-def child_tinygrad_prefill(half: bool) -> dict:
+def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
     from tinygrad import Tensor
 
-    model = build_gpt2(half)
+    model = load_gpt2_tinygrad(folder, half)
     ids = random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1)
     # start_pos=0 overwrites the KV cache, so the second call does exactly the work of the first
     model(Tensor(ids), 0)[:, -1].numpy()
@@ -222,10 +254,10 @@ def child_torch_probe() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def child_torch_decode(tokens: int, bf16: bool) -> dict:
+def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
     torch, transformers = torch_setup()
     t_start = time.perf_counter()
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     if bf16:
         model = model.to(torch.bfloat16)
     ids = torch.from_numpy(random_ids(PROMPT_TOKENS, GPT2_VOCAB, seed=0)).long()
@@ -244,9 +276,9 @@ def child_torch_decode(tokens: int, bf16: bool) -> dict:
             "attn": model.config._attn_implementation}
 
 
-def child_torch_prefill() -> dict:
+def child_torch_prefill(folder: Path) -> dict:
     torch, transformers = torch_setup()
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     ids = torch.from_numpy(random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1)).long()
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, logits_to_keep=1).logits.numpy()
@@ -307,18 +339,18 @@ def child_bandwidth(repeats: int) -> dict:
             "threads": cores}
 
 
-def run_child(name: str, tokens: int, quick: bool) -> dict:
-    """Dispatch on the child's name: MODE-WHAT[-PRECISION]."""
+def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
+    """Dispatch on the child's name: MODE-WHAT[-PRECISION]. folder holds the GPT-2 checkpoint."""
     steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
     children = {
-        "tinygrad-decode": lambda: child_tinygrad_decode(tokens, half=False),
-        "tinygrad-decode-half": lambda: child_tinygrad_decode(tokens, half=True),
-        "tinygrad-prefill": lambda: child_tinygrad_prefill(half=False),
+        "tinygrad-decode": lambda: child_tinygrad_decode(folder, tokens, half=False),
+        "tinygrad-decode-half": lambda: child_tinygrad_decode(folder, tokens, half=True),
+        "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
         "tinygrad-train": lambda: child_tinygrad_train(steps),
         "torch-probe": child_torch_probe,
-        "torch-decode": lambda: child_torch_decode(tokens, bf16=False),
-        "torch-decode-bf16": lambda: child_torch_decode(tokens, bf16=True),
-        "torch-prefill": child_torch_prefill,
+        "torch-decode": lambda: child_torch_decode(folder, tokens, bf16=False),
+        "torch-decode-bf16": lambda: child_torch_decode(folder, tokens, bf16=True),
+        "torch-prefill": lambda: child_torch_prefill(folder),
         "torch-train": lambda: child_torch_train(steps),
         "bandwidth": lambda: child_bandwidth(3 if quick else 5),
     }
@@ -333,7 +365,8 @@ def run_child(name: str, tokens: int, quick: bool) -> dict:
 def spawn(name: str, args, env: dict) -> dict:
     """Run one child and return its result, or {"error": one line} if it failed."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--tokens",
-           str(args.tokens)] + (["--quick"] if args.quick else [])
+           str(args.tokens), "--checkpoint", str(args.checkpoint)] + (
+               ["--quick"] if args.quick else [])
     print(f"  {name} ...", end="", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
@@ -441,7 +474,7 @@ def table_rows(results: dict) -> list[list[str]]:
                          target])
     add(f"prefill tok/s, {PREFILL_TOKENS} tokens, fp32", "prefill", "tinygrad-prefill",
         "torch-prefill", "prefill_tok_s", 1)
-    add(f"time to first token s, fp32 (build + {PROMPT_TOKENS}-token prefill)", None,
+    add(f"time to first token s, fp32 (load + {PROMPT_TOKENS}-token prefill)", None,
         "tinygrad-decode", "torch-decode", "ttft_s", 2)
     ttft = get(r, "tinygrad-decode", "ttft_s")
     if ttft is not None:  # an absolute goal, not a ratio
@@ -497,6 +530,7 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="fewer tokens, steps and repeats")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tokens is None:
         args.tokens = QUICK_TOKENS if args.quick else DEFAULT_TOKENS
@@ -522,7 +556,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.child:
-        print(json.dumps(run_child(args.child, args.tokens, args.quick)), flush=True)
+        print(json.dumps(run_child(args.child, args.checkpoint, args.tokens, args.quick)),
+              flush=True)
         return 0
 
     env = dict(os.environ)
@@ -541,8 +576,14 @@ def main(argv=None) -> int:
             probe = {"skipped": f"torch or transformers does not import ({probe['error']})"}
             print(f"note: PyTorch peer skipped: {probe['skipped']}", file=sys.stderr)
         results["torch-probe"] = probe
-    for name in plan(args.groups, torch_ok):
-        results[name] = spawn(name, args, env)
+    with tempfile.TemporaryDirectory(prefix="bench-gpt2-") as folder:
+        names = plan(args.groups, torch_ok)
+        if args.groups & {"decode", "half", "prefill"}:
+            print(f"  writing a random GPT-2 124M checkpoint to {folder} ...", file=sys.stderr)
+            write_random_gpt2(Path(folder))
+        args.checkpoint = folder
+        for name in names:
+            results[name] = spawn(name, args, env)
 
     info = machine_info(results, env)
     rows = table_rows(results)

@@ -159,8 +159,10 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
     params = gpt.parameters()
     for name, t in map_checkpoint(read_checkpoint(path), gpt).items():
         # replace() swaps in the (lazy, on-disk) checkpoint tensor; realize copies it to the
-        # device, one tensor at a time, so the random initialization is never computed
-        params[name].replace(t.to(Device.DEFAULT).cast(dtype)).realize()
+        # device, one tensor at a time, so the random initialization is never computed.
+        # contiguous() makes that copy a buffer in the model's layout: without it a transposed
+        # view of the file stays lazy and is read from disk again at every decode step.
+        params[name].replace(t.to(Device.DEFAULT).cast(dtype).contiguous()).realize()
     return gpt
 
 

@@ -117,6 +117,23 @@ def logsumexp(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+# Regression: the loaded weights used to stay lazy copies out of the checkpoint file (a transposed
+# view realizes as itself), so every decode step copied them from disk again: GPT-2 124M decoded at
+# 2.1 tokens/s instead of 7.7, with numbers still exact. Each weight must be a plain buffer on the
+# device, laid out as the model reads it.
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_loaded_weights_are_device_buffers_in_the_models_layout(half):
+    from tinygrad import Device
+    from tinygrad.uop.ops import Ops
+
+    model = gpt.load_gpt2("gpt2", weights=SAFETENSORS, half=half)
+    conv1d = safe_load(str(SAFETENSORS))["h.0.attn.c_attn.weight"].numpy()  # (in, out)
+    for name, p in model.parameters().items():
+        assert p.uop.base.op is Ops.BUFFER and p.device == Device.DEFAULT, (name, p.uop.base.op)
+    ours = model.h[0].attn.c_attn.weight.float().numpy()  # (out, in)
+    np.testing.assert_allclose(ours, conv1d.T, rtol=0, atol=1e-3 if half else 0)
+
+
 @pytest.mark.parametrize("checkpoint", [SAFETENSORS, PYTORCH_BIN], ids=["safetensors", "bin"])
 def test_logits_match_hugging_face(tiny, checkpoint):
     model = tiny if checkpoint == SAFETENSORS else gpt.load_gpt2("gpt2", weights=checkpoint)
