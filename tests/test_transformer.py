@@ -7,9 +7,9 @@ Run from the repository root (DEV=CPU keeps tinygrad on the host compiler):
 
 tinygrad compiles a kernel for every new shape, so the tests share a few tiny models
 (module-scoped fixtures) and run the full-sequence reference at one fixed length. Even so,
-the first training step of each new shape costs a minute or more of kernel compilation on two
-cores: the four tests that train (reverse, shakespeare, the command line's train and resume)
-take most of the file's ~7 minutes. Everything else runs in well under a minute with
+the first training step of each new shape costs tens of seconds of scheduling and compilation
+on two cores, so the tests that train (reverse, shakespeare, the command line's train and
+resume) take most of the file's time. Everything else runs in well under a minute with
 
     -k "not training and not loss_falls and not cli"
 """
