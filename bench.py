@@ -135,7 +135,7 @@ def write_random_gpt2(folder: Path) -> Path:
     rng = np.random.default_rng(0)
     header, blobs, offset = {}, [], 0
     for name, shape in shapes.items():
-        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):  # LayerNorm gains
             array = np.ones(shape, np.float32)
         else:
             array = rng.standard_normal(shape, np.float32) * np.float32(0.02)
