@@ -405,7 +405,7 @@ class Shakespeare:
     steps, batch_size, lr, eval_every = 1300, 12, 5e-3, 250
     url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
-    def __init__(self, data: str | None = None, seed: int = 0):
+    def __init__(self, data: str | None = None):
         text = self.load(data)
         self.chars = sorted(set(text))
         lookup = {ch: i for i, ch in enumerate(self.chars)}
@@ -420,7 +420,6 @@ class Shakespeare:
         self.config = Config(vocab_size=V, n_ctx=64, n_layer=2, n_head=4, n_embd=64)
         self.chance = math.log(V)  # the loss of a uniform guess
         self.bigram = self.bigram_loss()
-        self.eval_rng = np.random.default_rng(seed + 1)
 
     @classmethod
     def load(cls, path: str | None) -> str:

@@ -535,7 +535,7 @@ def test_training_learns_to_reverse():
     assert result["score"] >= 0.9, result["score"]
 
 
-# The Shakespeare tests share one small shape; the task's own is n_ctx 64, n_embd 64, 4 layers.
+# The Shakespeare tests share one small shape; the task's own is n_ctx 64, n_embd 64, 2 layers.
 SMALL_CHAR = {"n_ctx": 16, "n_embd": 32, "n_layer": 1, "n_head": 4}
 needs_text = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is missing")
 
