@@ -9,6 +9,7 @@ and streaming generation.
     python gpt.py -p "How can entropy be reversed?"
     python gpt.py --model gpt2-medium -n 100 -t 0.8 --top-p 0.9 -p "The meaning of life is"
     echo "Once upon a time" | python gpt.py --num-samples 3 --seed 1
+    python gpt.py --beam 2 -p "Hello"   # faster decoding after a one-time kernel search
 """
 from __future__ import annotations
 
@@ -184,7 +185,7 @@ def tokenizer():
 
 def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperature=0.0,
              top_k=None, top_p=None, seed=None, num_samples=1, ignore_eos=False,
-             stream=None, log=None) -> tuple[list[str], dict]:
+             stream=None, log=None, beam=0) -> tuple[list[str], dict]:
     """Continue prompt num_samples times; return each continuation (without the prompt) and
     timings: prefill seconds (the first token, JIT warm-up included) and decode seconds.
 
@@ -203,7 +204,7 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     t0 = time.perf_counter()
     t_first = None
-    for tokens in generate(gpt, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng):
+    for tokens in generate(gpt, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng, beam):
         if t_first is None:
             t_first = time.perf_counter()
         for b, tok in enumerate(tokens):
@@ -248,6 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", help="tinygrad backend: CPU, CL, CUDA, METAL, ...")
     ap.add_argument("--half", action="store_true", help="float16 weights and activations")
     ap.add_argument("--timing", action="store_true", help="print prefill and decode speed")
+    ap.add_argument("--beam", type=int, default=0, metavar="N",
+                    help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
+                         "decoding after a one-time search of minutes, cached on disk")
     args = ap.parse_args(argv)
 
     def log(msg: str):
@@ -261,6 +265,8 @@ def main(argv=None) -> int:
             raise GPTError(f"--top-p must be in (0, 1], got {args.top_p}")
         if args.top_k is not None and args.top_k < 1:
             raise GPTError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.beam < 0:
+            raise GPTError(f"--beam must be >= 0, got {args.beam}")
         if args.max_new_tokens < 0 or args.num_samples < 1:
             raise GPTError("--max-new-tokens must be >= 0 and --num-samples >= 1")
         if args.download:
@@ -281,6 +287,9 @@ def main(argv=None) -> int:
         else:
             prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
         enc = tokenizer()
+        if args.beam:
+            log(f"note: --beam {args.beam} times kernel variants for the decode step; the first "
+                "run of a model size on a device takes minutes, later runs reuse tinygrad's cache")
         gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
         out = sys.stdout.buffer
         stream_first = args.num_samples == 1
@@ -288,7 +297,8 @@ def main(argv=None) -> int:
         out.flush()
         texts, stats = complete(gpt, enc, prompt, args.max_new_tokens, args.temperature,
                                 args.top_k, args.top_p, args.seed, args.num_samples,
-                                args.ignore_eos, stream=out if stream_first else None, log=log)
+                                args.ignore_eos, stream=out if stream_first else None, log=log,
+                                beam=args.beam)
         if not stream_first:
             for i, text in enumerate(texts):
                 if i:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, Variable, nn
+from tinygrad.helpers import BEAM
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 # ---------------------------------------------------------------------------------------------
@@ -320,13 +321,17 @@ def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None
 
 
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
-             top_k=None, top_p=None, rng=None):
+             top_k=None, top_p=None, rng=None, beam=0):
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
 
     The prompt is run in one pass (prefill) that fills each layer's KV cache; after that every step
     feeds one token. That step is compiled once by TinyJit with its position as a symbolic
     Variable, so the loop neither re-traces nor recompiles per token. When the context is full, the
-    window slides: the newest half of the tokens is prefilled again and decoding goes on."""
+    window slides: the newest half of the tokens is prefilled again and decoding goes on.
+
+    beam > 0 compiles the step's kernels with tinygrad's kernel search (BEAM) of that width: it
+    times variants of each kernel on this device and keeps the fastest. The search runs once per
+    kernel shape and device, minutes at first, and tinygrad caches the result on disk."""
     n_ctx = model.config.n_ctx
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
     decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
@@ -343,7 +348,8 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
             logits = model(Tensor(window), 0)[:, -1].numpy()
         else:
             pos = pos_var.bind(window.shape[1] - 1)
-            logits = decode(Tensor(nxt[:, None]), pos).numpy()
+            with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone
+                logits = decode(Tensor(nxt[:, None]), pos).numpy()
 
 
 # ---------------------------------------------------------------------------------------------

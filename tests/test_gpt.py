@@ -218,6 +218,25 @@ def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
     assert calls == [(1, 5)]  # the prefill gives the only token asked for, no (1, 1) step
 
 
+def test_beam_searches_the_decode_kernels_and_keeps_greedy_output(tiny, enc, monkeypatch):
+    # --beam N must really reach tinygrad's kernel search for the decode step, with width N, and
+    # a faster kernel must still compute the same tokens.
+    from tinygrad.codegen.opt import search
+
+    widths = []
+    real_search = search.beam_search
+
+    def recording_search(s, rawbufs, var_vals, amt, *args, **kwargs):
+        widths.append(amt)
+        return real_search(s, rawbufs, var_vals, amt, *args, **kwargs)
+
+    monkeypatch.setattr(search, "beam_search", recording_search)
+    texts, _ = gpt.complete(tiny, enc, PROMPT, N_GREEDY, temperature=0.0, ignore_eos=True,
+                            beam=1)
+    assert texts[0] == GREEDY_TEXT
+    assert widths and set(widths) == {1}, widths
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
@@ -641,6 +660,7 @@ BAD_INPUTS = {
     "top-p zero": (["--top-p", "0", "-p", PROMPT], "--top-p"),
     "top-p above one": (["--top-p", "1.5", "-p", PROMPT], "1.5"),
     "negative temperature": (["-t", "-1", "-p", PROMPT], "-1"),
+    "negative beam": (["--beam", "-2", "-p", PROMPT], "-2"),
     "weights is a text file": (["--weights", "{text_file}", "-p", PROMPT], "{text_file}"),
     "missing weights file": (["--weights", "{missing}", "-p", PROMPT], "{missing}"),
     "missing prompt file": ([*TINY_ARGS, "-f", "{missing}"], "{missing}"),
