@@ -9,6 +9,9 @@ both libraries load them from one checkpoint that this script writes in the hub'
              decode step, peak RSS. Peer: Hugging Face GPT2LMHeadModel, fp32, a manual greedy loop
              with past_key_values.
   half       the same with 16-bit weights: tinygrad float16 against PyTorch bfloat16.
+  beam       decode fp32 again, with gpt.py --beam 2: the decode step's kernels come from
+             tinygrad's kernel search. The first run on a machine searches (minutes: about 1.5 on
+             two cores for CPU, 10 for CL) and tinygrad caches the result, so later runs do not.
   prefill    tokens/s for one 512-token prompt (timed after one warm-up of the same length).
   train      ms per optimizer step of nanoGPT's CPU shakespeare_char model (4 layers, 4 heads,
              128 dims, context 64, batch 12, vocab 65, no dropout, AdamW lr 1e-3, clip 1.0).
@@ -45,11 +48,12 @@ from pathlib import Path
 
 import numpy as np
 
-GROUPS = ("decode", "half", "prefill", "train", "bandwidth")
+GROUPS = ("decode", "half", "beam", "prefill", "train", "bandwidth")
 GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
 PROMPT_TOKENS = 16  # the short prompt before decoding
 PREFILL_TOKENS = 512
 STEADY_FROM = 10  # decode speed is timed from this token on, after the JIT has settled
+BENCH_BEAM = 2  # the search width of the beam row
 DEFAULT_TOKENS, QUICK_TOKENS = 64, 24
 TRAIN_WARMUP = 3  # TinyJit captures on its second call; the third is the first replay
 TRAIN_STEPS, QUICK_TRAIN_STEPS = 20, 8
@@ -164,7 +168,7 @@ def load_gpt2_tinygrad(folder: Path, half: bool):
     return load_gpt2(weights=folder / "model.safetensors", half=half)
 
 
-def child_tinygrad_decode(folder: Path, tokens: int, half: bool) -> dict:
+def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) -> dict:
     from tinygrad import Device, GlobalCounters, Tensor, Variable
 
     from transformer import generate
@@ -174,7 +178,7 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool) -> dict:
     prompt = random_ids(PROMPT_TOKENS, GPT2_VOCAB, seed=0)
     stamps, counts = [], []
     last = None
-    for tok in generate(model, prompt, tokens, temperature=0.0):
+    for tok in generate(model, prompt, tokens, temperature=0.0, beam=beam):
         stamps.append(time.perf_counter())
         counts.append(GlobalCounters.kernel_count)
         last = tok
@@ -345,6 +349,7 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
     children = {
         "tinygrad-decode": lambda: child_tinygrad_decode(folder, tokens, half=False),
         "tinygrad-decode-half": lambda: child_tinygrad_decode(folder, tokens, half=True),
+        "tinygrad-decode-beam": lambda: child_tinygrad_decode(folder, tokens, False, BENCH_BEAM),
         "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
         "tinygrad-train": lambda: child_tinygrad_train(steps),
         "torch-probe": child_torch_probe,
@@ -389,13 +394,15 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
     wanted = {
         "decode": ["tinygrad-decode", "torch-decode"],
         "half": ["tinygrad-decode-half", "torch-decode-bf16"],
+        "beam": ["tinygrad-decode-beam", "torch-decode"],
         "prefill": ["tinygrad-prefill", "torch-prefill"],
         "train": ["tinygrad-train", "torch-train"],
         "bandwidth": ["bandwidth"],
     }
     for group in GROUPS:
         if group in groups:
-            names += [n for n in wanted[group] if torch_ok or not n.startswith("torch")]
+            names += [n for n in wanted[group]
+                      if (torch_ok or not n.startswith("torch")) and n not in names]
     return names
 
 
@@ -463,7 +470,11 @@ def table_rows(results: dict) -> list[list[str]]:
     add("decode tok/s, fp32", "decode", "tinygrad-decode", "torch-decode", "decode_tok_s", 1)
     add("decode tok/s, 16-bit (fp16 / torch bf16)", "decode16", "tinygrad-decode-half",
         "torch-decode-bf16", "decode_tok_s", 1)
+    add(f"decode tok/s, fp32, --beam {BENCH_BEAM} (cached search)", "decode",
+        "tinygrad-decode-beam", "torch-decode", "decode_tok_s", 1)
     for name, peer, label, width in (("tinygrad-decode", "torch-decode", "fp32", 4),
+                                     ("tinygrad-decode-beam", "torch-decode",
+                                      f"fp32 --beam {BENCH_BEAM}", 4),
                                      ("tinygrad-decode-half", "torch-decode-bf16", "16-bit", 2)):
         tg, pt = bound_percent(r, name, width), bound_percent(r, peer, width)
         if tg is not None or pt is not None:
