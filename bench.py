@@ -9,9 +9,9 @@ both libraries load them from one checkpoint that this script writes in the hub'
              decode step, peak RSS. Peer: Hugging Face GPT2LMHeadModel, fp32, a manual greedy loop
              with past_key_values.
   half       the same with 16-bit weights: tinygrad float16 against PyTorch bfloat16.
-  beam       decode fp32 again, with gpt.py --beam 2: the decode step's kernels come from
-             tinygrad's kernel search. The first run on a machine searches (minutes: about 1.5 on
-             two cores for CPU, 10 for CL) and tinygrad caches the result, so later runs do not.
+  beam       decode fp32 and 16-bit again, with gpt.py --beam 2: the decode step's kernels come
+             from tinygrad's kernel search. The first run on a machine searches (minutes: about
+             1.5 per precision on two cores for CPU, 10 for CL) and tinygrad caches the result.
   prefill    tokens/s for one 512-token prompt (timed after one warm-up of the same length).
   train      ms per optimizer step of nanoGPT's CPU shakespeare_char model (4 layers, 4 heads,
              128 dims, context 64, batch 12, vocab 65, no dropout, AdamW lr 1e-3, clip 1.0).
@@ -350,6 +350,8 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
         "tinygrad-decode": lambda: child_tinygrad_decode(folder, tokens, half=False),
         "tinygrad-decode-half": lambda: child_tinygrad_decode(folder, tokens, half=True),
         "tinygrad-decode-beam": lambda: child_tinygrad_decode(folder, tokens, False, BENCH_BEAM),
+        "tinygrad-decode-half-beam": lambda: child_tinygrad_decode(folder, tokens, True,
+                                                                   BENCH_BEAM),
         "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
         "tinygrad-train": lambda: child_tinygrad_train(steps),
         "torch-probe": child_torch_probe,
@@ -394,7 +396,8 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
     wanted = {
         "decode": ["tinygrad-decode", "torch-decode"],
         "half": ["tinygrad-decode-half", "torch-decode-bf16"],
-        "beam": ["tinygrad-decode-beam", "torch-decode"],
+        "beam": ["tinygrad-decode-beam", "torch-decode", "tinygrad-decode-half-beam",
+                 "torch-decode-bf16"],
         "prefill": ["tinygrad-prefill", "torch-prefill"],
         "train": ["tinygrad-train", "torch-train"],
         "bandwidth": ["bandwidth"],
@@ -472,10 +475,16 @@ def table_rows(results: dict) -> list[list[str]]:
         "torch-decode-bf16", "decode_tok_s", 1)
     add(f"decode tok/s, fp32, --beam {BENCH_BEAM} (cached search)", "decode",
         "tinygrad-decode-beam", "torch-decode", "decode_tok_s", 1)
+    add(f"decode tok/s, 16-bit, --beam {BENCH_BEAM} (cached search)", "decode16",
+        "tinygrad-decode-half-beam", "torch-decode-bf16", "decode_tok_s", 1)
+    add(f"decode tok/s, 16-bit, --beam {BENCH_BEAM}, against PyTorch fp32", "decode16",
+        "tinygrad-decode-half-beam", "torch-decode", "decode_tok_s", 1)
     for name, peer, label, width in (("tinygrad-decode", "torch-decode", "fp32", 4),
                                      ("tinygrad-decode-beam", "torch-decode",
                                       f"fp32 --beam {BENCH_BEAM}", 4),
-                                     ("tinygrad-decode-half", "torch-decode-bf16", "16-bit", 2)):
+                                     ("tinygrad-decode-half", "torch-decode-bf16", "16-bit", 2),
+                                     ("tinygrad-decode-half-beam", "torch-decode-bf16",
+                                      f"16-bit --beam {BENCH_BEAM}", 2)):
         tg, pt = bound_percent(r, name, width), bound_percent(r, peer, width)
         if tg is not None or pt is not None:
             ratio, _ = ratio_cell(tg, pt, None)
