@@ -49,6 +49,7 @@ from transformer import (  # noqa: E402
     gelu,
     generate,
     learning_rate,
+    linear,
     load_checkpoint,
     make_optimizer,
     sample,
@@ -198,6 +199,21 @@ def test_attention_matches_numpy(T, S, start_pos):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # the mask matters here: without it the answer is far off
     assert np.abs(np_attention(q, k, v) - want).max() > 1e-2
+
+
+# One row takes the partial-sums path of linear (decoding), several rows the matmul; 10 inputs
+# do not split into groups of 4, so that row falls back to the matmul too.
+@pytest.mark.parametrize("lead, n_in", [((1, 1), 48), ((2, 3), 48), ((1, 1), 10), ((1,), 48)])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_linear_matches_numpy(lead, n_in, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(*lead, n_in)).astype(np.float32)
+    w = rng.normal(size=(24, n_in)).astype(dtype)  # (out, in); --half stores float16
+    b = rng.normal(size=24).astype(np.float32)
+    got = linear(Tensor(x), Tensor(w), Tensor(b)).numpy()
+    want = x.astype(np.float64) @ w.astype(np.float64).T + b
+    assert got.shape == (*lead, 24) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
