@@ -26,10 +26,11 @@ them those cells stay empty.
     .venv/bin/python bench.py                        # everything, on DEV=CPU unless DEV is set
     .venv/bin/python bench.py --quick                # fewer tokens and steps: a smoke run
     .venv/bin/python bench.py --only decode,half --tokens 128 --json out.json
-    BEAM=2 .venv/bin/python bench.py --only decode   # tinygrad searches kernel optimizations
+    .venv/bin/python bench.py --only decode,beam     # default kernels beside searched ones
+    BEAM=2 .venv/bin/python bench.py --only train    # search every kernel (tens of minutes)
 
-BEAM=2 makes the first run slow; tinygrad caches what the search found in ~/.cache/tinygrad, so
-later runs start fast. The machine is often shared: run twice and trust what repeats.
+A search makes the first run slow; tinygrad caches what it found in ~/.cache/tinygrad, so later
+runs start fast. The machine is often shared: run twice and trust what repeats.
 """
 from __future__ import annotations
 

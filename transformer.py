@@ -246,9 +246,10 @@ class Transformer:
 
     def __init__(self, config: Config):
         c = self.config = config
-        # Rows are padded to a multiple of 64 (zeros, never a target): a CPU backend splits the
-        # output matmul across threads only when its size divides evenly (GPT-2's 50257 does
-        # not), which halves the time of the largest matmul in decoding. nanoGPT pads too.
+        # Rows are padded to a multiple of 64 (zeros, never a target): tinygrad's kernel
+        # heuristics split and unroll the output axis only by factors that divide it (GPT-2's
+        # 50257 has none small), which halves the time of the largest matmul in decoding.
+        # nanoGPT pads too.
         rows = -(-c.vocab_size // 64) * 64
         self.wte = nn.Embedding(rows, c.n_embd)
         wte = Tensor.normal(c.vocab_size, c.n_embd, std=0.02)
