@@ -165,8 +165,8 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
         # it a transposed view of the file stays lazy and is read from disk at every decode step.
         loaded = params[name].replace(t.to(Device.DEFAULT).cast(dtype).contiguous())
         by_block.setdefault(name.split(".")[1] if name.startswith("h.") else "", []).append(loaded)
-    # One realize per block: each realize walks every live tensor, so 150 single ones took
-    # seconds, while one block's copies at a time keep the extra memory to a block.
+    # One realize per block: each realize walks every live tensor, so 150 single ones cost about
+    # a second more, while one block's copies at a time keep the extra memory to a block.
     for tensors in by_block.values():
         Tensor.realize(*tensors)
     return gpt
