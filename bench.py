@@ -10,8 +10,8 @@ both libraries load them from one checkpoint that this script writes in the hub'
              with past_key_values.
   half       the same with 16-bit weights: tinygrad float16 against PyTorch bfloat16.
   beam       decode fp32 and 16-bit again, with gpt.py --beam 2: the decode step's kernels come
-             from tinygrad's kernel search. The first run on a machine searches (minutes: about
-             1.5 per precision on two cores for CPU, 10 for CL) and tinygrad caches the result.
+             from tinygrad's kernel search. The first run on a machine searches (on two cores:
+             about a minute per precision for CPU, 4 to 10 for CL) and tinygrad caches the result.
   prefill    tokens/s for one 512-token prompt (timed after one warm-up of the same length).
   train      ms per optimizer step of nanoGPT's CPU shakespeare_char model (4 layers, 4 heads,
              128 dims, context 64, batch 12, vocab 65, no dropout, AdamW lr 1e-3, clip 1.0).
