@@ -27,7 +27,7 @@ them those cells stay empty.
     .venv/bin/python bench.py --quick                # fewer tokens and steps: a smoke run
     .venv/bin/python bench.py --only decode,half --tokens 128 --json out.json
     .venv/bin/python bench.py --only decode,beam     # default kernels beside searched ones
-    BEAM=2 .venv/bin/python bench.py --only train    # search every kernel (tens of minutes)
+    JITBEAM=2 .venv/bin/python bench.py --only train # search the step's kernels (~17 min)
 
 A search makes the first run slow; tinygrad caches what it found in ~/.cache/tinygrad, so later
 runs start fast. The machine is often shared: run twice and trust what repeats.
@@ -599,7 +599,7 @@ def main(argv=None) -> int:
         results["torch-probe"] = probe
     with tempfile.TemporaryDirectory(prefix="bench-gpt2-") as folder:
         names = plan(args.groups, torch_ok)
-        if args.groups & {"decode", "half", "prefill"}:
+        if args.groups & {"decode", "half", "beam", "prefill"}:
             print(f"  writing a random GPT-2 124M checkpoint to {folder} ...", file=sys.stderr)
             write_random_gpt2(Path(folder))
         args.checkpoint = folder

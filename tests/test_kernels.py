@@ -14,8 +14,8 @@ from transformer import generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2" / "model.safetensors"
 
-# Measured with tinygrad 0.14.0 (neither backend batches kernels into graphs): 2 layers of 15
-# kernels, plus 9 for the embedding, the final LayerNorm and the output head; OpenCL adds a copy.
+# Measured with tinygrad 0.14.0 (neither backend batches kernels into graphs): 2 layers of 16
+# kernels, plus 7 for the embedding, the final LayerNorm and the output head; OpenCL adds a copy.
 # gpt2 (12 layers) launches 199 the same way on the CPU. The limits were 48 and 49 while
 # load_gpt2 left its weights as lazy copies from the file, which ran again at every step.
 MAX_KERNELS_PER_DECODE_STEP = {"CPU": 39, "CL": 40}
