@@ -155,14 +155,14 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
         config = config_from_hf(path.parent / "config.json", config)
     except (OSError, ValueError, KeyError) as e:
         raise GPTError(f"cannot read {path.parent / 'config.json'}: {e}") from None
-    gpt = Transformer(config)
+    gpt = Transformer(config, init=False)
     dtype = dtypes.float16 if half else dtypes.float32
     params = gpt.parameters()
     by_block: dict[str, list[Tensor]] = {}
     for name, t in map_checkpoint(read_checkpoint(path), gpt).items():
-        # replace() swaps in the (lazy, on-disk) checkpoint tensor, so the random initialization
-        # is never computed. contiguous() makes the copy a buffer in the model's layout: without
-        # it a transposed view of the file stays lazy and is read from disk at every decode step.
+        # replace() swaps in the (lazy, on-disk) checkpoint tensor. contiguous() makes the copy a
+        # buffer in the model's layout: without it a transposed view of the file stays lazy and
+        # is read from disk at every decode step.
         loaded = params[name].replace(t.to(Device.DEFAULT).cast(dtype).contiguous())
         by_block.setdefault(name.split(".")[1] if name.startswith("h.") else "", []).append(loaded)
     # One realize per block: each realize walks every live tensor, so 150 single ones cost about

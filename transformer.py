@@ -75,8 +75,10 @@ class Linear:
     products of decoding read memory in order: 3x faster on a CPU than GPT-2's Conv1D layout
     (in, out), which gpt.py transposes once at load time."""
 
-    def __init__(self, n_in: int, n_out: int, bias: bool = True, std: float = 0.02):
-        self.weight = Tensor.normal(n_out, n_in, std=std)
+    def __init__(self, n_in: int, n_out: int, bias: bool = True, std: float = 0.02, init=True):
+        # init=False leaves the weights unset for a caller that loads a checkpoint: building
+        # tinygrad's lazy random-number graphs for GPT-2 costs over a second, for nothing
+        self.weight = Tensor.normal(n_out, n_in, std=std) if init else Tensor.empty(n_out, n_in)
         self.bias = Tensor.zeros(n_out) if bias else None
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -106,13 +108,13 @@ class CausalSelfAttention:
     Called with start_pos, it keeps the keys and values of earlier positions in a cache, so
     decoding one new token costs one row of attention instead of re-running the whole prefix."""
 
-    def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1):
+    def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1, init=True):
         assert n_embd % n_head == 0, f"{n_embd=} is not divisible by {n_head=}"
         self.n_head, self.n_ctx = n_head, n_ctx
-        self.c_attn = Linear(n_embd, 3 * n_embd)
+        self.c_attn = Linear(n_embd, 3 * n_embd, init=init)
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer) so
         # the residual's variance does not grow with depth (Radford et al., 2019, section 2.3).
-        self.c_proj = Linear(n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer))
+        self.c_proj = Linear(n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer), init=init)
         self.cache_kv: Tensor | None = None
 
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
@@ -138,7 +140,9 @@ class CausalSelfAttention:
         """Write this call's keys and values at start_pos and return everything cached so far."""
         B, H, T, hs = k.shape
         if self.cache_kv is None or self.cache_kv.shape[1] != B or self.cache_kv.dtype != k.dtype:
-            cache = Tensor.zeros(2, B, H, self.n_ctx, hs, dtype=k.dtype).contiguous().realize()
+            # empty, not zeros: every position is written before it is read, and an allocation
+            # needs no kernel of its own (zeros cost one realize per layer in the first prefill)
+            cache = Tensor.empty(2, B, H, self.n_ctx, hs, dtype=k.dtype)
             self.cache_kv = cache.is_param_(False)  # state, not a weight: kept out of checkpoints
         end = start_pos + T
         self.cache_kv[:, :, :, start_pos:end].assign(Tensor.stack(k, v))  # (2, B, H, T, hs)
@@ -172,9 +176,9 @@ def gelu(x: Tensor) -> Tensor:
 class MLP:
     """Position-wise feed-forward network: widen 4x, GELU, project back."""
 
-    def __init__(self, n_embd: int, n_layer: int = 1):
-        self.c_fc = Linear(n_embd, 4 * n_embd)
-        self.c_proj = Linear(4 * n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer))
+    def __init__(self, n_embd: int, n_layer: int = 1, init=True):
+        self.c_fc = Linear(n_embd, 4 * n_embd, init=init)
+        self.c_proj = Linear(4 * n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer), init=init)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.c_proj(gelu(self.c_fc(x)))
@@ -200,13 +204,13 @@ class Block:
     paper, normalizes after the sum: ln(x + f(x)); it trains less stably without warmup (Xiong et
     al., 2020)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, init=True):
         c = config
         self.prenorm = c.prenorm
         self.ln_1 = LayerNorm(c.n_embd, c.ln_eps)
-        self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_ctx, c.n_layer)
+        self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_ctx, c.n_layer, init)
         self.ln_2 = LayerNorm(c.n_embd, c.ln_eps)
-        self.mlp = MLP(c.n_embd, c.n_layer)
+        self.mlp = MLP(c.n_embd, c.n_layer, init)
 
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
         if self.prenorm:
@@ -242,9 +246,10 @@ class Config:
 class Transformer:
     """Token ids (B, T) -> next-token logits (B, T, vocab_size).
 
-    The output layer reuses the token embedding (weight tying, Press & Wolf 2017), as GPT-2 does."""
+    The output layer reuses the token embedding (weight tying, Press & Wolf 2017), as GPT-2 does.
+    init=False skips drawing the random initial weights, for a caller that replaces them all."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, init=True):
         c = self.config = config
         # Rows are padded to a multiple of 64 (zeros, never a target): tinygrad's kernel
         # heuristics split and unroll the output axis only by factors that divide it (GPT-2's
@@ -252,14 +257,16 @@ class Transformer:
         # nanoGPT pads too.
         rows = -(-c.vocab_size // 64) * 64
         self.wte = nn.Embedding(rows, c.n_embd)
-        wte = Tensor.normal(c.vocab_size, c.n_embd, std=0.02)
-        self.wte.weight = wte.pad(((0, rows - c.vocab_size), None)).contiguous()
+        if init:
+            wte = Tensor.normal(c.vocab_size, c.n_embd, std=0.02)
+            self.wte.weight = wte.pad(((0, rows - c.vocab_size), None)).contiguous()
         if c.positions == "learned":
             self.wpe = nn.Embedding(c.n_ctx, c.n_embd)
-            self.wpe.weight = Tensor.normal(c.n_ctx, c.n_embd, std=0.01)
+            if init:
+                self.wpe.weight = Tensor.normal(c.n_ctx, c.n_embd, std=0.01)
         else:
             self.pe = sinusoidal_positions(c.n_ctx, c.n_embd).is_param_(False)  # a constant
-        self.h = [Block(c) for _ in range(c.n_layer)]
+        self.h = [Block(c, init) for _ in range(c.n_layer)]
         # pre-LN leaves the residual stream unnormalized, so one last LayerNorm precedes the output
         self.ln_f = LayerNorm(c.n_embd, c.ln_eps) if c.prenorm else None
 
@@ -275,6 +282,11 @@ class Transformer:
         x = x.float()
         for block in self.h:
             x = block(x, start_pos)
+            if start_pos is not None:
+                # Inference: realizing each block's output makes the blocks separate graphs that
+                # differ only in their buffers, and tinygrad's schedule cache recognizes them:
+                # GPT-2's first prefill schedules in 4 s instead of 7. (Training keeps one graph.)
+                x = x.realize()
         if self.ln_f is not None:
             x = self.ln_f(x)
         return linear(x, self.wte.weight)[:, :, : self.config.vocab_size]  # (B, T, vocab_size)
@@ -594,7 +606,7 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
         tensors = safe_load(str(weights_path))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    model = Transformer(config)
+    model = Transformer(config, init=False)  # every weight comes from the file
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     expected = model.parameters()
     if set(weights) != set(expected):
