@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         if not args.half:
             raise
-        # seen with PoCL's OpenCL: tinygrad 0.14 fails to compile some float16 kernels there
+        # a backend where tinygrad cannot compile float16 kernels
         first_line = str(e).splitlines()[0][:120]
         log(f"error: --half failed on {Device.DEFAULT}: tinygrad could not compile a float16 "
             f"kernel ({first_line}); run without --half")

@@ -276,10 +276,11 @@ class Transformer:
         B, T = idx.shape
         first = 0 if start_pos is None else start_pos
         table = self.wpe.weight if self.config.positions == "learned" else self.pe
-        x = self.wte(idx) + table[first : first + T]  # (B, T, C) + (T, C)
         # Weights may be stored in float16 (gpt.py --half) to halve the bytes each token reads;
-        # activations stay float32, and each matmul upcasts its weights as it loads them.
-        x = x.float()
+        # activations stay float32, and each matmul upcasts its weights as it loads them. The
+        # token rows are looked up as float32 too: tinygrad 0.14 cannot compile a float16 lookup
+        # (nn.Embedding's) for OpenCL.
+        x = self.wte.weight.float()[idx] + table[first : first + T].float()  # (B, T, C) + (T, C)
         for block in self.h:
             x = block(x, start_pos)
             if start_pos is not None:

@@ -41,7 +41,7 @@ TIKTOKEN_DIR = ROOT.parent / "shared" / "tiktoken"
 os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_DIR)
 
 import tiktoken  # noqa: E402  (after TIKTOKEN_CACHE_DIR on purpose)
-from tinygrad import Tensor  # noqa: E402
+from tinygrad import Tensor, dtypes  # noqa: E402
 from tinygrad.nn.state import safe_load, safe_save  # noqa: E402
 
 import gpt  # noqa: E402
@@ -175,6 +175,17 @@ def test_greedy_continuation_matches_hugging_face(tiny, enc, i):
     assert texts == [str(REF[f"greedy{i}_output_text"])]
     assert stats["prompt_tokens"] == len(prompt_ids)
     assert stats["new_tokens"] == N_GREEDY
+
+
+# --half stores the weights in float16 and computes in float32: the fixture's greedy tokens (from
+# transformers in float32) must not change. On OpenCL this once failed to compile at all
+# (tinygrad 0.14 cannot compile nn.Embedding's float16 lookup there); CI runs it there too, below.
+def test_half_greedy_continuation_matches_float32_hugging_face(enc):
+    half = gpt.load_gpt2("gpt2", weights=SAFETENSORS, half=True)
+    assert half.h[0].mlp.c_fc.weight.dtype == dtypes.float16
+    for i in range(3):
+        ids = transformer.generate(half, REF[f"greedy{i}_prompt"][None], N_GREEDY, temperature=0.0)
+        assert [int(t[0]) for t in ids] == REF[f"greedy{i}_output"].tolist(), f"prompt {i}"
 
 
 def test_prompt_text_endoftext_is_the_document_separator(tiny, enc):
@@ -566,14 +577,14 @@ def run_cli(*args, stdin: bytes = b"", env: dict | None = None, timeout=300):
                           capture_output=True, env=full_env, timeout=timeout, cwd=ROOT)
 
 
-def run_cli_on_opencl():
+def run_cli_on_opencl(*extra):
     """The greedy run with --device CL, or why tinygrad cannot open the CL device here (str)."""
     probe = subprocess.run([sys.executable, "-c", "from tinygrad import Device; Device['CL']"],
                            capture_output=True, text=True, timeout=120)
     if probe.returncode != 0:
         lines = probe.stderr.strip().splitlines() or ["no error text"]
         return f"tinygrad cannot open the CL device here: {lines[-1]}"
-    return run_cli(*TINY_ARGS, *GREEDY_ARGS, "-p", PROMPT, "--device", "CL", timeout=480)
+    return run_cli(*TINY_ARGS, *GREEDY_ARGS, "-p", PROMPT, "--device", "CL", *extra, timeout=480)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -595,6 +606,7 @@ def cli_runs(request, tmp_path_factory):
     tiny = [*TINY_ARGS, *GREEDY_ARGS]
     jobs = {  # the longest first, so it never waits behind the others
         "opencl": run_cli_on_opencl,
+        "opencl half": partial(run_cli_on_opencl, "--half"),
         "prompt": partial(run_cli, *tiny, "-p", PROMPT, "--timing"),
         "file": partial(run_cli, *tiny, "-f", prompt_file),
         "stdin": partial(run_cli, *tiny, stdin=PROMPT.encode()),
@@ -643,16 +655,13 @@ def test_cli_num_samples_runs_a_batch_and_separates_the_samples(cli_runs):
     assert separator.strip() != "" and "2" in separator
 
 
-def test_cli_on_opencl_prints_the_same(cli_runs):
-    # BUG: with tinygrad 0.14, main()'s `Device.DEFAULT = ...` raises AttributeError ("setting
-    # Device.DEFAULT is deprecated"), so every --device fails with "is not usable here". Fix:
-    # `from tinygrad.helpers import DEV` and set `DEV.value = Device[name].device` (tinygrad's
-    # own message suggests it); `os.environ["DEV"] = name` before the first use works too.
-    done = cli_runs["opencl"].result()
+@pytest.mark.parametrize("run", ["opencl", "opencl half"])
+def test_cli_on_opencl_prints_the_same(cli_runs, run):
+    done = cli_runs[run].result()
     if isinstance(done, str):
         pytest.skip(done)
     assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout == EXPECTED_STDOUT  # what the CPU run prints
+    assert done.stdout == EXPECTED_STDOUT  # what the CPU run prints, and Hugging Face's tokens
 
 
 BAD_INPUTS = {
