@@ -6,8 +6,8 @@ both libraries load them from one checkpoint that this script writes in the hub'
   decode     tokens/s of greedy generation in steady state (tokens 10..N, N = --tokens), time to
              first token (loading the checkpoint from disk + prefill of a 16-token prompt, and
              each of the two on its own), the JIT warm-up (tokens 2 and 3: one plain run, then
-             the capture), kernels launched per decode step, peak RSS. Peer: Hugging Face GPT2LMHeadModel, fp32, a manual greedy loop
-             with past_key_values.
+             the capture), kernels launched per decode step, peak RSS. Peer: Hugging Face
+             GPT2LMHeadModel, fp32, a manual greedy loop with past_key_values.
   half       the same with 16-bit weights: tinygrad float16 against PyTorch bfloat16.
   beam       decode fp32 and 16-bit again, with gpt.py --beam 2: the decode step's kernels come
              from tinygrad's kernel search. The first run on a machine searches (on two cores:
