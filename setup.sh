@@ -3,6 +3,8 @@
 # backend, a virtual environment in .venv, and the Python packages. `make` runs this for you.
 #   ./setup.sh          runtime + test dependencies
 #   WITH_OPENCL=1 ./setup.sh   also PoCL, so tinygrad's OpenCL backend (DEV=CL) runs on the CPU
+#   WITH_LLVM=1 ./setup.sh     also libLLVM 19, for tinygrad's LLVM code generator (DEV=CPU:LLVM);
+#                              tinygrad 0.14 cannot use LLVM 14 or 15 (Debian 12 has 19)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,6 +13,13 @@ if [[ "$(uname -s)" == "Linux" ]]; then
   command -v clang >/dev/null || need_apt+=(clang)
   if [[ "${WITH_OPENCL:-0}" == "1" ]] && ! ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
     need_apt+=(pocl-opencl-icd)
+  fi
+  if [[ "${WITH_LLVM:-0}" == "1" ]]; then
+    llvm_found=0
+    for v in 16 17 18 19 20 21; do
+      compgen -G "/usr/lib/*/libLLVM-$v.so" >/dev/null && llvm_found=1
+    done
+    ((llvm_found)) || need_apt+=(libllvm19)
   fi
   if ((${#need_apt[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
@@ -22,7 +31,7 @@ if [[ "$(uname -s)" == "Linux" ]]; then
       sudo apt-get update -qq >/dev/null
       sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
     else
-      echo "setup: tinygrad's CPU backend needs clang; install it first (Debian/Ubuntu:" \
+      echo "setup: tinygrad needs ${need_apt[*]} here; install it first (Debian/Ubuntu:" \
            "sudo apt-get install -y ${need_apt[*]}), then run this again" >&2
       exit 1
     fi

@@ -577,14 +577,15 @@ def run_cli(*args, stdin: bytes = b"", env: dict | None = None, timeout=300):
                           capture_output=True, env=full_env, timeout=timeout, cwd=ROOT)
 
 
-def run_cli_on_opencl(*extra):
-    """The greedy run with --device CL, or why tinygrad cannot open the CL device here (str)."""
-    probe = subprocess.run([sys.executable, "-c", "from tinygrad import Device; Device['CL']"],
-                           capture_output=True, text=True, timeout=120)
+def run_cli_on(device: str, *extra):
+    """The greedy run with --device DEVICE, or why tinygrad cannot compute on it here (str)."""
+    compute = "from tinygrad import Tensor; Tensor([1]).tolist()"
+    probe = subprocess.run([sys.executable, "-c", compute], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "DEV": device})
     if probe.returncode != 0:
         lines = probe.stderr.strip().splitlines() or ["no error text"]
-        return f"tinygrad cannot open the CL device here: {lines[-1]}"
-    return run_cli(*TINY_ARGS, *GREEDY_ARGS, "-p", PROMPT, "--device", "CL", *extra, timeout=480)
+        return f"tinygrad cannot compute on {device} here: {lines[-1]}"
+    return run_cli(*TINY_ARGS, *GREEDY_ARGS, "-p", PROMPT, "--device", device, *extra, timeout=480)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -605,8 +606,10 @@ def cli_runs(request, tmp_path_factory):
     empty_weights.mkdir()
     tiny = [*TINY_ARGS, *GREEDY_ARGS]
     jobs = {  # the longest first, so it never waits behind the others
-        "opencl": run_cli_on_opencl,
-        "opencl half": partial(run_cli_on_opencl, "--half"),
+        "CL": partial(run_cli_on, "CL"),
+        "CL --half": partial(run_cli_on, "CL", "--half"),
+        "CPU:LLVM": partial(run_cli_on, "CPU:LLVM"),
+        "CPU:LLVM --half": partial(run_cli_on, "CPU:LLVM", "--half"),
         "prompt": partial(run_cli, *tiny, "-p", PROMPT, "--timing"),
         "file": partial(run_cli, *tiny, "-f", prompt_file),
         "stdin": partial(run_cli, *tiny, stdin=PROMPT.encode()),
@@ -655,8 +658,10 @@ def test_cli_num_samples_runs_a_batch_and_separates_the_samples(cli_runs):
     assert separator.strip() != "" and "2" in separator
 
 
-@pytest.mark.parametrize("run", ["opencl", "opencl half"])
-def test_cli_on_opencl_prints_the_same(cli_runs, run):
+# OpenCL (PoCL in CI) and tinygrad's LLVM code generator for the CPU (libLLVM 19 in CI), each in
+# float32 and with --half
+@pytest.mark.parametrize("run", ["CL", "CL --half", "CPU:LLVM", "CPU:LLVM --half"])
+def test_cli_on_other_backends_prints_the_same(cli_runs, run):
     done = cli_runs[run].result()
     if isinstance(done, str):
         pytest.skip(done)
