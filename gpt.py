@@ -279,7 +279,8 @@ def main(argv=None) -> int:
             return 0
         if args.device:
             try:
-                DEV.value = Device[args.device.upper()].device  # tinygrad's default backend
+                DEV.value = args.device.upper()  # tinygrad's default backend, e.g. CL or CPU:LLVM
+                Device[Device.DEFAULT]  # open it now, so a backend that cannot run fails here
             except Exception as e:
                 raise GPTError(f"device {args.device!r} is not usable here: {e}") from None
         if args.prompt is not None:
