@@ -189,10 +189,9 @@ def test_half_greedy_continuation_matches_float32_hugging_face(enc):
 
 
 def test_prompt_text_endoftext_is_the_document_separator(tiny, enc):
-    # BUG: complete() encodes with allowed_special=set(), and tiktoken then *raises* ValueError
-    # on text that spells a special token, so `gpt.py -p "<|endoftext|>"` dies with a traceback.
-    # The fixture pairs the prompt text "<|endoftext|>" with the id 50256; encoding with
-    # allowed_special={"<|endoftext|>"} in complete() does that.
+    # Regression: complete() once encoded with allowed_special=set(), and tiktoken raises on
+    # text that spells a special token, so `gpt.py -p "<|endoftext|>"` died with a traceback.
+    # The fixture pairs the prompt text "<|endoftext|>" with the id 50256.
     texts, stats = gpt.complete(tiny, enc, str(REF["greedy_prompt_texts"][0]), N_GREEDY,
                                 temperature=0.0, ignore_eos=True)
     assert stats["prompt_tokens"] == 1
@@ -213,9 +212,8 @@ def test_kv_cached_decoding_equals_full_recomputation(tiny, monkeypatch):
 
 
 def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
-    # BUG (speed): after yielding its last token, generate() still runs one more decode step,
-    # whose logits nobody uses. With -n 1 that is a whole extra kernel compilation (seconds on
-    # a CPU). Fix: compute the next logits only `if step + 1 < max_new_tokens`.
+    # Regression (speed): generate() once ran one more decode step after its last token, whose
+    # logits nobody used; with -n 1 that was a whole extra kernel compilation (seconds on a CPU).
     calls = []
     real_call = transformer.Transformer.__call__
 
@@ -303,11 +301,11 @@ def test_top_p_picks_only_inside_the_nucleus(tiny):
 
 
 def test_sample_never_picks_a_token_top_k_removed():
-    # BUG (rare): sample() draws u in [0, 1) and takes the first token whose cumulative
-    # probability reaches u. Rounding can leave the cumulative sum a few ulps below 1, and a u
-    # above it then falls off the end, where np.minimum clamps to the last vocabulary id (EOT
-    # in GPT-2) even when top-k or top-p gave it probability 0. Here seven probabilities of 1/7
-    # add up to 0.9999999999999998. Fix: clamp to the last token with probability > 0 instead.
+    # Regression (rare): sample() draws u in [0, 1) and takes the first token whose cumulative
+    # probability passes it. Rounding can leave the cumulative sum a few ulps below 1; a u above
+    # it once fell off the end and was clamped to the last vocabulary id (EOT in GPT-2), even
+    # when top-k or top-p gave that id probability 0. Here seven probabilities of 1/7 add up to
+    # 0.9999999999999998.
     class LargestDraw:
         def random(self, shape):
             return np.full(shape, np.nextafter(1.0, 0.0))  # the largest value random() returns
@@ -502,10 +500,9 @@ def test_mapper_names_a_wrong_shape_with_both_shapes():
 
 
 def test_mapper_names_weights_of_a_layer_the_model_lacks():
-    # BUG: SKIPPED is matched with str.endswith, and "attn.bias" (the causal-mask buffer) is
-    # also the end of "c_attn.bias". A c_attn.bias the model has no place for is then dropped
-    # in silence instead of reported. Fix: skip only the exact buffer names, e.g. check
-    # name.split(".")[-2:] == ["attn", "bias"].
+    # Regression: the skipped buffer "attn.bias" (the causal mask) is also the end of
+    # "c_attn.bias", so a c_attn.bias the model had no place for was once dropped in silence
+    # instead of reported.
     ckpt = tiny_checkpoint()
     ckpt["h.2.attn.c_attn.bias"] = ckpt["h.1.attn.c_attn.bias"]  # a third layer, in a 2-layer model
     message = mapping_error(ckpt)
