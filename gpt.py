@@ -252,7 +252,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="download cache")
     ap.add_argument("--download", action="store_true", help="only fetch the weights, then exit")
     ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ...")
-    ap.add_argument("--half", action="store_true", help="float16 weights and activations")
+    ap.add_argument("--half", action="store_true",
+                    help="float16 weights (activations stay float32)")
     ap.add_argument("--timing", action="store_true", help="print prefill and decode speed")
     ap.add_argument("--beam", type=int, default=0, metavar="N",
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
