@@ -286,7 +286,7 @@ class Transformer:
             if start_pos is not None:
                 # Inference: realizing each block's output makes the blocks separate graphs that
                 # differ only in their buffers, and tinygrad's schedule cache recognizes them:
-                # GPT-2's first prefill schedules in 4 s instead of 7. (Training keeps one graph.)
+                # GPT-2's first prefill took 5 s instead of 7 here. (Training keeps one graph.)
                 x = x.realize()
         if self.ln_f is not None:
             x = self.ln_f(x)

@@ -576,7 +576,7 @@ def run_cli(*args, stdin: bytes = b"", env: dict | None = None, timeout=300):
 
 def run_cli_on(device: str, *extra):
     """The greedy run with --device DEVICE, or why tinygrad cannot compute on it here (str)."""
-    compute = "from tinygrad import Tensor; Tensor([1]).tolist()"
+    compute = "from tinygrad import Tensor; (Tensor([1.0]) * 2).tolist()"  # compiles a kernel
     probe = subprocess.run([sys.executable, "-c", compute], capture_output=True, text=True,
                            timeout=120, env={**os.environ, "DEV": device})
     if probe.returncode != 0:
