@@ -34,14 +34,13 @@ from tinygrad.nn.state import get_state_dict, safe_save
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tasks import Reverse, Shakespeare  # noqa: E402
 from transformer import (  # noqa: E402
     Block,
     CausalSelfAttention,
     CheckpointError,
     Config,
     LayerNorm,
-    Reverse,
-    Shakespeare,
     SingleHeadAttention,
     Transformer,
     attention,
