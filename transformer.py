@@ -41,15 +41,22 @@ def causal_mask(T: int, S, start_pos=0) -> Tensor:
     return Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """softmax(q kᵀ / √d + mask) v  for q (..., T, d), k and v (..., S, d)  ->  (..., T, d).
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / √d + mask) for q (..., T, d) and k (..., S, d)  ->  (..., T, S).
 
+    Row t says how much query t takes from each key: it sums to 1, and the mask zeroes the future.
     Dividing by √d keeps the dot products at unit variance, so the softmax does not saturate
     (Vaswani et al., 2017, section 3.2.1)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, S)
     if mask is not None:
         scores = scores + mask
-    return scores.softmax(-1).contiguous() @ v
+    return scores.softmax(-1).contiguous()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / √d + mask) v  for q (..., T, d), k and v (..., S, d)  ->  (..., T, d):
+    each query's output is the average of the values, weighted by attention_weights."""
+    return attention_weights(q, k, mask) @ v
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -116,6 +123,7 @@ class CausalSelfAttention:
         # the residual's variance does not grow with depth (Radford et al., 2019, section 2.3).
         self.c_proj = Linear(n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer), init=init)
         self.cache_kv: Tensor | None = None
+        self.keep_weights, self.weights = False, None  # see attention_maps
 
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
         B, T, C = x.shape
@@ -132,7 +140,10 @@ class CausalSelfAttention:
             k, v = self.remember(k, v, start_pos)  # (B, H, start_pos + T, hs)
             # one new query may look at every cached key, so a single step needs no mask
             mask = causal_mask(T, start_pos + T, start_pos) if T > 1 else None
-        y = attention(q, k, v, mask)  # (B, H, T, hs)
+        att = attention_weights(q, k, mask)  # (B, H, T, S)
+        if self.keep_weights:  # for attention_maps: the very probabilities this pass uses
+            self.weights = att
+        y = att @ v  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)
 
@@ -294,6 +305,26 @@ class Transformer:
 
     def parameters(self) -> dict[str, Tensor]:
         return {k: v for k, v in get_state_dict(self).items() if v.is_param}
+
+
+def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits (B, T, vocab) and every head's attention probabilities (B, n_layer, n_head, T, T)
+    for token ids idx (B, T), both from one ordinary forward pass.
+
+    Each layer keeps the softmax it multiplies its values with, so what is shown is what was
+    computed: there is no second implementation of attention to drift from the first. Keeping
+    them adds no kernel (the weights are a buffer of the pass anyway) and changes no logit."""
+    layers = [block.attn for block in model.h]
+    for attn in layers:
+        attn.keep_weights = True
+    try:
+        logits = model(idx)
+        maps = Tensor.stack(*[attn.weights for attn in layers], dim=1)  # (B, L, H, T, T)
+        Tensor.realize(logits, maps)
+    finally:
+        for attn in layers:
+            attn.keep_weights, attn.weights = False, None
+    return logits, maps
 
 
 # ---------------------------------------------------------------------------------------------
