@@ -18,6 +18,9 @@ It writes (see tests/fixtures/README.md for what each file holds):
     tests/fixtures/tiny-gpt2/model.safetensors
     tests/fixtures/tiny-gpt2/pytorch_model.bin
     tests/fixtures/tiny-gpt2-reference.npz
+    tests/fixtures/tiny-gpt2-attention.npz
+    tests/fixtures/tiny-gpt2-trained/config.json, model.safetensors
+    tests/fixtures/tiny-gpt2-trained-perplexity.npz
     tests/fixtures/strided.bin
     tests/fixtures/strided-legacy.bin
     tests/fixtures/strided-expected.npz
@@ -50,14 +53,14 @@ SAMPLED_COLUMNS = 256
 MIN_GREEDY_MARGIN = 1e-3
 
 
-def make_config():
+def make_config(n_positions=128):
     # n_ctx and architectures are not needed by transformers, but the official gpt2 config.json
     # has them, and a loader may read n_ctx.
     return GPT2Config(
         architectures=["GPT2LMHeadModel"],
-        n_ctx=128,
+        n_ctx=n_positions,
         vocab_size=50257,
-        n_positions=128,
+        n_positions=n_positions,
         n_embd=16,
         n_layer=2,
         n_head=2,
@@ -128,12 +131,13 @@ def official_state_dict(model):
     return state
 
 
-def save_model_files(model):
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    model.config.to_json_file(MODEL_DIR / "config.json")
+def save_model_files(model, folder=MODEL_DIR, pytorch_bin=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(folder / "config.json")
     state = official_state_dict(model)
-    safetensors.torch.save_file(state, MODEL_DIR / "model.safetensors", metadata={"format": "pt"})
-    torch.save(state, MODEL_DIR / "pytorch_model.bin")
+    safetensors.torch.save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if pytorch_bin:
+        torch.save(state, folder / "pytorch_model.bin")
     return state
 
 
@@ -241,6 +245,96 @@ def greedy_continuations(model, encoder):
     return out
 
 
+def attention_reference(model, reference):
+    """Every layer's and head's attention probabilities, as transformers' eager attention computes
+    them (output_attentions=True), for three of the logit cases: (B, n_layer, n_head, T, T)."""
+    out = {}
+    for name in ("len17", "batch2", "len128"):
+        ids = torch.tensor(reference[f"{name}_ids"], dtype=torch.long)
+        with torch.no_grad():
+            result = model(ids, output_attentions=True)
+        out[f"{name}_ids"] = reference[f"{name}_ids"]
+        out[f"{name}_attention"] = torch.stack(result.attentions, dim=1).float().numpy()
+        out[f"{name}_logits_sum"] = result.logits.double().sum(-1).float().numpy()
+    return out
+
+
+# A model whose loss depends on its context, for perplexity: a random one scores every token
+# alike, so a window that lost its context would not show. Trained on tinyshakespeare's first
+# 900,000 characters; the perplexity texts come from after them.
+TRAINED_DIR = FIXTURES / "tiny-gpt2-trained"
+TRAINED_CTX = 64
+SHAKESPEARE = FIXTURES.parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+PERPLEXITY_CASES = {  # name: (first character, end character, stride)
+    "long_stride16": (1_000_000, 1_004_000, 16),  # about 1,000 tokens: dozens of windows
+    "long_stride48": (1_000_000, 1_004_000, 48),
+    "long_nooverlap": (1_000_000, 1_004_000, TRAINED_CTX),
+    "short": (1_010_000, 1_010_120, 16),  # fewer tokens than one window
+}
+
+
+def train_fixture_model(encoder):
+    torch.manual_seed(SEED)
+    model = GPT2LMHeadModel(make_config(TRAINED_CTX))
+    ids = torch.tensor(encoder.encode(SHAKESPEARE.read_text()[:900_000]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(SEED)
+    model.train()
+    for _ in range(400):
+        starts = torch.randint(0, len(ids) - TRAINED_CTX, (16,), generator=generator)
+        x = torch.stack([ids[s : s + TRAINED_CTX] for s in starts.tolist()])
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def token_nll(model, inputs, targets):
+    """-log p(targets[t] | inputs[:t + 1]) for every position t, in float64, one forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([inputs], dtype=torch.long)).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return -logp[torch.arange(len(inputs)), torch.tensor(targets)].numpy()
+
+
+def sliding_window_nll(model, ids, stride):
+    """Hugging Face's perplexity method (sliding windows of the model's context, `stride` apart),
+    with every token after the first scored exactly once, in the first window that predicts it,
+    and with all the context that window holds: returns the (len(ids) - 1,) losses in order."""
+    n_ctx, losses, next_target = model.config.n_positions, [], 1
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + n_ctx, len(ids) - 1)  # inputs ids[begin:end] predict ids[begin+1:end+1]
+        window = token_nll(model, ids[begin:end], ids[begin + 1 : end + 1])
+        losses.extend(window[next_target - begin - 1 :])
+        next_target = end + 1
+        if end == len(ids) - 1:
+            break
+    assert len(losses) == len(ids) - 1, (len(losses), len(ids))
+    return np.array(losses)
+
+
+def perplexity_reference(model, encoder):
+    out = {"case_names": np.array(list(PERPLEXITY_CASES))}
+    text = SHAKESPEARE.read_text()
+    for name, (first, end, stride) in PERPLEXITY_CASES.items():
+        ids = encoder.encode(text[first:end])
+        nll = sliding_window_nll(model, ids, stride)
+        out[f"{name}_chars"] = np.array([first, end])
+        out[f"{name}_stride"] = np.array(stride)
+        out[f"{name}_ids"] = np.array(ids, dtype=np.int64)
+        out[f"{name}_token_nll"] = nll.astype(np.float32)  # each scored token's loss, in order
+        out[f"{name}_nll"] = np.array(nll.mean())
+        out[f"{name}_tokens"] = np.array(len(nll))
+    # The context must matter, or the windows would not be tested: the tokens that open a window
+    # without overlap (one token of context) must score differently with the overlap's context.
+    opening = np.arange(0, out["long_nooverlap_tokens"], TRAINED_CTX)
+    shift = np.abs(out["long_nooverlap_token_nll"] - out["long_stride16_token_nll"])[opening]
+    assert shift.mean() > 0.05, shift.mean()
+    return out
+
+
 def strided_tensors():
     """Tensors whose storage layout is not one plain contiguous block, plus every dtype we read."""
     generator = torch.Generator().manual_seed(SEED)
@@ -291,6 +385,12 @@ def main():
     reference = reference_logits(model, encoder)
     reference.update(greedy_continuations(model, encoder))
     np.savez_compressed(FIXTURES / "tiny-gpt2-reference.npz", **reference)
+    attention = attention_reference(model, reference)
+    np.savez_compressed(FIXTURES / "tiny-gpt2-attention.npz", **attention)
+    trained = train_fixture_model(encoder)
+    save_model_files(trained, TRAINED_DIR, pytorch_bin=False)
+    perplexity = perplexity_reference(trained, encoder)
+    np.savez(FIXTURES / "tiny-gpt2-trained-perplexity.npz", **perplexity)
     save_strided_fixtures()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for path in sorted(FIXTURES.rglob("*")):
