@@ -10,11 +10,14 @@ and streaming generation.
     python gpt.py --model gpt2-medium -n 100 -t 0.8 --top-p 0.9 -p "The meaning of life is"
     echo "Once upon a time" | python gpt.py --num-samples 3 --seed 1
     python gpt.py --beam 2 -p "Hello"   # faster decoding after a one-time kernel search
+    python gpt.py --attention "The cat sat on the mat"   # every head's attention, in attention/
+    python gpt.py --perplexity book.txt                  # how well GPT-2 predicts a text
 """
 from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import sys
 import time
@@ -22,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Device, Tensor, dtypes
+from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.helpers import DEV
 from tinygrad.nn.state import safe_load
 
@@ -233,6 +236,137 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
     return [enc.decode(o) for o in out], stats
 
 
+# ---------------------------------------------------------------------------------------------
+# Perplexity: how well the model predicts a text
+# ---------------------------------------------------------------------------------------------
+
+
+def windows(n_tokens: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over a text of n_tokens, as in Hugging Face's perplexity guide ("Perplexity
+    of fixed-length models"): each starts stride tokens after the last, holds up to n_ctx inputs,
+    and scores only the tokens no earlier window scored, so every token after the first is scored
+    exactly once, with all the context its window holds. -> [(begin, end, first scored), ...]:
+    inputs ids[begin:end] predict ids[begin+1:end+1], and those from ids[first] on count."""
+    if not 1 <= stride <= n_ctx:
+        raise GPTError(f"--stride must be between 1 and the context, {n_ctx}; got {stride}")
+    out, first = [], 1
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + n_ctx, n_tokens - 1)
+        out.append((begin, end, first))
+        first = end + 1
+        if end == n_tokens - 1:
+            break
+    return out
+
+
+def token_losses(gpt: Transformer, ids, stride: int, progress=None) -> np.ndarray:
+    """-log p(ids[t] | its window's earlier tokens) for t = 1 .. len(ids) - 1, in nats.
+
+    Every window is padded to the full context, so the forward pass has one shape: TinyJit
+    compiles it once. Attention is causal, so the padding after a window never reaches it."""
+    ids = np.asarray(ids, dtype=np.int32)
+    if len(ids) < 2:
+        raise GPTError(f"perplexity needs at least 2 tokens (the first has nothing to predict "
+                       f"it), got {len(ids)}")
+    n_ctx = gpt.config.n_ctx
+    plan = windows(len(ids), n_ctx, stride)
+
+    @TinyJit
+    def nll(x: Tensor, y: Tensor) -> Tensor:
+        logp = gpt(x).log_softmax(-1)  # (1, n_ctx, vocab)
+        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).realize()  # (1, n_ctx)
+
+    losses = []
+    for i, (begin, end, first) in enumerate(plan):
+        x, y = np.zeros((2, 1, n_ctx), dtype=np.int32)
+        x[0, : end - begin], y[0, : end - begin] = ids[begin:end], ids[begin + 1 : end + 1]
+        window = nll(Tensor(x), Tensor(y)).numpy()[0, : end - begin].astype(np.float64)
+        losses.append(window[first - begin - 1 :])  # position p predicts token begin + p + 1
+        if progress:
+            progress(i + 1, len(plan))
+    return np.concatenate(losses)
+
+
+def progress_bar(label: str):
+    """A one-line progress bar on stderr, redrawn with \\r; silent when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    t0 = time.perf_counter()
+
+    def draw(done: int, total: int):
+        filled = 30 * done // total
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
+                         f"windows {time.perf_counter() - t0:.0f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return draw
+
+
+def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[float, int]:
+    """-> (mean nats per token, tokens scored) for the text in path."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GPTError(f"cannot read {path}: {e}") from None
+    if not text:
+        raise GPTError(f"{path} is empty: there is nothing to score")
+    # "<|endoftext|>" in a text is the document separator, as in GPT-2's training data
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"})
+    losses = token_losses(gpt, ids, stride, progress_bar("perplexity"))
+    return float(losses.mean()), len(losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: every head of GPT-2 on one text
+# ---------------------------------------------------------------------------------------------
+
+
+def token_labels(enc, ids) -> list[str]:
+    """Each token's own text; a token that ends inside a UTF-8 character shows as U+FFFD."""
+    from heads import readable
+
+    return [readable(enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace"))
+            for i in ids]
+
+
+def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head=None,
+                   tokens=None, title="GPT-2", log=print):
+    """Write every view of GPT-2's attention on text into out, and print the head scores."""
+    import heads
+
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"})
+    if not ids:
+        raise GPTError("--attention needs some text to look at")
+    c = gpt.config
+    if len(ids) > c.n_ctx:
+        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most {c.n_ctx}")
+    if (layer is None) != (head is None):
+        raise GPTError("--layer and --head go together: name one head, e.g. --layer 5 --head 1")
+    if layer is not None and not (0 <= layer < c.n_layer and 0 <= head < c.n_head):
+        raise GPTError(f"no head {layer}.{head}: the model has layers 0-{c.n_layer - 1} and "
+                       f"heads 0-{c.n_head - 1}")
+    try:
+        window = heads.parse_window(tokens, len(ids))
+    except ValueError as e:
+        raise GPTError(str(e)) from None
+    labels = token_labels(enc, ids)
+    try:
+        att, scores, written = heads.inspect_model(
+            gpt, np.array(ids), labels, out, title, window,
+            None if layer is None else (layer, head))
+    except OSError as e:
+        raise GPTError(str(e)) from None
+    log(f"wrote {', '.join(str(p) for p in written)}")
+    print(heads.score_table(scores))
+    print("\n".join(heads.top_lines(scores)))
+    a, b = window
+    if layer is not None and b - a <= 20:
+        print(f"layer {layer}, head {head}: row = query (attending), column = key")
+        print(heads.head_numbers(att[layer, head, a:b, a:b], heads.distinct(labels)[a:b]))
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -240,6 +374,10 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read stdin if it is not a tty)")
     src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
+    src.add_argument("--attention", metavar="TEXT",
+                     help="write every head's attention on TEXT into --out, print head scores")
+    src.add_argument("--perplexity", type=Path, metavar="FILE",
+                     help="score the text in FILE with sliding windows; print its perplexity")
     ap.add_argument("--model", default="gpt2", help=f"one of {', '.join(SIZES)} (default gpt2)")
     ap.add_argument("-n", "--max-new-tokens", type=int, default=100)
     ap.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy")
@@ -258,6 +396,16 @@ def main(argv=None) -> int:
     ap.add_argument("--beam", type=int, default=0, metavar="N",
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
                          "decoding after a one-time search of minutes, cached on disk")
+    ap.add_argument("--out", type=Path, default=Path("attention"),
+                    help="folder for --attention's files (default attention/)")
+    ap.add_argument("--layer", type=int, help="with --head: also draw this one head large")
+    ap.add_argument("--head", type=int, help="with --layer: the head to draw large")
+    ap.add_argument("--tokens", metavar="A:B", help="show only tokens A to B of a long text")
+    ap.add_argument("--stride", type=int,
+                    help="--perplexity: tokens between window starts (default: half the "
+                         "context, 512 for GPT-2)")
+    # argparse's own errors (a missing value, a word where a number goes) as one error line too
+    ap.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
     args = ap.parse_args(argv)
 
     def log(msg: str):
@@ -265,6 +413,9 @@ def main(argv=None) -> int:
 
     try:
         gpt2_config(args.model)  # an unknown name fails here, before anything is fetched
+        for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
+            if value is not None and not math.isfinite(value):
+                raise GPTError(f"{flag} must be a finite number, got {value}")
         if args.temperature < 0:
             raise GPTError(f"--temperature must be >= 0, got {args.temperature}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -284,6 +435,26 @@ def main(argv=None) -> int:
                 Device[Device.DEFAULT]  # open it now, so a backend that cannot run fails here
             except Exception as e:
                 raise GPTError(f"device {args.device!r} is not usable here: {e}") from None
+        views = {"--layer": args.layer, "--head": args.head, "--tokens": args.tokens}
+        for flag, value in views.items():
+            if value is not None and args.attention is None:
+                raise GPTError(f"{flag} goes with --attention TEXT")
+        if args.stride is not None and args.perplexity is None:
+            raise GPTError("--stride goes with --perplexity FILE")
+        if args.attention is not None or args.perplexity is not None:
+            enc = tokenizer()
+            gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
+            if args.perplexity is not None:
+                stride = args.stride or gpt.config.n_ctx // 2
+                nll, n = perplexity_of_file(gpt, enc, args.perplexity, stride)
+                print(f"perplexity={math.exp(nll):.4f} nll={nll:.6f} tokens={n}")
+            else:
+                title = f"{args.model}{' (--half)' if args.half else ''}"
+                if args.weights is not None:
+                    title = f"{args.weights.parent.name}/{args.weights.name}"
+                show_attention(gpt, enc, args.attention, args.out, args.layer, args.head,
+                               args.tokens, title, log)
+            return 0
         if args.prompt is not None:
             prompt = args.prompt
         elif args.file is not None:

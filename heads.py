@@ -19,6 +19,10 @@ Row 0 can only look at itself, so it is left out of every score but induction.
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 
@@ -101,3 +105,318 @@ def top_heads(scores: np.ndarray, k: int = 3, largest: bool = True) -> list[tupl
     order = np.argsort(-scores if largest else scores, axis=None, kind="stable")[:k]
     return [(int(i // scores.shape[1]), int(i % scores.shape[1]), float(scores.flat[i]))
             for i in order]
+
+
+# ---------------------------------------------------------------------------------------------
+# All scores of a model at once, as a table
+# ---------------------------------------------------------------------------------------------
+
+SCORE_NAMES = ("previous", "diagonal", "first", "entropy", "induction")
+
+
+def all_scores(att: np.ndarray, repeated_att: np.ndarray, repeated_ids: np.ndarray) -> dict:
+    """name -> (L, H). The induction score is measured on its own input, a random sequence
+    repeated (repeated_ids, with its attention repeated_att); the others on att."""
+    return {"previous": previous_token_scores(att), "diagonal": diagonal_scores(att),
+            "first": first_token_scores(att), "entropy": entropy_scores(att),
+            "induction": induction_scores(repeated_att, repeated_ids)}
+
+
+def score_table(scores: dict) -> str:
+    """One row per head: layer, head, then every score."""
+    names = list(scores)
+    L, H = scores[names[0]].shape
+    lines = ["layer head " + " ".join(f"{n:>9}" for n in names)]
+    for layer in range(L):
+        for head in range(H):
+            values = " ".join(f"{scores[n][layer, head]:9.3f}" for n in names)
+            lines.append(f"{layer:5d} {head:4d} {values}")
+    return "\n".join(lines)
+
+
+def top_lines(scores: dict, k: int = 3) -> list[str]:
+    """The k strongest heads of each kind, one line per kind; for entropy the sharpest (lowest)."""
+    lines = []
+    for name, values in scores.items():
+        lowest = name == "entropy"
+        best = top_heads(values, min(k, values.size), largest=not lowest)
+        heads = ", ".join(f"L{layer}H{head} {v:.2f}" for layer, head, v in best)
+        lines.append(f"top {name}{' (lowest)' if lowest else ''}: {heads}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Token labels
+# ---------------------------------------------------------------------------------------------
+
+
+def readable(piece: str) -> str:
+    """A token as a reader can see it: GPT-2's leading space as ·, a newline as ↵, a tab as ⇥."""
+    shown = piece.replace(" ", "·").replace("\n", "↵").replace("\r", "␍").replace("\t", "⇥")
+    return shown or "∅"
+
+
+def distinct(labels: list[str]) -> list[str]:
+    """Tokens that occur more than once carry their position, e.g. ·the[2] and ·the[7]."""
+    counts = {label: labels.count(label) for label in labels}
+    return [f"{label}[{i}]" if counts[label] > 1 else label for i, label in enumerate(labels)]
+
+
+def parse_window(spec: str | None, T: int) -> tuple[int, int]:
+    """'A:B' (Python slice bounds, either may be empty or negative) -> (a, b), 0 <= a < b <= T."""
+    if spec is None:
+        return 0, T
+    parts = spec.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        a, b, _ = slice(*(int(p) if p.strip() else None for p in parts)).indices(T)
+    except ValueError:
+        raise ValueError(f"--tokens {spec!r}: expected A:B, e.g. 0:40") from None
+    if a >= b:
+        raise ValueError(f"--tokens {spec!r} selects no token of the {T}")
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing every view of one input
+# ---------------------------------------------------------------------------------------------
+
+
+def write_views(out: Path, att: np.ndarray, ids: np.ndarray, labels: list[str], title: str,
+                scores: dict, window: tuple[int, int] | None = None,
+                head: tuple[int, int] | None = None) -> list[Path]:
+    """Write into the folder out: attention.npz (everything, as computed), heads.png, scores.png,
+    attention.html and, for head = (layer, head), layer{L}-head{H}.png. The pictures and the page
+    show the tokens in window = (a, b) only. Every file is written whole or not at all."""
+    import plots
+
+    out = Path(out)
+    L, H, T, _ = att.shape
+    a, b = window or (0, T)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write into {out}: {e.strerror or e}") from None
+    shown = att[:, :, a:b, a:b]
+    names = distinct(labels)[a:b]
+    written = [atomic_write(out / "attention.npz", lambda f: np.savez(
+        f, attention=att.astype(np.float32), ids=np.asarray(ids, dtype=np.int64),
+        **{f"score_{k}": v for k, v in scores.items()}))]
+    written.append(plots.all_heads(shown, out / "heads.png", title))
+    written.append(plots.head_scores(scores, out / "scores.png", title))
+    page = html_page(shown, names, title, first=a)
+    written.append(atomic_write(out / "attention.html", lambda f: f.write(page.encode())))
+    if head is not None:
+        layer, h = head
+        written.append(plots.one_head(shown[layer, h], names, out / f"layer{layer}-head{h}.png",
+                                      f"{title}: layer {layer}, head {h}"))
+    return written
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call write(file) on a temporary file beside path, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def head_numbers(att: np.ndarray, labels: list[str]) -> str:
+    """One head's (T, T) probabilities as a table: a row per query, a column per key."""
+    names = [n[:8] for n in labels]
+    lines = [" " * 9 + " ".join(f"{n:>8}" for n in names)]
+    for name, row in zip(names, att):
+        lines.append(f"{name:>8} " + " ".join(f"{v:8.3f}" for v in row))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page: one self-contained HTML file, no network request of any kind
+# ---------------------------------------------------------------------------------------------
+
+# Probabilities travel as integers in units of 1/SCALE (4 decimals), lower triangles only: the
+# masked future is exactly 0, and this keeps GPT-2's 144 heads on 100 tokens near 3 MB.
+SCALE = 10_000
+
+
+def page_data(att: np.ndarray, labels: list[str], title: str, first: int = 0) -> dict:
+    """What the page embeds: att (L, H, T, T) as rounded lower triangles, one list per head."""
+    L, H, T, _ = att.shape
+    rows, cols = np.tril_indices(T)  # row-major: query q's keys 0..q start at q (q + 1) / 2
+    tri = np.rint(att[:, :, rows, cols] * SCALE).astype(np.int64).reshape(L * H, -1)
+    return {"title": title, "tokens": labels, "first": first, "layers": L, "heads": H,
+            "scale": SCALE, "att": tri.tolist()}
+
+
+def html_page(att: np.ndarray, labels: list[str], title: str, first: int = 0) -> str:
+    data = json.dumps(page_data(att, labels, title, first), ensure_ascii=False,
+                      separators=(",", ":"))
+    data = data.replace("</", "<\\/")  # a token "</script>" must not end the data block
+    safe_title = title.replace("&", "&amp;").replace("<", "&lt;")
+    return PAGE.replace("TITLE", safe_title).replace("DATA", data)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Attention: TITLE</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.2em; }
+.controls { margin: 0.5em 0 1em; }
+.controls label { margin-right: 1em; }
+#tokens { line-height: 2.2; max-width: 70em; }
+.tok { padding: 2px 3px; margin: 1px; border: 1px solid #ddd; border-radius: 3px;
+       cursor: pointer; white-space: pre; font-family: ui-monospace, monospace; }
+.tok.sel { outline: 2px solid #d62728; }
+#detail { font-family: ui-monospace, monospace; min-height: 1.5em; margin: 0.6em 0; }
+#views { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+#grid { display: grid; gap: 4px; }
+.cell { text-align: center; font-size: 10px; color: #666; }
+canvas.head { border: 1px solid #ccc; cursor: pointer; image-rendering: pixelated; }
+canvas.head.sel { border: 2px solid #d62728; }
+#matrix { border: 1px solid #ccc; image-rendering: pixelated; }
+</style></head>
+<body>
+<h1>Attention: TITLE</h1>
+<div class="controls">
+  <label>layer <select id="layer"></select></label>
+  <label>head <select id="head"></select></label>
+  <label><input type="radio" name="mode" value="from" checked> where a token looks</label>
+  <label><input type="radio" name="mode" value="to"> what looks at a token</label>
+</div>
+<p>Hover over a token to see its attention in the chosen head; click to keep it. Colour is the
+probability, white 0 to dark blue 1. Click a small map below to choose its head.</p>
+<div id="tokens"></div>
+<div id="detail"></div>
+<div id="views"><canvas id="matrix"></canvas><div id="grid"></div></div>
+<script type="application/json" id="data">DATA</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const T = D.tokens.length, L = D.layers, H = D.heads;
+const state = {layer: 0, head: 0, mode: "from", pinned: null};
+function weight(l, h, q, k) {  // probability that query q of head (l, h) gives key k
+  return k > q ? 0 : D.att[l * H + h][q * (q + 1) / 2 + k] / D.scale;
+}
+function colour(w) {  // white to dark blue
+  const r = Math.round(255 - w * 247), g = Math.round(255 - w * 207), b = Math.round(255 - w * 148);
+  return "rgb(" + r + "," + g + "," + b + ")";
+}
+function paint(canvas, l, h, size) {
+  const img = document.createElement("canvas");
+  img.width = T; img.height = T;
+  const ctx = img.getContext("2d"), pixels = ctx.createImageData(T, T);
+  for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) {
+    const w = weight(l, h, q, k), i = 4 * (q * T + k);
+    pixels.data[i] = 255 - w * 247; pixels.data[i + 1] = 255 - w * 207;
+    pixels.data[i + 2] = 255 - w * 148; pixels.data[i + 3] = 255;
+  }
+  ctx.putImageData(pixels, 0, 0);
+  canvas.width = size; canvas.height = size;
+  const out = canvas.getContext("2d");
+  out.imageSmoothingEnabled = false;
+  out.drawImage(img, 0, 0, size, size);
+}
+const tokens = document.getElementById("tokens");
+D.tokens.forEach((label, i) => {
+  const span = document.createElement("span");
+  span.className = "tok"; span.textContent = label; span.dataset.i = i;
+  span.title = "position " + (D.first + i);
+  span.addEventListener("mouseenter", () => show(i));
+  span.addEventListener("mouseleave", () => show(state.pinned));
+  span.addEventListener("click", () => { state.pinned = state.pinned === i ? null : i; show(i); });
+  tokens.appendChild(span);
+});
+function show(i) {
+  const spans = tokens.children, detail = document.getElementById("detail");
+  for (let j = 0; j < T; j++) {
+    const w = i === null ? 0 : (state.mode === "from" ? weight(state.layer, state.head, i, j)
+                                                      : weight(state.layer, state.head, j, i));
+    spans[j].style.background = colour(w);
+    spans[j].style.color = w > 0.6 ? "white" : "";
+    spans[j].classList.toggle("sel", j === i);
+  }
+  if (i === null) { detail.textContent = ""; return; }
+  const pairs = [];
+  for (let j = 0; j < T; j++) {
+    const w = state.mode === "from" ? weight(state.layer, state.head, i, j)
+                                    : weight(state.layer, state.head, j, i);
+    if (w > 0) pairs.push([w, j]);
+  }
+  pairs.sort((a, b) => b[0] - a[0]);
+  const arrow = state.mode === "from" ? " looks at: " : " is looked at by: ";
+  detail.textContent = D.tokens[i] + arrow + pairs.slice(0, 6).map(
+    p => D.tokens[p[1]] + " " + p[0].toFixed(3)).join(", ");
+}
+const grid = document.getElementById("grid");
+grid.style.gridTemplateColumns = "repeat(" + H + ", auto)";
+const thumb = Math.max(40, Math.min(96, Math.floor(900 / H)));
+for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
+  const cell = document.createElement("div"), canvas = document.createElement("canvas");
+  cell.className = "cell";
+  canvas.className = "head"; canvas.dataset.layer = l; canvas.dataset.head = h;
+  canvas.title = "layer " + l + ", head " + h;
+  paint(canvas, l, h, thumb);
+  canvas.addEventListener("click", () => select(l, h));
+  cell.appendChild(canvas);
+  cell.appendChild(document.createElement("br"));
+  cell.appendChild(document.createTextNode(l + "." + h));
+  grid.appendChild(cell);
+}
+function fill(id, n, onchange) {
+  const sel = document.getElementById(id);
+  for (let i = 0; i < n; i++) sel.add(new Option(String(i), String(i)));
+  sel.addEventListener("change", onchange);
+}
+fill("layer", L, e => select(Number(e.target.value), state.head));
+fill("head", H, e => select(state.layer, Number(e.target.value)));
+document.querySelectorAll("input[name=mode]").forEach(r => r.addEventListener("change", e => {
+  state.mode = e.target.value; show(state.pinned);
+}));
+function select(l, h) {
+  state.layer = l; state.head = h;
+  document.getElementById("layer").value = String(l);
+  document.getElementById("head").value = String(h);
+  document.querySelectorAll("canvas.head").forEach(c => c.classList.toggle(
+    "sel", Number(c.dataset.layer) === l && Number(c.dataset.head) === h));
+  paint(document.getElementById("matrix"), l, h, Math.max(240, Math.min(560, 8 * T)));
+  show(state.pinned);
+}
+select(0, 0);
+</script>
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# One call for a model: forward, scores, every view
+# ---------------------------------------------------------------------------------------------
+
+
+def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: str,
+                  window: tuple[int, int] | None = None, head: tuple[int, int] | None = None,
+                  seed: int = 0) -> tuple[np.ndarray, dict, list[Path]]:
+    """Run model (a transformer.Transformer) on ids (T,), score every head, write every view into
+    out. The induction score needs its own input: 4 random sequences of distinct tokens, each
+    repeated once, as long as the model's context allows (up to 2 x 50 tokens).
+    Returns the attention (L, H, T, T), the scores and the files written."""
+    from tinygrad import Tensor
+
+    from transformer import attention_maps
+
+    _, att = attention_maps(model, Tensor(np.asarray(ids, dtype=np.int32)[None]))
+    att = att.numpy()[0]  # (L, H, T, T)
+    n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
+    repeated = repeated_random_tokens(np.random.default_rng(seed), n, model.config.vocab_size, 4)
+    _, repeated_att = attention_maps(model, Tensor(repeated))
+    scores = all_scores(att, repeated_att.numpy(), repeated)
+    written = write_views(out, att, ids, labels, title, scores, window, head)
+    return att, scores, written
