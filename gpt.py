@@ -339,32 +339,19 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     if not ids:
         raise GPTError("--attention needs some text to look at")
-    c = gpt.config
-    if len(ids) > c.n_ctx:
-        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most {c.n_ctx}")
-    if (layer is None) != (head is None):
-        raise GPTError("--layer and --head go together: name one head, e.g. --layer 5 --head 1")
-    if layer is not None and not (0 <= layer < c.n_layer and 0 <= head < c.n_head):
-        raise GPTError(f"no head {layer}.{head}: the model has layers 0-{c.n_layer - 1} and "
-                       f"heads 0-{c.n_head - 1}")
+    if len(ids) > gpt.config.n_ctx:
+        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most "
+                       f"{gpt.config.n_ctx}")
     try:
+        chosen = heads.check_head(layer, head, gpt.config.n_layer, gpt.config.n_head)
         window = heads.parse_window(tokens, len(ids))
-    except ValueError as e:
-        raise GPTError(str(e)) from None
-    labels = token_labels(enc, ids)
-    try:
-        att, scores, written = heads.inspect_model(
-            gpt, np.array(ids), labels, out, title, window,
-            None if layer is None else (layer, head))
-    except OSError as e:
+        labels = token_labels(enc, ids)
+        att, scores, written = heads.inspect_model(gpt, np.array(ids), labels, out, title, window,
+                                                   chosen)
+    except (ValueError, OSError) as e:
         raise GPTError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
-    print(heads.score_table(scores))
-    print("\n".join(heads.top_lines(scores)))
-    a, b = window
-    if layer is not None and b - a <= 20:
-        print(f"layer {layer}, head {head}: row = query (attending), column = key")
-        print(heads.head_numbers(att[layer, head, a:b, a:b], heads.distinct(labels)[a:b]))
+    print(heads.report(att, scores, labels, window, chosen))
 
 
 def main(argv=None) -> int:

@@ -191,16 +191,9 @@ def write_views(out: Path, att: np.ndarray, ids: np.ndarray, labels: list[str], 
     show the tokens in window = (a, b) only. Every file is written whole or not at all."""
     import plots
 
-    out = Path(out)
+    out = writable_folder(out)
     L, H, T, _ = att.shape
     a, b = window or (0, T)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"cannot write into {out}: {e.strerror or e}") from None
     shown = att[:, :, a:b, a:b]
     names = distinct(labels)[a:b]
     written = [atomic_write(out / "attention.npz", lambda f: np.savez(
@@ -217,6 +210,19 @@ def write_views(out: Path, att: np.ndarray, ids: np.ndarray, labels: list[str], 
     return written
 
 
+def writable_folder(out: Path) -> Path:
+    """Make the folder out if needed and check that files can be written into it."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write into {out}: {e.strerror or e}") from None
+    return out
+
+
 def atomic_write(path: Path, write) -> Path:
     """Call write(file) on a temporary file beside path, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
@@ -227,6 +233,29 @@ def atomic_write(path: Path, write) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_head(layer, head, n_layer: int, n_head: int) -> tuple[int, int] | None:
+    """--layer and --head, both or neither, within the model -> (layer, head) or None."""
+    if (layer is None) != (head is None):
+        raise ValueError("--layer and --head go together: name one head, e.g. --layer 1 --head 0")
+    if layer is not None and not (0 <= layer < n_layer and 0 <= head < n_head):
+        raise ValueError(f"no head {layer}.{head}: the model has layers 0-{n_layer - 1} and "
+                         f"heads 0-{n_head - 1}")
+    return None if layer is None else (layer, head)
+
+
+def report(att: np.ndarray, scores: dict, labels: list[str], window: tuple[int, int],
+           head: tuple[int, int] | None = None) -> str:
+    """The score table, the top heads of each kind and, for one head on at most 20 tokens, its
+    probabilities as numbers."""
+    lines = [score_table(scores), *top_lines(scores)]
+    a, b = window
+    if head is not None and b - a <= 20:
+        layer, h = head
+        lines.append(f"layer {layer}, head {h}: row = query (attending), column = key")
+        lines.append(head_numbers(att[layer, h, a:b, a:b], distinct(labels)[a:b]))
+    return "\n".join(lines)
 
 
 def head_numbers(att: np.ndarray, labels: list[str]) -> str:
@@ -296,7 +325,8 @@ canvas.head.sel { border: 2px solid #d62728; }
 probability, white 0 to dark blue 1. Click a small map below to choose its head.</p>
 <div id="tokens"></div>
 <div id="detail"></div>
-<div id="views"><canvas id="matrix"></canvas><div id="grid"></div></div>
+<div id="views"><figure><canvas id="matrix"></canvas><figcaption id="caption"></figcaption>
+</figure><div id="grid"></div></div>
 <script type="application/json" id="data">DATA</script>
 <script>
 "use strict";
@@ -320,6 +350,7 @@ function paint(canvas, l, h, size) {
     pixels.data[i + 2] = 255 - w * 148; pixels.data[i + 3] = 255;
   }
   ctx.putImageData(pixels, 0, 0);
+  size = T * Math.max(1, Math.floor(size / T));  // whole pixels per cell: sharp edges
   canvas.width = size; canvas.height = size;
   const out = canvas.getContext("2d");
   out.imageSmoothingEnabled = false;
@@ -388,6 +419,8 @@ function select(l, h) {
   document.querySelectorAll("canvas.head").forEach(c => c.classList.toggle(
     "sel", Number(c.dataset.layer) === l && Number(c.dataset.head) === h));
   paint(document.getElementById("matrix"), l, h, Math.max(240, Math.min(560, 8 * T)));
+  document.getElementById("caption").textContent =
+    "layer " + l + ", head " + h + ": a row per query (top: first token), a column per key";
   show(state.pinned);
 }
 select(0, 0);
@@ -412,6 +445,7 @@ def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: s
 
     from transformer import attention_maps
 
+    writable_folder(out)  # fail before the work, not after
     _, att = attention_maps(model, Tensor(np.asarray(ids, dtype=np.int32)[None]))
     att = att.numpy()[0]  # (L, H, T, T)
     n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
