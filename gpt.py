@@ -432,7 +432,7 @@ def main(argv=None) -> int:
             enc = tokenizer()
             gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
             if args.perplexity is not None:
-                stride = args.stride or gpt.config.n_ctx // 2
+                stride = gpt.config.n_ctx // 2 if args.stride is None else args.stride
                 nll, n = perplexity_of_file(gpt, enc, args.perplexity, stride)
                 print(f"perplexity={math.exp(nll):.4f} nll={nll:.6f} tokens={n}")
             else:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,3 +30,160 @@ def save(fig, path: Path, dpi: int = 100) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention maps and head scores
+# ---------------------------------------------------------------------------------------------
+
+CMAP = "Blues"  # white at 0, so the masked future (exactly 0) reads as empty
+
+
+def tick_labels(ax, labels: list[str], max_labels: int = 64):
+    """Every token on both axes when they fit; otherwise every k-th, so long inputs still read."""
+    T = len(labels)
+    every = max(1, -(-T // max_labels))
+    ticks = list(range(0, T, every))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=8)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
+
+
+def all_heads(att, path: Path, title: str = "") -> Path:
+    """att (L, H, T, T): every head as a small heatmap, layers as rows and heads as columns, all on
+    one colour scale [0, 1] so heads compare."""
+    L, H = att.shape[:2]
+    size = 1.3 if L * H > 16 else 2.0
+    fig, axes = plt.subplots(L, H, figsize=(size * H + 1.2, size * L + 0.8), squeeze=False,
+                             layout="constrained")
+    for layer in range(L):
+        for head in range(H):
+            ax = axes[layer, head]
+            image = ax.imshow(att[layer, head], cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == 0:
+                ax.set_title(f"head {head}", fontsize=9)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer}", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save(fig, path, dpi=80)
+
+
+def one_head(att, labels: list[str], path: Path, title: str) -> Path:
+    """att (T, T) of one head, large: queries down, keys across, every token labelled."""
+    T = len(labels)
+    side = min(12.0, max(4.0, 0.28 * T + 2))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side), layout="constrained")
+    image = ax.imshow(att, cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
+    tick_labels(ax, labels)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query (attending)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="attention")
+    return save(fig, path)
+
+
+def head_scores(scores: dict, path: Path, title: str = "") -> Path:
+    """One layers x heads heatmap per score (name -> (L, H) array), each value written in its cell
+    when the grid is small enough to read."""
+    n = len(scores)
+    L, H = next(iter(scores.values())).shape
+    width = max(2.2, 0.35 * H + 1.2)
+    fig, axes = plt.subplots(1, n, figsize=(width * n, max(2.5, 0.35 * L + 1.5)), squeeze=False,
+                             layout="constrained")
+    for ax, (name, values) in zip(axes[0], scores.items()):
+        top = max(1.0, float(values.max())) if name == "entropy" else 1.0
+        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=top, aspect="auto")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(H))
+        ax.set_yticks(range(L))
+        if L * H <= 64:
+            for (layer, head), v in np.ndenumerate(values):
+                ax.text(head, layer, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 * top else "black")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save(fig, path, dpi=80)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------
+
+
+def series(history: list[dict], key: str) -> list:
+    return [h[key] for h in history]
+
+
+def grokking_curves(history: list[dict], path: Path, chance: float, p: int) -> Path:
+    """Accuracy and loss on training and held-out sums, weight norm and Fourier concentration of
+    the token embedding, all against a log-scaled step axis (Power et al., 2022; Nanda et al.,
+    2023). Dotted lines mark the first step of 99 % training and of 95 % held-out accuracy."""
+    steps = series(history, "step")
+    fig, (acc, loss, norm) = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    marks = [(next((h["step"] for h in history if h[k] >= level), None), label)
+             for k, level, label in (("train_acc", 0.99, "memorized"),
+                                     ("test_acc", 0.95, "generalized"))]
+    for ax in (acc, loss, norm):
+        ax.set_xscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        for step, label in marks:
+            if step is not None:
+                ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+                if ax is acc:
+                    ax.annotate(label, (step, 0.5), rotation=90, ha="right", color="grey")
+    acc.plot(steps, series(history, "train_acc"), label="train")
+    acc.plot(steps, series(history, "test_acc"), label="held-out")
+    acc.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance 1/{p}")
+    acc.set(ylabel="accuracy", ylim=(0, 1.02), title=f"(a + b) mod {p}: accuracy")
+    acc.legend(loc="upper left")
+    loss.plot(steps, series(history, "train_loss"), label="train")
+    loss.plot(steps, series(history, "test_loss"), label="held-out")
+    loss.set(yscale="log", ylabel="cross-entropy (nats)", title="loss")
+    loss.legend()
+    norm.plot(steps, series(history, "weight_norm"), color="tab:green")
+    norm.set_ylabel("total weight norm", color="tab:green")
+    norm.set_title("weight norm and Fourier concentration")
+    fourier = norm.twinx()
+    fourier.plot(steps, series(history, "fourier"), color="tab:purple")
+    fourier.set_ylabel("embedding energy in its 4 strongest frequencies", color="tab:purple")
+    fourier.set_ylim(0, 1)
+    return save(fig, path)
+
+
+def induction_curves(history: list[dict], path: Path, chance: float, induction_map,
+                     previous_map, ids, names: tuple[str, str]) -> Path:
+    """Top: loss on the first copy and on the repeat, and the best head's induction score, over
+    training steps (the phase change of Olsson et al., 2022). Bottom: the attention pattern of the
+    best induction head and of layer 0's previous-token head on one evaluation sequence."""
+    steps = series(history, "step")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9), layout="constrained")
+    loss, score, ind, prev = axes.flat
+    loss.plot(steps, series(history, "first_loss"), label="first copy")
+    loss.plot(steps, series(history, "repeat_loss"), label="repeat")
+    loss.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss on each half",
+             ylim=(0, None))
+    loss.legend()
+    score.plot(steps, series(history, "best"), label="best head's induction score")
+    score.plot(steps, series(history, "previous"), label="best previous-token score, layer 0")
+    score.axhline(chance, color="black", linestyle="--", linewidth=1,
+                  label=f"uniform attention {chance:.3f}")
+    score.set(xlabel="step", ylabel="mean attention", ylim=(0, 1.02), title="the phase change")
+    score.legend()
+    for ax in (loss, score):
+        ax.grid(alpha=0.3)
+    T = len(ids)
+    for ax, att, title in ((ind, induction_map, f"induction head {names[0]}"),
+                           (prev, previous_map, f"previous-token head {names[1]}")):
+        ax.imshow(att, cmap="Blues", vmin=0, vmax=1)
+        ax.set(title=title, xlabel="key (attended to)", ylabel="query")
+        ticks = range(0, T, max(1, T // 16))
+        ax.set_xticks(list(ticks), [str(ids[t]) for t in ticks], rotation=90, fontsize=7)
+        ax.set_yticks(list(ticks), [str(ids[t]) for t in ticks], fontsize=7)
+    return save(fig, path)

@@ -5,6 +5,7 @@
 #   WITH_OPENCL=1 ./setup.sh   also PoCL, so tinygrad's OpenCL backend (DEV=CL) runs on the CPU
 #   WITH_LLVM=1 ./setup.sh     also libLLVM 19, for tinygrad's LLVM code generator (DEV=CPU:LLVM);
 #                              tinygrad 0.14 cannot use LLVM 14 or 15 (Debian 12 has 19)
+#   WITH_CHROMIUM=1 ./setup.sh also Chromium, the browser the tests open attention.html in
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,6 +21,9 @@ if [[ "$(uname -s)" == "Linux" ]]; then
       compgen -G "/usr/lib/*/libLLVM-$v.so" >/dev/null && llvm_found=1
     done
     ((llvm_found)) || need_apt+=(libllvm19)
+  fi
+  if [[ "${WITH_CHROMIUM:-0}" == "1" ]] && ! command -v chromium >/dev/null; then
+    need_apt+=(chromium)
   fi
   if ((${#need_apt[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

@@ -6,6 +6,12 @@ metric, chance, and learned(score). A new task plugs in by providing those and a
 
     python transformer.py --task reverse -v       # reverse digit strings: exact match
     python transformer.py --task shakespeare -v   # character-level tinyshakespeare: val loss
+    python transformer.py --task grokking -v      # (a + b) mod p: memorize first, generalize later
+    python transformer.py --task induction -v     # induction heads, 2 attention-only layers
+
+A task may also record curves: observe(model, step) is called every eval_every steps, its history
+is kept with the checkpoint, plot(path) draws it after training (plots.py), and result_fields()
+adds the task's own fields to the last stdout line.
 """
 from __future__ import annotations
 
@@ -13,9 +19,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor
+from tinygrad import Tensor, TinyJit
 
-from transformer import IGNORE, Config, Transformer, generate
+import heads
+from transformer import IGNORE, Config, Transformer, attention_maps, generate
 
 
 class Reverse:
@@ -63,6 +70,39 @@ class Reverse:
 
     def learned(self, score: float) -> bool:
         return score >= 0.99  # exact match must be near perfect
+
+    def example(self) -> tuple[np.ndarray, list[str]]:
+        """A held-out question with its answer, (2n + 1,) ids, and each token as a label."""
+        d = self.test[0]
+        ids = np.concatenate([d, [self.sep], d[::-1]]).astype(np.int32)
+        return ids, [">" if i == self.sep else str(i) for i in ids]
+
+    def mirror_shares(self, model: Transformer) -> np.ndarray:
+        """(L, H): how often each head's strongest key is the input digit the answer needs. The
+        position that writes answer digit j (the '>' for j = 0, then answer digit j - 1) must
+        copy input digit n - 1 - j, its mirror image; counted over every held-out string."""
+        n, d = self.n, self.test
+        seq = np.concatenate([d, np.full((len(d), 1), self.sep), d[:, ::-1]], axis=1)  # (B, 2n+1)
+        att = attention_maps(model, Tensor(seq.astype(np.int32)))[1].numpy()  # (B, L, H, T, T)
+        queries = np.arange(n, 2 * n)  # the '>' and the answer digits but the last
+        strongest = att[:, :, :, queries].argmax(-1)  # (B, L, H, n)
+        return (strongest == 2 * n - 1 - queries).mean(axis=(0, 3))
+
+    def explain(self, model: Transformer) -> str:
+        """Name the mirror heads: those whose strongest key is the mirrored digit >= 90 % of the
+        time. That is what reversing needs, so a model that learned shows at least one."""
+        share = self.mirror_shares(model)
+        n, d = self.n, self.test
+        found = [(layer, h) for layer, h in np.argwhere(share >= 0.9)]
+        where = f"over {len(d)} held-out strings x {n} answer positions"
+        if not found:
+            layer, h = np.unravel_index(share.argmax(), share.shape)
+            return (f"mirror heads: none reaches 90 % ({where}); the best, L{layer}H{h}, puts "
+                    f"its strongest attention on the mirrored digit {share[layer, h]:.1%} of "
+                    "the time")
+        named = ", ".join(f"L{layer}H{h} {share[layer, h]:.1%}" for layer, h in found)
+        return (f"mirror heads (strongest attention on the mirrored input digit, {where}): "
+                f"{named}")
 
     def show(self, model: Transformer, n: int = 4) -> str:
         got = self.answer(model, self.test[:n])
@@ -163,9 +203,247 @@ class Shakespeare:
     def learned(self, score: float) -> bool:
         return score < self.bigram  # it used more context than the previous character
 
+    def example(self) -> tuple[np.ndarray, list[str]]:
+        """The first window of the held-out text, with each character as a label."""
+        ids = self.val[: self.config.n_ctx]
+        return ids, [heads.readable(self.chars[i]) for i in ids]
+
     def baselines(self) -> str:
         return (f"uniform {self.chance:.2f}, bigram {self.bigram:.2f}, "
                 "5-gram 1.67 (reference) nats")
 
 
-TASKS = {"reverse": Reverse, "shakespeare": Shakespeare}
+def fourier_concentration(embedding: np.ndarray, top: int = 4) -> float:
+    """Share of an embedding's energy that sits in its `top` strongest frequencies over tokens.
+
+    embedding is (p, C): row a is the vector of token a, read as C signals over a = 0 .. p-1. Each
+    frequency k = 1 .. p // 2 is the pair cos(2 pi k a / p), sin(2 pi k a / p) (for an even p the
+    last one has only its cosine); the constant k = 0 counts in the total but is never a winner.
+    Nanda et al. (2023) find that a model that has grokked modular addition embeds tokens with a
+    handful of frequencies, so the score rises toward 1 as it does; white noise spreads over all
+    p // 2 frequencies and scores about top / (p / 2) (a little more, for picking the largest)."""
+    E = np.asarray(embedding, dtype=np.float64)
+    p = E.shape[0]
+    energy = (np.abs(np.fft.rfft(E, axis=0)) ** 2).sum(-1)  # (p // 2 + 1,): k = 0 .. p // 2
+    # rfft keeps one of each pair of conjugate bins k and p - k: count both (Parseval)
+    energy[1 : (p + 1) // 2] *= 2
+    strongest = np.sort(energy[1:])[::-1][:top]
+    return float(strongest.sum() / max(energy.sum(), 1e-30))
+
+
+class Grokking:
+    """(a + b) mod p from the tokens "a b =": memorize first, generalize much later.
+
+    Power et al. (2022), "Grokking: Generalization Beyond Overfitting on Small Algorithmic
+    Datasets": a small transformer trained on a fraction of all p^2 sums reaches 100 % training
+    accuracy early, stays near chance on the held-out sums for a long while, then suddenly gets
+    them right. Nanda et al. (2023), "Progress measures for grokking via mechanistic
+    interpretability", show that weight decay slowly trades the memorized lookup table for a
+    trigonometric algorithm (the embedding concentrates on a few frequencies) long before the
+    held-out accuracy moves; fourier_concentration follows that.
+
+    Every pair (a, b) is either in training or held out, by one fixed random permutation (seed).
+    Each step is one batch of all the training pairs, and only the answer token carries loss."""
+
+    name, metric, higher_is_better = "grokking", "accuracy", True
+    steps, lr, eval_every = 1500, 3e-3, 10
+    # Weight decay is what makes it generalize at all; b2 = 0.98 and a flat learning rate after a
+    # short warmup follow Nanda et al.
+    weight_decay, betas, warmup, constant_lr = 1.0, (0.9, 0.98), 10, True
+
+    def __init__(self, p: int = 59, train_fraction: float = 0.35, n_embd: int = 64, seed: int = 0):
+        self.p = p
+        a, b = np.divmod(np.arange(p * p), p)
+        self.x_all = np.stack([a, b, np.full_like(a, p)], axis=1).astype(np.int32)  # (p^2, 3)
+        self.y_all = ((a + b) % p).astype(np.int32)
+        order = np.random.default_rng(seed).permutation(p * p)
+        n_train = round(train_fraction * p * p)
+        self.train_ids, self.test_ids = np.sort(order[:n_train]), np.sort(order[n_train:])
+        self.batch_size = n_train  # full batch
+        # token p is "="; one layer, as in Nanda et al.
+        self.config = Config(vocab_size=p + 1, n_ctx=3, n_layer=1, n_head=4, n_embd=n_embd)
+        self.chance = 1 / p
+        self.history: list[dict] = []
+        self.forward = None  # compiled forward of all p^2 sums, made on first use (see scores)
+
+    def batch(self, rng, B: int) -> tuple[np.ndarray, np.ndarray]:
+        """All training pairs, whatever B: "a b =" and the answer after "="."""
+        x = self.x_all[self.train_ids]
+        y = np.full_like(x, IGNORE)
+        y[:, -1] = self.y_all[self.train_ids]
+        return x, y
+
+    def scores(self, model: Transformer) -> dict:
+        """Train and held-out accuracy and loss, total weight norm, Fourier concentration.
+
+        One forward pass of all p^2 sums, compiled once by TinyJit (the weights change in place,
+        so replays see the new ones): cheap enough to run every few steps."""
+        if self.forward is None or self.forward[0] is not model:
+            params = list(model.parameters().values())
+
+            def run(x: Tensor) -> tuple[Tensor, Tensor]:
+                norm = Tensor.stack(*[p.square().sum() for p in params]).sum().sqrt()
+                return model(x)[:, -1].realize(), norm.realize()
+
+            self.forward = (model, TinyJit(run))
+        logits, norm = self.forward[1](Tensor(self.x_all))
+        logits = logits.numpy().astype(np.float64)  # (p^2, vocab)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(logp)), self.y_all]
+        right = logits.argmax(-1) == self.y_all
+        wte = model.wte.weight[: self.p].numpy()
+        return {"train_acc": float(right[self.train_ids].mean()),
+                "test_acc": float(right[self.test_ids].mean()),
+                "train_loss": float(nll[self.train_ids].mean()),
+                "test_loss": float(nll[self.test_ids].mean()),
+                "weight_norm": float(norm.item()), "fourier": fourier_concentration(wte)}
+
+    def observe(self, model: Transformer, step: int) -> str:
+        s = self.scores(model)
+        self.history = [h for h in self.history if h["step"] < step] + [{"step": step, **s}]
+        return (f"eval  step {step}: train acc {s['train_acc']:.3f} loss {s['train_loss']:.3f}  "
+                f"held-out acc {s['test_acc']:.3f} loss {s['test_loss']:.3f}  "
+                f"weight norm {s['weight_norm']:.1f}  fourier {s['fourier']:.3f}")
+
+    def evaluate(self, model: Transformer, quick: bool = False) -> float:
+        """Accuracy on all held-out sums."""
+        return self.scores(model)["test_acc"]
+
+    def first_step(self, key: str, level: float) -> int | None:
+        return next((h["step"] for h in self.history if h[key] >= level), None)
+
+    def result_fields(self) -> str:
+        memorized = self.first_step("train_acc", 0.99)
+        generalized = self.first_step("test_acc", 0.95)
+        return f"memorized={memorized or 'none'} generalized={generalized or 'none'}"
+
+    def learned(self, score: float) -> bool:
+        return score >= 0.95  # it generalized to sums it never saw
+
+    def show(self, model: Transformer, n: int = 4) -> str:
+        pick = self.test_ids[:: max(1, len(self.test_ids) // n)][:n]
+        got = model(Tensor(self.x_all[pick]))[:, -1].argmax(-1).numpy()
+        return "\n".join(f"{a} + {b} = {g} (mod {self.p})  {'ok' if g == c else 'WRONG'}"
+                         for (a, b, _), g, c in zip(self.x_all[pick], got, self.y_all[pick]))
+
+    def plot(self, path: Path) -> Path:
+        import plots
+
+        return plots.grokking_curves(self.history, path, chance=self.chance, p=self.p)
+
+
+class Induction:
+    """Induction heads (Olsson et al., 2022, "In-context Learning and Induction Heads").
+
+    Each sequence is a segment of random tokens followed by its exact repeat, after a random
+    filler that shifts where the segment starts; the lengths are random and no token occurs twice
+    before the repeat. The first copy cannot be predicted; the repeat can, by a two-head circuit:
+    a previous-token head in layer 0 writes "the token before me was A" into each position, and an
+    induction head in layer 1 finds the earlier A's successor that way and copies it. The model
+    is attention-only (Elhage et al., 2021, "A Mathematical Framework for Transformer Circuits"),
+    and the loss on the repeat drops suddenly when the heads form: the phase change."""
+
+    name, metric, higher_is_better = "induction", "induction_score", True
+    steps, batch_size, lr, eval_every = 1500, 128, 3e-3, 50
+
+    def __init__(self, vocab: int = 100, n_ctx: int = 16, lengths: tuple[int, int] = (3, 8),
+                 seed: int = 0):
+        assert 2 * lengths[1] <= n_ctx + 1 <= vocab
+        self.lengths = lengths
+        self.config = Config(vocab_size=vocab, n_ctx=n_ctx, n_layer=2, n_head=2, n_embd=64,
+                             mlp=False)
+        seq, self.first, self.repeat = self.sequences(np.random.default_rng([seed, 1]), 128)
+        self.x, self.y = seq[:, :-1], seq[:, 1:]  # a fixed evaluation batch, never trained on
+        self.chance = heads.induction_baseline(self.x)
+        self.history: list[dict] = []
+        self.last: dict = {}
+
+    def sequences(self, rng, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, n_ctx + 1) token ids, and masks (B, n_ctx) of the targets y = seq[:, 1:] that are
+        the first copy, and that are the repeat after its first token (which nothing predicts)."""
+        T, V = self.config.n_ctx + 1, self.config.vocab_size
+        tokens = rng.integers(0, V, (B, T))
+        L = rng.integers(self.lengths[0], self.lengths[1] + 1, (B, 1))  # segment lengths
+        start = T - 2 * L  # first copy at start .. start + L - 1, the repeat fills the end
+        pos = np.arange(T)[None, :]
+        seq = np.take_along_axis(tokens, np.where(pos < start + L, pos, pos - L), axis=1)
+        target = pos[:, 1:]  # y[:, j] is seq[:, j + 1]
+        first = (target >= start) & (target < start + L)
+        repeat = target > start + L
+        return seq.astype(np.int32), first, repeat
+
+    def batch(self, rng, B: int) -> tuple[np.ndarray, np.ndarray]:
+        seq, _, _ = self.sequences(rng, B)
+        return seq[:, :-1], seq[:, 1:]
+
+    def scores(self, model: Transformer) -> dict:
+        """Losses on the first copy and on the repeat, every head's induction and previous-token
+        scores, all from one forward pass over the evaluation batch."""
+        logits, att = attention_maps(model, Tensor(self.x))
+        logits, att = logits.numpy().astype(np.float64), att.numpy()  # (B, T, V), (B, L, H, T, T)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, self.y[..., None], -1)[..., 0]  # (B, T)
+        induction = heads.induction_scores(att, self.x)  # (L, H)
+        previous = heads.previous_token_scores(att)  # (L, H)
+        layer, head = np.unravel_index(induction.argmax(), induction.shape)
+        return {"first_loss": float(nll[self.first].mean()),
+                "repeat_loss": float(nll[self.repeat].mean()),
+                "induction": induction, "previous": previous, "att": att[0],
+                "best": float(induction[layer, head]), "head": (int(layer), int(head))}
+
+    def observe(self, model: Transformer, step: int) -> str:
+        s = self.last = self.scores(model)
+        keep = {k: s[k] for k in ("first_loss", "repeat_loss", "best")}
+        self.history = [h for h in self.history if h["step"] < step]
+        self.history.append({"step": step, **keep, "head": list(s["head"]),
+                             "previous": float(s["previous"][0].max())})
+        return (f"eval  step {step}: loss first copy {s['first_loss']:.3f}  "
+                f"repeat {s['repeat_loss']:.3f}  best induction head {s['head'][0]}."
+                f"{s['head'][1]} {s['best']:.3f} (uniform {self.chance:.3f})  "
+                f"previous-token head in layer 0 {s['previous'][0].max():.3f}")
+
+    def evaluate(self, model: Transformer, quick: bool = False) -> float:
+        """The best head's induction score on the evaluation batch."""
+        self.last = self.scores(model)
+        return self.last["best"]
+
+    def result_fields(self) -> str:
+        s = self.last
+        return (f"repeat_loss={s['repeat_loss']:.4f} first_loss={s['first_loss']:.4f} "
+                f"head={s['head'][0]}.{s['head'][1]}")
+
+    def learned(self, score: float) -> bool:
+        # a head that copies, and a model that uses it: the repeat is much easier than the first
+        return score >= 0.5 and self.last["repeat_loss"] <= self.last["first_loss"] / 4
+
+    def show(self, model: Transformer) -> str:
+        s = self.scores(model)
+        prompt, T = self.x[:1], self.x.shape[1]
+        got = model(Tensor(prompt)).argmax(-1).numpy()[0]
+        hit = np.flatnonzero(self.repeat[0])
+        lines = [f"sequence: {' '.join(map(str, self.x[0]))}",
+                 f"repeat  : {' '.join(map(str, self.y[0, hit]))}",
+                 f"model   : {' '.join(map(str, got[hit]))}  "
+                 f"({(got[hit] == self.y[0, hit]).mean():.0%} right, context {T})"]
+        for layer, row in enumerate(s["induction"]):
+            cells = "  ".join(f"{layer}.{h} {v:.2f}/{s['previous'][layer, h]:.2f}"
+                              for h, v in enumerate(row))
+            lines.append(f"layer {layer} induction/previous-token scores: {cells}")
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> Path:
+        import plots
+
+        s = self.last
+        layer, head = s["head"]
+        prev = int(s["previous"][0].argmax())
+        return plots.induction_curves(self.history, path, chance=self.chance,
+                                      induction_map=s["att"][layer, head],
+                                      previous_map=s["att"][0, prev], ids=self.x[0],
+                                      names=(f"{layer}.{head}", f"0.{prev}"))
+
+
+TASKS = {"reverse": Reverse, "shakespeare": Shakespeare, "grokking": Grokking,
+         "induction": Induction}

@@ -213,22 +213,24 @@ class Block:
 
     Pre-LN (GPT-2) normalizes the input of each branch: x + f(ln(x)). Post-LN, as in the 2017
     paper, normalizes after the sum: ln(x + f(x)); it trains less stably without warmup (Xiong et
-    al., 2020)."""
+    al., 2020). Config(mlp=False) keeps attention only, the model in which Olsson et al. (2022)
+    watch induction heads form; Config(layernorm=False) drops the block's LayerNorms."""
 
     def __init__(self, config: Config, init=True):
         c = config
         self.prenorm = c.prenorm
-        self.ln_1 = LayerNorm(c.n_embd, c.ln_eps)
+        self.ln_1 = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm else None
         self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_ctx, c.n_layer, init)
-        self.ln_2 = LayerNorm(c.n_embd, c.ln_eps)
-        self.mlp = MLP(c.n_embd, c.n_layer, init)
+        self.ln_2 = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm and c.mlp else None
+        self.mlp = MLP(c.n_embd, c.n_layer, init) if c.mlp else None
 
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
+        norm = lambda ln, h: h if ln is None else ln(h)
         if self.prenorm:
-            x = x + self.attn(self.ln_1(x), start_pos)
-            return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, start_pos))
-        return self.ln_2(x + self.mlp(x))
+            x = x + self.attn(norm(self.ln_1, x), start_pos)
+            return x if self.mlp is None else x + self.mlp(norm(self.ln_2, x))
+        x = norm(self.ln_1, x + self.attn(x, start_pos))
+        return x if self.mlp is None else norm(self.ln_2, x + self.mlp(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +248,8 @@ class Config:
     positions: str = "learned"  # or "sinusoidal"
     prenorm: bool = True  # False: post-LN as in Vaswani et al.
     ln_eps: float = 1e-5
+    mlp: bool = True  # False: attention-only blocks (Olsson et al., 2022)
+    layernorm: bool = True  # False: no LayerNorm inside the blocks (the final one stays)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -406,15 +410,17 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
 IGNORE = -100
 
 
-def make_optimizer(model: Transformer, lr: float, weight_decay: float = 0.1):
+def make_optimizer(model: Transformer, lr: float, weight_decay: float = 0.1,
+                   betas: tuple[float, float] = (0.9, 0.99)):
     """AdamW (Loshchilov & Hutter, 2019). Weight decay pulls matrices and embeddings toward zero;
     biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
     params = list(model.parameters().values())
     decay = [p for p in params if p.ndim >= 2]
     keep = [p for p in params if p.ndim < 2]
+    b1, b2 = betas
     return nn.optim.OptimizerGroup(
-        nn.optim.AdamW(decay, lr, b1=0.9, b2=0.99, weight_decay=weight_decay),
-        nn.optim.AdamW(keep, lr, b1=0.9, b2=0.99, weight_decay=0.0),
+        nn.optim.AdamW(decay, lr, b1=b1, b2=b2, weight_decay=weight_decay),
+        nn.optim.AdamW(keep, lr, b1=b1, b2=b2, weight_decay=0.0),
     )
 
 
@@ -426,18 +432,33 @@ def learning_rate(step: int, max_lr: float, total: int, warmup: int) -> float:
     return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_train_step(model: Transformer, opt, clip: float = 1.0):
+def make_train_step(model: Transformer, opt, clip: float = 1.0,
+                    grokfast: tuple[float, float] | None = None):
     """One optimizer step, compiled by TinyJit: after two calls the kernels are captured and
-    replayed, so Python no longer rebuilds the graph each step."""
+    replayed, so Python no longer rebuilds the graph each step.
+
+    grokfast=(alpha, lamb) amplifies the slow part of the gradient before the step, as in Grokfast
+    (Lee et al., 2024): ema <- alpha ema + (1 - alpha) g, then g <- g + lamb ema. The averages
+    live in tensors that the compiled step updates in place; the first gradient starts them."""
     params = opt.params
     # Realize the initial weights and optimizer state first: left lazy, their random initialization
     # joins the first step's graph, and scheduling it took 3x longer (76 s against 25 s on 2 cores).
     Tensor.realize(*get_state_dict(opt).values())
+    if grokfast is not None:
+        alpha, lamb = grokfast
+        emas = [Tensor.zeros(*p.shape).contiguous().is_param_(False).realize() for p in params]
+        started = Tensor.zeros(1).contiguous().is_param_(False).realize()  # 0 before step one
 
     @TinyJit
     def step(x: Tensor, y: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
         loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
         grads = loss.gradient(*params)
+        if grokfast is not None:
+            a = alpha * started  # 0 on the first step: the average starts at the first gradient
+            for ema, g in zip(emas, grads):
+                ema.assign(a * ema + (1 - a) * g)
+            grads = [g + lamb * ema for g, ema in zip(grads, emas)]
+            started.assign(Tensor.ones(1))
         # rescale all gradients together when their global norm exceeds clip (Pascanu et al., 2013)
         norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
         scale = (clip / (norm + 1e-6)).minimum(1.0)
@@ -445,9 +466,11 @@ def make_train_step(model: Transformer, opt, clip: float = 1.0):
             p.grad = g * scale
         for o in opt.optimizers:
             o.lr.assign(lr)
-        Tensor.realize(loss, norm, *opt.schedule_step())
+        state = [*emas, started] if grokfast is not None else []
+        Tensor.realize(loss, norm, *opt.schedule_step(), *state)
         return loss, norm
 
+    step.grokfast_ema = emas if grokfast is not None else None  # for tests
     return step
 
 
@@ -520,17 +543,26 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
 
 def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None,
           resume: bool = False, verbose: bool = False, config: Config | None = None,
-          log=print) -> dict:
+          log=print, grokfast: tuple[float, float] | None = None) -> dict:
     """Train a model on task, evaluate it on held-out data as it goes, and return the final scores.
 
     The loop only needs from a task: config, batch(rng, B), evaluate(model, quick), show(model), the
-    metric's name and direction, and its chance level; a new task plugs in by providing those."""
+    metric's name and direction, and its chance level; a new task plugs in by providing those.
+    Optional: weight_decay, betas, warmup and constant_lr (a flat learning rate after warmup) for
+    the optimizer; observe(model, step), called every eval_every steps to record curves, returns
+    the progress line; a list `history` is saved with the checkpoint and restored on resume."""
     steps = steps if steps is not None else task.steps
     Tensor.manual_seed(seed)
     rng = np.random.default_rng(seed)
     start = 0
+    weight_decay, betas = getattr(task, "weight_decay", 0.1), getattr(task, "betas", (0.9, 0.99))
+    observe = getattr(task, "observe", None)
     if resume:
         model, opt, meta = load_checkpoint(out, opt_lr=task.lr)
+        for o, decay in zip(opt.optimizers, (weight_decay, 0.0)):  # the task's, not the defaults
+            o.wd, (o.b1, o.b2) = decay, betas
+        if hasattr(task, "history"):
+            task.history = meta.get("history", [])
         if meta.get("task") != task.name:
             raise CheckpointError(f"checkpoint {out} is for task {meta.get('task')!r}, "
                                   f"not {task.name!r}")
@@ -545,20 +577,24 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
                              f"{data_shape[1]}; the model has n_ctx={config.n_ctx} and "
                              f"vocab_size={config.vocab_size}")
         model = Transformer(config)
-        opt = make_optimizer(model, task.lr)
+        opt = make_optimizer(model, task.lr, weight_decay, betas)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters().values())
     log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, "
         f"{c.n_head} heads, {c.n_embd} dims, context {c.n_ctx}; "
         f"{steps} steps of batch {task.batch_size}")
-    step_fn = make_train_step(model, opt)
-    warmup = max(1, min(100, steps // 10))
+    step_fn = make_train_step(model, opt, grokfast=grokfast)
+    warmup = getattr(task, "warmup", max(1, min(100, steps // 10)))
+    constant_lr = getattr(task, "constant_lr", False)
     tokens_per_step = task.batch_size * c.n_ctx
     t0 = time.perf_counter()
     with Context(TRAINING=1):
         for step in range(start, steps):
             x, y = task.batch(rng, task.batch_size)
-            lr = learning_rate(step, task.lr, steps, warmup)
+            if constant_lr:
+                lr = task.lr * min(1.0, (step + 1) / warmup)
+            else:
+                lr = learning_rate(step, task.lr, steps, warmup)
             loss, norm = step_fn(Tensor(x), Tensor(y), Tensor([lr]))
             done = step + 1
             if verbose and (done % 25 == 0 or done == steps):
@@ -567,12 +603,19 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
                 log(f"step {done:5d}/{steps}  loss {loss.item():.4f}  lr {lr:.2e}  "
                     f"grad-norm {norm.item():.2f}  {rate * tokens_per_step:,.0f} tok/s  "
                     f"ETA {(steps - done) / rate:.0f}s")
-            if verbose and done % task.eval_every == 0 and done != steps:
+            if observe is not None and (done % task.eval_every == 0 or done == steps):
+                line = observe(model, done)
+                if verbose:
+                    log(line)
+            elif verbose and done % task.eval_every == 0 and done != steps:
                 log(f"eval  step {done}: {task.metric} {task.evaluate(model, quick=True):.4f}")
     elapsed = time.perf_counter() - t0
     score = task.evaluate(model)
     if out is not None:
-        save_checkpoint(out, model, opt, {"task": task.name, "step": steps, "seed": seed})
+        meta = {"task": task.name, "step": steps, "seed": seed}
+        if hasattr(task, "history"):
+            meta["history"] = task.history
+        save_checkpoint(out, model, opt, meta)
         log(f"saved {checkpoint_files(out)[0]}")
     return {"model": model, "score": score, "steps": steps, "time": elapsed}
 
@@ -580,6 +623,26 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
 def verdict(task, score: float) -> bool:
     """Did the model learn? Each task judges its own score (tasks.py)."""
     return task.learned(score)
+
+
+def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens=None):
+    """Every view of the checkpoint's attention on one held-out example of task (heads.py), the
+    head scores, and what the task can say about its heads (e.g. Reverse's mirror heads)."""
+    import heads
+
+    model, _, meta = load_checkpoint(path)
+    if meta.get("task") != task.name:
+        raise CheckpointError(f"checkpoint {path} is for task {meta.get('task')!r}, "
+                              f"not {task.name!r}")
+    chosen = heads.check_head(layer, head, model.config.n_layer, model.config.n_head)
+    ids, labels = task.example()
+    window = heads.parse_window(tokens, len(ids))
+    att, scores, written = heads.inspect_model(model, ids, labels, folder, f"{task.name} model",
+                                               window, chosen)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    print(heads.report(att, scores, labels, window, chosen))
+    if hasattr(task, "explain"):
+        print(task.explain(model))
 
 
 def main(argv=None) -> int:
@@ -601,7 +664,19 @@ def main(argv=None) -> int:
     ap.add_argument("--n-embd", type=int)
     ap.add_argument("--positions", choices=["learned", "sinusoidal"])
     ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
+    ap.add_argument("--attention", nargs="?", const="", metavar="DIR",
+                    help="draw every head of the saved checkpoint on a held-out example, score "
+                         "the heads (files in DIR, default attention/TASK)")
+    ap.add_argument("--layer", type=int, help="with --attention and --head: one head, large")
+    ap.add_argument("--head", type=int, help="with --attention and --layer: one head, large")
+    ap.add_argument("--tokens", metavar="A:B", help="with --attention: show tokens A to B only")
+    ap.add_argument("--grokfast", nargs="?", const="2", metavar="LAMBDA",
+                    help="amplify the slow part of the gradient by LAMBDA (default 2; EMA 0.98)")
+    ap.add_argument("--plot", type=Path, help="where a task with curves draws them "
+                    "(default: the checkpoint path with .png)")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
+    # argparse's own errors (a missing value, a word where a number goes) as one error line too
+    ap.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
     args = ap.parse_args(argv)
 
     def fail(msg: str) -> int:
@@ -620,15 +695,30 @@ def main(argv=None) -> int:
     except DataError as e:
         return fail(str(e))
     if args.lr is not None:
-        if not args.lr > 0:
-            return fail(f"--lr must be positive, got {args.lr}")
+        if not 0 < args.lr < math.inf:
+            return fail(f"--lr must be a positive finite number, got {args.lr}")
         task.lr = args.lr
+    grokfast = None
+    if args.grokfast is not None:
+        try:
+            lamb = float(args.grokfast)
+        except ValueError:
+            lamb = math.nan
+        if not 0 < lamb < math.inf:
+            return fail(f"--grokfast takes a positive amplification LAMBDA, got {args.grokfast!r}")
+        grokfast = (0.98, lamb)  # Lee et al.'s EMA for modular arithmetic
+    if args.plot is not None and not hasattr(task, "plot"):
+        return fail(f"--plot is for tasks that record curves; task {args.task!r} draws none")
     out = args.out or Path(__file__).parent / "models" / task.name
     log = print if args.verbose else (lambda *a, **k: None)
     try:
         if args.sample:
             model, _, meta = load_checkpoint(out)
             print(task.show(model))
+            return 0
+        if args.attention is not None:
+            folder = Path(args.attention or Path("attention") / task.name)
+            show_attention(task, out, folder, args.layer, args.head, args.tokens)
             return 0
         overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head),
                                        ("n_embd", args.n_embd), ("positions", args.positions))
@@ -638,15 +728,19 @@ def main(argv=None) -> int:
         config = replace(task.config, **overrides)
         if args.verbose and args.task == "shakespeare":
             log(f"baselines: {task.baselines()}")
-        result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log)
-    except (CheckpointError, ValueError) as e:
+        result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log,
+                       grokfast)
+        if hasattr(task, "plot"):
+            log(f"wrote {task.plot(args.plot or out.with_name(out.name + '.png'))}")
+    except (CheckpointError, ValueError, OSError) as e:
         return fail(str(e))
     log("samples:\n" + task.show(result["model"]))
     ok = verdict(task, result["score"])
     log(f"verdict: {task.metric} {result['score']:.4f} against chance {task.chance:.4g}: "
         f"{'learned' if ok else 'did NOT learn'}")
+    extra = task.result_fields() if hasattr(task, "result_fields") else ""
     print(f"result: task={task.name} {task.metric}={result['score']:.4f} chance={task.chance:.4g} "
-          f"steps={result['steps']} time={result['time']:.1f}s")
+          f"steps={result['steps']} time={result['time']:.1f}s" + (f" {extra}" if extra else ""))
     return 0
 
 

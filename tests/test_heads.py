@@ -1,0 +1,402 @@
+"""Tests for seeing inside: attention maps from the real forward pass, head scores, the views
+(heads.png, attention.html), and GPT-2's perplexity of a text.
+
+The oracles: every head's attention as Hugging Face transformers computes it (eager attention,
+output_attentions=True) for the tiny GPT-2 fixture; a tiny GPT-2 trained by transformers with its
+sliding-window losses per token (tests/fixtures/README.md); NumPy formulas written here for the
+head scores; and a real browser (Debian's chromium) for the page.
+
+    DEV=CPU .venv/bin/python -m pytest -q tests/test_heads.py
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["TIKTOKEN_CACHE_DIR"] = str(ROOT.parent / "shared" / "tiktoken")
+
+from tinygrad import Tensor  # noqa: E402
+
+import gpt  # noqa: E402
+import heads  # noqa: E402
+from transformer import Config, Transformer, attention_maps  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY = FIXTURES / "tiny-gpt2" / "model.safetensors"
+TRAINED = FIXTURES / "tiny-gpt2-trained" / "model.safetensors"
+ATT_REF = np.load(FIXTURES / "tiny-gpt2-attention.npz")
+PPL_REF = np.load(FIXTURES / "tiny-gpt2-trained-perplexity.npz")
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return gpt.load_gpt2("gpt2", weights=TINY)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return gpt.load_gpt2("gpt2", weights=TRAINED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture: the probabilities the forward pass used, against Hugging Face
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["len17", "batch2", "len128"])
+def test_attention_equals_hugging_face(tiny, case):
+    ids = ATT_REF[f"{case}_ids"].astype(np.int32)
+    logits, att = attention_maps(tiny, Tensor(ids))
+    att = att.numpy()
+    expected = ATT_REF[f"{case}_attention"]  # (B, L, H, T, T)
+    assert att.shape == expected.shape
+    np.testing.assert_allclose(att, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-6, rtol=0)
+    T = ids.shape[1]
+    assert (att[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0).all()
+    # capture changes nothing: the same logits, bit for bit, as a plain forward pass
+    assert np.array_equal(logits.numpy(), tiny(Tensor(ids)).numpy())
+    hf_sum = ATT_REF[f"{case}_logits_sum"]  # and they are Hugging Face's logits
+    np.testing.assert_allclose(logits.numpy()[..., :50257].sum(-1), hf_sum, rtol=1e-4, atol=1e-2)
+
+
+def test_capture_is_off_after_the_call(tiny):
+    attention_maps(tiny, Tensor(ATT_REF["len17_ids"].astype(np.int32)))
+    assert all(not b.attn.keep_weights and b.attn.weights is None for b in tiny.h)
+
+
+def test_queries_of_zero_attend_uniformly():
+    """q = 0 makes every score 0, so causal row i is uniform over its i + 1 keys."""
+    config = Config(vocab_size=11, n_ctx=9, n_layer=2, n_head=2, n_embd=8)
+    Tensor.manual_seed(5)
+    model = Transformer(config)
+    C = config.n_embd
+    for block in model.h:  # c_attn's first C outputs are the queries
+        w, b = block.attn.c_attn.weight.numpy(), block.attn.c_attn.bias.numpy()
+        w[:C], b[:C] = 0, 0
+        block.attn.c_attn.weight.assign(Tensor(w)).realize()
+        block.attn.c_attn.bias.assign(Tensor(b)).realize()
+    ids = np.random.default_rng(0).integers(0, 11, (2, 9)).astype(np.int32)
+    att = attention_maps(model, Tensor(ids))[1].numpy()
+    expected = np.tril(np.ones((9, 9))) / np.arange(1, 10)[:, None]
+    np.testing.assert_allclose(att, np.broadcast_to(expected, att.shape), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head scores on hand-built patterns
+# ---------------------------------------------------------------------------------------------
+
+
+def pattern(T: int, key_of) -> np.ndarray:
+    """(1, 1, T, T): query t puts all its attention on key_of(t)."""
+    att = np.zeros((1, 1, T, T))
+    for t in range(T):
+        att[0, 0, t, key_of(t)] = 1
+    return att
+
+
+def test_scores_of_pure_patterns():
+    T = 10
+    previous = pattern(T, lambda t: max(t - 1, 0))
+    diagonal = pattern(T, lambda t: t)
+    first = pattern(T, lambda t: 0)
+    uniform = (np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None])[None, None]
+    assert heads.previous_token_scores(previous)[0, 0] == pytest.approx(1.0)
+    assert heads.previous_token_scores(diagonal)[0, 0] == pytest.approx(0.0)
+    assert heads.diagonal_scores(diagonal)[0, 0] == pytest.approx(1.0)
+    assert heads.diagonal_scores(first)[0, 0] == pytest.approx(0.0)
+    assert heads.first_token_scores(first)[0, 0] == pytest.approx(1.0)
+    assert heads.first_token_scores(previous)[0, 0] == pytest.approx(1 / (T - 1))  # only t = 1
+    assert heads.entropy_scores(first)[0, 0] == pytest.approx(0.0)
+    # a uniform row t >= 1 has entropy ln(t + 1)
+    assert heads.entropy_scores(uniform)[0, 0] == pytest.approx(np.log(np.arange(2, T + 1)).mean())
+    assert heads.previous_token_scores(uniform)[0, 0] == pytest.approx(
+        (1 / np.arange(2, T + 1)).mean())
+
+
+def test_induction_score_of_a_perfect_induction_head_is_one():
+    n = 6
+    ids = heads.repeated_random_tokens(np.random.default_rng(3), n, 50)
+    assert np.array_equal(ids[0, :n], ids[0, n:]) and len(set(ids[0, :n])) == n
+    # second copy: token t repeats token t - n, so attend to what followed it, t - n + 1
+    induction = pattern(2 * n, lambda t: t - n + 1 if t >= n else 0)
+    assert heads.induction_scores(induction, ids)[0, 0] == pytest.approx(1.0)
+    assert heads.induction_scores(pattern(2 * n, lambda t: max(t - 1, 0)), ids)[0, 0] == 0
+    # uniform attention: query t of the second copy gives 1 / (t + 1) to its one target
+    expected = np.mean([1 / (t + 1) for t in range(n, 2 * n)])
+    assert heads.induction_baseline(ids) == pytest.approx(expected)
+
+
+def test_top_heads_and_the_window():
+    scores = np.array([[0.1, 0.9], [0.5, 0.3]])
+    assert heads.top_heads(scores, 2) == [(0, 1, 0.9), (1, 0, 0.5)]
+    assert heads.top_heads(scores, 1, largest=False) == [(0, 0, 0.1)]
+    assert heads.parse_window(None, 10) == (0, 10)
+    assert heads.parse_window("2:5", 10) == (2, 5)
+    assert heads.parse_window(":-3", 10) == (0, 7)
+    assert heads.parse_window("4:", 10) == (4, 10)
+    for bad in ("5:2", "x:3", "3", "1:2:3", "20:30"):
+        with pytest.raises(ValueError, match="--tokens"):
+            heads.parse_window(bad, 10)
+
+
+def test_labels_are_readable_and_distinct():
+    labels = [heads.readable(s) for s in ["The", " cat", " sat", "\n", " the", " cat", "\t"]]
+    assert labels == ["The", "·cat", "·sat", "↵", "·the", "·cat", "⇥"]
+    assert heads.distinct(labels) == ["The", "·cat[1]", "·sat", "↵", "·the", "·cat[5]", "⇥"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The files: npz, heads.png, the page in a real browser
+# ---------------------------------------------------------------------------------------------
+
+
+def cli(*args: str, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0"}
+    return subprocess.run([sys.executable, "gpt.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+SENTENCE = "The cat sat on the mat. The cat"
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory):
+    """gpt.py --attention on the tiny fixture, run once; the tests read what it wrote."""
+    out = tmp_path_factory.mktemp("views") / "att"
+    run = cli("--weights", str(TINY), "--attention", SENTENCE, "--out", str(out),
+              "--layer", "1", "--head", "0")
+    assert run.returncode == 0, run.stderr
+    return out, run
+
+
+def test_cli_attention_writes_what_the_forward_pass_computed(views, tiny):
+    out, run = views
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attention.html", "attention.npz", "heads.png", "layer1-head0.png", "scores.png"]
+    saved = np.load(out / "attention.npz")
+    ids = gpt.tokenizer().encode(SENTENCE)
+    assert saved["ids"].tolist() == ids  # no start token added
+    assert saved["attention"].dtype == np.float32 and saved["attention"].shape == (2, 2, 9, 9)
+    expected = attention_maps(tiny, Tensor(np.array([ids], dtype=np.int32)))[1].numpy()[0]
+    np.testing.assert_allclose(saved["attention"], expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(saved["score_previous"], heads.previous_token_scores(expected),
+                               atol=1e-6)
+
+
+def test_cli_attention_prints_scores_and_one_head(views):
+    out, run = views
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["layer", "head", "previous", "diagonal", "first", "entropy",
+                                "induction"]
+    rows = [line.split() for line in lines[1:5]]
+    assert [r[:2] for r in rows] == [["0", "0"], ["0", "1"], ["1", "0"], ["1", "1"]]
+    saved = np.load(out / "attention.npz")
+    for r in rows:  # the table prints the saved scores
+        assert float(r[2]) == pytest.approx(saved["score_previous"][int(r[0]), int(r[1])],
+                                            abs=5e-4)
+    for kind in heads.SCORE_NAMES:
+        assert any(re.match(rf"top {kind}( \(lowest\))?: L\dH\d", line) for line in lines), kind
+    at = lines.index("layer 1, head 0: row = query (attending), column = key")
+    numbers = np.array([[float(v) for v in row.split()[1:]] for row in lines[at + 2 : at + 11]])
+    np.testing.assert_allclose(numbers, saved["attention"][1, 0], atol=5e-4)
+    assert "·cat[1]" in lines[at + 1] and "·cat[8]" in lines[at + 1]
+
+
+def blue_runs(mask_1d: np.ndarray) -> int:
+    """How many separate runs of True a boolean profile has."""
+    padded = np.concatenate([[False], mask_1d, [False]])
+    return int((np.diff(padded.astype(int)) == 1).sum())
+
+
+def test_heads_png_has_one_panel_per_head(views):
+    import matplotlib.image
+
+    image = matplotlib.image.imread(views[0] / "heads.png")[..., :3]  # (rows, cols, rgb) in [0, 1]
+    # the colour bar is blue too: look left of it, where only the panels are
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    strong = (b - r > 0.3) & (g < 0.6)  # cells of high attention; text is grey or black
+    cut = int(image.shape[1] * 0.8)
+    assert blue_runs(strong[:, :cut].any(axis=0)) == 2  # heads side by side
+    assert blue_runs(strong[:, :cut].any(axis=1)) == 2  # layers one above the other
+
+
+def page_json(html: str) -> dict:
+    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S)
+    return json.loads(m.group(1))
+
+
+def test_page_is_self_contained_and_holds_the_npz_values(views):
+    out, _ = views
+    html = (out / "attention.html").read_text()
+    for pattern_ in (r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", r"@import", r"\bfetch\(",
+                     r"\bimport\s*\(", r"XMLHttpRequest", r"https?://"):
+        assert not re.search(pattern_, html, re.I), pattern_
+    data = page_json(html)
+    att = np.load(out / "attention.npz")["attention"]
+    L, H, T, _ = att.shape
+    assert (data["layers"], data["heads"], len(data["tokens"])) == (L, H, T)
+    rows, cols = np.tril_indices(T)
+    page = np.array(data["att"], dtype=np.float64).reshape(L, H, -1) / data["scale"]
+    np.testing.assert_allclose(page, att[:, :, rows, cols], atol=0.5 / data["scale"] + 1e-7)
+    assert data["tokens"][1] == "·cat[1]"
+
+
+def test_page_window_keeps_only_those_tokens(tmp_path, tiny):
+    enc = gpt.tokenizer()
+    gpt.show_attention(tiny, enc, SENTENCE, tmp_path, tokens="3:7", log=lambda *a: None)
+    data = page_json((tmp_path / "attention.html").read_text())
+    assert data["tokens"] == ["·on", "·the", "·mat", "."] and data["first"] == 3
+    att = np.load(tmp_path / "attention.npz")["attention"]
+    assert att.shape[-1] == 9  # the npz keeps everything
+    rows, cols = np.tril_indices(4)
+    page = np.array(data["att"]).reshape(2, 2, -1) / data["scale"]
+    np.testing.assert_allclose(page, att[:, :, 3:7, 3:7][:, :, rows, cols], atol=1e-4)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
+                    reason="no chromium here (apt-get install chromium); CI installs it")
+def test_page_renders_offline_in_a_real_browser(views, tmp_path):
+    assert CHROMIUM, "CI must have chromium: .ci/run installs it"
+    out, _ = views
+    run = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+         (out / "attention.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    dom = run.stdout
+    assert run.returncode == 0, run.stderr[-2000:]
+    # the script ran: it built one canvas per head and one span per token
+    heads_drawn = re.findall(r'<canvas class="head[^"]*" data-layer="(\d)" data-head="(\d)"', dom)
+    assert sorted(heads_drawn) == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    tokens = re.findall(r'<span class="tok[^"]*" data-i="\d+"[^>]*>([^<]*)</span>', dom)
+    assert tokens == page_json((out / "attention.html").read_text())["tokens"]
+    assert 'id="caption">layer 0, head 0' in dom
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity against Hugging Face's losses, token by token
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [str(c) for c in PPL_REF["case_names"]])
+def test_token_losses_equal_hugging_face(trained, case):
+    losses = gpt.token_losses(trained, PPL_REF[f"{case}_ids"], int(PPL_REF[f"{case}_stride"]))
+    expected = PPL_REF[f"{case}_token_nll"]
+    assert len(losses) == int(PPL_REF[f"{case}_tokens"]) == len(PPL_REF[f"{case}_ids"]) - 1
+    np.testing.assert_allclose(losses, expected, atol=1e-4, rtol=0)
+    ppl, hf_ppl = np.exp(losses.mean()), np.exp(float(PPL_REF[f"{case}_nll"]))
+    assert ppl == pytest.approx(hf_ppl, rel=1e-4)
+
+
+def test_windows_score_every_token_once():
+    for n, ctx, stride in [(1281, 64, 16), (1281, 64, 64), (50, 64, 32), (65, 64, 64), (2, 8, 1)]:
+        targets = []
+        for begin, end, first in gpt.windows(n, ctx, stride):
+            assert end - begin <= ctx and begin < first <= end
+            targets += range(first, end + 1)
+        assert targets == list(range(1, n)), (n, ctx, stride)
+    with pytest.raises(gpt.GPTError, match="--stride"):
+        gpt.windows(100, 64, 65)
+
+
+def test_half_precision_perplexity_is_close(tmp_path):
+    half = gpt.load_gpt2("gpt2", weights=TRAINED, half=True)
+    case = "long_stride48"
+    losses = gpt.token_losses(half, PPL_REF[f"{case}_ids"], 48)
+    assert losses.mean() == pytest.approx(float(PPL_REF[f"{case}_nll"]), rel=2e-3)
+
+
+needs_text = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is missing")
+
+
+@needs_text
+def test_cli_perplexity_of_a_file(tmp_path):
+    first, end = PPL_REF["long_stride48_chars"]
+    text = tmp_path / "text.txt"
+    text.write_text(SHAKESPEARE.read_text()[first:end])
+    run = cli("--weights", str(TRAINED), "--perplexity", str(text), "--stride", "48")
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"perplexity=([0-9.]+) nll=([0-9.]+) tokens=(\d+)", last)
+    assert m, last
+    nll = float(PPL_REF["long_stride48_nll"])
+    assert float(m.group(1)) == pytest.approx(np.exp(nll), rel=1e-4)
+    assert float(m.group(2)) == pytest.approx(nll, rel=1e-4)
+    assert int(m.group(3)) == int(PPL_REF["long_stride48_tokens"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one error line, a non-zero exit, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr + run.stdout
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--attention", ""], ["--attention"]),
+    (["--attention", "Hi there", "--layer", "2", "--head", "0"], ["2.0", "layers 0-1"]),
+    (["--attention", "Hi there", "--layer", "1"], ["--layer", "--head"]),
+    (["--attention", "Hi there", "--tokens", "5:1"], ["--tokens"]),
+    (["--perplexity", "/nonexistent/text.txt"], ["/nonexistent/text.txt"]),
+    (["--perplexity", "tests/fixtures/README.md", "--stride", "0"], ["--stride"]),
+    (["-p", "Hi", "-t", "nan"], ["--temperature", "nan"]),
+    (["-p", "Hi", "--top-p", "inf"], ["--top-p", "inf"]),
+    (["-p", "Hi", "-n", "many"], ["many"]),
+    (["-p", "Hi", "--layer", "1"], ["--layer", "--attention"]),
+])
+def test_cli_bad_input(args, fragments, tmp_path):
+    run = cli("--weights", str(TINY), "--out", str(tmp_path / "out"), *args)
+    assert_clean_error(run, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_empty_and_one_token_files(tmp_path):
+    empty, one = tmp_path / "empty.txt", tmp_path / "one.txt"
+    empty.write_text("")
+    one.write_text("Hello")
+    assert_clean_error(cli("--weights", str(TINY), "--perplexity", str(empty)), "empty")
+    assert_clean_error(cli("--weights", str(TINY), "--perplexity", str(one)), "at least 2")
+
+
+def test_cli_unwritable_folder_leaves_nothing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    run = cli("--weights", str(TINY), "--attention", "Hi there", "--out", str(blocker / "att"))
+    assert_clean_error(run, str(blocker / "att"))
+    assert blocker.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_scores_of_a_model_run(views):
+    """The printed induction score is the score of the model on its repeated sequences."""
+    out, _ = views
+    saved = np.load(out / "attention.npz")
+    assert saved["score_induction"].shape == (2, 2)
+    assert ((saved["score_induction"] >= 0) & (saved["score_induction"] <= 1)).all()
+    # entropy of a causal row t is at most ln(t + 1): the mean is at most the uniform mean
+    T = saved["attention"].shape[-1]
+    assert (saved["score_entropy"] <= np.log(np.arange(2, T + 1)).mean() + 1e-6).all()
+
+
