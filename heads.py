@@ -302,16 +302,17 @@ h1 { font-size: 1.2em; }
 .controls { margin: 0.5em 0 1em; }
 .controls label { margin-right: 1em; }
 #tokens { line-height: 2.2; max-width: 70em; }
-.tok { padding: 2px 3px; margin: 1px; border: 1px solid #ddd; border-radius: 3px;
-       cursor: pointer; white-space: pre; font-family: ui-monospace, monospace; }
+.tok { display: inline-block; line-height: 1.4; padding: 2px 3px; margin: 1px;
+       border: 1px solid #ddd; border-radius: 3px; cursor: pointer; white-space: pre;
+       font-family: ui-monospace, monospace; }
 .tok.sel { outline: 2px solid #d62728; }
 #detail { font-family: ui-monospace, monospace; min-height: 1.5em; margin: 0.6em 0; }
 #views { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
 #grid { display: grid; gap: 4px; }
 .cell { text-align: center; font-size: 10px; color: #666; }
-canvas.head { border: 1px solid #ccc; cursor: pointer; image-rendering: pixelated; }
+canvas.head { border: 1px solid #ccc; cursor: pointer; }
 canvas.head.sel { border: 2px solid #d62728; }
-#matrix { border: 1px solid #ccc; image-rendering: pixelated; }
+#matrix { border: 1px solid #ccc; }
 </style></head>
 <body>
 <h1>Attention: TITLE</h1>
@@ -350,10 +351,11 @@ function paint(canvas, l, h, size) {
     pixels.data[i + 2] = 255 - w * 148; pixels.data[i + 3] = 255;
   }
   ctx.putImageData(pixels, 0, 0);
-  size = T * Math.max(1, Math.floor(size / T));  // whole pixels per cell: sharp edges
+  const shrink = T > size;  // more tokens than pixels: average them down
+  if (!shrink) size = T * Math.floor(size / T);  // else whole pixels per cell: sharp edges
   canvas.width = size; canvas.height = size;
   const out = canvas.getContext("2d");
-  out.imageSmoothingEnabled = false;
+  out.imageSmoothingEnabled = shrink;
   out.drawImage(img, 0, 0, size, size);
 }
 const tokens = document.getElementById("tokens");
