@@ -337,15 +337,17 @@ class Induction:
     """Induction heads (Olsson et al., 2022, "In-context Learning and Induction Heads").
 
     Each sequence is a segment of random tokens followed by its exact repeat, after a random
-    filler that shifts where the segment starts; the lengths are random and no token occurs twice
-    before the repeat. The first copy cannot be predicted; the repeat can, by a two-head circuit:
+    filler that shifts where the segment starts; the lengths are random, every token is drawn
+    uniformly. (Drawn without repeats, tokens made copying a loss everywhere but in the repeat,
+    and no model left the uniform plateau within 5000 steps.) The first copy cannot be
+    predicted; the repeat can, by a two-head circuit:
     a previous-token head in layer 0 writes "the token before me was A" into each position, and an
     induction head in layer 1 finds the earlier A's successor that way and copies it. The model
     is attention-only (Elhage et al., 2021, "A Mathematical Framework for Transformer Circuits"),
     and the loss on the repeat drops suddenly when the heads form: the phase change."""
 
     name, metric, higher_is_better = "induction", "induction_score", True
-    steps, batch_size, lr, eval_every = 1500, 128, 3e-3, 50
+    steps, batch_size, lr, eval_every = 2000, 128, 3e-3, 50
 
     def __init__(self, vocab: int = 100, n_ctx: int = 16, lengths: tuple[int, int] = (3, 8),
                  seed: int = 0):
