@@ -41,13 +41,51 @@ def causal_mask(T: int, S, start_pos=0) -> Tensor:
     return Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
 
 
-def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
-    """softmax(q kᵀ / √d + mask) for q (..., T, d) and k (..., S, d)  ->  (..., T, S).
+# How much a query wants a key, before the softmax: four similarity functions. GPT-2 uses the scaled
+# dot product; the others are here to compare (python transformer.py --similarity NAME). Each maps
+# q (..., H, T, hs) and k (..., H, S, hs) to scores (..., H, T, S).
+
+
+def dot_scores(q: Tensor, k: Tensor) -> Tensor:
+    """qᵀk (Luong et al., 2015, "dot"): one matmul, no parameters. Its variance grows with the
+    head size, so with wide heads the softmax saturates and its gradients vanish."""
+    return q @ k.transpose(-2, -1)
+
+
+def scaled_scores(q: Tensor, k: Tensor) -> Tensor:
+    """qᵀk / √d (Vaswani et al., 2017, section 3.2.1): the dot product at unit variance, so the
+    softmax does not saturate; the same cost. GPT-2's, and the default."""
+    return dot_scores(q, k) / math.sqrt(q.shape[-1])
+
+
+def general_scores(q: Tensor, k: Tensor, w: Tensor) -> Tensor:
+    """qᵀWk with a learned W per head, w (H, hs, hs) (Luong et al., 2015, "general"): one more
+    matmul and hs² parameters per head. W_Q and W_K already make q and k, so W adds no power a
+    wider c_attn could not give; it is the bilinear form written out."""
+    return (q @ w) @ k.transpose(-2, -1)
+
+
+def additive_scores(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor, v: Tensor) -> Tensor:
+    """vᵀ tanh(W_q q + W_k k) (Bahdanau et al., 2015, the first attention in translation): a small
+    MLP on every (query, key) pair, w_q and w_k (H, hs, hs), v (H, hs). It needs a (T, S, hs)
+    tensor per head where the others need (T, S): the costliest, which is why Transformers moved
+    to dot products."""
+    H, hs = v.shape
+    pairs = (q @ w_q).unsqueeze(-2) + (k @ w_k).unsqueeze(-3)  # (..., H, T, S, hs)
+    return (pairs.tanh() * v.reshape(H, 1, 1, hs)).sum(-1)  # (..., H, T, S)
+
+
+SIMILARITIES = ("scaled", "dot", "general", "additive")
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None,
+                      similarity=scaled_scores) -> Tensor:
+    """softmax(similarity(q, k) + mask) for q (..., T, d) and k (..., S, d)  ->  (..., T, S).
 
     Row t says how much query t takes from each key: it sums to 1, and the mask zeroes the future.
-    Dividing by √d keeps the dot products at unit variance, so the softmax does not saturate
-    (Vaswani et al., 2017, section 3.2.1)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, S)
+    The default similarity divides q kᵀ by √d, which keeps the dot products at unit variance, so
+    the softmax does not saturate (Vaswani et al., 2017, section 3.2.1)."""
+    scores = similarity(q, k)  # (..., T, S)
     if mask is not None:
         scores = scores + mask
     return scores.softmax(-1).contiguous()
@@ -115,15 +153,42 @@ class CausalSelfAttention:
     Called with start_pos, it keeps the keys and values of earlier positions in a cache, so
     decoding one new token costs one row of attention instead of re-running the whole prefix."""
 
-    def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1, init=True):
+    def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1, init=True,
+                 causal: bool = True, similarity: str = "scaled"):
         assert n_embd % n_head == 0, f"{n_embd=} is not divisible by {n_head=}"
         self.n_head, self.n_ctx = n_head, n_ctx
+        self.causal, self.similarity = causal, similarity  # causal=False: --ablate no-mask
         self.c_attn = Linear(n_embd, 3 * n_embd, init=init)
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer) so
         # the residual's variance does not grow with depth (Radford et al., 2019, section 2.3).
         self.c_proj = Linear(n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer), init=init)
+        hs = n_embd // n_head
+        if similarity == "general":
+            # W = I / √hs: at the start exactly the scaled dot product, then it learns
+            eye = Tensor.eye(hs).reshape(1, hs, hs).expand(n_head, hs, hs) / math.sqrt(hs)
+            self.w_general = eye.contiguous()
+        elif similarity == "additive":
+            self.w_q_add, self.w_k_add = [Tensor.normal(n_head, hs, hs, std=hs**-0.5)
+                                          for _ in range(2)]
+            self.v_add = Tensor.normal(n_head, hs, std=hs**-0.5)
         self.cache_kv: Tensor | None = None
         self.keep_weights, self.weights = False, None  # see attention_maps
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """This layer's similarity of every query to every key, (B, H, T, S)."""
+        if self.similarity == "scaled":
+            return scaled_scores(q, k)
+        if self.similarity == "dot":
+            return dot_scores(q, k)
+        if self.similarity == "general":
+            return general_scores(q, k, self.w_general)
+        return additive_scores(q, k, self.w_q_add, self.w_k_add, self.v_add)
+
+    def share(self, other: CausalSelfAttention):
+        """Use other's weights (--ablate shared-layers); the KV cache stays this layer's own."""
+        for name in ("c_attn", "c_proj", "w_general", "w_q_add", "w_k_add", "v_add"):
+            if hasattr(other, name):
+                setattr(self, name, getattr(other, name))
 
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
         B, T, C = x.shape
@@ -140,7 +205,9 @@ class CausalSelfAttention:
             k, v = self.remember(k, v, start_pos)  # (B, H, start_pos + T, hs)
             # one new query may look at every cached key, so a single step needs no mask
             mask = causal_mask(T, start_pos + T, start_pos) if T > 1 else None
-        att = attention_weights(q, k, mask)  # (B, H, T, S)
+        if not self.causal:
+            mask = None  # every token sees every other, its future included
+        att = attention_weights(q, k, mask, self.scores)  # (B, H, T, S)
         if self.keep_weights:  # for attention_maps: the very probabilities this pass uses
             self.weights = att
         y = att @ v  # (B, H, T, hs)
@@ -218,19 +285,27 @@ class Block:
 
     def __init__(self, config: Config, init=True):
         c = config
-        self.prenorm = c.prenorm
+        self.prenorm, self.residual = c.prenorm, c.residual
         self.ln_1 = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm else None
-        self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_ctx, c.n_layer, init)
+        self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_ctx, c.n_layer, init, c.causal,
+                                        c.similarity)
         self.ln_2 = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm and c.mlp else None
         self.mlp = MLP(c.n_embd, c.n_layer, init) if c.mlp else None
 
     def __call__(self, x: Tensor, start_pos=None) -> Tensor:
         norm = lambda ln, h: h if ln is None else ln(h)
+        # residual=False (--ablate no-residual): each branch replaces the stream instead of adding
+        add = (lambda x, y: x + y) if self.residual else (lambda x, y: y)
         if self.prenorm:
-            x = x + self.attn(norm(self.ln_1, x), start_pos)
-            return x if self.mlp is None else x + self.mlp(norm(self.ln_2, x))
-        x = norm(self.ln_1, x + self.attn(x, start_pos))
-        return x if self.mlp is None else norm(self.ln_2, x + self.mlp(x))
+            x = add(x, self.attn(norm(self.ln_1, x), start_pos))
+            return x if self.mlp is None else add(x, self.mlp(norm(self.ln_2, x)))
+        x = norm(self.ln_1, add(x, self.attn(x, start_pos)))
+        return x if self.mlp is None else norm(self.ln_2, add(x, self.mlp(x)))
+
+    def share(self, other: Block):
+        """Use other's weights (--ablate shared-layers): a deeper network, no more parameters."""
+        self.ln_1, self.ln_2, self.mlp = other.ln_1, other.ln_2, other.mlp
+        self.attn.share(other.attn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +325,21 @@ class Config:
     ln_eps: float = 1e-5
     mlp: bool = True  # False: attention-only blocks (Olsson et al., 2022)
     layernorm: bool = True  # False: no LayerNorm inside the blocks (the final one stays)
+    # The ablations (--ablate): what each part of the architecture is for, by taking it away
+    causal: bool = True  # False: no-mask, attention may look ahead
+    residual: bool = True  # False: no-residual, blocks without skip connections
+    shared_layers: bool = False  # True: every block uses the first block's weights
+    similarity: str = "scaled"  # how a query scores a key: one of SIMILARITIES
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.positions not in ("learned", "sinusoidal"):
-            raise ValueError(f"positions={self.positions!r}: expected 'learned' or 'sinusoidal'")
+        if self.positions not in ("learned", "sinusoidal", "none"):
+            raise ValueError(f"positions={self.positions!r}: expected 'learned', 'sinusoidal' "
+                             "or 'none'")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={self.similarity!r}: expected one of "
+                             f"{', '.join(SIMILARITIES)}")
 
 
 class Transformer:
@@ -279,9 +363,13 @@ class Transformer:
             self.wpe = nn.Embedding(c.n_ctx, c.n_embd)
             if init:
                 self.wpe.weight = Tensor.normal(c.n_ctx, c.n_embd, std=0.01)
-        else:
+        elif c.positions == "sinusoidal":
             self.pe = sinusoidal_positions(c.n_ctx, c.n_embd).is_param_(False)  # a constant
-        self.h = [Block(c, init) for _ in range(c.n_layer)]
+        # positions "none" (--ablate no-positions): attention alone cannot tell where a token is
+        self.h = [Block(c, init and (i == 0 or not c.shared_layers)) for i in range(c.n_layer)]
+        if c.shared_layers:
+            for block in self.h[1:]:
+                block.share(self.h[0])
         # pre-LN leaves the residual stream unnormalized, so one last LayerNorm precedes the output
         self.ln_f = LayerNorm(c.n_embd, c.ln_eps) if c.prenorm else None
 
@@ -290,12 +378,14 @@ class Transformer:
         a sequence whose first start_pos tokens are already in the KV cache."""
         B, T = idx.shape
         first = 0 if start_pos is None else start_pos
-        table = self.wpe.weight if self.config.positions == "learned" else self.pe
         # Weights may be stored in float16 (gpt.py --half) to halve the bytes each token reads;
         # activations stay float32, and each matmul upcasts its weights as it loads them. The
         # token rows are looked up as float32 too: tinygrad 0.14 cannot compile a float16 lookup
         # (nn.Embedding's) for OpenCL.
-        x = self.wte.weight.float()[idx] + table[first : first + T].float()  # (B, T, C) + (T, C)
+        x = self.wte.weight.float()[idx]  # (B, T, C)
+        if self.config.positions != "none":
+            table = self.wpe.weight if self.config.positions == "learned" else self.pe
+            x = x + table[first : first + T].float()  # (B, T, C) + (T, C)
         for block in self.h:
             x = block(x, start_pos)
             if start_pos is not None:
@@ -308,7 +398,13 @@ class Transformer:
         return linear(x, self.wte.weight)[:, :, : self.config.vocab_size]  # (B, T, vocab_size)
 
     def parameters(self) -> dict[str, Tensor]:
-        return {k: v for k, v in get_state_dict(self).items() if v.is_param}
+        """name -> trainable tensor, each once: with shared layers h.1... are h.0's tensors."""
+        params, seen = {}, set()
+        for k, v in get_state_dict(self).items():
+            if v.is_param and id(v) not in seen:
+                params[k] = v
+                seen.add(id(v))
+        return params
 
 
 def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
