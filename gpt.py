@@ -383,6 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("--beam", type=int, default=0, metavar="N",
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
                          "decoding after a one-time search of minutes, cached on disk")
+    ap.add_argument("--similarity", default="scaled",
+                    help="attention's similarity function; GPT-2's weights fit only 'scaled'")
     ap.add_argument("--out", type=Path, default=Path("attention"),
                     help="folder for --attention's files (default attention/)")
     ap.add_argument("--layer", type=int, help="with --head: also draw this one head large")
@@ -403,6 +405,9 @@ def main(argv=None) -> int:
         for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
             if value is not None and not math.isfinite(value):
                 raise GPTError(f"{flag} must be a finite number, got {value}")
+        if args.similarity != "scaled":
+            raise GPTError(f"--similarity {args.similarity}: GPT-2 was trained with scaled "
+                           "dot-product attention, so its weights fit only 'scaled'")
         if args.temperature < 0:
             raise GPTError(f"--temperature must be >= 0, got {args.temperature}")
         if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -29,15 +29,20 @@ class Reverse:
     """Read n digits and '>', then write the same digits backwards: "3141>1413".
 
     Held out: every digit string whose hash falls in one class (a tenth of them) is kept out of
-    training batches, and the exact-match score is measured on those strings only. The loss covers
-    only the answer digits; the question digits are random and cannot be predicted."""
+    training batches, and the exact-match score is measured on those strings only.
+
+    The loss covers every position, the question digits too, as in Hilton's curriculum: they are
+    random, so a model that cannot see the future can do no better there than ln 10 nats, while it
+    can learn the answer perfectly. That is the mask check (mask_check): "the model should be able
+    to predict the second sequence, but not the first". answer_only=True scores the answer only."""
 
     name, metric, higher_is_better = "reverse", "exact_match", True
     steps, batch_size, lr, eval_every = 200, 64, 3e-3, 100
 
-    def __init__(self, n_digits: int = 8, seed: int = 0):
+    def __init__(self, n_digits: int = 8, seed: int = 0, answer_only: bool = False):
         self.n = n_digits
         self.sep = 10
+        self.answer_only = answer_only
         self.config = Config(vocab_size=11, n_ctx=2 * n_digits + 1, n_layer=2, n_head=4, n_embd=64)
         self.chance = 10.0**-n_digits  # guessing every digit right
         self.test = self.draw(np.random.default_rng(seed + 1), 1000, held_out=True)
@@ -57,8 +62,28 @@ class Reverse:
         d = self.draw(rng, B, held_out=False)
         seq = np.concatenate([d, np.full((B, 1), self.sep), d[:, ::-1]], axis=1)  # (B, 2n + 1)
         x, y = seq[:, :-1], seq[:, 1:].copy()
-        y[:, : self.n - 1] = IGNORE
+        if self.answer_only:
+            y[:, : self.n] = IGNORE  # the question digits and the '>' that always follows them
         return x.astype(np.int32), y.astype(np.int32)
+
+    def position_losses(self, model: Transformer) -> np.ndarray:
+        """(2n,) held-out cross-entropy at each input position, in nats: position t predicts
+        token t + 1 of "question > answer", given everything up to t."""
+        d = self.test
+        seq = np.concatenate([d, np.full((len(d), 1), self.sep), d[:, ::-1]], axis=1)  # (B, 2n+1)
+        logits = model(Tensor(seq[:, :-1].astype(np.int32))).numpy().astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # (B, 2n, V)
+        picked = np.take_along_axis(logp, seq[:, 1:, None], -1)[..., 0]  # (B, 2n)
+        return -picked.mean(0)
+
+    def mask_check(self, model: Transformer) -> str:
+        """Held-out loss on the question digits 2 .. n (predicted from the digits before them:
+        chance is ln 10) and on the answer digits (predicted from the whole question)."""
+        losses = self.position_losses(model)
+        question, answer = losses[: self.n - 1].mean(), losses[self.n :].mean()
+        return (f"mask check: question {question:.3f} nats (chance {math.log(10):.3f}), "
+                f"answer {answer:.3f} nats")
 
     def answer(self, model: Transformer, digits: np.ndarray) -> np.ndarray:
         prompt = np.concatenate([digits, np.full((len(digits), 1), self.sep)], axis=1)

@@ -342,6 +342,16 @@ class Config:
                              f"{', '.join(SIMILARITIES)}")
 
 
+# --ablate NAME: what each takes away, as Config fields. Hilton's curriculum asks what the mask,
+# the skip connections, the positions and separate layers are for; train without and see.
+ABLATIONS = {
+    "no-mask": {"causal": False},
+    "no-residual": {"residual": False},
+    "no-positions": {"positions": "none"},
+    "shared-layers": {"shared_layers": True},
+}
+
+
 class Transformer:
     """Token ids (B, T) -> next-token logits (B, T, vocab_size).
 
@@ -760,6 +770,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n-embd", type=int)
     ap.add_argument("--positions", choices=["learned", "sinusoidal"])
     ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
+    ap.add_argument("--ablate", action="append", default=[], metavar="NAME",
+                    help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
+    ap.add_argument("--similarity", default="scaled",
+                    help=f"how a query scores a key: {', '.join(SIMILARITIES)} (default scaled)")
     ap.add_argument("--attention", nargs="?", const="", metavar="DIR",
                     help="draw every head of the saved checkpoint on a held-out example, score "
                          "the heads (files in DIR, default attention/TASK)")
@@ -805,6 +819,13 @@ def main(argv=None) -> int:
         grokfast = (0.98, lamb)  # Lee et al.'s EMA for modular arithmetic
     if args.plot is not None and not hasattr(task, "plot"):
         return fail(f"--plot is for tasks that record curves; task {args.task!r} draws none")
+    ablations = [name.strip() for arg in args.ablate for name in arg.split(",") if name.strip()]
+    for name in ablations:
+        if name not in ABLATIONS:
+            return fail(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+    if args.similarity not in SIMILARITIES:
+        return fail(f"unknown similarity {args.similarity!r}; choose one of "
+                    f"{', '.join(SIMILARITIES)}")
     out = args.out or Path(__file__).parent / "models" / task.name
     log = print if args.verbose else (lambda *a, **k: None)
     try:
@@ -821,6 +842,9 @@ def main(argv=None) -> int:
                      if v is not None}
         if args.post_ln:
             overrides["prenorm"] = False
+        for name in ablations:
+            overrides.update(ABLATIONS[name])
+        overrides["similarity"] = args.similarity
         config = replace(task.config, **overrides)
         if args.verbose and args.task == "shakespeare":
             log(f"baselines: {task.baselines()}")
@@ -831,6 +855,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         return fail(str(e))
     log("samples:\n" + task.show(result["model"]))
+    if hasattr(task, "mask_check"):
+        log(task.mask_check(result["model"]))
     ok = verdict(task, result["score"])
     log(f"verdict: {task.metric} {result['score']:.4f} against chance {task.chance:.4g}: "
         f"{'learned' if ok else 'did NOT learn'}")
