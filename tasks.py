@@ -155,6 +155,12 @@ class Shakespeare:
 
     def __init__(self, data: str | None = None):
         text = self.load(data)
+        # the held-out tenth must hold at least one whole window of 64 characters and its target
+        if not text:
+            raise DataError(f"dataset {data or 'tinyshakespeare'} is empty")
+        if len(text) < 10 * 65:
+            raise DataError(f"dataset {data} is too short: {len(text)} characters; it needs at "
+                            f"least {10 * 65}, so that its last tenth holds a window of 64")
         self.chars = sorted(set(text))
         lookup = {ch: i for i, ch in enumerate(self.chars)}
         data_ids = np.array([lookup[ch] for ch in text], dtype=np.int32)
@@ -210,7 +216,8 @@ class Shakespeare:
 
         All of it by default; quick=True scores every fourth chunk of windows, for progress
         reports. Chunks have one size, so the forward pass is scheduled once and then reused."""
-        T, chunk = self.config.n_ctx, 256
+        T = self.config.n_ctx
+        chunk = max(1, min(256, (len(self.val) - 1) // T))  # a short text: one smaller chunk
         n = (len(self.val) - 1) // T // chunk * chunk  # whole chunks of whole windows
         x = self.val[: n * T].reshape(-1, chunk, T)  # (chunks, chunk, T)
         y = self.val[1 : n * T + 1].reshape(-1, chunk, T)  # x shifted by one character
