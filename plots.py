@@ -111,6 +111,20 @@ def head_scores(scores: dict, path: Path, title: str = "") -> Path:
     return save(fig, path, dpi=80)
 
 
+def experiment_curves(panels: dict, path: Path) -> Path:
+    """One panel per comparison of experiments.py: {title: {label: [(step, val loss), ...]}}."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False,
+                             layout="constrained")
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for label, curve in curves.items():
+            steps, losses = zip(*curve)
+            ax.plot(steps, losses, marker="o", markersize=3, label=label)
+        ax.set(title=title, xlabel="step", ylabel="held-out loss (nats per character)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save(fig, path, dpi=80)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training curves
 # ---------------------------------------------------------------------------------------------

@@ -846,7 +846,7 @@ def main(argv=None) -> int:
             overrides.update(ABLATIONS[name])
         overrides["similarity"] = args.similarity
         config = replace(task.config, **overrides)
-        if args.verbose and args.task == "shakespeare":
+        if args.verbose and hasattr(task, "baselines"):
             log(f"baselines: {task.baselines()}")
         result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log,
                        grokfast)
