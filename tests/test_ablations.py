@@ -31,7 +31,7 @@ from test_transformer import (  # noqa: E402
     randomize,
 )
 
-from tasks import Reverse  # noqa: E402
+from tasks import Reverse, Words  # noqa: E402
 from transformer import (  # noqa: E402
     ABLATIONS,
     SIMILARITIES,
@@ -313,3 +313,61 @@ def test_ablations_combine_into_one_config():
     config = replace(CONFIG, **merged)
     assert (config.causal, config.residual, config.positions, config.shared_layers) == (
         False, False, "none", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Word-level Shakespeare
+# ---------------------------------------------------------------------------------------------
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def test_word_split_gives_the_text_back():
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
+    pieces = Words.split(text)
+    assert "".join(pieces) == text and "" not in pieces
+    assert pieces[:4] == ["First", " ", "Citizen", ":\n"]
+    if SHAKESPEARE.exists():
+        full = SHAKESPEARE.read_text()
+        assert "".join(Words.split(full)) == full
+
+
+def test_word_vocabulary_comes_from_the_training_part_only(tmp_path):
+    # "zebra" is frequent, but only in the held-out last tenth: it must be <unk> there
+    words = ["alpha", "beta", "gamma", "delta"] * 250 + ["zebra"] * 100
+    data = tmp_path / "words.txt"
+    data.write_text(" ".join(words))
+    task = Words(str(data))
+    assert "zebra" not in task.words and "alpha" in task.words and task.words[0] == "<unk>"
+    pieces = Words.split(data.read_text())
+    split = int(0.9 * len(pieces))
+    assert len(task.train) == split and len(task.val) == len(pieces) - split
+    rebuilt = "".join(p if i else "<unk>" for p, i in zip(pieces[split:], task.val))
+    assert rebuilt == "".join(task.words[i] for i in task.val)  # <unk> aside, the text itself
+    assert (task.val[np.array(pieces[split:]) == "zebra"] == 0).all()
+
+
+def test_word_baselines_match_counting_by_hand(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "w.txt"
+    data.write_text(" ".join(rng.choice(["a", "b", "c", "d", "e"], 2000, p=[.4, .3, .1, .1, .1])))
+    task = Words(str(data))
+    V = len(task.words)
+    train, val = task.train.tolist(), task.val.tolist()
+    uni = [(train.count(w) + 1) / (len(train) + V) for w in range(V)]
+    pairs = {}
+    for a, b in zip(train, train[1:]):
+        pairs[a, b] = pairs.get((a, b), 0) + 1
+    prev = {a: sum(n for (x, _), n in pairs.items() if x == a) for a in range(V)}
+    bigram = np.mean([-math.log(0.7 * pairs.get((a, b), 0) / max(prev[a], 1) + 0.3 * uni[b])
+                      for a, b in zip(val, val[1:])])
+    unigram = np.mean([-math.log(uni[w]) for w in val])
+    assert task.unigram == pytest.approx(unigram, rel=1e-9)
+    assert task.bigram == pytest.approx(bigram, rel=1e-9)
+
+
+@pytest.mark.parametrize("text, fragment", [("", "empty"), ("to be or not", "too short")])
+def test_cli_words_refuses_a_text_too_short(tmp_path, text, fragment):
+    data = tmp_path / "tiny.txt"
+    data.write_text(text)
+    assert_clean_error(cli("transformer.py", "--task", "words", "--data", str(data)), fragment)
