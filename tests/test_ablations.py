@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_transformer import (  # noqa: E402
+    assert_clean_error,
     np_block,
     np_causal_mask,
     np_gelu_tanh,
@@ -270,15 +271,6 @@ def cli(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DEV": "CPU", "PARALLEL": "0"}
     return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def assert_clean_error(run, *fragments):
-    assert run.returncode != 0
-    assert "Traceback" not in run.stderr + run.stdout
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -22,8 +22,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 os.environ["TIKTOKEN_CACHE_DIR"] = str(ROOT.parent / "shared" / "tiktoken")
 
+from test_transformer import assert_clean_error  # noqa: E402  one error line, nothing else
 from tinygrad import Tensor  # noqa: E402
 
 import gpt  # noqa: E402
@@ -343,15 +345,6 @@ def test_cli_perplexity_of_a_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Bad input: one error line, a non-zero exit, nothing written
 # ---------------------------------------------------------------------------------------------
-
-
-def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
-    assert run.returncode != 0
-    assert "Traceback" not in run.stderr + run.stdout
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args, fragments", [
