@@ -124,18 +124,23 @@ def test_induction_sequences_repeat_exactly():
     T = task.config.n_ctx + 1
     seq, first, repeat = task.sequences(np.random.default_rng(5), 200)
     assert seq.shape == (200, T) and seq.max() < 100
-    lengths = first.sum(1)
+    lengths = first.sum(1) + 1  # the first token of the first copy is never a target
     lo, hi = task.lengths
     assert lengths.min() == lo and lengths.max() == hi and len(set(lengths)) == hi - lo + 1
-    assert (repeat.sum(1) == lengths - 1).all()  # the repeat's first token is not scored
-    for s, L in zip(seq, lengths):
-        start = T - 2 * L
-        assert (s[start + L :] == s[start : start + L]).all()  # an exact copy, at the end
-    # the masks name targets y = seq[:, 1:]: first copy at start .. start + L - 1
-    for f, r, L in zip(first, repeat, lengths):
-        start = T - 2 * L
-        assert (np.flatnonzero(f) + 1 == np.arange(start, start + L)).all()
-        assert (np.flatnonzero(r) + 1 == np.arange(start + L + 1, T)).all()
+    for s, f, r, L in zip(seq, first, repeat, lengths):
+        assert len(set(s[:L])) == L  # no repeats within the segment
+        assert (s == np.resize(s[:L], T)).all()  # then the segment again and again
+        # the masks name targets y = seq[:, 1:]: the first copy, the repeat after its first token
+        assert (np.flatnonzero(f) + 1 == np.arange(1, L)).all()
+        assert (np.flatnonzero(r) + 1 == np.arange(L + 1, T)).all()
+
+
+def test_induction_batches_carry_loss_on_the_repeat_only():
+    task = Induction()
+    x, y = task.batch(np.random.default_rng(5), 50)
+    seq, _, repeat = task.sequences(np.random.default_rng(5), 50)
+    assert (x == seq[:, :-1]).all()
+    assert (y[repeat] == seq[:, 1:][repeat]).all() and (y[~repeat] == IGNORE).all()
 
 
 def test_induction_score_of_a_perfect_pattern_is_one_and_uniform_is_the_baseline():
