@@ -15,13 +15,15 @@ What it runs (QUESTIONS.md reads the answers out of its output):
 """
 from __future__ import annotations
 
+import os
+import platform
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor
+from tinygrad import Device, Tensor
 
 from tasks import Reverse, Shakespeare
 from transformer import ABLATIONS, SIMILARITIES, Transformer, generate, train
@@ -176,6 +178,9 @@ def main(argv=None) -> int:
         return 2
     runs: dict = {}
     t0 = time.perf_counter()
+    print(f"`python experiments.py{' --only ' + args.only if args.only else ''}`: "
+          f"{os.cpu_count()} cores ({platform.machine()}), tinygrad on {Device.DEFAULT}, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
     for group in groups:
         print(f"{group} ...", file=sys.stderr, flush=True)
         fn = globals()[group]
@@ -186,8 +191,10 @@ def main(argv=None) -> int:
         "(2) similarity function": {k.split("=")[-1].replace("2 residual", "scaled"): r["curve"]
                                     for k, r in runs.items()
                                     if k.startswith("similarity=") or k == "depth=2 residual"},
-        "(3) 4 blocks: separate or shared": {k.split(" ")[1]: r["curve"] for k, r in runs.items()
-                                             if k in ("depth=4 residual", "depth=4 shared-layers")},
+        "(3) 4 blocks: separate or shared": {
+            name: runs[k]["curve"] for k, name in (("depth=4 residual", "separate"),
+                                                   ("depth=4 shared-layers", "shared-layers"))
+            if k in runs},
         "(4) skip connections by depth": {k: r["curve"] for k, r in runs.items()
                                           if k.startswith("depth=") and "shared" not in k},
     }
