@@ -7,12 +7,15 @@ positions and weight names. gpt.py builds GPT-2 from the classes here, so the na
 ln_1, attn.c_attn, ...) are the ones in OpenAI's checkpoint. The training loop checks on held-out
 data that a model really learned.
 
-Read it top to bottom: attention, heads, LayerNorm, MLP, positions, the block, the model, sampling,
-then the training tasks and the loop.
+Read it top to bottom: attention (four similarity functions), heads, LayerNorm, MLP, positions,
+the block, the model and its ablations, attention maps, sampling, then the training loop and its
+command line. The tasks it trains on are in tasks.py.
 
     python transformer.py -v                        # learn to reverse digit strings: exact match
     python transformer.py --task shakespeare -v     # character-level tinyshakespeare: val loss
     python transformer.py --task reverse --sample   # decode with the checkpoint saved in models/
+    python transformer.py --attention               # every head of that checkpoint, drawn
+    python transformer.py --ablate no-mask -v       # what the causal mask is for
 """
 from __future__ import annotations
 
