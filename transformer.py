@@ -783,6 +783,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, help="with --attention and --head: one head, large")
     ap.add_argument("--head", type=int, help="with --attention and --layer: one head, large")
     ap.add_argument("--tokens", metavar="A:B", help="with --attention: show tokens A to B only")
+    ap.add_argument("--weight-decay", type=float, metavar="X",
+                    help="AdamW weight decay on matrices and embeddings (default: the task's)")
     ap.add_argument("--grokfast", nargs="?", const="2", metavar="LAMBDA",
                     help="amplify the slow part of the gradient by LAMBDA (default 2; EMA 0.98)")
     ap.add_argument("--plot", type=Path, help="where a task with curves draws them "
@@ -811,6 +813,10 @@ def main(argv=None) -> int:
         if not 0 < args.lr < math.inf:
             return fail(f"--lr must be a positive finite number, got {args.lr}")
         task.lr = args.lr
+    if args.weight_decay is not None:
+        if not 0 <= args.weight_decay < math.inf:
+            return fail(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+        task.weight_decay = args.weight_decay  # train() reads it from the task
     grokfast = None
     if args.grokfast is not None:
         try:

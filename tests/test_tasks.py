@@ -331,6 +331,10 @@ def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
     (["--task", "grokking", "--grokfast", "-1"], ["--grokfast", "-1"]),
     (["--task", "grokking", "--grokfast", "nan"], ["--grokfast", "nan"]),
     (["--task", "reverse", "--plot", "x.png"], ["--plot", "reverse"]),
+    (["--task", "grokking", "--weight-decay", "-0.1"], ["--weight-decay", "-0.1"]),
+    (["--task", "grokking", "--weight-decay", "inf"], ["--weight-decay", "inf"]),
+    (["--task", "grokking", "--weight-decay", "nan"], ["--weight-decay", "nan"]),
+    (["--task", "grokking", "--weight-decay", "heavy"], ["--weight-decay", "heavy"]),
 ])
 def test_cli_bad_arguments(args, fragments):
     assert_clean_error(cli(*args), *fragments)
