@@ -263,7 +263,7 @@ class Words(Shakespeare):
     mass over unseen pairs that it scores worse than unigrams."""
 
     name = "words"
-    steps, batch_size, lr, eval_every = 450, 16, 3e-3, 150
+    steps, batch_size, lr, eval_every = 400, 16, 5e-3, 100
     url = "https://www.gutenberg.org/files/100/100-0.txt"
     cache_name = "shakespeare-complete-works.txt"
     MIN_COUNT = 3
