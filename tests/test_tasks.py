@@ -9,9 +9,7 @@ tiny and shared, and only two tests train.
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,9 @@ from tinygrad import Context, Tensor
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from test_transformer import assert_clean_error, cli  # noqa: E402  transformer.py, one error line
 
 import heads  # noqa: E402
 from tasks import Grokking, Induction, fourier_concentration  # noqa: E402
@@ -309,21 +310,6 @@ def test_cli_induction_result_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0"}
-    return subprocess.run([sys.executable, "transformer.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
-    assert run.returncode != 0
-    assert "Traceback" not in run.stderr + run.stdout
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args, fragments", [
