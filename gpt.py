@@ -343,15 +343,12 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
         raise GPTError(f"the text has {len(ids)} tokens; the model sees at most "
                        f"{gpt.config.n_ctx}")
     try:
-        chosen = heads.check_head(layer, head, gpt.config.n_layer, gpt.config.n_head)
-        window = heads.parse_window(tokens, len(ids))
-        labels = token_labels(enc, ids)
-        att, scores, written = heads.inspect_model(gpt, np.array(ids), labels, out, title, window,
-                                                   chosen)
+        written, report = heads.inspect_model(gpt, np.array(ids), token_labels(enc, ids), out,
+                                              title, tokens, layer, head)
     except (ValueError, OSError) as e:
         raise GPTError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
-    print(heads.report(att, scores, labels, window, chosen))
+    print(report)
 
 
 def main(argv=None) -> int:

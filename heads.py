@@ -192,8 +192,7 @@ def write_views(out: Path, att: np.ndarray, ids: np.ndarray, labels: list[str], 
     import plots
 
     out = writable_folder(out)
-    L, H, T, _ = att.shape
-    a, b = window or (0, T)
+    a, b = window or (0, att.shape[-1])
     shown = att[:, :, a:b, a:b]
     names = distinct(labels)[a:b]
     written = [atomic_write(out / "attention.npz", lambda f: np.savez(
@@ -312,7 +311,7 @@ h1 { font-size: 1.2em; }
 .cell { text-align: center; font-size: 10px; color: #666; }
 canvas.head { border: 1px solid #ccc; cursor: pointer; }
 canvas.head.sel { border: 2px solid #d62728; }
-#matrix { border: 1px solid #ccc; }
+#matrix { border: 1px solid #ccc; cursor: crosshair; }
 </style></head>
 <body>
 <h1>Attention: TITLE</h1>
@@ -414,6 +413,16 @@ fill("head", H, e => select(state.layer, Number(e.target.value)));
 document.querySelectorAll("input[name=mode]").forEach(r => r.addEventListener("change", e => {
   state.mode = e.target.value; show(state.pinned);
 }));
+const matrix = document.getElementById("matrix");
+matrix.addEventListener("mousemove", e => {  // the large map names the cell under the pointer
+  const r = matrix.getBoundingClientRect();
+  const q = Math.floor((e.clientY - r.top) / r.height * T);
+  const k = Math.floor((e.clientX - r.left) / r.width * T);
+  if (q < 0 || k < 0 || q >= T || k >= T) return;
+  document.getElementById("detail").textContent = "query " + D.tokens[q] + " -> key " +
+    D.tokens[k] + ": " + weight(state.layer, state.head, q, k).toFixed(3);
+});
+matrix.addEventListener("mouseleave", () => show(state.pinned));
 function select(l, h) {
   state.layer = l; state.head = h;
   document.getElementById("layer").value = String(l);
@@ -422,7 +431,8 @@ function select(l, h) {
     "sel", Number(c.dataset.layer) === l && Number(c.dataset.head) === h));
   paint(document.getElementById("matrix"), l, h, Math.max(240, Math.min(560, 8 * T)));
   document.getElementById("caption").textContent =
-    "layer " + l + ", head " + h + ": a row per query (top: first token), a column per key";
+    "layer " + l + ", head " + h + ": a row per query (top: first token), a column per key; " +
+    "point at a cell to name it";
   show(state.pinned);
 }
 select(0, 0);
@@ -437,22 +447,26 @@ select(0, 0);
 
 
 def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: str,
-                  window: tuple[int, int] | None = None, head: tuple[int, int] | None = None,
-                  seed: int = 0) -> tuple[np.ndarray, dict, list[Path]]:
+                  tokens: str | None = None, layer: int | None = None, head: int | None = None,
+                  seed: int = 0) -> tuple[list[Path], str]:
     """Run model (a transformer.Transformer) on ids (T,), score every head, write every view into
-    out. The induction score needs its own input: 4 random sequences of distinct tokens, each
-    repeated once, as long as the model's context allows (up to 2 x 50 tokens).
-    Returns the attention (L, H, T, T), the scores and the files written."""
+    out; tokens is --tokens' window "A:B", layer and head name one head to draw large. The
+    induction score needs its own input: 4 random sequences of distinct tokens, each repeated
+    once, as long as the model's context allows (up to 2 x 50 tokens).
+    Returns the files written and the report to print (see report). Bad arguments raise
+    ValueError, an unwritable folder OSError, both before any work."""
     from tinygrad import Tensor
 
     from transformer import attention_maps
 
-    writable_folder(out)  # fail before the work, not after
+    chosen = check_head(layer, head, model.config.n_layer, model.config.n_head)
+    window = parse_window(tokens, len(ids))
+    writable_folder(out)
     _, att = attention_maps(model, Tensor(np.asarray(ids, dtype=np.int32)[None]))
     att = att.numpy()[0]  # (L, H, T, T)
     n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
     repeated = repeated_random_tokens(np.random.default_rng(seed), n, model.config.vocab_size, 4)
     _, repeated_att = attention_maps(model, Tensor(repeated))
     scores = all_scores(att, repeated_att.numpy(), repeated)
-    written = write_views(out, att, ids, labels, title, scores, window, head)
-    return att, scores, written
+    written = write_views(out, att, ids, labels, title, scores, window, chosen)
+    return written, report(att, scores, labels, window, chosen)

@@ -26,6 +26,14 @@ import heads
 from transformer import IGNORE, Config, Transformer, attention_maps, generate
 
 
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per position, in float64: logits (..., V), targets (...)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+
+
 class Reverse:
     """Read n digits and '>', then write the same digits backwards: "3141>1413".
 
@@ -72,11 +80,8 @@ class Reverse:
         token t + 1 of "question > answer", given everything up to t."""
         d = self.test
         seq = np.concatenate([d, np.full((len(d), 1), self.sep), d[:, ::-1]], axis=1)  # (B, 2n+1)
-        logits = model(Tensor(seq[:, :-1].astype(np.int32))).numpy().astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # (B, 2n, V)
-        picked = np.take_along_axis(logp, seq[:, 1:, None], -1)[..., 0]  # (B, 2n)
-        return -picked.mean(0)
+        logits = model(Tensor(seq[:, :-1].astype(np.int32))).numpy()  # (B, 2n, V)
+        return token_nll(logits, seq[:, 1:]).mean(0)
 
     def mask_check(self, model: Transformer) -> str:
         """Held-out loss on the question digits 2 .. n (predicted from the digits before them:
@@ -400,10 +405,8 @@ class Grokking:
 
             self.forward = (model, TinyJit(run))
         logits, norm = self.forward[1](Tensor(self.x_all))
-        logits = logits.numpy().astype(np.float64)  # (p^2, vocab)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll = -logp[np.arange(len(logp)), self.y_all]
+        logits = logits.numpy()  # (p^2, vocab)
+        nll = token_nll(logits, self.y_all)
         right = logits.argmax(-1) == self.y_all
         wte = model.wte.weight[: self.p].numpy()
         return {"train_acc": float(right[self.train_ids].mean()),
@@ -500,10 +503,8 @@ class Induction:
         """Losses on the first copy and on the repeat, every head's induction and previous-token
         scores, all from one forward pass over the evaluation batch."""
         logits, att = attention_maps(model, Tensor(self.x))
-        logits, att = logits.numpy().astype(np.float64), att.numpy()  # (B, T, V), (B, L, H, T, T)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll = -np.take_along_axis(logp, self.y[..., None], -1)[..., 0]  # (B, T)
+        att = att.numpy()  # (B, L, H, T, T)
+        nll = token_nll(logits.numpy(), self.y)  # (B, T)
         induction = heads.induction_scores(att, self.x)  # (L, H)
         previous = heads.previous_token_scores(att)  # (L, H)
         layer, head = np.unravel_index(induction.argmax(), induction.shape)

@@ -425,8 +425,9 @@ def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
     for token ids idx (B, T), both from one ordinary forward pass.
 
     Each layer keeps the softmax it multiplies its values with, so what is shown is what was
-    computed: there is no second implementation of attention to drift from the first. Keeping
-    them adds no kernel (the weights are a buffer of the pass anyway) and changes no logit."""
+    computed: there is no second implementation of attention to drift from the first. The
+    weights are a buffer of the pass anyway, so keeping them costs one copy into the stacked
+    result and changes no logit; with capture off (the default) nothing is kept."""
     layers = [block.attn for block in model.h]
     for attn in layers:
         attn.keep_weights = True
@@ -743,13 +744,11 @@ def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens
     if meta.get("task") != task.name:
         raise CheckpointError(f"checkpoint {path} is for task {meta.get('task')!r}, "
                               f"not {task.name!r}")
-    chosen = heads.check_head(layer, head, model.config.n_layer, model.config.n_head)
     ids, labels = task.example()
-    window = heads.parse_window(tokens, len(ids))
-    att, scores, written = heads.inspect_model(model, ids, labels, folder, f"{task.name} model",
-                                               window, chosen)
+    written, report = heads.inspect_model(model, ids, labels, folder, f"{task.name} model",
+                                          tokens, layer, head)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-    print(heads.report(att, scores, labels, window, chosen))
+    print(report)
     if hasattr(task, "explain"):
         print(task.explain(model))
 
