@@ -183,7 +183,8 @@ def test_shared_layers_hold_one_block_and_apply_it_at_every_depth(tokens):
     x = np_layernorm(x, w["ln_f.weight"], w["ln_f.bias"], config.ln_eps)
     want = (x @ w["wte.weight"].T)[..., : config.vocab_size]
     np.testing.assert_allclose(model(Tensor(tokens)).numpy(), want, rtol=1e-3, atol=1e-3)
-    # one optimizer step moves the one block: every layer still has the same weights after it
+    # the blocks hold the same tensors, so an optimizer step moves every layer at once; the KV
+    # cache stays each layer's own
     assert model.h[2].attn.c_attn.weight is model.h[0].attn.c_attn.weight
     assert model.h[1].mlp is model.h[0].mlp and model.h[1].attn is not model.h[0].attn
 
