@@ -105,7 +105,7 @@ def head_scores(scores: dict, path: Path, title: str = "") -> Path:
             for (layer, head), v in np.ndenumerate(values):
                 ax.text(head, layer, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 * top else "black")
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="nats" if name == "entropy" else "attention")
     if title:
         fig.suptitle(title, fontsize=10)
     return save(fig, path, dpi=80)
@@ -192,12 +192,10 @@ def induction_curves(history: list[dict], path: Path, chance: float, induction_m
     score.legend()
     for ax in (loss, score):
         ax.grid(alpha=0.3)
-    T = len(ids)
-    for ax, att, title in ((ind, induction_map, f"induction head {names[0]}"),
+    for ax, att, title in ((ind, induction_map, f"induction head {names[0]} (layer.head)"),
                            (prev, previous_map, f"previous-token head {names[1]}")):
-        ax.imshow(att, cmap="Blues", vmin=0, vmax=1)
+        image = ax.imshow(att, cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
         ax.set(title=title, xlabel="key (attended to)", ylabel="query")
-        ticks = range(0, T, max(1, T // 16))
-        ax.set_xticks(list(ticks), [str(ids[t]) for t in ticks], rotation=90, fontsize=7)
-        ax.set_yticks(list(ticks), [str(ids[t]) for t in ticks], fontsize=7)
+        tick_labels(ax, [str(i) for i in ids])
+        fig.colorbar(image, ax=ax, shrink=0.8, label="attention")
     return save(fig, path)
