@@ -13,8 +13,13 @@ both libraries load them from one checkpoint that this script writes in the hub'
              from tinygrad's kernel search. The first run on a machine searches (on two cores:
              about a minute per precision for CPU, 4 to 10 for CL) and tinygrad caches the result.
   prefill    tokens/s for one 512-token prompt (timed after one warm-up of the same length).
-  train      ms per optimizer step of nanoGPT's CPU shakespeare_char model (4 layers, 4 heads,
-             128 dims, context 64, batch 12, vocab 65, no dropout, AdamW lr 1e-3, clip 1.0).
+  train      four training workloads (TRAIN_WORKLOADS: the reversal demo, modular addition at
+             p=113 and p=59 full batch, nanoGPT's CPU shakespeare_char): steady ms per optimizer
+             step (AdamW, clip 1.0), time from building the model to the first finished step,
+             kernels per step, and each step's kernels timed one by one (DEBUG=2), the slowest
+             matmul beside the fastest. Peer: Hugging Face GPT2LMHeadModel in the same shape.
+  demo       the wall time of the whole `python transformer.py -v`, first on an empty kernel cache
+             (a fresh tinygrad cache.db and PoCL cache), then again on the cache it filled.
   bandwidth  the machine's streaming read bandwidth (NumPy sums over 1 GiB), and decode speed as a
              percentage of the bound it sets: every weight is read once per token.
 
@@ -49,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-GROUPS = ("decode", "half", "beam", "prefill", "train", "bandwidth")
+GROUPS = ("decode", "half", "beam", "prefill", "train", "demo", "bandwidth")
 GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
 PROMPT_TOKENS = 16  # the short prompt before decoding
 PREFILL_TOKENS = 512
@@ -60,8 +65,23 @@ TRAIN_WARMUP = 3  # TinyJit captures on its second call; the third is the first 
 TRAIN_STEPS, QUICK_TRAIN_STEPS = 20, 8
 CHILD_TIMEOUT_S = 3600  # a cold BEAM search on two cores can take tens of minutes
 
-# nanoGPT's config/train_shakespeare_char.py, scaled down as its README suggests for a CPU
-TRAIN_SHAPE = dict(vocab=65, n_ctx=64, n_layer=4, n_head=4, n_embd=128, batch=12, lr=1e-3)
+# The training workloads of the speed issue: each is one model shape and batch, trained with
+# AdamW and gradient clipping at 1.0 in both libraries. T is the sequence length of a batch;
+# "scored" says which positions carry loss.
+TRAIN_WORKLOADS = {
+    # transformer.py -v: 8 digits, '>', 8 digits backwards (context 17, sequences of 16)
+    "reverse": dict(vocab=11, n_ctx=17, T=16, n_layer=2, n_head=4, n_embd=64, batch=64, lr=3e-3,
+                    wd=0.1, scored="all"),
+    # modular addition "a b =" -> (a + b) mod p, full batch: Nanda et al.'s p=113, 30 % of pairs
+    "grok113": dict(vocab=114, n_ctx=3, T=3, n_layer=1, n_head=4, n_embd=128, batch=3830, lr=1e-3,
+                    wd=1.0, scored="last"),
+    # the same at p=59, 50 % of pairs, 64 dims
+    "grok59": dict(vocab=60, n_ctx=3, T=3, n_layer=1, n_head=4, n_embd=64, batch=1740, lr=1e-3,
+                   wd=1.0, scored="last"),
+    # nanoGPT's config/train_shakespeare_char.py, scaled down as its README suggests for a CPU
+    "nanogpt": dict(vocab=65, n_ctx=64, T=64, n_layer=4, n_head=4, n_embd=128, batch=12, lr=1e-3,
+                    wd=0.1, scored="all"),
+}
 
 # The goals of the speed issue, as the ratio tinygrad / PyTorch per table row: ">=" where more is
 # better (speed), "<=" where less is (time, memory).
@@ -71,6 +91,14 @@ TARGETS = {
     "prefill": (">=", 1.0),
     "train": ("<=", 2.0),
 }
+TRAIN_LABELS = {
+    "reverse": "reversal (2 layers, 64 dims, batch 64 x 16)",
+    "grok113": "modular addition p=113 (1 layer, 128 dims, 3,830 pairs)",
+    "grok59": "modular addition p=59 (1 layer, 64 dims, 1,740 pairs)",
+    "nanogpt": "nanoGPT shakespeare_char (4 layers, 128 dims, batch 12 x 64)",
+}
+FIRST_STEP_TARGET_S = 5.0  # the reversal model, warm kernel cache
+DEMO_WARM_TARGET_S, DEMO_COLD_TARGET_S = 20.0, 60.0  # the whole `python transformer.py -v`
 TTFT_TARGET_S = 10.0  # time to first token of GPT-2 124M on a warm kernel cache
 BOUND_TARGET = 60.0  # tinygrad decode should reach this % of the memory-bandwidth bound
 
@@ -96,12 +124,20 @@ def random_ids(T: int, vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (1, T), dtype=np.int32)
 
 
-def train_batches(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    s = TRAIN_SHAPE
+def train_batches(workload: str, n: int, ignore: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n batches of random token ids; "last" workloads score only the last position, as
+    grokking's answer after "a b =", the other positions get the ignore id."""
+    w = TRAIN_WORKLOADS[workload]
     rng = np.random.default_rng(0)
-    shape = (s["batch"], s["n_ctx"])
-    return [(rng.integers(0, s["vocab"], shape, dtype=np.int32),
-             rng.integers(0, s["vocab"], shape, dtype=np.int32)) for _ in range(n)]
+    shape = (w["batch"], w["T"])
+    batches = []
+    for _ in range(n):
+        x = rng.integers(0, w["vocab"], shape, dtype=np.int32)
+        y = rng.integers(0, w["vocab"], shape, dtype=np.int32)
+        if w["scored"] == "last":
+            y[:, :-1] = ignore
+        batches.append((x, y))
+    return batches
 
 
 def decode_summary(stamps: list[float], t_start: float, t_loaded: float) -> dict:
@@ -218,33 +254,73 @@ def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
             "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
 
-def child_tinygrad_train(steps: int) -> dict:
-    from tinygrad import Context, Tensor
+def child_tinygrad_train(workload: str, steps: int) -> dict:
+    from tinygrad import Context, GlobalCounters, Tensor
 
-    from transformer import Config, Transformer, make_optimizer, make_train_step
+    from transformer import IGNORE, Config, Transformer, keep_kernels, make_optimizer, \
+        make_train_step
 
-    s = TRAIN_SHAPE
+    keep_kernels()
+    w = TRAIN_WORKLOADS[workload]
     Tensor.manual_seed(0)
-    config = Config(vocab_size=s["vocab"], n_ctx=s["n_ctx"], n_layer=s["n_layer"],
-                    n_head=s["n_head"], n_embd=s["n_embd"])
+    t_start = time.perf_counter()
+    config = Config(vocab_size=w["vocab"], n_ctx=w["n_ctx"], n_layer=w["n_layer"],
+                    n_head=w["n_head"], n_embd=w["n_embd"])
     model = Transformer(config)
-    opt = make_optimizer(model, s["lr"])
+    opt = make_optimizer(model, w["lr"], w["wd"])
     step_fn = make_train_step(model, opt)
-    times, losses = [], []
+    times, losses, kernels = [], [], []
     with Context(TRAINING=1):
-        for x, y in train_batches(TRAIN_WARMUP + steps):
-            t0 = time.perf_counter()
-            loss, _ = step_fn(Tensor(x), Tensor(y), Tensor([s["lr"]]))
+        for x, y in train_batches(workload, TRAIN_WARMUP + steps, IGNORE):
+            t0, k0 = time.perf_counter(), GlobalCounters.kernel_count
+            loss, _ = step_fn(Tensor(x), Tensor(y), Tensor([w["lr"]]))
             losses.append(loss.item())  # waits for the step, as PyTorch's .item() does
             times.append(time.perf_counter() - t0)
-    return train_summary(times, losses) | {"rss_mb": peak_rss_mb(), **tinygrad_info()}
+            kernels.append(GlobalCounters.kernel_count - k0)
+            if len(times) == 1:
+                first_step_s = time.perf_counter() - t_start
+        profile = kernel_profile(step_fn, x, y, w["lr"])
+    return train_summary(times, losses, first_step_s) | {
+        "kernels_per_step": kernels[-1], "rss_mb": peak_rss_mb(), **profile, **tinygrad_info()}
 
 
-def train_summary(times: list[float], losses: list[float]) -> dict:
+def kernel_profile(step_fn, x, y, lr: float) -> dict:
+    """Run the step once more without TinyJit and with DEBUG=2, which makes tinygrad wait for each
+    kernel and print its name, time and GFLOP/s; a matmul is a reduce kernel of >= 1 MFLOP."""
+    import contextlib
+    import io
+    import re
+
+    from tinygrad import Context, Tensor
+
+    out = io.StringIO()
+    with Context(DEBUG=2), contextlib.redirect_stdout(out):
+        step_fn.fxn(Tensor(x), Tensor(y), Tensor([lr]))
+    line = re.compile(r"\*\*\*\s+\S+\s+\d+\s+(\S+)\s.*?tm\s+([\d.]+)(us|ms)/.*?\(\s*(\d+) GFLOPS")
+    kernels = []
+    for text in re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue()).splitlines():
+        if (m := line.search(text)) and not m.group(1).startswith("copy"):
+            ms = float(m.group(2)) / (1000 if m.group(3) == "us" else 1)
+            kernels.append({"name": m.group(1), "ms": ms, "gflops": int(m.group(4))})
+    matmuls = [k for k in kernels if k["name"].startswith("r_") and k["gflops"] * k["ms"] >= 1]
+    slowest = min(matmuls, key=lambda k: k["gflops"], default=None)
+    fastest = max(matmuls, key=lambda k: k["gflops"], default=None)
+    return {"kernel_ms_sum": sum(k["ms"] for k in kernels),
+            "matmul_ms_sum": sum(k["ms"] for k in matmuls),
+            "matmul_gflops_min": slowest and slowest["gflops"],
+            "matmul_gflops_max": fastest and fastest["gflops"],
+            "matmul_slowest": slowest and slowest["name"],
+            "profile": sorted(kernels, key=lambda k: -k["ms"])[:12]}
+
+
+def train_summary(times: list[float], losses: list[float], first_step_s: float) -> dict:
     timed = times[TRAIN_WARMUP:]
-    return {"train_ms": 1e3 * statistics.mean(timed),
-            "train_ms_median": 1e3 * statistics.median(timed),
+    return {"train_ms": 1e3 * statistics.median(timed),
+            "train_ms_mean": 1e3 * statistics.mean(timed),
             "train_ms_stdev": 1e3 * statistics.stdev(timed), "steps": len(timed),
+            # from building the model to the first finished step: what a learner waits for
+            "first_step_s": first_step_s,
+            "jit_warmup_s": times[1] + times[2],  # TinyJit's plain run and its capture
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
@@ -300,31 +376,34 @@ def child_torch_prefill(folder: Path) -> dict:
             "rss_mb": peak_rss_mb()}
 
 
-def child_torch_train(steps: int) -> dict:
+def child_torch_train(workload: str, steps: int) -> dict:
     torch, transformers = torch_setup()
-    s = TRAIN_SHAPE
-    config = transformers.GPT2Config(vocab_size=s["vocab"], n_positions=s["n_ctx"],
-                                     n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
+    w = TRAIN_WORKLOADS[workload]
+    t_start = time.perf_counter()
+    config = transformers.GPT2Config(vocab_size=w["vocab"], n_positions=w["n_ctx"],
+                                     n_layer=w["n_layer"], n_head=w["n_head"], n_embd=w["n_embd"],
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(config).train()
     # the same split as transformer.make_optimizer: decay matrices and embeddings, not the rest
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": w["wd"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(groups, lr=w["lr"], betas=(0.9, 0.99))
     times, losses = [], []
-    for x, y in train_batches(TRAIN_WARMUP + steps):
+    for x, y in train_batches(workload, TRAIN_WARMUP + steps, -100):
         t0 = time.perf_counter()
         x, y = torch.from_numpy(x).long(), torch.from_numpy(y).long()
         logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, s["vocab"]), y.view(-1))
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, w["vocab"]), y.view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
-    return train_summary(times, losses) | {"rss_mb": peak_rss_mb()}
+        if len(times) == 1:
+            first_step_s = time.perf_counter() - t_start
+    return train_summary(times, losses, first_step_s) | {"rss_mb": peak_rss_mb()}
 
 
 def child_bandwidth(repeats: int) -> dict:
@@ -360,14 +439,15 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
         "tinygrad-decode-half-beam": lambda: child_tinygrad_decode(folder, tokens, True,
                                                                    BENCH_BEAM),
         "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
-        "tinygrad-train": lambda: child_tinygrad_train(steps),
         "torch-probe": child_torch_probe,
         "torch-decode": lambda: child_torch_decode(folder, tokens, bf16=False),
         "torch-decode-bf16": lambda: child_torch_decode(folder, tokens, bf16=True),
         "torch-prefill": lambda: child_torch_prefill(folder),
-        "torch-train": lambda: child_torch_train(steps),
         "bandwidth": lambda: child_bandwidth(3 if quick else 5),
     }
+    for workload in TRAIN_WORKLOADS:
+        children[f"tinygrad-train-{workload}"] = lambda w=workload: child_tinygrad_train(w, steps)
+        children[f"torch-train-{workload}"] = lambda w=workload: child_torch_train(w, steps)
     return children[name]()
 
 
@@ -398,6 +478,27 @@ def spawn(name: str, args, env: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def time_demo(env: dict) -> dict:
+    """Wall seconds of `python transformer.py -v`, cold then warm, on caches of its own."""
+    with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
+        env = env | {"CACHEDB": f"{tmp}/cache.db", "POCL_CACHE_DIR": f"{tmp}/pocl"}
+        cmd = [sys.executable, str(Path(__file__).with_name("transformer.py")), "-v", "--out",
+               f"{tmp}/reverse"]
+        result = {}
+        for key in ("cold_s", "warm_s"):
+            print(f"  demo, {key[:4]} cache ...", end="", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=CHILD_TIMEOUT_S)
+            result[key] = time.perf_counter() - t0
+            print(f" {result[key]:.0f} s", file=sys.stderr)
+            if proc.returncode != 0:
+                why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                return {"error": f"transformer.py -v failed: {why}"}
+            result["stderr_lines"] = len(proc.stderr.splitlines())  # compiler noise shows here
+        return result
+
+
 def plan(groups: set[str], torch_ok: bool) -> list[str]:
     names = []
     wanted = {
@@ -406,7 +507,8 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
         "beam": ["tinygrad-decode-beam", "torch-decode", "tinygrad-decode-half-beam",
                  "torch-decode-bf16"],
         "prefill": ["tinygrad-prefill", "torch-prefill"],
-        "train": ["tinygrad-train", "torch-train"],
+        "train": [f"{lib}-train-{w}" for w in TRAIN_WORKLOADS for lib in ("tinygrad", "torch")],
+        "demo": [],
         "bandwidth": ["bandwidth"],
     }
     for group in GROUPS:
@@ -518,8 +620,28 @@ def table_rows(results: dict) -> list[list[str]]:
     add("peak RSS MB, decode fp32", None, "tinygrad-decode", "torch-decode", "rss_mb", 0)
     add("peak RSS MB, decode 16-bit", None, "tinygrad-decode-half", "torch-decode-bf16",
         "rss_mb", 0)
-    add("train ms/step (shakespeare_char, batch 12)", "train", "tinygrad-train", "torch-train",
-        "train_ms", 1)
+    for workload, label in TRAIN_LABELS.items():
+        tg_name, pt_name = f"tinygrad-train-{workload}", f"torch-train-{workload}"
+        add(f"train ms/step, {label}", "train", tg_name, pt_name, "train_ms", 1)
+        add("  first step s (build the model + one step)", None, tg_name, pt_name, "first_step_s",
+            2)
+        first = get(r, tg_name, "first_step_s")
+        if workload == "reverse" and first is not None:  # an absolute goal, not a ratio
+            rows[-1][-1] = f"<= {FIRST_STEP_TARGET_S:.0f} s " + (
+                "met" if first <= FIRST_STEP_TARGET_S else "missed")
+        add("  JIT warm-up s (steps 2-3)", None, tg_name, pt_name, "jit_warmup_s", 2)
+        add("  kernels per step", None, tg_name, "", "kernels_per_step", 0)
+        low, high = get(r, tg_name, "matmul_gflops_min"), get(r, tg_name, "matmul_gflops_max")
+        if low is not None:
+            met = "met" if low >= high / 2 else "missed"
+            rows.append([f"  matmul GFLOP/s, slowest / fastest ({get(r, tg_name, 'matmul_slowest')})",
+                         f"{low} / {high}", "", f"{low / high:.2f}", f">= 0.50 {met}"])
+    for key, label, target in (("cold_s", "cold kernel cache", DEMO_COLD_TARGET_S),
+                               ("warm_s", "warm kernel cache", DEMO_WARM_TARGET_S)):
+        seconds = get(r, "demo", key)
+        if seconds is not None:
+            rows.append([f"`transformer.py -v` wall s, {label}", fmt(seconds, 1), "", "",
+                         f"<= {target:.0f} s " + ("met" if seconds <= target else "missed")])
     return rows
 
 
@@ -597,7 +719,7 @@ def main(argv=None) -> int:
     print(f"bench: DEV={env['DEV']} BEAM={env.get('BEAM', '0')} tokens={args.tokens} "
           f"groups={','.join(g for g in GROUPS if g in args.groups)}", file=sys.stderr)
     results = {}
-    torch_ok = bool(args.groups - {"bandwidth"})
+    torch_ok = bool(args.groups - {"bandwidth", "demo"})
     if torch_ok:
         probe = spawn("torch-probe", args, env)
         if "error" in probe:
@@ -614,6 +736,8 @@ def main(argv=None) -> int:
         args.checkpoint = folder
         for name in names:
             results[name] = spawn(name, args, env)
+    if "demo" in args.groups:
+        results["demo"] = time_demo(env)
 
     info = machine_info(results, env)
     rows = table_rows(results)

@@ -29,7 +29,7 @@ from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.helpers import DEV
 from tinygrad.nn.state import safe_load
 
-from transformer import Config, Transformer, generate
+from transformer import Config, Transformer, generate, keep_kernels
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {
@@ -393,6 +393,7 @@ def main(argv=None) -> int:
     # argparse's own errors (a missing value, a word where a number goes) as one error line too
     ap.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
     args = ap.parse_args(argv)
+    keep_kernels()
 
     def log(msg: str):
         print(msg, file=sys.stderr, flush=True)
