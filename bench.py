@@ -28,7 +28,7 @@ the child prints one JSON line and this script collects them into a table whose 
 tinygrad / PyTorch. Imports are not timed. The PyTorch rows need torch and transformers; without
 them those cells stay empty.
 
-    .venv/bin/python bench.py                        # everything, on DEV=CPU unless DEV is set
+    .venv/bin/python bench.py                        # everything, on the default backend or DEV
     .venv/bin/python bench.py --quick                # fewer tokens and steps: a smoke run
     .venv/bin/python bench.py --only decode,half --tokens 128 --json out.json
     .venv/bin/python bench.py --only decode,beam     # default kernels beside searched ones
@@ -257,21 +257,19 @@ def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
 def child_tinygrad_train(workload: str, steps: int) -> dict:
     from tinygrad import Context, GlobalCounters, Tensor
 
-    from transformer import IGNORE, Config, Transformer, keep_kernels, make_optimizer, \
-        make_train_step
+    import transformer as tr
 
-    keep_kernels()
     w = TRAIN_WORKLOADS[workload]
     Tensor.manual_seed(0)
     t_start = time.perf_counter()
-    config = Config(vocab_size=w["vocab"], n_ctx=w["n_ctx"], n_layer=w["n_layer"],
-                    n_head=w["n_head"], n_embd=w["n_embd"])
-    model = Transformer(config)
-    opt = make_optimizer(model, w["lr"], w["wd"])
-    step_fn = make_train_step(model, opt)
+    config = tr.Config(vocab_size=w["vocab"], n_ctx=w["n_ctx"], n_layer=w["n_layer"],
+                       n_head=w["n_head"], n_embd=w["n_embd"])
+    model = tr.Transformer(config)
+    opt = tr.make_optimizer(model, w["lr"], w["wd"])
+    step_fn = tr.make_train_step(model, opt)
     times, losses, kernels = [], [], []
     with Context(TRAINING=1):
-        for x, y in train_batches(workload, TRAIN_WARMUP + steps, IGNORE):
+        for x, y in train_batches(workload, TRAIN_WARMUP + steps, tr.IGNORE):
             t0, k0 = time.perf_counter(), GlobalCounters.kernel_count
             loss, _ = step_fn(Tensor(x), Tensor(y), Tensor([w["lr"]]))
             losses.append(loss.item())  # waits for the step, as PyTorch's .item() does
@@ -431,6 +429,11 @@ def child_bandwidth(repeats: int) -> dict:
 
 def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
     """Dispatch on the child's name: MODE-WHAT[-PRECISION]. folder holds the GPT-2 checkpoint."""
+    if name.startswith("tinygrad"):
+        import transformer
+
+        transformer.use_device()  # DEV if set, else the project's default backend
+        transformer.keep_kernels()
     steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
     children = {
         "tinygrad-decode": lambda: child_tinygrad_decode(folder, tokens, half=False),
@@ -634,8 +637,9 @@ def table_rows(results: dict) -> list[list[str]]:
         low, high = get(r, tg_name, "matmul_gflops_min"), get(r, tg_name, "matmul_gflops_max")
         if low is not None:
             met = "met" if low >= high / 2 else "missed"
-            rows.append([f"  matmul GFLOP/s, slowest / fastest ({get(r, tg_name, 'matmul_slowest')})",
-                         f"{low} / {high}", "", f"{low / high:.2f}", f">= 0.50 {met}"])
+            slowest = get(r, tg_name, "matmul_slowest")
+            rows.append([f"  matmul GFLOP/s, slowest ({slowest}) / fastest", f"{low} / {high}",
+                         "", f"{low / high:.2f}", f">= 0.50 {met}"])
     for key, label, target in (("cold_s", "cold kernel cache", DEMO_COLD_TARGET_S),
                                ("warm_s", "warm kernel cache", DEMO_WARM_TARGET_S)):
         seconds = get(r, "demo", key)
@@ -713,10 +717,10 @@ def main(argv=None) -> int:
         return 0
 
     env = dict(os.environ)
-    env.setdefault("DEV", "CPU")
     if args.device:
         env["DEV"] = args.device.upper()
-    print(f"bench: DEV={env['DEV']} BEAM={env.get('BEAM', '0')} tokens={args.tokens} "
+    # without DEV the children run on the project's default backend (transformer.use_device)
+    print(f"bench: DEV={env.get('DEV', 'unset: the default')} BEAM={env.get('BEAM', '0')} tokens={args.tokens} "
           f"groups={','.join(g for g in GROUPS if g in args.groups)}", file=sys.stderr)
     results = {}
     torch_ok = bool(args.groups - {"bandwidth", "demo"})

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
-from tinygrad.helpers import DEV
 from tinygrad.nn.state import safe_load
 
-from transformer import Config, Transformer, generate, keep_kernels
+from transformer import Config, Transformer, generate, keep_kernels, use_device
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {
@@ -373,7 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", type=Path, help="local model.safetensors or pytorch_model.bin")
     ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="download cache")
     ap.add_argument("--download", action="store_true", help="only fetch the weights, then exit")
-    ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ...")
+    ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... "
+                                     "(default: DEV, else the fastest here)")
     ap.add_argument("--half", action="store_true",
                     help="float16 weights (activations stay float32)")
     ap.add_argument("--timing", action="store_true", help="print prefill and decode speed")
@@ -419,12 +419,11 @@ def main(argv=None) -> int:
         if args.download:
             log(f"weights at {fetch_weights(args.model, args.weights_dir)}")
             return 0
-        if args.device:
-            try:
-                DEV.value = args.device.upper()  # tinygrad's default backend, e.g. CL or CPU:LLVM
-                Device[Device.DEFAULT]  # open it now, so a backend that cannot run fails here
-            except Exception as e:
-                raise GPTError(f"device {args.device!r} is not usable here: {e}") from None
+        try:
+            use_device(args.device)
+        except Exception as e:
+            raise GPTError(f"device {args.device or os.environ.get('DEV')!r} is not usable "
+                           f"here: {e}") from None
         views = {"--layer": args.layer, "--head": args.head, "--tokens": args.tokens}
         for flag, value in views.items():
             if value is not None and args.attention is None:

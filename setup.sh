@@ -3,8 +3,9 @@
 # backend, a virtual environment in .venv, and the Python packages. `make` runs this for you.
 #   ./setup.sh          runtime + test dependencies
 #   WITH_OPENCL=1 ./setup.sh   also PoCL, so tinygrad's OpenCL backend (DEV=CL) runs on the CPU
-#   WITH_LLVM=1 ./setup.sh     also libLLVM 19, for tinygrad's LLVM code generator (DEV=CPU:LLVM);
-#                              tinygrad 0.14 cannot use LLVM 14 or 15 (Debian 12 has 19)
+#   libLLVM 19 comes too: tinygrad's LLVM code generator (CPU:LLVM) is the default backend on a
+#   CPU (see transformer.use_device); tinygrad 0.14 cannot use LLVM 14 or 15 (Debian 12 has 19).
+#   WITH_LLVM=0 ./setup.sh skips it, and the CPU backend falls back to clang.
 #   WITH_CHROMIUM=1 ./setup.sh also Chromium, the browser the tests open attention.html in
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,12 +16,20 @@ if [[ "$(uname -s)" == "Linux" ]]; then
   if [[ "${WITH_OPENCL:-0}" == "1" ]] && ! ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
     need_apt+=(pocl-opencl-icd)
   fi
-  if [[ "${WITH_LLVM:-0}" == "1" ]]; then
+  if [[ "${WITH_LLVM:-1}" == "1" ]]; then
     llvm_found=0
     for v in 16 17 18 19 20 21; do
       compgen -G "/usr/lib/*/libLLVM-$v.so" >/dev/null && llvm_found=1
     done
-    ((llvm_found)) || need_apt+=(libllvm19)
+    if ((!llvm_found)); then
+      # wanted, not needed: without root the default backend falls back to clang
+      if [[ $(id -u) == 0 ]] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; then
+        need_apt+=(libllvm19)
+      else
+        echo "setup: note: no libLLVM 16-21, so the CPU backend is clang, not the faster LLVM" \
+             "(sudo apt-get install -y libllvm19 to add it)" >&2
+      fi
+    fi
   fi
   if [[ "${WITH_CHROMIUM:-0}" == "1" ]] && ! command -v chromium >/dev/null; then
     need_apt+=(chromium)
