@@ -720,7 +720,8 @@ def main(argv=None) -> int:
     if args.device:
         env["DEV"] = args.device.upper()
     # without DEV the children run on the project's default backend (transformer.use_device)
-    print(f"bench: DEV={env.get('DEV', 'unset: the default')} BEAM={env.get('BEAM', '0')} tokens={args.tokens} "
+    print(f"bench: DEV={env.get('DEV', 'unset: the default')} BEAM={env.get('BEAM', '0')} "
+          f"tokens={args.tokens} "
           f"groups={','.join(g for g in GROUPS if g in args.groups)}", file=sys.stderr)
     results = {}
     torch_ok = bool(args.groups - {"bandwidth", "demo"})

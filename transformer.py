@@ -794,6 +794,9 @@ class _KeptKernels(dict):
         dict.__setitem__(self, key, program)
         return True
 
+    def get(self, key, default=None):  # how to_program looks (the device's own small programs)
+        return dict.__getitem__(self, key) if key in self else default
+
     def __setitem__(self, key, program):
         dict.__setitem__(self, key, program)
         diskcache_put(KEPT_KERNELS_TABLE, self.disk_key(key), program)

@@ -1,0 +1,157 @@
+"""Speed at the edges, checked without timing: the training Linear's split weight gradient against
+NumPy, the kept kernels read back in a new process, the default backend, PoCL's silence, and
+bench.py's kernel profile. How fast it all is, is bench.py's business (README, Speed)."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinygrad import Context, Tensor, TinyJit
+
+import bench
+from transformer import linear
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# 48 rows split into 16 partial sums, 34 (= 2 x 17) into 2, 7 (prime) into 7, 13 x 17 rows into 13
+@pytest.mark.parametrize("lead", [(3, 16), (2, 17), (7,), (13, 17)])
+def test_split_weight_gradient_matches_numpy(lead):
+    rng = np.random.default_rng(5)
+    n_in, n_out = 12, 20
+    x = rng.normal(size=(*lead, n_in)).astype(np.float32)
+    w = rng.normal(size=(n_out, n_in)).astype(np.float32)
+    b = rng.normal(size=n_out).astype(np.float32)
+    g = rng.normal(size=(*lead, n_out)).astype(np.float32)  # the gradient arriving at y
+
+    def run(training: int):
+        X, W, B = Tensor(x), Tensor(w), Tensor(b)
+        with Context(TRAINING=training):
+            y = linear(X, W, B)
+            grads = (y * Tensor(g)).sum().gradient(X, W, B)
+        return [t.numpy() for t in (y, *grads)]
+
+    xs, gs = x.reshape(-1, n_in).astype(np.float64), g.reshape(-1, n_out).astype(np.float64)
+    want = [x.astype(np.float64) @ w.T + b, g.astype(np.float64) @ w, gs.T @ xs, gs.sum(0)]
+    split, plain = run(1), run(0)  # TRAINING=1 takes the partial-sums path
+    for name, got, ref, other in zip(("y", "dx", "dW", "db"), split, want, plain):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got, other, rtol=1e-5, atol=1e-5, err_msg=f"{name} vs plain")
+
+
+KEPT = """
+import json, sys
+import numpy as np
+import tinygrad.codegen
+from tinygrad import Device, Tensor
+import transformer
+
+Device[Device.DEFAULT]  # the CPU device generates 4 small programs of its own when it opens
+generated = []
+original = tinygrad.codegen.do_to_program
+tinygrad.codegen.do_to_program = lambda *a: generated.append(1) or original(*a)
+transformer.keep_kernels()
+a = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
+out = ((a @ a.T).relu() + 1).sum(1).numpy()
+print(json.dumps({"generated": len(generated), "out": out.tolist()}))
+"""
+
+
+def run_kept(tmp_path: Path, **env) -> dict:
+    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0", "CACHEDB": str(tmp_path / "cache.db"),
+           **env}  # PARALLEL=0: kernels are generated in this process, where they are counted
+    run = subprocess.run([sys.executable, "-c", KEPT], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_kept_kernels_are_read_back_by_the_next_process(tmp_path):
+    a = np.arange(12, dtype=np.float64).reshape(3, 4)
+    want = (np.maximum(a @ a.T, 0) + 1).sum(1)
+    first, second = run_kept(tmp_path), run_kept(tmp_path)
+    assert first["generated"] >= 1, first
+    assert second["generated"] == 0, f"the second process generated kernels again: {second}"
+    np.testing.assert_allclose(first["out"], want, rtol=1e-6)
+    np.testing.assert_allclose(second["out"], want, rtol=1e-6)
+    # CACHELEVEL=0 turns tinygrad's disk cache off, and the kept kernels with it
+    assert run_kept(tmp_path, CACHELEVEL="0")["generated"] >= 1
+
+
+def device_of(*args: str, **env) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in {**os.environ, **env}.items() if k != "DEV" or v}
+    code = "import sys, transformer; print(transformer.use_device(*sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def has_llvm() -> bool:
+    # what tinygrad 0.14's CPU:LLVM loads, looked up on disk rather than asked of the code
+    return any(glob.glob(f"/usr/lib/*/libLLVM-{v}.so") for v in range(14, 22)) or bool(
+        glob.glob("/usr/lib/*/libLLVM.so"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the default on a Linux CPU machine")
+def test_default_backend_on_a_cpu_is_llvm_when_installed_and_dev_wins():
+    default = device_of(DEV="")
+    assert default.returncode == 0, default.stderr
+    want = "CPU (CPULLVMRenderer)" if has_llvm() else "CPU (ClangRenderer)"
+    assert default.stdout.strip() == want, default.stdout
+    assert device_of(DEV="CPU").stdout.strip() == "CPU (ClangRenderer)"  # DEV wins
+    assert device_of("cpu", DEV="").stdout.strip() == "CPU (ClangRenderer)"  # and so does --device
+
+
+def test_cli_device_that_cannot_run():
+    run = subprocess.run([sys.executable, "transformer.py", "--device", "NOSUCH", "--steps", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: device 'NOSUCH' is not usable"), lines
+
+
+POCL_KERNEL = """
+import sys
+from tinygrad import Tensor
+if sys.argv[1] == "use_device":
+    import transformer
+    transformer.use_device()
+print((Tensor.ones(4, 4) * 3 + 1).sum().item())  # its code has "((a == b))", which clang flags
+"""
+
+
+@pytest.mark.skipif(not glob.glob("/etc/OpenCL/vendors/*.icd"), reason="needs an OpenCL driver")
+@pytest.mark.parametrize("how", ["plain", "use_device"])
+def test_pocl_compiles_without_noise_on_stderr(tmp_path, how):
+    env = {**os.environ, "DEV": "CL", "CACHEDB": str(tmp_path / "cache.db"),
+           "POCL_CACHE_DIR": str(tmp_path / "pocl")}  # empty caches: every kernel is compiled
+    env.pop("POCL_EXTRA_BUILD_FLAGS", None)
+    run = subprocess.run([sys.executable, "-c", POCL_KERNEL, how], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    if how == "plain":  # the noise that use_device removes is really there without it
+        assert "warning generated" in run.stderr, run.stderr
+    else:
+        assert run.stderr == "", run.stderr
+
+
+def test_bench_kernel_profile_finds_the_matmul():
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(128, 256)).astype(np.float32) for _ in range(2))
+
+    @TinyJit
+    def step(x, y, lr):
+        return ((x @ y.T) * lr).relu().sum().realize()
+
+    for _ in range(3):
+        step(Tensor(a), Tensor(b), Tensor([1.0]))
+    profile = bench.kernel_profile(step, a, b, 1.0)
+    # 128 x 128 x 256 multiply-adds (8.4 MFLOP) with the relu and the sum fused in: one kernel,
+    # a reduce of >= 1 MFLOP, so the matmul; the copies of the inputs are not kernels
+    assert [k["name"][:2] for k in profile["profile"]] == ["r_"], profile
+    assert profile["matmul_gflops_max"] == profile["matmul_gflops_min"] > 0, profile
+    assert 0 < profile["matmul_ms_sum"] == profile["kernel_ms_sum"], profile
