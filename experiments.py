@@ -23,8 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Device, Tensor
+from tinygrad import Tensor
 
+import transformer
 from tasks import Reverse, Shakespeare
 from transformer import ABLATIONS, SIMILARITIES, Transformer, generate, train
 
@@ -176,10 +177,12 @@ def main(argv=None) -> int:
     if not Path(args.data).is_file():
         print(f"error: no text at {args.data}; pass --data PATH", file=sys.stderr)
         return 2
+    transformer.keep_kernels()
+    device = transformer.use_device()
     runs: dict = {}
     t0 = time.perf_counter()
     print(f"`python experiments.py{' --only ' + args.only if args.only else ''}`: "
-          f"{os.cpu_count()} cores ({platform.machine()}), tinygrad on {Device.DEFAULT}, "
+          f"{os.cpu_count()} cores ({platform.machine()}), tinygrad on {device}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     for group in groups:
         print(f"{group} ...", file=sys.stderr, flush=True)
