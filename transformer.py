@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, Variable, nn
+from tinygrad.function import function
 from tinygrad.helpers import BEAM, TRAINING, diskcache_get, diskcache_put
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
+from tinygrad.uop.ops import UOp
 
 # ---------------------------------------------------------------------------------------------
 # Attention
@@ -103,26 +105,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return attention_weights(q, k, mask) @ v
 
 
+def matmul_backward(grad: UOp, call: UOp) -> tuple[UOp, UOp]:
+    """The gradients of y = x Wᵀ (x (N, in), W (out, in)), written so that tinygrad 0.14 makes
+    fast CPU kernels of them. Its own backward reads W across memory for dx, and reduces dW over
+    all N rows in one long sum: on this CPU 12 and 7 GFLOP/s against the forward's 31.
+    - dx = g W reads W through a transposed copy, so each of its sums runs along memory: 31.
+    - dW = gᵀ x as up to 32 partial sums over blocks of rows, stored, then added: 17.
+    One Linear of modular addition's step at p=113 (11,490 rows, 512 -> 128): 385 ms -> 186 ms."""
+    g, x, w = (Tensor(u) for u in (grad, *call.src[1:]))
+    N, n_in = x.shape
+    n_out = w.shape[0]
+    dx = g @ w.T.contiguous().T  # (N, out) @ (out, in), the (out, in) view of an (in, out) copy
+    k = max(d for d in range(1, 33) if N % d == 0)
+    g_blocks = g.reshape(k, N // k, n_out).transpose(1, 2)  # (k, out, N/k)
+    dw = (g_blocks @ x.reshape(k, N // k, n_in)).contiguous().sum(0)  # (k, out, in) -> (out, in)
+    return dx.uop, dw.uop
+
+
+@function(grad_fxn=matmul_backward)
+def train_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """x Wᵀ for x (N, in), with the backward above."""
+    return x @ weight.T
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x Wᵀ + b for x (..., in) and weight (out, in)."""
     *lead, n_in = x.shape
+    n_out = weight.shape[0]
     if math.prod(lead) == 1 and n_in % 4 == 0:
         # One row (decoding a token): a matrix-vector product, bound by reading the weights. As
         # one long sum per output it is a serial chain of additions; as 4 interleaved partial
         # sums, the CPU has independent ones to overlap: decoding 1.5x faster on tinygrad 0.14's
         # CPU and OpenCL backends (8 sums spill registers on a CPU without AVX-512).
-        n_out = weight.shape[0]
         products = x.reshape(*lead, 1, n_in // 4, 4) * weight.reshape(n_out, n_in // 4, 4)
         y = products.sum(-2).sum(-1)  # (..., out)
-    elif TRAINING and (rows := math.prod(lead)) > 1:
-        # Training: W's gradient sums over every row (batch x time). As one long sum, tinygrad
-        # 0.14 makes a slow kernel of it (5-7 GFLOP/s on this CPU); cut into up to 16 partial sums
-        # that are stored (contiguous_backward) and then added, it runs at 21: the same W, viewed
-        # k times, gets k gradients that expand's backward sums. Modular addition's step: 1.6x.
-        k = max(d for d in range(1, 17) if rows % d == 0)
-        n_out = weight.shape[0]
-        w = weight.reshape(1, n_out, n_in).expand(k, n_out, n_in).contiguous_backward()
-        y = (x.reshape(k, rows // k, n_in) @ w.transpose(1, 2)).reshape(*lead, n_out)
+    elif TRAINING:
+        # the same product with a backward that makes faster kernels (matmul_backward)
+        y = train_matmul(x.reshape(-1, n_in), weight).reshape(*lead, n_out)
     else:
         y = x @ weight.T
     return y if bias is None else y + bias
@@ -407,7 +426,15 @@ class Transformer:
         # activations stay float32, and each matmul upcasts its weights as it loads them. The
         # token rows are looked up as float32 too: tinygrad 0.14 cannot compile a float16 lookup
         # (nn.Embedding's) for OpenCL.
-        x = self.wte.weight.float()[idx]  # (B, T, C)
+        if TRAINING:
+            # The lookup as a product with one-hot rows: its gradient is then a matmul that
+            # linear splits into partial sums. tinygrad's own backward of the lookup is one long
+            # masked sum per table entry: 161 ms of modular addition's 900 ms step at p=113.
+            rows = self.wte.weight.shape[0]
+            one_hot = (idx.unsqueeze(-1) == Tensor.arange(rows)).float()  # (B, T, rows)
+            x = linear(one_hot, self.wte.weight.T)  # (B, T, C)
+        else:
+            x = self.wte.weight.float()[idx]  # (B, T, C)
         if self.config.positions != "none":
             table = self.wpe.weight if self.config.positions == "learned" else self.pe
             x = x + table[first : first + T].float()  # (B, T, C) + (T, C)

@@ -1,6 +1,7 @@
-"""Speed at the edges, checked without timing: the training Linear's split weight gradient against
-NumPy, the kept kernels read back in a new process, the default backend, PoCL's silence, and
-bench.py's kernel profile. How fast it all is, is bench.py's business (README, Speed)."""
+"""Speed at the edges, checked without timing: the training Linear's own backward and the one-hot
+token lookup against NumPy and tinygrad's gradient, the kept kernels read back in a new process,
+the default backend, PoCL's silence, and bench.py's kernel profile. How fast it all is, is
+bench.py's business (README, Speed)."""
 
 import glob
 import json
@@ -14,14 +15,14 @@ import pytest
 from tinygrad import Context, Tensor, TinyJit
 
 import bench
-from transformer import linear
+from transformer import Config, Transformer, linear
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-# 48 rows split into 16 partial sums, 34 (= 2 x 17) into 2, 7 (prime) into 7, 13 x 17 rows into 13
+# 48 rows split into 24 partial sums of dW, 34 (= 2 x 17) into 17, 7 (prime) into 7, 13 x 17 into 17
 @pytest.mark.parametrize("lead", [(3, 16), (2, 17), (7,), (13, 17)])
-def test_split_weight_gradient_matches_numpy(lead):
+def test_training_linear_backward_matches_numpy(lead):
     rng = np.random.default_rng(5)
     n_in, n_out = 12, 20
     x = rng.normal(size=(*lead, n_in)).astype(np.float32)
@@ -38,10 +39,33 @@ def test_split_weight_gradient_matches_numpy(lead):
 
     xs, gs = x.reshape(-1, n_in).astype(np.float64), g.reshape(-1, n_out).astype(np.float64)
     want = [x.astype(np.float64) @ w.T + b, g.astype(np.float64) @ w, gs.T @ xs, gs.sum(0)]
-    split, plain = run(1), run(0)  # TRAINING=1 takes the partial-sums path
+    split, plain = run(1), run(0)  # TRAINING=1 takes matmul_backward, 0 tinygrad's own gradient
     for name, got, ref, other in zip(("y", "dx", "dW", "db"), split, want, plain):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(got, other, rtol=1e-5, atol=1e-5, err_msg=f"{name} vs plain")
+
+
+def test_training_forward_and_gradients_equal_the_plain_ones():
+    # the whole model: the one-hot token lookup, the tied output layer (W given as a view) and
+    # every Linear take the training path with TRAINING=1; the numbers must not change
+    config = Config(vocab_size=11, n_ctx=8, n_layer=2, n_head=2, n_embd=16)
+    Tensor.manual_seed(3)
+    model = Transformer(config)
+    params = list(model.parameters().values())
+    Tensor.realize(*params)
+    rng = np.random.default_rng(3)
+    idx = Tensor(rng.integers(0, 11, (3, 8), dtype=np.int32))
+    y = Tensor(rng.integers(0, 11, (3, 8), dtype=np.int32))
+
+    def run(training: int):
+        with Context(TRAINING=training):
+            loss = model(idx).sparse_categorical_crossentropy(y)
+            return [t.numpy() for t in (loss, *loss.gradient(*params))]
+
+    fast, plain = run(1), run(0)
+    for name, a, b in zip(["loss", *model.parameters()], fast, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.abs(plain[1]).max() > 0  # the token table does get a gradient
 
 
 KEPT = """
