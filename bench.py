@@ -284,7 +284,9 @@ def child_tinygrad_train(workload: str, steps: int) -> dict:
 
 def kernel_profile(step_fn, x, y, lr: float) -> dict:
     """Run the step once more without TinyJit and with DEBUG=2, which makes tinygrad wait for each
-    kernel and print its name, time and GFLOP/s; a matmul is a reduce kernel of >= 1 MFLOP."""
+    kernel and print its name, time, GFLOP/s and GB/s. A matmul here is a reduce kernel of at least
+    1 MFLOP that does at least 2 flops per byte it moves: a LayerNorm's or a softmax's sums do
+    about 0.25, a matmul of these shapes 10 to 50."""
     import contextlib
     import io
     import re
@@ -294,13 +296,16 @@ def kernel_profile(step_fn, x, y, lr: float) -> dict:
     out = io.StringIO()
     with Context(DEBUG=2), contextlib.redirect_stdout(out):
         step_fn.fxn(Tensor(x), Tensor(y), Tensor([lr]))
-    line = re.compile(r"\*\*\*\s+\S+\s+\d+\s+(\S+)\s.*?tm\s+([\d.]+)(us|ms)/.*?\(\s*(\d+) GFLOPS")
+    line = re.compile(r"\*\*\*\s+\S+\s+\d+\s+(\S+)\s.*?tm\s+([\d.]+)(us|ms)/.*?"
+                      r"\(\s*(\d+) GFLOPS\s+(\d+)\|")
     kernels = []
     for text in re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue()).splitlines():
         if (m := line.search(text)) and not m.group(1).startswith("copy"):
             ms = float(m.group(2)) / (1000 if m.group(3) == "us" else 1)
-            kernels.append({"name": m.group(1), "ms": ms, "gflops": int(m.group(4))})
-    matmuls = [k for k in kernels if k["name"].startswith("r_") and k["gflops"] * k["ms"] >= 1]
+            kernels.append({"name": m.group(1), "ms": ms, "gflops": int(m.group(4)),
+                            "gb_s": int(m.group(5))})
+    matmuls = [k for k in kernels if k["name"].startswith("r_") and k["gflops"] * k["ms"] >= 1
+               and k["gflops"] >= 2 * max(k["gb_s"], 0.5)]  # GB/s is printed rounded
     slowest = min(matmuls, key=lambda k: k["gflops"], default=None)
     fastest = max(matmuls, key=lambda k: k["gflops"], default=None)
     return {"kernel_ms_sum": sum(k["ms"] for k in kernels),
