@@ -737,27 +737,28 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
     constant_lr = getattr(task, "constant_lr", False)
     tokens_per_step = task.batch_size * c.n_ctx
     t0 = time.perf_counter()
-    with Context(TRAINING=1):
-        for step in range(start, steps):
-            x, y = task.batch(rng, task.batch_size)
-            if constant_lr:
-                lr = task.lr * min(1.0, (step + 1) / warmup)
-            else:
-                lr = learning_rate(step, task.lr, steps, warmup)
+    for step in range(start, steps):
+        x, y = task.batch(rng, task.batch_size)
+        if constant_lr:
+            lr = task.lr * min(1.0, (step + 1) / warmup)
+        else:
+            lr = learning_rate(step, task.lr, steps, warmup)
+        # TRAINING only around the step: the evaluations are inference, with inference's kernels
+        with Context(TRAINING=1):
             loss, norm = step_fn(Tensor(x), Tensor(y), Tensor([lr]))
-            done = step + 1
-            if verbose and (done % 25 == 0 or done == steps):
-                elapsed = time.perf_counter() - t0
-                rate = (done - start) / elapsed
-                log(f"step {done:5d}/{steps}  loss {loss.item():.4f}  lr {lr:.2e}  "
-                    f"grad-norm {norm.item():.2f}  {rate * tokens_per_step:,.0f} tok/s  "
-                    f"ETA {(steps - done) / rate:.0f}s")
-            if observe is not None and (done % task.eval_every == 0 or done == steps):
-                line = observe(model, done)
-                if verbose:
-                    log(line)
-            elif verbose and done % task.eval_every == 0 and done != steps:
-                log(f"eval  step {done}: {task.metric} {task.evaluate(model, quick=True):.4f}")
+        done = step + 1
+        if verbose and (done % 25 == 0 or done == steps):
+            elapsed = time.perf_counter() - t0
+            rate = (done - start) / elapsed
+            log(f"step {done:5d}/{steps}  loss {loss.item():.4f}  lr {lr:.2e}  "
+                f"grad-norm {norm.item():.2f}  {rate * tokens_per_step:,.0f} tok/s  "
+                f"ETA {(steps - done) / rate:.0f}s")
+        if observe is not None and (done % task.eval_every == 0 or done == steps):
+            line = observe(model, done)
+            if verbose:
+                log(line)
+        elif verbose and done % task.eval_every == 0 and done != steps:
+            log(f"eval  step {done}: {task.metric} {task.evaluate(model, quick=True):.4f}")
     elapsed = time.perf_counter() - t0
     score = task.evaluate(model)
     if out is not None:
