@@ -858,8 +858,8 @@ def use_device(device: str | None = None) -> str:
     (no GPU backend, or OpenCL served by PoCL on the CPU) this picks the CPU with LLVM code
     generation when libLLVM is installed (setup.sh does): `transformer.py -v` takes 34 s on an
     empty kernel cache and 19 s on a warm one on the 2-core build machine, against 100 s and 15 s
-    through PoCL and 44 s and 21 s with clang. PoCL runs long trainings 1.3x faster (README,
-    Speed); DEV=CL or --device CL picks it."""
+    through PoCL and 44 s and 21 s with clang. PoCL runs training steps 1.25x to 1.55x faster
+    once compiled (README, Speed); DEV=CL or --device CL picks it."""
     from tinygrad import Device
     from tinygrad.helpers import DEV
 
