@@ -840,8 +840,8 @@ def keep_kernels():
 
     tinygrad 0.14 caches compiled binaries between runs, but regenerates every kernel's code in
     each new process: 201 kernels took 17 s of `transformer.py -v`'s 38 s on one core. Read back
-    from disk, the reversal model's first step takes 2.3 s instead of 8. Idempotent; the CLIs and
-    bench.py call it, a library user may."""
+    from disk, the reversal model's first step took 2.3 s instead of 8 on clang. Idempotent; the
+    CLIs and bench.py call it, a library user may."""
     import tinygrad.codegen
     import tinygrad.engine.realize
 
