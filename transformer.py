@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -878,12 +879,18 @@ def use_device(device: str | None = None) -> str:
 
 
 def llvm_available() -> bool:
+    """Is there a libLLVM that tinygrad 0.14 loads and can compile with (16 or newer)?"""
     try:
         from tinygrad.runtime.autogen import llvm
 
-        return bool(llvm.dll)
-    except Exception:  # no libLLVM that tinygrad can load
+        dll = llvm.dll
+        if dll.nm not in dll._loaded_:  # tinygrad found no libLLVM; it fails on first use
+            return False
+        found = re.search(r"(?:LLVM-|llvm@)(\d+)", dll._name)
+    except Exception:
         return False
+    # tinygrad loads LLVM 14 and 15 too, then fails to compile with them
+    return found is None or int(found.group(1)) >= 16
 
 
 def main(argv=None) -> int:

@@ -130,6 +130,24 @@ def test_default_backend_on_a_cpu_is_llvm_when_installed_and_dev_wins():
     assert device_of("cpu", DEV="").stdout.strip() == "CPU (ClangRenderer)"  # and so does --device
 
 
+@pytest.mark.parametrize("name, loaded, want", [
+    ("/lib/x86_64-linux-gnu/libLLVM-19.so", True, True),
+    ("/usr/lib/x86_64-linux-gnu/libLLVM-15.so", True, False),  # tinygrad 0.14 cannot compile
+    ("/opt/homebrew/opt/llvm@17/lib/libLLVM.dylib", True, True),
+    ("", False, False),  # none found: tinygrad would fail on first use
+])
+def test_llvm_available_reads_what_tinygrad_loaded(monkeypatch, name, loaded, want):
+    from types import SimpleNamespace
+
+    from tinygrad.runtime.autogen import llvm
+
+    import transformer
+
+    fake = SimpleNamespace(nm="llvm", _loaded_={"llvm"} if loaded else set(), _name=name)
+    monkeypatch.setattr(llvm, "dll", fake)
+    assert transformer.llvm_available() is want
+
+
 def test_cli_device_that_cannot_run():
     run = subprocess.run([sys.executable, "transformer.py", "--device", "NOSUCH", "--steps", "1"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
