@@ -74,11 +74,15 @@ def shakespeare(data: str, **change) -> dict:
     return run(task, replace(task.config, **change), STEPS, label)
 
 
+def similarity_key(kind: str) -> str:
+    """The run of a similarity function: the default one, scaled, is the depth-2 baseline."""
+    return "depth=2 residual" if kind == "scaled" else f"similarity={kind}"
+
+
 def similarity(data: str, runs: dict) -> list[str]:
     rows = ["| similarity | parameters | val loss after 300 steps | ms/step |", "|---|---|---|---|"]
     for kind in SIMILARITIES:
-        key = "depth=2 residual" if kind == "scaled" else f"similarity={kind}"
-        r = once(runs, key, shakespeare, data, similarity=kind)
+        r = once(runs, similarity_key(kind), shakespeare, data, similarity=kind)
         rows.append(f"| {kind} | {r['params']:,} | {r['score']:.3f} | {r['ms_per_step']:.0f} |")
     return rows
 
@@ -191,9 +195,8 @@ def main(argv=None) -> int:
         print(f"\n### {group}\n\n" + "\n".join(rows), flush=True)
     print(f"\nall of it: {time.perf_counter() - t0:.0f} s", flush=True)
     panels = {
-        "(2) similarity function": {k.split("=")[-1].replace("2 residual", "scaled"): r["curve"]
-                                    for k, r in runs.items()
-                                    if k.startswith("similarity=") or k == "depth=2 residual"},
+        "(2) similarity function": {kind: runs[similarity_key(kind)]["curve"]
+                                    for kind in SIMILARITIES if similarity_key(kind) in runs},
         "(3) 4 blocks: separate or shared": {
             name: runs[k]["curve"] for k, name in (("depth=4 residual", "separate"),
                                                    ("depth=4 shared-layers", "shared-layers"))

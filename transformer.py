@@ -940,11 +940,6 @@ def main(argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    try:
-        device = use_device(args.device)
-    except Exception as e:
-        return fail(f"device {args.device or os.environ.get('DEV')!r} is not usable here: {e}")
-
     if args.task not in TASKS:
         return fail(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
     if args.steps is not None and args.steps < 1:
@@ -982,6 +977,10 @@ def main(argv=None) -> int:
     if args.similarity not in SIMILARITIES:
         return fail(f"unknown similarity {args.similarity!r}; choose one of "
                     f"{', '.join(SIMILARITIES)}")
+    try:  # after the checks of the arguments: opening a backend takes a moment
+        device = use_device(args.device)
+    except Exception as e:
+        return fail(f"device {args.device or os.environ.get('DEV')!r} is not usable here: {e}")
     out = args.out or Path(__file__).parent / "models" / task.name
     log = print if args.verbose else (lambda *a, **k: None)
     log(f"device {device}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_transformer import assert_clean_error, cli  # transformer.py, one error line
 from tinygrad import Context, Tensor, TinyJit
 
 import bench
@@ -149,11 +150,7 @@ def test_llvm_available_reads_what_tinygrad_loaded(monkeypatch, name, loaded, wa
 
 
 def test_cli_device_that_cannot_run():
-    run = subprocess.run([sys.executable, "transformer.py", "--device", "NOSUCH", "--steps", "1"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: device 'NOSUCH' is not usable"), lines
+    assert_clean_error(cli("--device", "NOSUCH", "--steps", "1"), "device 'NOSUCH' is not usable")
 
 
 POCL_KERNEL = """
