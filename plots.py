@@ -66,6 +66,7 @@ def all_heads(att, path: Path, title: str = "") -> Path:
             if head == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention")
+    fig.supxlabel("each map: a row per query (first token at top), a column per key", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     return save(fig, path, dpi=80)
