@@ -365,6 +365,10 @@ class Config:
     residual: bool = True  # False: no-residual, blocks without skip connections
     shared_layers: bool = False  # True: every block uses the first block's weights
     similarity: str = "scaled"  # how a query scores a key: one of SIMILARITIES
+    # Initial embeddings, in multiples of GPT-2's (std 0.02 for tokens, 0.01 for positions): large
+    # initial weights make a network memorize first and generalize late (Liu et al., 2023,
+    # "Omnigrok"), as PyTorch's default, std 1, does in Lee et al.'s grokking (grokking-slow)
+    embd_scale: float = 1.0
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -402,12 +406,12 @@ class Transformer:
         rows = -(-c.vocab_size // 64) * 64
         self.wte = nn.Embedding(rows, c.n_embd)
         if init:
-            wte = Tensor.normal(c.vocab_size, c.n_embd, std=0.02)
+            wte = Tensor.normal(c.vocab_size, c.n_embd, std=0.02 * c.embd_scale)
             self.wte.weight = wte.pad(((0, rows - c.vocab_size), None)).contiguous()
         if c.positions == "learned":
             self.wpe = nn.Embedding(c.n_ctx, c.n_embd)
             if init:
-                self.wpe.weight = Tensor.normal(c.n_ctx, c.n_embd, std=0.01)
+                self.wpe.weight = Tensor.normal(c.n_ctx, c.n_embd, std=0.01 * c.embd_scale)
         elif c.positions == "sinusoidal":
             self.pe = sinusoidal_positions(c.n_ctx, c.n_embd).is_param_(False)  # a constant
         # positions "none" (--ablate no-positions): attention alone cannot tell where a token is
@@ -582,14 +586,17 @@ def learning_rate(step: int, max_lr: float, total: int, warmup: int) -> float:
     return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_train_step(model: Transformer, opt, clip: float = 1.0,
-                    grokfast: tuple[float, float] | None = None):
+def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
+                    grokfast: tuple[float, float] | None = None, l2: float = 0.0):
     """One optimizer step, compiled by TinyJit: after two calls the kernels are captured and
     replayed, so Python no longer rebuilds the graph each step.
 
     grokfast=(alpha, lamb) amplifies the slow part of the gradient before the step, as in Grokfast
     (Lee et al., 2024): ema <- alpha ema + (1 - alpha) g, then g <- g + lamb ema. The averages
-    live in tensors that the compiled step updates in place; the first gradient starts them."""
+    live in tensors that the compiled step updates in place; the first gradient starts them.
+    l2 adds l2 * w to every gradient after that, as torch.optim.Adam(weight_decay=l2) does: an L2
+    penalty that Adam then normalizes with the rest, unlike AdamW's decoupled weight decay
+    (Loshchilov & Hutter, 2019). clip=None leaves the gradient's norm alone."""
     params = opt.params
     # Realize the initial weights and optimizer state first: left lazy, their random initialization
     # joins the first step's graph, and scheduling it took 3x longer (76 s against 25 s on 2 cores).
@@ -609,9 +616,11 @@ def make_train_step(model: Transformer, opt, clip: float = 1.0,
                 ema.assign(a * ema + (1 - a) * g)
             grads = [g + lamb * ema for g, ema in zip(grads, emas)]
             started.assign(Tensor.ones(1))
+        if l2:
+            grads = [g + l2 * p for g, p in zip(grads, params)]
         # rescale all gradients together when their global norm exceeds clip (Pascanu et al., 2013)
         norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
-        scale = (clip / (norm + 1e-6)).minimum(1.0)
+        scale = (clip / (norm + 1e-6)).minimum(1.0) if clip is not None else 1.0
         for p, g in zip(params, grads):
             p.grad = g * scale
         for o in opt.optimizers:
@@ -698,8 +707,8 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
 
     The loop only needs from a task: config, batch(rng, B), evaluate(model, quick), show(model), the
     metric's name and direction, and its chance level; a new task plugs in by providing those.
-    Optional: weight_decay, betas, warmup and constant_lr (a flat learning rate after warmup) for
-    the optimizer; observe(model, step), called every eval_every steps to record curves, returns
+    Optional: weight_decay, betas, warmup, constant_lr (a flat learning rate after warmup), l2 and
+    clip (see make_train_step) for the optimizer; observe(model, step), called every eval_every steps to record curves, returns
     the progress line; a list `history` is saved with the checkpoint and restored on resume."""
     steps = steps if steps is not None else task.steps
     Tensor.manual_seed(seed)
@@ -733,7 +742,8 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
     log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, "
         f"{c.n_head} heads, {c.n_embd} dims, context {c.n_ctx}; "
         f"{steps} steps of batch {task.batch_size}")
-    step_fn = make_train_step(model, opt, grokfast=grokfast)
+    step_fn = make_train_step(model, opt, getattr(task, "clip", 1.0), grokfast,
+                              getattr(task, "l2", 0.0))
     warmup = getattr(task, "warmup", max(1, min(100, steps // 10)))
     constant_lr = getattr(task, "constant_lr", False)
     tokens_per_step = task.batch_size * c.n_ctx
@@ -924,6 +934,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", metavar="A:B", help="with --attention: show tokens A to B only")
     ap.add_argument("--weight-decay", type=float, metavar="X",
                     help="AdamW weight decay on matrices and embeddings (default: the task's)")
+    ap.add_argument("--l2", type=float, metavar="X",
+                    help="add X times each weight to its gradient, an L2 penalty as in "
+                         "torch.optim.Adam (default: the task's, 0 for most)")
     ap.add_argument("--grokfast", nargs="?", const="2", metavar="LAMBDA",
                     help="amplify the slow part of the gradient by LAMBDA (default 2; EMA 0.98)")
     ap.add_argument("--plot", type=Path, help="where a task with curves draws them "
@@ -959,6 +972,10 @@ def main(argv=None) -> int:
         if not 0 <= args.weight_decay < math.inf:
             return fail(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
         task.weight_decay = args.weight_decay  # train() reads it from the task
+    if args.l2 is not None:
+        if not 0 <= args.l2 < math.inf:
+            return fail(f"--l2 must be a finite number >= 0, got {args.l2}")
+        task.l2 = args.l2
     grokfast = None
     if args.grokfast is not None:
         try:

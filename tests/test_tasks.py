@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_transformer import assert_clean_error, cli  # noqa: E402  transformer.py, one error line
 
 import heads  # noqa: E402
-from tasks import Grokking, Induction, fourier_concentration  # noqa: E402
+from tasks import Grokking, Induction, SlowGrokking, fourier_concentration  # noqa: E402
 from transformer import (  # noqa: E402
     IGNORE,
     Config,
@@ -70,6 +70,31 @@ def test_grokking_split_is_fixed_and_only_the_answer_is_scored():
     train_pairs = set(map(tuple, x[:, :2]))
     test_pairs = set(map(tuple, task.x_all[task.test_ids, :2]))
     assert not train_pairs & test_pairs
+
+
+def test_slow_grokking_is_lee_et_al_setting_in_mini_batches():
+    task = SlowGrokking()
+    assert (task.p, len(task.train_ids), task.batch_size) == (97, round(0.5 * 97 * 97), 512)
+    c = task.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.vocab_size) == (2, 4, 128, 98)
+    assert (task.lr, task.weight_decay, task.l2, task.clip) == (1e-3, 0.0, 0.0, None)
+    # embeddings drawn at PyTorch's std 1 (positions 0.5, GPT-2's ratio); the rest as GPT-2's
+    Tensor.manual_seed(0)
+    model = Transformer(c)
+    wte, wpe = model.wte.weight.numpy(), model.wpe.weight.numpy()
+    assert wte[:98].std() == pytest.approx(1.0, rel=0.02) and not wte[98:].any()  # padding rows
+    assert wpe.std() == pytest.approx(0.5, rel=0.1)
+    assert model.h[0].attn.c_attn.weight.numpy().std() == pytest.approx(0.02, rel=0.02)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(3):
+        x, y = task.batch(rng, 7)  # the task's batch size, whatever B says
+        pairs = list(map(tuple, x[:, :2]))
+        assert x.shape == (512, 3) and len(set(pairs)) == 512  # no pair twice in one batch
+        assert set(map(int, pairs @ np.array([97, 1]))) <= set(task.train_ids)
+        assert ((x[:, 0] + x[:, 1]) % 97 == y[:, 2]).all() and (y[:, :2] == IGNORE).all()
+        seen |= set(pairs)
+    assert len(seen) > 1024  # fresh draws each step, not one batch again
 
 
 def np_fourier_concentration(E: np.ndarray, top: int) -> float:
@@ -256,6 +281,35 @@ def test_grokfast_filter_matches_numpy_ema():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-7)
 
 
+def test_l2_penalty_enters_adam_as_numpy_adam_says():
+    """Three unclipped steps of Adam with an L2 penalty, against NumPy's Adam fed g + l2 * w (the
+    loss gradient g from tinygrad's autodiff at the weights before each step): the weights after
+    each step, and the norm the step reports."""
+    config = Config(vocab_size=5, n_ctx=4, n_layer=1, n_head=2, n_embd=8, mlp=False)
+    Tensor.manual_seed(0)
+    model = Transformer(config)
+    lr, l2, (b1, b2), eps = 0.01, 0.3, (0.9, 0.98), 1e-8
+    opt = make_optimizer(model, lr=lr, weight_decay=0.0, betas=(b1, b2))
+    step = make_train_step(model, opt, clip=None, l2=l2)
+    rng = np.random.default_rng(0)
+    w = [p.numpy().astype(np.float64) for p in opt.params]
+    m, v = [np.zeros_like(a) for a in w], [np.zeros_like(a) for a in w]
+    with Context(TRAINING=1):
+        for t in range(1, 4):  # past TinyJit's capture
+            x = rng.integers(0, 5, (3, 4)).astype(np.int32)
+            y = rng.integers(0, 5, (3, 4)).astype(np.int32)
+            loss = model(Tensor(x)).sparse_categorical_crossentropy(Tensor(y))
+            g = [a.numpy() + l2 * b for a, b in zip(loss.gradient(*opt.params), w)]
+            m = [b1 * a + (1 - b1) * b for a, b in zip(m, g)]
+            v = [b2 * a + (1 - b2) * b ** 2 for a, b in zip(v, g)]
+            w = [a - lr * (mi / (1 - b1 ** t)) / (np.sqrt(vi / (1 - b2 ** t)) + eps)
+                 for a, mi, vi in zip(w, m, v)]
+            _, norm = step(Tensor(x), Tensor(y), Tensor([lr]))
+            assert norm.item() == pytest.approx(np.sqrt(sum(np.sum(a ** 2) for a in g)), rel=1e-4)
+            for got, want in zip(opt.params, w):
+                np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Short training runs
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +375,9 @@ def test_cli_induction_result_line(tmp_path):
     (["--task", "grokking", "--weight-decay", "inf"], ["--weight-decay", "inf"]),
     (["--task", "grokking", "--weight-decay", "nan"], ["--weight-decay", "nan"]),
     (["--task", "grokking", "--weight-decay", "heavy"], ["--weight-decay", "heavy"]),
+    (["--task", "grokking-slow", "--l2", "-0.005"], ["--l2", "-0.005"]),
+    (["--task", "grokking-slow", "--l2", "inf"], ["--l2", "inf"]),
+    (["--task", "grokking-slow", "--l2", "much"], ["--l2", "much"]),
 ])
 def test_cli_bad_arguments(args, fragments):
     assert_clean_error(cli(*args), *fragments)
