@@ -7,6 +7,7 @@ metric, chance, and learned(score). A new task plugs in by providing those and a
     python transformer.py --task reverse -v       # reverse digit strings: exact match
     python transformer.py --task shakespeare -v   # character-level tinyshakespeare: val loss
     python transformer.py --task grokking -v      # (a + b) mod p: memorize first, generalize later
+    python transformer.py --task grokking-slow --grokfast --l2 0.005 -v   # Lee et al.'s Grokfast
     python transformer.py --task induction -v     # induction heads, 2 attention-only layers
 
 A task may also record curves: observe(model, step) is called every eval_every steps, its history
@@ -457,7 +458,7 @@ class Grokking:
 
 
 class SlowGrokking(Grokking):
-    """Grokking as Lee et al. (2024, "Grokfast") set it up, where it takes tens of thousands of steps.
+    """Grokking as Lee et al. (2024, "Grokfast") set it up: tens of thousands of steps without help.
 
     Their setting (github.com/ironjr/grokfast, main.py): p = 97, half of the pairs for training,
     mini-batches of 512, 2 layers of 128 dims and 4 heads, Adam at lr 1e-3 with b2 = 0.98, no

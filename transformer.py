@@ -708,8 +708,9 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
     The loop only needs from a task: config, batch(rng, B), evaluate(model, quick), show(model), the
     metric's name and direction, and its chance level; a new task plugs in by providing those.
     Optional: weight_decay, betas, warmup, constant_lr (a flat learning rate after warmup), l2 and
-    clip (see make_train_step) for the optimizer; observe(model, step), called every eval_every steps to record curves, returns
-    the progress line; a list `history` is saved with the checkpoint and restored on resume."""
+    clip (see make_train_step) for the optimizer; observe(model, step), called every eval_every
+    steps to record curves, returns the progress line; a list `history` is saved with the
+    checkpoint and restored on resume."""
     steps = steps if steps is not None else task.steps
     Tensor.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -391,7 +391,7 @@ def test_cli_grokking_trains_plots_resumes_and_samples(tmp_path):
     out, png = tmp_path / "grok", tmp_path / "curves.png"
     tiny = ["--n-embd", "8", "--n-head", "2"]
     run = cli("--task", "grokking", "--steps", "10", *tiny, "--out", str(out),
-              "--plot", str(png), "--grokfast")
+              "--plot", str(png), "--grokfast", "--l2", "0.01")
     assert run.returncode == 0, run.stderr
     assert re.match(GROK_LINE, run.stdout.strip().splitlines()[-1]), run.stdout
     assert png.stat().st_size > 1000
