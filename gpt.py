@@ -28,7 +28,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.nn.state import safe_load
 
-from transformer import Config, Transformer, generate, keep_kernels, use_device
+from transformer import Config, Transformer, exit_now, generate, keep_kernels, use_device
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {
@@ -499,4 +499,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -19,6 +19,7 @@ command line. The tasks it trains on are in tasks.py.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -904,6 +905,17 @@ def llvm_available() -> bool:
     return found is None or int(found.group(1)) >= 16
 
 
+def exit_now(code: int | None):
+    """End a CLI process without Python's teardown, which frees tinygrad's graphs and caches one
+    object at a time: 1.2 s after every run, 6 % of the 19 s demo. The exit handlers (tinygrad's
+    device finalizers) still run and the output streams are flushed; files are all closed by then
+    (checkpoints are renamed into place, the kernel cache commits each write)."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -1041,4 +1053,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
