@@ -38,8 +38,6 @@ def test_kernels_per_decode_step_do_not_grow():
     assert per_step[0] > 10, f"only {per_step[0]} kernels counted: is the counter still counting?"
 
 
-
-
 # The reversal demo's training step (2 layers; forward, backward, clipping, AdamW), measured with
 # tinygrad 0.14.0: 239 kernels, then 258 once each Linear's backward became matmul_backward (a
 # transposed copy of W, and partial sums of dW added by one more kernel). The same on CL.
