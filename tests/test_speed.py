@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from test_transformer import assert_clean_error, cli  # transformer.py, one erro
 from tinygrad import Context, Tensor, TinyJit
 
 import bench
+import transformer
 from transformer import Config, Transformer, linear
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,6 +96,56 @@ def run_kept(tmp_path: Path, **env) -> dict:
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_helper_threads_run_every_chunk_at_once_and_hand_back_errors():
+    cores = transformer._Cores()
+    seen = {}
+
+    def chunk(i: int):
+        seen[i] = threading.get_ident()
+        if i == 3:
+            raise ValueError("chunk 3 failed")
+
+    cores.run(chunk, [[0], [1], [2]])
+    assert sorted(seen) == [0, 1, 2] and cores.handed == 2
+    assert seen[0] == threading.get_ident() and len(set(seen.values())) == 3  # one thread each
+    with pytest.raises(ValueError, match="chunk 3 failed"):
+        cores.run(chunk, [[0], [1], [2], [3]])
+    assert sorted(seen) == [0, 1, 2, 3]  # the others ran all the same
+    cores.run(chunk, [[5], [6]])  # and the helpers still serve
+    assert seen[6] != threading.get_ident()
+
+
+def test_kernel_chunks_on_all_cores_give_the_same_numbers():
+    # NUM_CPU_THREADS=4: on any machine tinygrad splits these kernels into 4 chunks (core_id 0-3);
+    # run serially first, then with three of them on helper threads, and compiled by TinyJit
+    code = """if True:
+    import numpy as np, transformer
+    from tinygrad import Tensor, TinyJit
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(256, 192)).astype(np.float32)
+    b = rng.normal(size=(192, 160)).astype(np.float32)
+    c = rng.normal(size=(1024, 512)).astype(np.float32)
+    step = lambda a, b, c: ((a @ b).realize(), (c.exp() * 2).sum(1).realize())
+    serial = [t.numpy() for t in step(Tensor(a), Tensor(b), Tensor(c))]
+    assert transformer._CORES.handed == 0
+    transformer.run_on_all_cores()
+    jit = TinyJit(step)
+    for _ in range(3):
+        both = [t.numpy() for t in jit(Tensor(a), Tensor(b), Tensor(c))]
+        np.testing.assert_array_equal(both[0], serial[0])
+        np.testing.assert_array_equal(both[1], serial[1])
+    want = [a.astype(np.float64) @ b, 2 * np.exp(c.astype(np.float64)).sum(1)]
+    for got, ref in zip(both, want):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    print(transformer._CORES.handed)
+    """
+    env = {**os.environ, "DEV": "CPU", "NUM_CPU_THREADS": "4"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout) >= 2 * 3 * 3  # two kernels, three runs, three helper chunks each
 
 
 def test_kept_kernels_are_read_back_by_the_next_process(tmp_path):
