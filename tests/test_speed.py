@@ -148,6 +148,51 @@ def test_kernel_chunks_on_all_cores_give_the_same_numbers():
     assert int(out.stdout) >= 2 * 3 * 3  # two kernels, three runs, three helper chunks each
 
 
+def test_cpu_graph_replays_give_the_same_numbers_with_new_inputs_and_variables():
+    # a TinyJit'd function replayed with fresh inputs and a new value of a bound Variable each
+    # call: through tinygrad's own replay, then through CPUGraph; the same bits, kernel counts,
+    # and NumPy's numbers (a buffer or variable left unpatched would repeat the capture's)
+    code = """if True:
+    import numpy as np, transformer
+    from tinygrad import GlobalCounters, Tensor, TinyJit, Variable
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(192, 160)).astype(np.float32)
+    W = Tensor(w).realize()
+    xs = [rng.normal(size=(256, 192)).astype(np.float32) for _ in range(5)]
+    ns = [256, 40, 100, 7, 256]
+
+    def f(x, n):
+        h = (x @ W).relu()  # (256, 160), split into 4 chunks
+        return (h.shrink(((0, n), None)) * 2).sum(0).realize(), (h + 1).exp().realize()
+
+    def run():
+        jit, outs, counts = TinyJit(f), [], []
+        for x, n in zip(xs, ns):
+            before = GlobalCounters.kernel_count
+            outs.append([t.numpy() for t in jit(Tensor(x), Variable("n", 1, 256).bind(n))])
+            counts.append(GlobalCounters.kernel_count - before)
+        return outs, counts
+
+    transformer.run_on_all_cores()
+    plain, plain_counts = run()
+    transformer.batch_cpu_kernels()
+    graphed, counts = run()
+    assert transformer.CPUGraph.replays >= 3, transformer.CPUGraph.replays
+    assert counts == plain_counts, (counts, plain_counts)
+    for x, n, p, g in zip(xs, ns, plain, graphed):
+        h = np.maximum(x.astype(np.float64) @ w, 0)
+        for got, same, want in zip(g, p, [2 * h[:n].sum(0), np.exp(h + 1)]):
+            np.testing.assert_array_equal(got, same)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    print(counts[-1])
+    """
+    env = {**os.environ, "DEV": "CPU", "NUM_CPU_THREADS": "4"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout) == 3  # the matmul with its ReLU, the masked sum, the exp
+
+
 def test_kept_kernels_are_read_back_by_the_next_process(tmp_path):
     a = np.arange(12, dtype=np.float64).reshape(3, 4)
     want = (np.maximum(a @ a.T, 0) + 1).sum(1)
