@@ -1021,9 +1021,10 @@ def use_device(device: str | None = None) -> str:
     tinygrad picks a GPU backend when there is one, else OpenCL, else the CPU with clang. On a CPU
     (no GPU backend, or OpenCL served by PoCL on the CPU) this picks the CPU with LLVM code
     generation when libLLVM is installed (setup.sh does): `transformer.py -v` takes 34 s on an
-    empty kernel cache and 19 s on a warm one on the 2-core build machine, against 100 s and 15 s
-    through PoCL and 44 s and 21 s with clang. PoCL runs training steps 1.25x to 1.55x faster
-    once compiled (README, Speed); DEV=CL or --device CL picks it."""
+    empty kernel cache and 15 s on a warm one on the 2-core build machine, against 95 s and 15 s
+    through PoCL and 38 s and 18 s with clang, and its training steps are the fastest of the
+    three (README, Backends). DEV=CL or --device CL picks PoCL. On a CPU backend it also runs
+    kernels on all cores and replays TinyJit's kernels through CPUGraph."""
     from tinygrad import Device
     from tinygrad.helpers import DEV
 
