@@ -895,8 +895,10 @@ class _Cores:
             for (jobs, _), args in zip(self.helpers, chunks[1:]):
                 jobs.put((fxn, args))
             self.handed += len(chunks) - 1
-            fxn(*chunks[0])
-            errors = [results.get() for _, results in self.helpers[: len(chunks) - 1]]
+            try:
+                fxn(*chunks[0])
+            finally:  # every helper's answer is taken, so none is left over for the next kernel
+                errors = [results.get() for _, results in self.helpers[: len(chunks) - 1]]
         for e in errors:
             if isinstance(e, BaseException):
                 raise e

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,11 @@ def test_helper_threads_run_every_chunk_at_once_and_hand_back_errors():
         if i == 3:
             raise ValueError("chunk 3 failed")
 
+    def slow(i: int):
+        if i >= 10:
+            time.sleep(0.05)
+        chunk(i)
+
     cores.run(chunk, [[0], [1], [2]])
     assert sorted(seen) == [0, 1, 2] and cores.handed == 2
     assert seen[0] == threading.get_ident() and len(set(seen.values())) == 3  # one thread each
@@ -115,6 +121,11 @@ def test_helper_threads_run_every_chunk_at_once_and_hand_back_errors():
     assert sorted(seen) == [0, 1, 2, 3]  # the others ran all the same
     cores.run(chunk, [[5], [6]])  # and the helpers still serve
     assert seen[6] != threading.get_ident()
+    with pytest.raises(ValueError, match="chunk 3 failed"):  # the caller's own chunk fails:
+        cores.run(slow, [[3], [10]])
+    assert 10 in seen  # its helper's chunk was still waited for, so no answer is left over
+    cores.run(slow, [[4], [11]])
+    assert 11 in seen
 
 
 def test_kernel_chunks_on_all_cores_give_the_same_numbers():
