@@ -812,7 +812,7 @@ def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed at the edges: generated kernels kept between runs
+# Speed at the edges: kernels kept between runs, run on all cores, replayed as one loop
 # ---------------------------------------------------------------------------------------------
 
 
