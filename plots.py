@@ -20,11 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def save(fig, path: Path, dpi: int = 100) -> Path:
-    """Write fig as a PNG under a temporary name, then rename it into place."""
+    """Write fig as a PNG under a temporary name, then rename it into place. A title over all
+    panels (the command of a training run) also goes into the file's Title field."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Title": fig.get_suptitle() or None})
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -135,12 +136,15 @@ def series(history: list[dict], key: str) -> list:
     return [h[key] for h in history]
 
 
-def grokking_curves(history: list[dict], path: Path, chance: float, p: int) -> Path:
+def grokking_curves(history: list[dict], path: Path, chance: float, p: int, run: str = "") -> Path:
     """Accuracy and loss on training and held-out sums, weight norm and Fourier concentration of
     the token embedding, all against a log-scaled step axis (Power et al., 2022; Nanda et al.,
-    2023). Dotted lines mark the first step of 99 % training and of 95 % held-out accuracy."""
+    2023). Dotted lines mark the first step of 99 % training and of 95 % held-out accuracy. run,
+    if given, names the run above the panels."""
     steps = series(history, "step")
     fig, (acc, loss, norm) = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    if run:
+        fig.suptitle(run, fontsize=10)
     marks = [(next((h["step"] for h in history if h[k] >= level), None), label)
              for k, level, label in (("train_acc", 0.99, "memorized"),
                                      ("test_acc", 0.95, "generalized"))]
@@ -173,12 +177,15 @@ def grokking_curves(history: list[dict], path: Path, chance: float, p: int) -> P
 
 
 def induction_curves(history: list[dict], path: Path, chance: float, induction_map,
-                     previous_map, ids, names: tuple[str, str]) -> Path:
+                     previous_map, ids, names: tuple[str, str], run: str = "") -> Path:
     """Top: loss on the first copy and on the repeat, and the best head's induction score, over
     training steps (the phase change of Olsson et al., 2022). Bottom: the attention pattern of the
-    best induction head and of layer 0's previous-token head on one evaluation sequence."""
+    best induction head and of layer 0's previous-token head on one evaluation sequence. run, if
+    given, names the run above the panels."""
     steps = series(history, "step")
     fig, axes = plt.subplots(2, 2, figsize=(11, 9), layout="constrained")
+    if run:
+        fig.suptitle(run, fontsize=10)
     loss, score, ind, prev = axes.flat
     loss.plot(steps, series(history, "first_loss"), label="first copy")
     loss.plot(steps, series(history, "repeat_loss"), label="repeat")

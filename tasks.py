@@ -11,7 +11,8 @@ metric, chance, and learned(score). A new task plugs in by providing those and a
     python transformer.py --task induction -v     # induction heads, 2 attention-only layers
 
 A task may also record curves: observe(model, step) is called every eval_every steps, its history
-is kept with the checkpoint, plot(path) draws it after training (plots.py), and result_fields()
+is kept with the checkpoint, plot(path, run) draws it after training (plots.py; run names the
+run in the title), and result_fields()
 adds the task's own fields to the last stdout line.
 """
 from __future__ import annotations
@@ -451,10 +452,10 @@ class Grokking:
         return "\n".join(f"{a} + {b} = {g} (mod {self.p})  {'ok' if g == c else 'WRONG'}"
                          for (a, b, _), g, c in zip(self.x_all[pick], got, self.y_all[pick]))
 
-    def plot(self, path: Path) -> Path:
+    def plot(self, path: Path, run: str = "") -> Path:
         import plots
 
-        return plots.grokking_curves(self.history, path, chance=self.chance, p=self.p)
+        return plots.grokking_curves(self.history, path, chance=self.chance, p=self.p, run=run)
 
 
 class SlowGrokking(Grokking):
@@ -582,7 +583,7 @@ class Induction:
             lines.append(f"layer {layer} induction/previous-token scores: {cells}")
         return "\n".join(lines)
 
-    def plot(self, path: Path) -> Path:
+    def plot(self, path: Path, run: str = "") -> Path:
         import plots
 
         s = self.last
@@ -591,7 +592,7 @@ class Induction:
         return plots.induction_curves(self.history, path, chance=self.chance,
                                       induction_map=s["att"][layer, head],
                                       previous_map=s["att"][0, prev], ids=self.x[0],
-                                      names=(f"{layer}.{head}", f"0.{prev}"))
+                                      names=(f"{layer}.{head}", f"0.{prev}"), run=run)
 
 
 TASKS = {"reverse": Reverse, "shakespeare": Shakespeare, "words": Words, "grokking": Grokking,

@@ -888,6 +888,8 @@ class _Cores:
 
     def run(self, fxn, chunks: list[list]):
         """fxn(*chunk) for every chunk at the same time: the first here, the others on helpers."""
+        if len(chunks) == 1:
+            return fxn(*chunks[0])
         with self.lock:
             while len(self.helpers) < len(chunks) - 1:
                 self.helpers.append((jobs := SimpleQueue(), results := SimpleQueue()))
@@ -905,6 +907,13 @@ class _Cores:
 
 
 _CORES = _Cores()
+
+
+def chunk_args(args: list[int], core: int | None, n: int) -> list[list[ctypes.c_uint64]]:
+    """A compiled CPU kernel's arguments for each of its n chunks: the same, but for the
+    chunk's number at position `core` (tinygrad's core_id; None: the kernel is not split)."""
+    return [[ctypes.c_uint64(tid if i == core else a) for i, a in enumerate(args)]
+            for tid in range(n)]
 
 
 def run_on_all_cores():
@@ -930,10 +939,7 @@ def run_on_all_cores():
             return serial(self, *bufs, global_size=global_size, local_size=local_size, vals=vals,
                           wait=wait, timeout=timeout)
         start = time.perf_counter()
-        args = [*(b.va_addr for b in bufs), *vals]
-        chunks = [[ctypes.c_uint64(tid if i == slot else a) for i, a in enumerate(args)]
-                  for tid in range(global_size[0])]
-        _CORES.run(self.fxn, chunks)
+        _CORES.run(self.fxn, chunk_args([*(b.va_addr for b in bufs), *vals], slot, global_size[0]))
         return time.perf_counter() - start if wait else None
 
     call.all_cores = True
@@ -945,11 +951,12 @@ class CPUGraph(GraphRunner):
 
     tinygrad 0.14 batches the kernels of a captured function into graphs on GPUs; on the CPU it
     replays them one by one through its generic path, 30 to 50 µs of Python per kernel (resolving
-    buffers, launch sizes, arguments) besides the kernel's run: a third of the reversal model's
-    step. Here each kernel's function and arguments are prepared once; a replay writes in the
-    buffers and variable values that change between calls, then calls the functions in order
-    (the chunks of split ones on all cores, as run_on_all_cores does). Training steps 20 to 25 %
-    faster on the 2-core build machine; every number the same to the bit."""
+    buffers, launch sizes, arguments) besides the kernel's run: a quarter to a third of the
+    reversal model's step. Here each kernel's function and arguments are prepared once; a replay
+    writes in the buffers and variable values that change between calls, then calls the
+    functions in order (the chunks of split ones on all cores, as run_on_all_cores does).
+    Training steps 18 to 26 % faster on the 2-core build machine; every number the same to the
+    bit."""
 
     replays = 0  # calls of any CPUGraph so far (for tests)
 
@@ -967,9 +974,7 @@ class CPUGraph(GraphRunner):
             args += [device_vars.get(v.expr, 0) for v in info.vars]
             core = runtime.runtimevars.get("core_id")
             n = info.launch_dims(zeros)[0][0] if core is not None else 1
-            chunks = [[ctypes.c_uint64(tid if i == core else a) for i, a in enumerate(args)]
-                      for tid in range(n)]
-            self.launches.append((runtime.fxn, chunks))
+            self.launches.append((runtime.fxn, chunk_args(args, core, n)))
             self.patches += [(j, k, slot) for p, slot in self.uop_replace[j]
                              for k, g in enumerate(info.globals) if g == p]
             self.first_var.append(len(kernel_bufs))
@@ -985,10 +990,7 @@ class CPUGraph(GraphRunner):
                 chunk[self.first_var[j] + i] = ctypes.c_uint64(value)
         start = time.perf_counter()
         for fxn, chunks in self.launches:
-            if len(chunks) == 1:
-                fxn(*chunks[0])
-            else:
-                _CORES.run(fxn, chunks)
+            _CORES.run(fxn, chunks)
         GlobalCounters.kernel_count += len(self.launches) - 1  # tinygrad counts a graph as one
         CPUGraph.replays += 1
         return time.perf_counter() - start if wait else None
@@ -1193,7 +1195,14 @@ def main(argv=None) -> int:
         result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log,
                        grokfast)
         if hasattr(task, "plot"):
-            log(f"wrote {task.plot(args.plot or out.with_name(out.name + '.png'))}")
+            # the figure names its run by the flags that change what is learned
+            run = f"python transformer.py --task {args.task} --seed {args.seed}"
+            for flag, value in (("--steps", args.steps), ("--lr", args.lr),
+                                ("--weight-decay", args.weight_decay), ("--l2", args.l2),
+                                ("--grokfast", args.grokfast), ("--ablate", ",".join(ablations))):
+                if value not in (None, ""):
+                    run += f" {flag} {value}"
+            log(f"wrote {task.plot(args.plot or out.with_name(out.name + '.png'), run)}")
     except (CheckpointError, ValueError, OSError) as e:
         return fail(str(e))
     log("samples:\n" + task.show(result["model"]))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 from tinygrad import Context, Tensor
 
@@ -395,6 +396,9 @@ def test_cli_grokking_trains_plots_resumes_and_samples(tmp_path):
     assert run.returncode == 0, run.stderr
     assert re.match(GROK_LINE, run.stdout.strip().splitlines()[-1]), run.stdout
     assert png.stat().st_size > 1000
+    # the picture names its run: the flags that change what is learned, not where files go
+    assert PIL.Image.open(png).text["Title"] == ("python transformer.py --task grokking --seed 0 "
+                                                 "--steps 10 --l2 0.01 --grokfast 2")
     meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["step"] == 10 and [h["step"] for h in meta["history"]] == [10]
     assert meta["config"]["n_embd"] == 8 and meta["config"]["mlp"] is True
