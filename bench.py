@@ -257,7 +257,9 @@ def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
 def child_tinygrad_train(workload: str, steps: int) -> dict:
     from tinygrad import Context, GlobalCounters, Tensor
 
+    import train
     import transformer as tr
+    from tasks import IGNORE
 
     w = TRAIN_WORKLOADS[workload]
     Tensor.manual_seed(0)
@@ -265,11 +267,11 @@ def child_tinygrad_train(workload: str, steps: int) -> dict:
     config = tr.Config(vocab_size=w["vocab"], n_ctx=w["n_ctx"], n_layer=w["n_layer"],
                        n_head=w["n_head"], n_embd=w["n_embd"])
     model = tr.Transformer(config)
-    opt = tr.make_optimizer(model, w["lr"], w["wd"])
-    step_fn = tr.make_train_step(model, opt)
+    opt = train.make_optimizer(model, w["lr"], w["wd"])
+    step_fn = train.make_train_step(model, opt)
     times, losses, kernels = [], [], []
     with Context(TRAINING=1):
-        for x, y in train_batches(workload, TRAIN_WARMUP + steps, tr.IGNORE):
+        for x, y in train_batches(workload, TRAIN_WARMUP + steps, IGNORE):
             t0, k0 = time.perf_counter(), GlobalCounters.kernel_count
             loss, _ = step_fn(Tensor(x), Tensor(y), Tensor([w["lr"]]))
             losses.append(loss.item())  # waits for the step, as PyTorch's .item() does
@@ -389,7 +391,7 @@ def child_torch_train(workload: str, steps: int) -> dict:
                                      n_layer=w["n_layer"], n_head=w["n_head"], n_embd=w["n_embd"],
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(config).train()
-    # the same split as transformer.make_optimizer: decay matrices and embeddings, not the rest
+    # the same split as train.make_optimizer: decay matrices and embeddings, not the rest
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": w["wd"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -437,10 +439,10 @@ def child_bandwidth(repeats: int) -> dict:
 def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
     """Dispatch on the child's name: MODE-WHAT[-PRECISION]. folder holds the GPT-2 checkpoint."""
     if name.startswith("tinygrad"):
-        import transformer
+        import runtime
 
-        transformer.use_device()  # DEV if set, else the project's default backend
-        transformer.keep_kernels()
+        runtime.use_device()  # DEV if set, else the project's default backend
+        runtime.keep_kernels()
     steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
     children = {
         "tinygrad-decode": lambda: child_tinygrad_decode(folder, tokens, half=False),
@@ -726,7 +728,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if args.device:
         env["DEV"] = args.device.upper()
-    # without DEV the children run on the project's default backend (transformer.use_device)
+    # without DEV the children run on the project's default backend (runtime.use_device)
     print(f"bench: DEV={env.get('DEV', 'unset: the default')} BEAM={env.get('BEAM', '0')} "
           f"tokens={args.tokens} "
           f"groups={','.join(g for g in GROUPS if g in args.groups)}", file=sys.stderr)

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
 
-import transformer
+import runtime
 from tasks import Reverse, Shakespeare
-from transformer import ABLATIONS, SIMILARITIES, Transformer, generate, train
+from train import train
+from transformer import ABLATIONS, SIMILARITIES, Transformer, generate
 
 STEPS = 300  # every Shakespeare run: 300 steps of 12 x 64 characters
 EVERY = 50  # a quick held-out evaluation every 50 steps draws the curves
@@ -181,8 +182,8 @@ def main(argv=None) -> int:
     if not Path(args.data).is_file():
         print(f"error: no text at {args.data}; pass --data PATH", file=sys.stderr)
         return 2
-    transformer.keep_kernels()
-    device = transformer.use_device()
+    runtime.keep_kernels()
+    device = runtime.use_device()
     runs: dict = {}
     t0 = time.perf_counter()
     print(f"`python experiments.py{' --only ' + args.only if args.only else ''}`: "

@@ -28,7 +28,8 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.nn.state import safe_load
 
-from transformer import Config, Transformer, exit_now, generate, keep_kernels, use_device
+from runtime import exit_now, keep_kernels, use_device
+from transformer import Config, Transformer, generate
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {

@@ -1,6 +1,6 @@
 """Tasks for transformer.py's training loop: what to learn, and how to tell it was learned.
 
-A task gives the loop its data and its judge. The loop (transformer.train) only needs from a task:
+A task gives the loop its data and its judge. The loop (train.train) only needs from a task:
 name, config, steps, batch_size, lr, eval_every, batch(rng, B), evaluate(model, quick), show(model),
 metric, chance, and learned(score). A new task plugs in by providing those and an entry in TASKS.
 
@@ -26,7 +26,10 @@ import numpy as np
 from tinygrad import Tensor, TinyJit
 
 import heads
-from transformer import IGNORE, Config, Transformer, attention_maps, generate
+from transformer import Config, Transformer, attention_maps, generate
+
+# A target id that carries no loss. Not -1: tinygrad reads ignore_index=-1 as "ignore nothing".
+IGNORE = -100
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

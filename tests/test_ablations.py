@@ -33,6 +33,7 @@ from test_transformer import (  # noqa: E402
 )
 
 from tasks import Reverse, Words  # noqa: E402
+from train import load_checkpoint, make_optimizer, save_checkpoint, train  # noqa: E402
 from transformer import (  # noqa: E402
     ABLATIONS,
     SIMILARITIES,
@@ -40,10 +41,6 @@ from transformer import (  # noqa: E402
     CausalSelfAttention,
     Config,
     Transformer,
-    load_checkpoint,
-    make_optimizer,
-    save_checkpoint,
-    train,
 )
 
 CONFIG = Config(vocab_size=13, n_ctx=12, n_layer=2, n_head=2, n_embd=16)

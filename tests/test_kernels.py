@@ -12,7 +12,8 @@ from tinygrad import Context, Device, GlobalCounters, Tensor
 
 import gpt
 from tasks import Reverse
-from transformer import Transformer, generate, make_optimizer, make_train_step
+from train import make_optimizer, make_train_step
+from transformer import Transformer, generate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2" / "model.safetensors"
 

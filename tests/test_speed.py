@@ -18,7 +18,7 @@ from test_transformer import assert_clean_error, cli  # transformer.py, one erro
 from tinygrad import Context, Tensor, TinyJit
 
 import bench
-import transformer
+import runtime
 from transformer import Config, Transformer, linear
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,13 +77,13 @@ import json, sys
 import numpy as np
 import tinygrad.codegen
 from tinygrad import Device, Tensor
-import transformer
+import runtime
 
 Device[Device.DEFAULT]  # the CPU device generates 4 small programs of its own when it opens
 generated = []
 original = tinygrad.codegen.do_to_program
 tinygrad.codegen.do_to_program = lambda *a: generated.append(1) or original(*a)
-transformer.keep_kernels()
+runtime.keep_kernels()
 a = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
 out = ((a @ a.T).relu() + 1).sum(1).numpy()
 print(json.dumps({"generated": len(generated), "out": out.tolist()}))
@@ -100,7 +100,7 @@ def run_kept(tmp_path: Path, **env) -> dict:
 
 
 def test_helper_threads_run_every_chunk_at_once_and_hand_back_errors():
-    cores = transformer._Cores()
+    cores = runtime._Cores()
     seen = {}
 
     def chunk(i: int):
@@ -132,7 +132,7 @@ def test_kernel_chunks_on_all_cores_give_the_same_numbers():
     # NUM_CPU_THREADS=4: on any machine tinygrad splits these kernels into 4 chunks (core_id 0-3);
     # run serially first, then with three of them on helper threads, and compiled by TinyJit
     code = """if True:
-    import numpy as np, transformer
+    import numpy as np, runtime
     from tinygrad import Tensor, TinyJit
     rng = np.random.default_rng(0)
     a = rng.normal(size=(256, 192)).astype(np.float32)
@@ -140,8 +140,8 @@ def test_kernel_chunks_on_all_cores_give_the_same_numbers():
     c = rng.normal(size=(1024, 512)).astype(np.float32)
     step = lambda a, b, c: ((a @ b).realize(), (c.exp() * 2).sum(1).realize())
     serial = [t.numpy() for t in step(Tensor(a), Tensor(b), Tensor(c))]
-    assert transformer._CORES.handed == 0
-    transformer.run_on_all_cores()
+    assert runtime._CORES.handed == 0
+    runtime.run_on_all_cores()
     jit = TinyJit(step)
     for _ in range(3):
         both = [t.numpy() for t in jit(Tensor(a), Tensor(b), Tensor(c))]
@@ -150,7 +150,7 @@ def test_kernel_chunks_on_all_cores_give_the_same_numbers():
     want = [a.astype(np.float64) @ b, 2 * np.exp(c.astype(np.float64)).sum(1)]
     for got, ref in zip(both, want):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    print(transformer._CORES.handed)
+    print(runtime._CORES.handed)
     """
     env = {**os.environ, "DEV": "CPU", "NUM_CPU_THREADS": "4"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
@@ -164,7 +164,7 @@ def test_cpu_graph_replays_give_the_same_numbers_with_new_inputs_and_variables()
     # call: through tinygrad's own replay, then through CPUGraph; the same bits, kernel counts,
     # and NumPy's numbers (a buffer or variable left unpatched would repeat the capture's)
     code = """if True:
-    import numpy as np, transformer
+    import numpy as np, runtime
     from tinygrad import GlobalCounters, Tensor, TinyJit, Variable
     rng = np.random.default_rng(1)
     w = rng.normal(size=(192, 160)).astype(np.float32)
@@ -184,11 +184,11 @@ def test_cpu_graph_replays_give_the_same_numbers_with_new_inputs_and_variables()
             counts.append(GlobalCounters.kernel_count - before)
         return outs, counts
 
-    transformer.run_on_all_cores()
+    runtime.run_on_all_cores()
     plain, plain_counts = run()
-    transformer.batch_cpu_kernels()
+    runtime.batch_cpu_kernels()
     graphed, counts = run()
-    assert transformer.CPUGraph.replays >= 3, transformer.CPUGraph.replays
+    assert runtime.CPUGraph.replays >= 3, runtime.CPUGraph.replays
     assert counts == plain_counts, (counts, plain_counts)
     for x, n, p, g in zip(xs, ns, plain, graphed):
         h = np.maximum(x.astype(np.float64) @ w, 0)
@@ -218,7 +218,7 @@ def test_kept_kernels_are_read_back_by_the_next_process(tmp_path):
 
 def device_of(*args: str, **env) -> subprocess.CompletedProcess:
     env = {k: v for k, v in {**os.environ, **env}.items() if k != "DEV" or v}
-    code = "import sys, transformer; print(transformer.use_device(*sys.argv[1:]))"
+    code = "import sys, runtime; print(runtime.use_device(*sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -250,11 +250,11 @@ def test_llvm_available_reads_what_tinygrad_loaded(monkeypatch, name, loaded, wa
 
     from tinygrad.runtime.autogen import llvm
 
-    import transformer
+    import runtime
 
     fake = SimpleNamespace(nm="llvm", _loaded_={"llvm"} if loaded else set(), _name=name)
     monkeypatch.setattr(llvm, "dll", fake)
-    assert transformer.llvm_available() is want
+    assert runtime.llvm_available() is want
 
 
 def test_cli_device_that_cannot_run():
@@ -265,8 +265,8 @@ POCL_KERNEL = """
 import sys
 from tinygrad import Tensor
 if sys.argv[1] == "use_device":
-    import transformer
-    transformer.use_device()
+    import runtime
+    runtime.use_device()
 print((Tensor.ones(4, 4) * 3 + 1).sum().item())  # its code has "((a == b))", which clang flags
 """
 

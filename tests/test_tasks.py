@@ -25,16 +25,15 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_transformer import assert_clean_error, cli  # noqa: E402  transformer.py, one error line
 
 import heads  # noqa: E402
-from tasks import Grokking, Induction, SlowGrokking, fourier_concentration  # noqa: E402
-from transformer import (  # noqa: E402
-    IGNORE,
-    Config,
-    Transformer,
-    attention_maps,
-    make_optimizer,
-    make_train_step,
-    train,
+from tasks import (  # noqa: E402
+    IGNORE,  # noqa: E402
+    Grokking,
+    Induction,
+    SlowGrokking,
+    fourier_concentration,
 )
+from train import make_optimizer, make_train_step, train  # noqa: E402
+from transformer import Config, Transformer, attention_maps  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -35,10 +35,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tasks import Reverse, Shakespeare  # noqa: E402
+from train import (  # noqa: E402
+    CheckpointError,
+    learning_rate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train,
+)
 from transformer import (  # noqa: E402
     Block,
     CausalSelfAttention,
-    CheckpointError,
     Config,
     LayerNorm,
     SingleHeadAttention,
@@ -48,14 +55,9 @@ from transformer import (  # noqa: E402
     causal_mask,
     gelu,
     generate,
-    learning_rate,
     linear,
-    load_checkpoint,
-    make_optimizer,
     sample,
-    save_checkpoint,
     sinusoidal_positions,
-    train,
 )
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

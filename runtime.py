@@ -1,0 +1,301 @@
+"""What tinygrad 0.14's runtime lacks on a CPU, added from outside: the model files never see it.
+
+transformer.py is written against tinygrad's public tensor API alone. These five pieces make the
+same kernels start sooner and run faster on a CPU; none changes a number the model computes.
+Each is installed by the CLIs (use_device, keep_kernels, exit_now) and can go when tinygrad does
+the same itself. Figures from the 2-core build machine (bench.py; README, Results).
+
+- keep_kernels: tinygrad caches compiled binaries on disk but generates every kernel's code
+  again in each new process. Kept, the reversal model's first step takes 2.3 s instead of 8.
+  Can go when tinygrad keeps its generated programs between runs.
+- run_on_all_cores: tinygrad splits a large CPU kernel into one chunk per core, then runs the
+  chunks one after another. Run at once: reversal step 45 -> 40 ms, modular addition at
+  p=113 810 -> 480 ms. Can go when its CPU runtime runs the chunks in parallel again (its
+  threads were deleted after 0.14, PR #17866).
+- CPUGraph: TinyJit replays CPU kernels through a generic path, 30-50 us of Python each. A
+  prepared loop makes training steps 18-26 % faster. Can go when a CPU graph ships outside the
+  experimental HCQ2.
+- use_device: tinygrad picks OpenCL (PoCL) or clang on a CPU; LLVM code generation is the
+  fastest (demo 34 s cold / 15 s warm, against 95 / 15 and 38 / 18). Can go when tinygrad's
+  own default on a CPU is LLVM.
+- exit_now: Python's teardown frees tinygrad's graphs one object at a time, 1.2 s after every
+  run. Can go when that teardown is quick.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import hashlib
+import os
+import pickle
+import re
+import sys
+import threading
+import time
+from importlib.metadata import version
+from queue import SimpleQueue
+
+from tinygrad import GlobalCounters
+from tinygrad.engine.jit import GraphRunner
+from tinygrad.engine.realize import get_call_arg_uops
+from tinygrad.helpers import diskcache_get, diskcache_put
+from tinygrad.uop.ops import Ops, UOp
+
+
+class _KeptKernels(dict):
+    """tinygrad's in-memory table of generated kernels (to_program_cache), backed by its on-disk
+    cache: a kernel generated once is read back in later processes instead of generated again."""
+
+    @staticmethod
+    def disk_key(key: tuple) -> str:
+        # (the kernel's structural hash, renderer class, target, codegen settings); the class is
+        # named, not pickled, so the key stays the same from one process to the next
+        ast_key, renderer, *rest = key
+        return hashlib.sha256(pickle.dumps((ast_key, renderer.__module__, renderer.__qualname__,
+                                            *rest))).hexdigest()
+
+    def __contains__(self, key) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        try:
+            program = diskcache_get(KEPT_KERNELS_TABLE, self.disk_key(key))
+        except Exception:  # written by another tinygrad, or damaged: generate it again
+            program = None
+        if program is None:
+            return False
+        dict.__setitem__(self, key, program)
+        return True
+
+    def get(self, key, default=None):  # how to_program looks (the device's own small programs)
+        return dict.__getitem__(self, key) if key in self else default
+
+    def __setitem__(self, key, program):
+        dict.__setitem__(self, key, program)
+        diskcache_put(KEPT_KERNELS_TABLE, self.disk_key(key), program)
+
+
+# generated code depends on the tinygrad that generated it
+KEPT_KERNELS_TABLE = f"tinygpt_program_{version('tinygrad')}"
+
+
+def keep_kernels():
+    """Make tinygrad keep the code it generates for each kernel on disk, beside its compiled
+    binaries (~/.cache/tinygrad/cache.db; CACHELEVEL=0 turns both off).
+
+    tinygrad 0.14 caches compiled binaries between runs, but regenerates every kernel's code in
+    each new process: 201 kernels took 17 s of `transformer.py -v`'s 38 s on one core. Read back
+    from disk, the reversal model's first step took 2.3 s instead of 8 on clang. Idempotent; the
+    CLIs and bench.py call it, a library user may."""
+    import tinygrad.codegen
+    import tinygrad.engine.realize
+
+    if not isinstance(tinygrad.engine.realize.to_program_cache, _KeptKernels):
+        kept = _KeptKernels(tinygrad.engine.realize.to_program_cache)
+        tinygrad.engine.realize.to_program_cache = tinygrad.codegen.to_program_cache = kept
+
+
+class _Cores:
+    """Helper threads, one per core beyond the first; each runs the kernel chunks it is handed."""
+
+    def __init__(self):
+        self.helpers: list[tuple[SimpleQueue, SimpleQueue]] = []  # (jobs, results) per thread
+        self.lock = threading.Lock()  # one kernel at a time, whichever Python thread launches it
+        self.handed = 0  # chunks run on helpers so far (for tests)
+        os.register_at_fork(after_in_child=self.helpers.clear)  # threads do not survive a fork
+
+    @staticmethod
+    def serve(jobs: SimpleQueue, results: SimpleQueue):
+        while True:
+            fxn, args = jobs.get()
+            try:
+                results.put(fxn(*args))
+            except BaseException as e:  # handed back, raised on the launching thread
+                results.put(e)
+
+    def run(self, fxn, chunks: list[list]):
+        """fxn(*chunk) for every chunk at the same time: the first here, the others on helpers."""
+        if len(chunks) == 1:
+            return fxn(*chunks[0])
+        with self.lock:
+            while len(self.helpers) < len(chunks) - 1:
+                self.helpers.append((jobs := SimpleQueue(), results := SimpleQueue()))
+                threading.Thread(target=self.serve, args=(jobs, results), daemon=True).start()
+            for (jobs, _), args in zip(self.helpers, chunks[1:]):
+                jobs.put((fxn, args))
+            self.handed += len(chunks) - 1
+            try:
+                fxn(*chunks[0])
+            finally:  # every helper's answer is taken, so none is left over for the next kernel
+                errors = [results.get() for _, results in self.helpers[: len(chunks) - 1]]
+        for e in errors:
+            if isinstance(e, BaseException):
+                raise e
+
+
+_CORES = _Cores()
+
+
+def chunk_args(args: list[int], core: int | None, n: int) -> list[list[ctypes.c_uint64]]:
+    """A compiled CPU kernel's arguments for each of its n chunks: the same, but for the
+    chunk's number at position `core` (tinygrad's core_id; None: the kernel is not split)."""
+    return [[ctypes.c_uint64(tid if i == core else a) for i, a in enumerate(args)]
+            for tid in range(n)]
+
+
+def run_on_all_cores():
+    """Run the chunks of each CPU kernel on all cores at once.
+
+    tinygrad 0.14 splits a large CPU kernel (128K operations per core or more) into one chunk
+    per core, told apart by a `core_id` argument, then calls the chunks one after another on
+    one thread. Here chunk 0 runs on the calling thread and the others on helper threads at the
+    same time: ctypes lets go of Python's lock while compiled code runs. The chunks write
+    disjoint outputs, so results are bit for bit the same. Training steps on the 2-core build
+    machine (bench.py): 45 -> 40 ms for the reversal model, 810 -> 480 ms for modular addition
+    at p=113. Idempotent; use_device calls it."""
+    from tinygrad.runtime.ops_cpu import CPUProgram
+
+    serial = CPUProgram.__call__
+    if getattr(serial, "all_cores", False):
+        return
+
+    def call(self, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), vals=(), wait=False,
+             timeout=None):
+        slot = self.runtimevars.get("core_id")
+        if slot is None or self.lvp or global_size[0] == 1:
+            return serial(self, *bufs, global_size=global_size, local_size=local_size, vals=vals,
+                          wait=wait, timeout=timeout)
+        start = time.perf_counter()
+        _CORES.run(self.fxn, chunk_args([*(b.va_addr for b in bufs), *vals], slot, global_size[0]))
+        return time.perf_counter() - start if wait else None
+
+    call.all_cores = True
+    CPUProgram.__call__ = call
+
+
+class CPUGraph(GraphRunner):
+    """TinyJit's replay of a run of CPU kernels as one loop over prepared calls.
+
+    tinygrad 0.14 batches the kernels of a captured function into graphs on GPUs; on the CPU it
+    replays them one by one through its generic path, 30 to 50 µs of Python per kernel (resolving
+    buffers, launch sizes, arguments) besides the kernel's run: a quarter to a third of the
+    reversal model's step. Here each kernel's function and arguments are prepared once; a replay
+    writes in the buffers and variable values that change between calls, then calls the
+    functions in order (the chunks of split ones on all cores, as run_on_all_cores does).
+    Training steps 18 to 26 % faster on the 2-core build machine; every number the same to the
+    bit."""
+
+    replays = 0  # calls of any CPUGraph so far (for tests)
+
+    def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
+        super().__init__(linear, input_uops)
+        self.launches = []  # per kernel: (compiled function, argument list per chunk)
+        self.patches = []  # (kernel, argument, input slot): buffers that change between calls
+        self.first_var = []  # per kernel: where its variables start among its arguments
+        zeros = {v: 0 for v in self.vars}
+        for j, ((_, program, bufs, device_vars), runtime) in enumerate(zip(self.calls,
+                                                                           self.runtimes)):
+            info = program.arg
+            kernel_bufs = [bufs[i] for i in info.globals]
+            args = [b.get_buf(b.device).va_addr for b in kernel_bufs]
+            args += [device_vars.get(v.expr, 0) for v in info.vars]
+            core = runtime.runtimevars.get("core_id")
+            n = info.launch_dims(zeros)[0][0] if core is not None else 1
+            self.launches.append((runtime.fxn, chunk_args(args, core, n)))
+            self.patches += [(j, k, slot) for p, slot in self.uop_replace[j]
+                             for k, g in enumerate(info.globals) if g == p]
+            self.first_var.append(len(kernel_bufs))
+
+    def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait=False):
+        for j, k, slot in self.patches:
+            buf = input_uops[slot].buffer
+            address = ctypes.c_uint64(buf.get_buf(buf.device).va_addr)
+            for chunk in self.launches[j][1]:
+                chunk[k] = address
+        for j, i, value in self.updated_vars(var_vals):
+            for chunk in self.launches[j][1]:
+                chunk[self.first_var[j] + i] = ctypes.c_uint64(value)
+        start = time.perf_counter()
+        for fxn, chunks in self.launches:
+            _CORES.run(fxn, chunks)
+        GlobalCounters.kernel_count += len(self.launches) - 1  # tinygrad counts a graph as one
+        CPUGraph.replays += 1
+        return time.perf_counter() - start if wait else None
+
+    @staticmethod
+    def supports_uop(batch_devs, call: UOp) -> bool:
+        """A compiled kernel on the batch's one device, launched over a fixed number of chunks,
+        whose arguments are whole buffers (a view of a changing input would not be patched)."""
+        program = call.src[0]
+        return (program.op is Ops.PROGRAM
+                and len(GraphRunner._all_devs(batch_devs, call)) == 1
+                and all(isinstance(n, int) for n in program.arg.global_size)
+                and all(u.op in (Ops.BUFFER, Ops.PARAM) or Ops.PARAM not in {s.op for s in u.src}
+                        for u in get_call_arg_uops(call)))
+
+
+def batch_cpu_kernels():
+    """Let TinyJit replay the default device's kernels through CPUGraph, if it is a CPU.
+    Idempotent; use_device calls it."""
+    from tinygrad import Device
+    from tinygrad.runtime.ops_cpu import CPUDevice
+
+    device = Device[Device.DEFAULT]
+    if isinstance(device, CPUDevice) and type(device.renderer).__name__ != "LVPRenderer":
+        device.graph = CPUGraph
+
+
+def use_device(device: str | None = None) -> str:
+    """Choose the tinygrad backend: `device` (a --device flag) if given, else DEV, else the
+    fastest measured here. Opens it, so a backend that cannot run fails now; returns its name.
+
+    tinygrad picks a GPU backend when there is one, else OpenCL, else the CPU with clang. On a CPU
+    (no GPU backend, or OpenCL served by PoCL on the CPU) this picks the CPU with LLVM code
+    generation when libLLVM is installed (setup.sh does): `transformer.py -v` takes 34 s on an
+    empty kernel cache and 15 s on a warm one on the 2-core build machine, against 95 s and 15 s
+    through PoCL and 38 s and 18 s with clang, and its training steps are the fastest of the
+    three (README, Backends). DEV=CL or --device CL picks PoCL. On a CPU backend it also runs
+    kernels on all cores and replays TinyJit's kernels through CPUGraph."""
+    from tinygrad import Device
+    from tinygrad.helpers import DEV
+
+    if device:
+        DEV.value = device.upper()
+    elif not os.environ.get("DEV"):
+        auto = Device.DEFAULT
+        on_cpu = auto == "CPU" or (auto == "CL" and "pthread" in Device["CL"].device_name)
+        if on_cpu and llvm_available():
+            DEV.value = "CPU:LLVM"
+    # PoCL's compiler prints "1 warning generated." for each new kernel (tinygrad's generated
+    # code has "((a == b))"); -w keeps stderr for messages that matter
+    os.environ.setdefault("POCL_EXTRA_BUILD_FLAGS", "-w")
+    run_on_all_cores()
+    batch_cpu_kernels()
+    renderer = type(Device[Device.DEFAULT].renderer).__name__
+    return f"{Device.DEFAULT} ({renderer})"
+
+
+def llvm_available() -> bool:
+    """Is there a libLLVM that tinygrad 0.14 loads and can compile with (16 or newer)?"""
+    try:
+        from tinygrad.runtime.autogen import llvm
+
+        dll = llvm.dll
+        if dll.nm not in dll._loaded_:  # tinygrad found no libLLVM; it fails on first use
+            return False
+        found = re.search(r"(?:LLVM-|llvm@)(\d+)", dll._name)
+    except Exception:
+        return False
+    # tinygrad loads LLVM 14 and 15 too, then fails to compile with them
+    return found is None or int(found.group(1)) >= 16
+
+
+def exit_now(code: int | None):
+    """End a CLI process without Python's teardown, which frees tinygrad's graphs and caches one
+    object at a time: 1.2 s after every run, 6 % of the 19 s demo. The exit handlers (tinygrad's
+    device finalizers) still run and the output streams are flushed; files are all closed by then
+    (checkpoints are renamed into place, the kernel cache commits each write)."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+

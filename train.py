@@ -1,0 +1,425 @@
+"""Train transformer.py's toy models: the optimizer, the compiled step, checkpoints, the loop
+that checks on held-out data that a model really learned, and the command line.
+
+The step follows tinygrad's examples/beautiful_mnist.py: a TinyJit'd function computes the loss,
+its gradients and the AdamW update, so after two calls Python only replays its kernels. What a
+model learns and how it is judged comes from a task (tasks.py); the loop does not know which.
+
+    python transformer.py -v                        # learn to reverse digit strings: exact match
+    python transformer.py --task shakespeare -v     # character-level tinyshakespeare: val loss
+    python transformer.py --task induction -v       # induction heads, 2 attention-only layers
+    python transformer.py --task reverse --sample   # decode with the checkpoint saved in models/
+    python transformer.py --attention               # every head of that checkpoint, drawn
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+from tinygrad import Context, Tensor, TinyJit, nn
+from tinygrad.nn.state import get_state_dict, safe_load, safe_save
+
+from runtime import exit_now, keep_kernels, use_device
+from tasks import IGNORE
+from transformer import ABLATIONS, SIMILARITIES, Config, Transformer
+
+
+def make_optimizer(model: Transformer, lr: float, weight_decay: float = 0.1,
+                   betas: tuple[float, float] = (0.9, 0.99)):
+    """AdamW (Loshchilov & Hutter, 2019). Weight decay pulls matrices and embeddings toward zero;
+    biases and LayerNorm gains are left alone, as in GPT-2 and nanoGPT."""
+    params = list(model.parameters().values())
+    decay = [p for p in params if p.ndim >= 2]
+    keep = [p for p in params if p.ndim < 2]
+    b1, b2 = betas
+    return nn.optim.OptimizerGroup(
+        nn.optim.AdamW(decay, lr, b1=b1, b2=b2, weight_decay=weight_decay),
+        nn.optim.AdamW(keep, lr, b1=b1, b2=b2, weight_decay=0.0),
+    )
+
+
+def learning_rate(step: int, max_lr: float, total: int, warmup: int) -> float:
+    """Linear warmup to max_lr, then cosine decay to a tenth of it (Brown et al., 2020, GPT-3)."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
+                    grokfast: tuple[float, float] | None = None, l2: float = 0.0):
+    """One optimizer step, compiled by TinyJit: after two calls the kernels are captured and
+    replayed, so Python no longer rebuilds the graph each step.
+
+    grokfast=(alpha, lamb) amplifies the slow part of the gradient before the step, as in Grokfast
+    (Lee et al., 2024): ema <- alpha ema + (1 - alpha) g, then g <- g + lamb ema. The averages
+    live in tensors that the compiled step updates in place; the first gradient starts them.
+    l2 adds l2 * w to every gradient after that, as torch.optim.Adam(weight_decay=l2) does: an L2
+    penalty that Adam then normalizes with the rest, unlike AdamW's decoupled weight decay
+    (Loshchilov & Hutter, 2019). clip=None leaves the gradient's norm alone."""
+    params = opt.params
+    # Realize the initial weights and optimizer state first: left lazy, their random initialization
+    # joins the first step's graph, and scheduling it took 3x longer (76 s against 25 s on 2 cores).
+    Tensor.realize(*get_state_dict(opt).values())
+    if grokfast is not None:
+        alpha, lamb = grokfast
+        emas = [Tensor.zeros(*p.shape).contiguous().is_param_(False).realize() for p in params]
+        started = Tensor.zeros(1).contiguous().is_param_(False).realize()  # 0 before step one
+
+    @TinyJit
+    def step(x: Tensor, y: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
+        loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
+        grads = loss.gradient(*params)
+        if grokfast is not None:
+            a = alpha * started  # 0 on the first step: the average starts at the first gradient
+            for ema, g in zip(emas, grads):
+                ema.assign(a * ema + (1 - a) * g)
+            grads = [g + lamb * ema for g, ema in zip(grads, emas)]
+            started.assign(Tensor.ones(1))
+        if l2:
+            grads = [g + l2 * p for g, p in zip(grads, params)]
+        # rescale all gradients together when their global norm exceeds clip (Pascanu et al., 2013)
+        norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
+        scale = (clip / (norm + 1e-6)).minimum(1.0) if clip is not None else 1.0
+        for p, g in zip(params, grads):
+            p.grad = g * scale
+        for o in opt.optimizers:
+            o.lr.assign(lr)
+        state = [*emas, started] if grokfast is not None else []
+        Tensor.realize(loss, norm, *opt.schedule_step(), *state)
+        return loss, norm
+
+    step.grokfast_ema = emas if grokfast is not None else None  # for tests
+    return step
+
+
+def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
+    """Weights + optimizer state in one safetensors file, config and progress in JSON beside it.
+
+    Both are written under temporary names, then renamed: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = dict(model.parameters())
+    for i, o in enumerate(opt.optimizers):
+        for j, (m, v) in enumerate(zip(o.m, o.v)):
+            tensors[f"optim.{i}.m.{j}"], tensors[f"optim.{i}.v.{j}"] = m, v
+        tensors[f"optim.{i}.b1_t"], tensors[f"optim.{i}.b2_t"] = o.b1_t, o.b2_t
+    weights_path, meta_path = checkpoint_files(path)
+    tmp_weights, tmp_meta = Path(f"{weights_path}.tmp"), Path(f"{meta_path}.tmp")
+    safe_save(tensors, str(tmp_weights))
+    tmp_meta.write_text(json.dumps({**meta, "config": asdict(model.config)}, indent=2))
+    os.replace(tmp_weights, weights_path)
+    os.replace(tmp_meta, meta_path)
+
+
+def checkpoint_files(path: Path) -> tuple[Path, Path]:
+    """PATH.safetensors and PATH.json (appended, so a name like run.1 keeps its dot)."""
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path: Path, opt_lr: float | None = None):
+    """-> (model, optimizer or None, meta). Raises CheckpointError with a one-line reason."""
+    weights_path, meta_path = checkpoint_files(path)
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = Config(**meta["config"])
+        tensors = safe_load(str(weights_path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    model = Transformer(config, init=False)  # every weight comes from the file
+    weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    expected = model.parameters()
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise CheckpointError(f"checkpoint {path} does not fit its config: "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in expected.items():
+        if v.shape != weights[k].shape:
+            raise CheckpointError(f"checkpoint {path}: {k} has shape {weights[k].shape}, "
+                                  f"expected {v.shape}")
+    for k, v in expected.items():
+        v.replace(weights[k].to(v.device)).realize()
+    opt = None
+    if opt_lr is not None:
+        if not isinstance(meta.get("step"), int):
+            raise CheckpointError(f"checkpoint {path} does not say which step it reached")
+        opt = make_optimizer(model, opt_lr)
+        try:
+            for i, o in enumerate(opt.optimizers):
+                for j, (m, v) in enumerate(zip(o.m, o.v)):
+                    m.assign(tensors[f"optim.{i}.m.{j}"].to(m.device)).realize()
+                    v.assign(tensors[f"optim.{i}.v.{j}"].to(v.device)).realize()
+                o.b1_t.assign(tensors[f"optim.{i}.b1_t"].to(o.b1_t.device)).realize()
+                o.b2_t.assign(tensors[f"optim.{i}.b2_t"].to(o.b2_t.device)).realize()
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint {path} has no optimizer state {e} to resume "
+                                  "from") from None
+    return model, opt, meta
+
+
+def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None,
+          resume: bool = False, verbose: bool = False, config: Config | None = None,
+          log=print, grokfast: tuple[float, float] | None = None) -> dict:
+    """Train a model on task, evaluate it on held-out data as it goes, and return the final scores.
+
+    The loop only needs from a task: config, batch(rng, B), evaluate(model, quick), show(model), the
+    metric's name and direction, and its chance level; a new task plugs in by providing those.
+    Optional: weight_decay, betas, warmup, constant_lr (a flat learning rate after warmup), l2 and
+    clip (see make_train_step) for the optimizer; observe(model, step), called every eval_every
+    steps to record curves, returns the progress line; a list `history` is saved with the
+    checkpoint and restored on resume."""
+    steps = steps if steps is not None else task.steps
+    Tensor.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    start = 0
+    weight_decay, betas = getattr(task, "weight_decay", 0.1), getattr(task, "betas", (0.9, 0.99))
+    observe = getattr(task, "observe", None)
+    if resume:
+        model, opt, meta = load_checkpoint(out, opt_lr=task.lr)
+        for o, decay in zip(opt.optimizers, (weight_decay, 0.0)):  # the task's, not the defaults
+            o.wd, (o.b1, o.b2) = decay, betas
+        if hasattr(task, "history"):
+            task.history = meta.get("history", [])
+        if meta.get("task") != task.name:
+            raise CheckpointError(f"checkpoint {out} is for task {meta.get('task')!r}, "
+                                  f"not {task.name!r}")
+        start = meta["step"]
+        rng = np.random.default_rng([seed, start])  # fresh batches, not a replay of the first ones
+        log(f"resumed {out} at step {start}")
+    else:
+        config = config or task.config
+        data_shape = (task.config.n_ctx, task.config.vocab_size)
+        if (config.n_ctx, config.vocab_size) != data_shape:
+            raise ValueError(f"the task's data has n_ctx={data_shape[0]} and vocab_size="
+                             f"{data_shape[1]}; the model has n_ctx={config.n_ctx} and "
+                             f"vocab_size={config.vocab_size}")
+        model = Transformer(config)
+        opt = make_optimizer(model, task.lr, weight_decay, betas)
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters().values())
+    log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, "
+        f"{c.n_head} heads, {c.n_embd} dims, context {c.n_ctx}; "
+        f"{steps} steps of batch {task.batch_size}")
+    step_fn = make_train_step(model, opt, getattr(task, "clip", 1.0), grokfast,
+                              getattr(task, "l2", 0.0))
+    warmup = getattr(task, "warmup", max(1, min(100, steps // 10)))
+    constant_lr = getattr(task, "constant_lr", False)
+    tokens_per_step = task.batch_size * c.n_ctx
+    t0 = time.perf_counter()
+    for step in range(start, steps):
+        x, y = task.batch(rng, task.batch_size)
+        if constant_lr:
+            lr = task.lr * min(1.0, (step + 1) / warmup)
+        else:
+            lr = learning_rate(step, task.lr, steps, warmup)
+        # TRAINING only around the step: the evaluations are inference, with inference's kernels
+        with Context(TRAINING=1):
+            loss, norm = step_fn(Tensor(x), Tensor(y), Tensor([lr]))
+        done = step + 1
+        if verbose and (done % 25 == 0 or done == steps):
+            elapsed = time.perf_counter() - t0
+            rate = (done - start) / elapsed
+            log(f"step {done:5d}/{steps}  loss {loss.item():.4f}  lr {lr:.2e}  "
+                f"grad-norm {norm.item():.2f}  {rate * tokens_per_step:,.0f} tok/s  "
+                f"ETA {(steps - done) / rate:.0f}s")
+        if observe is not None and (done % task.eval_every == 0 or done == steps):
+            line = observe(model, done)
+            if verbose:
+                log(line)
+        elif verbose and done % task.eval_every == 0 and done != steps:
+            log(f"eval  step {done}: {task.metric} {task.evaluate(model, quick=True):.4f}")
+    elapsed = time.perf_counter() - t0
+    score = task.evaluate(model)
+    if out is not None:
+        meta = {"task": task.name, "step": steps, "seed": seed}
+        if hasattr(task, "history"):
+            meta["history"] = task.history
+        save_checkpoint(out, model, opt, meta)
+        log(f"saved {checkpoint_files(out)[0]}")
+    return {"model": model, "score": score, "steps": steps, "time": elapsed}
+
+
+def verdict(task, score: float) -> bool:
+    """Did the model learn? Each task judges its own score (tasks.py)."""
+    return task.learned(score)
+
+
+def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens=None):
+    """Every view of the checkpoint's attention on one held-out example of task (heads.py), the
+    head scores, and what the task can say about its heads (e.g. Reverse's mirror heads)."""
+    import heads
+
+    model, _, meta = load_checkpoint(path)
+    if meta.get("task") != task.name:
+        raise CheckpointError(f"checkpoint {path} is for task {meta.get('task')!r}, "
+                              f"not {task.name!r}")
+    ids, labels = task.example()
+    written, report = heads.inspect_model(model, ids, labels, folder, f"{task.name} model",
+                                          tokens, layer, head)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    print(report)
+    if hasattr(task, "explain"):
+        print(task.explain(model))
+
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from tasks import TASKS, DataError
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="reverse", help=f"one of {', '.join(TASKS)}")
+    ap.add_argument("--steps", type=int, help="training steps (default: the task's budget)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: the task's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", help="local text file for a task that reads one (default: download)")
+    ap.add_argument("--out", type=Path, help="checkpoint path, no suffix (default: models/TASK)")
+    ap.add_argument("--resume", action="store_true", help="continue training from --out")
+    ap.add_argument("--sample", action="store_true", help="generate from the saved checkpoint")
+    ap.add_argument("--n-layer", type=int)
+    ap.add_argument("--n-head", type=int)
+    ap.add_argument("--n-embd", type=int)
+    ap.add_argument("--positions", choices=["learned", "sinusoidal"])
+    ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
+    ap.add_argument("--ablate", action="append", default=[], metavar="NAME",
+                    help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
+    ap.add_argument("--similarity", default="scaled",
+                    help=f"how a query scores a key: {', '.join(SIMILARITIES)} (default scaled)")
+    ap.add_argument("--attention", nargs="?", const="", metavar="DIR",
+                    help="draw every head of the saved checkpoint on a held-out example, score "
+                         "the heads (files in DIR, default attention/TASK)")
+    ap.add_argument("--layer", type=int, help="with --attention and --head: one head, large")
+    ap.add_argument("--head", type=int, help="with --attention and --layer: one head, large")
+    ap.add_argument("--tokens", metavar="A:B", help="with --attention: show tokens A to B only")
+    ap.add_argument("--weight-decay", type=float, metavar="X",
+                    help="AdamW weight decay on matrices and embeddings (default: the task's)")
+    ap.add_argument("--l2", type=float, metavar="X",
+                    help="add X times each weight to its gradient, an L2 penalty as in "
+                         "torch.optim.Adam (default: the task's, 0 for most)")
+    ap.add_argument("--grokfast", nargs="?", const="2", metavar="LAMBDA",
+                    help="amplify the slow part of the gradient by LAMBDA (default 2; EMA 0.98)")
+    ap.add_argument("--plot", type=Path, help="where a task with curves draws them "
+                    "(default: the checkpoint path with .png)")
+    ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... "
+                                     "(default: DEV, else the fastest here)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
+    # argparse's own errors (a missing value, a word where a number goes) as one error line too
+    ap.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
+    args = ap.parse_args(argv)
+    keep_kernels()
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.task not in TASKS:
+        return fail(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    if args.steps is not None and args.steps < 1:
+        return fail(f"--steps must be at least 1, got {args.steps}")
+    reads_data = getattr(TASKS[args.task], "reads_data", False)
+    if args.data is not None and not reads_data:
+        return fail(f"--data is for tasks that read a text; task {args.task!r} makes its own")
+    try:
+        task = TASKS[args.task](data=args.data) if reads_data else TASKS[args.task]()
+    except DataError as e:
+        return fail(str(e))
+    if args.lr is not None:
+        if not 0 < args.lr < math.inf:
+            return fail(f"--lr must be a positive finite number, got {args.lr}")
+        task.lr = args.lr
+    if args.weight_decay is not None:
+        if not 0 <= args.weight_decay < math.inf:
+            return fail(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+        task.weight_decay = args.weight_decay  # train() reads it from the task
+    if args.l2 is not None:
+        if not 0 <= args.l2 < math.inf:
+            return fail(f"--l2 must be a finite number >= 0, got {args.l2}")
+        task.l2 = args.l2
+    grokfast = None
+    if args.grokfast is not None:
+        try:
+            lamb = float(args.grokfast)
+        except ValueError:
+            lamb = math.nan
+        if not 0 < lamb < math.inf:
+            return fail(f"--grokfast takes a positive amplification LAMBDA, got {args.grokfast!r}")
+        grokfast = (0.98, lamb)  # Lee et al.'s EMA for modular arithmetic
+    if args.plot is not None and not hasattr(task, "plot"):
+        return fail(f"--plot is for tasks that record curves; task {args.task!r} draws none")
+    ablations = [name.strip() for arg in args.ablate for name in arg.split(",") if name.strip()]
+    for name in ablations:
+        if name not in ABLATIONS:
+            return fail(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+    if args.similarity not in SIMILARITIES:
+        return fail(f"unknown similarity {args.similarity!r}; choose one of "
+                    f"{', '.join(SIMILARITIES)}")
+    try:  # after the checks of the arguments: opening a backend takes a moment
+        device = use_device(args.device)
+    except Exception as e:
+        return fail(f"device {args.device or os.environ.get('DEV')!r} is not usable here: {e}")
+    out = args.out or Path(__file__).parent / "models" / task.name
+    log = print if args.verbose else (lambda *a, **k: None)
+    log(f"device {device}")
+    try:
+        if args.sample:
+            model, _, meta = load_checkpoint(out)
+            print(task.show(model))
+            return 0
+        if args.attention is not None:
+            folder = Path(args.attention or Path("attention") / task.name)
+            show_attention(task, out, folder, args.layer, args.head, args.tokens)
+            return 0
+        overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head),
+                                       ("n_embd", args.n_embd), ("positions", args.positions))
+                     if v is not None}
+        if args.post_ln:
+            overrides["prenorm"] = False
+        for name in ablations:
+            overrides.update(ABLATIONS[name])
+        overrides["similarity"] = args.similarity
+        config = replace(task.config, **overrides)
+        if args.verbose and hasattr(task, "baselines"):
+            log(f"baselines: {task.baselines()}")
+        result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log,
+                       grokfast)
+        if hasattr(task, "plot"):
+            # the figure names its run by the flags that change what is learned
+            run = f"python transformer.py --task {args.task} --seed {args.seed}"
+            for flag, value in (("--steps", args.steps), ("--lr", args.lr),
+                                ("--weight-decay", args.weight_decay), ("--l2", args.l2),
+                                ("--grokfast", args.grokfast), ("--ablate", ",".join(ablations))):
+                if value not in (None, ""):
+                    run += f" {flag} {value}"
+            log(f"wrote {task.plot(args.plot or out.with_name(out.name + '.png'), run)}")
+    except (CheckpointError, ValueError, OSError) as e:
+        return fail(str(e))
+    log("samples:\n" + task.show(result["model"]))
+    if hasattr(task, "mask_check"):
+        log(task.mask_check(result["model"]))
+    ok = verdict(task, result["score"])
+    log(f"verdict: {task.metric} {result['score']:.4f} against chance {task.chance:.4g}: "
+        f"{'learned' if ok else 'did NOT learn'}")
+    extra = task.result_fields() if hasattr(task, "result_fields") else ""
+    print(f"result: task={task.name} {task.metric}={result['score']:.4f} chance={task.chance:.4g} "
+          f"steps={result['steps']} time={result['time']:.1f}s" + (f" {extra}" if extra else ""))
+    return 0
+
+
+
+def cli():
+    """`python transformer.py ...` and `python train.py ...` both end here."""
+    exit_now(main())
+
+
+if __name__ == "__main__":
+    cli()
