@@ -273,6 +273,8 @@ def head_numbers(att: np.ndarray, labels: list[str]) -> str:
 # Probabilities travel as integers in units of 1/SCALE (4 decimals), lower triangles only: the
 # masked future is exactly 0, and this keeps GPT-2's 144 heads on 100 tokens near 3 MB.
 SCALE = 10_000
+# The page's HTML, style and script, with TITLE and DATA for html_page to fill in
+PAGE = Path(__file__).with_name("attention.html.template")
 
 
 def page_data(att: np.ndarray, labels: list[str], title: str, first: int = 0) -> dict:
@@ -289,156 +291,8 @@ def html_page(att: np.ndarray, labels: list[str], title: str, first: int = 0) ->
                       separators=(",", ":"))
     data = data.replace("</", "<\\/")  # a token "</script>" must not end the data block
     safe_title = title.replace("&", "&amp;").replace("<", "&lt;")
-    return PAGE.replace("TITLE", safe_title).replace("DATA", data)
+    return PAGE.read_text(encoding="utf-8").replace("TITLE", safe_title).replace("DATA", data)
 
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Attention: TITLE</title>
-<style>
-body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.2em; }
-.controls { margin: 0.5em 0 1em; }
-.controls label { margin-right: 1em; }
-#tokens { line-height: 2.2; max-width: 70em; }
-.tok { display: inline-block; line-height: 1.4; padding: 2px 3px; margin: 1px;
-       border: 1px solid #ddd; border-radius: 3px; cursor: pointer; white-space: pre;
-       font-family: ui-monospace, monospace; }
-.tok.sel { outline: 2px solid #d62728; }
-#detail { font-family: ui-monospace, monospace; min-height: 1.5em; margin: 0.6em 0; }
-#views { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
-#grid { display: grid; gap: 4px; }
-.cell { text-align: center; font-size: 10px; color: #666; }
-canvas.head { border: 1px solid #ccc; cursor: pointer; }
-canvas.head.sel { border: 2px solid #d62728; }
-#matrix { border: 1px solid #ccc; cursor: crosshair; }
-</style></head>
-<body>
-<h1>Attention: TITLE</h1>
-<div class="controls">
-  <label>layer <select id="layer"></select></label>
-  <label>head <select id="head"></select></label>
-  <label><input type="radio" name="mode" value="from" checked> where a token looks</label>
-  <label><input type="radio" name="mode" value="to"> what looks at a token</label>
-</div>
-<p>Hover over a token to see its attention in the chosen head; click to keep it. Colour is the
-probability, white 0 to dark blue 1. Click a small map below to choose its head.</p>
-<div id="tokens"></div>
-<div id="detail"></div>
-<div id="views"><figure><canvas id="matrix"></canvas><figcaption id="caption"></figcaption>
-</figure><div id="grid"></div></div>
-<script type="application/json" id="data">DATA</script>
-<script>
-"use strict";
-const D = JSON.parse(document.getElementById("data").textContent);
-const T = D.tokens.length, L = D.layers, H = D.heads;
-const state = {layer: 0, head: 0, mode: "from", pinned: null};
-function weight(l, h, q, k) {  // probability that query q of head (l, h) gives key k
-  return k > q ? 0 : D.att[l * H + h][q * (q + 1) / 2 + k] / D.scale;
-}
-function colour(w) {  // white to dark blue
-  const r = Math.round(255 - w * 247), g = Math.round(255 - w * 207), b = Math.round(255 - w * 148);
-  return "rgb(" + r + "," + g + "," + b + ")";
-}
-function paint(canvas, l, h, size) {
-  const img = document.createElement("canvas");
-  img.width = T; img.height = T;
-  const ctx = img.getContext("2d"), pixels = ctx.createImageData(T, T);
-  for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) {
-    const w = weight(l, h, q, k), i = 4 * (q * T + k);
-    pixels.data[i] = 255 - w * 247; pixels.data[i + 1] = 255 - w * 207;
-    pixels.data[i + 2] = 255 - w * 148; pixels.data[i + 3] = 255;
-  }
-  ctx.putImageData(pixels, 0, 0);
-  const shrink = T > size;  // more tokens than pixels: average them down
-  if (!shrink) size = T * Math.floor(size / T);  // else whole pixels per cell: sharp edges
-  canvas.width = size; canvas.height = size;
-  const out = canvas.getContext("2d");
-  out.imageSmoothingEnabled = shrink;
-  out.drawImage(img, 0, 0, size, size);
-}
-const tokens = document.getElementById("tokens");
-D.tokens.forEach((label, i) => {
-  const span = document.createElement("span");
-  span.className = "tok"; span.textContent = label; span.dataset.i = i;
-  span.title = "position " + (D.first + i);
-  span.addEventListener("mouseenter", () => show(i));
-  span.addEventListener("mouseleave", () => show(state.pinned));
-  span.addEventListener("click", () => { state.pinned = state.pinned === i ? null : i; show(i); });
-  tokens.appendChild(span);
-});
-function show(i) {
-  const spans = tokens.children, detail = document.getElementById("detail");
-  for (let j = 0; j < T; j++) {
-    const w = i === null ? 0 : (state.mode === "from" ? weight(state.layer, state.head, i, j)
-                                                      : weight(state.layer, state.head, j, i));
-    spans[j].style.background = colour(w);
-    spans[j].style.color = w > 0.6 ? "white" : "";
-    spans[j].classList.toggle("sel", j === i);
-  }
-  if (i === null) { detail.textContent = ""; return; }
-  const pairs = [];
-  for (let j = 0; j < T; j++) {
-    const w = state.mode === "from" ? weight(state.layer, state.head, i, j)
-                                    : weight(state.layer, state.head, j, i);
-    if (w > 0) pairs.push([w, j]);
-  }
-  pairs.sort((a, b) => b[0] - a[0]);
-  const arrow = state.mode === "from" ? " looks at: " : " is looked at by: ";
-  detail.textContent = D.tokens[i] + arrow + pairs.slice(0, 6).map(
-    p => D.tokens[p[1]] + " " + p[0].toFixed(3)).join(", ");
-}
-const grid = document.getElementById("grid");
-grid.style.gridTemplateColumns = "repeat(" + H + ", auto)";
-const thumb = Math.max(40, Math.min(96, Math.floor(900 / H)));
-for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
-  const cell = document.createElement("div"), canvas = document.createElement("canvas");
-  cell.className = "cell";
-  canvas.className = "head"; canvas.dataset.layer = l; canvas.dataset.head = h;
-  canvas.title = "layer " + l + ", head " + h;
-  paint(canvas, l, h, thumb);
-  canvas.addEventListener("click", () => select(l, h));
-  cell.appendChild(canvas);
-  cell.appendChild(document.createElement("br"));
-  cell.appendChild(document.createTextNode(l + "." + h));
-  grid.appendChild(cell);
-}
-function fill(id, n, onchange) {
-  const sel = document.getElementById(id);
-  for (let i = 0; i < n; i++) sel.add(new Option(String(i), String(i)));
-  sel.addEventListener("change", onchange);
-}
-fill("layer", L, e => select(Number(e.target.value), state.head));
-fill("head", H, e => select(state.layer, Number(e.target.value)));
-document.querySelectorAll("input[name=mode]").forEach(r => r.addEventListener("change", e => {
-  state.mode = e.target.value; show(state.pinned);
-}));
-const matrix = document.getElementById("matrix");
-matrix.addEventListener("mousemove", e => {  // the large map names the cell under the pointer
-  const r = matrix.getBoundingClientRect();
-  const q = Math.floor((e.clientY - r.top) / r.height * T);
-  const k = Math.floor((e.clientX - r.left) / r.width * T);
-  if (q < 0 || k < 0 || q >= T || k >= T) return;
-  document.getElementById("detail").textContent = "query " + D.tokens[q] + " -> key " +
-    D.tokens[k] + ": " + weight(state.layer, state.head, q, k).toFixed(3);
-});
-matrix.addEventListener("mouseleave", () => show(state.pinned));
-function select(l, h) {
-  state.layer = l; state.head = h;
-  document.getElementById("layer").value = String(l);
-  document.getElementById("head").value = String(h);
-  document.querySelectorAll("canvas.head").forEach(c => c.classList.toggle(
-    "sel", Number(c.dataset.layer) === l && Number(c.dataset.head) === h));
-  paint(document.getElementById("matrix"), l, h, Math.max(240, Math.min(560, 8 * T)));
-  document.getElementById("caption").textContent =
-    "layer " + l + ", head " + h + ": a row per query (top: first token), a column per key; " +
-    "point at a cell to name it";
-  show(state.pinned);
-}
-select(0, 0);
-</script>
-</body></html>
-"""
 
 
 # ---------------------------------------------------------------------------------------------
