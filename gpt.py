@@ -28,6 +28,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 from tinygrad.nn.state import safe_load
 
+import flags
 from runtime import exit_now, keep_kernels, use_device
 from transformer import Config, Transformer, generate
 
@@ -352,9 +353,7 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Generate text with OpenAI's GPT-2 on tinygrad.")
+    ap = flags.Parser(description="Generate text with OpenAI's GPT-2 on tinygrad.")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read stdin if it is not a tty)")
     src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
@@ -363,12 +362,13 @@ def main(argv=None) -> int:
     src.add_argument("--perplexity", type=Path, metavar="FILE",
                      help="score the text in FILE with sliding windows; print its perplexity")
     ap.add_argument("--model", default="gpt2", help=f"one of {', '.join(SIZES)} (default gpt2)")
-    ap.add_argument("-n", "--max-new-tokens", type=int, default=100)
-    ap.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    ap.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("-n", "--max-new-tokens", type=flags.natural, default=100)
+    ap.add_argument("-t", "--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=flags.count, default=None)
+    ap.add_argument("--top-p", type=flags.probability, default=None,
+                    help="nucleus sampling, in (0, 1]")
+    ap.add_argument("--seed", type=flags.natural, default=None, help="make sampling reproducible")
+    ap.add_argument("--num-samples", type=flags.count, default=1)
     ap.add_argument("--ignore-eos", action="store_true", help="go on past <|endoftext|>")
     ap.add_argument("--weights", type=Path, help="local model.safetensors or pytorch_model.bin")
     ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="download cache")
@@ -378,21 +378,18 @@ def main(argv=None) -> int:
     ap.add_argument("--half", action="store_true",
                     help="float16 weights (activations stay float32)")
     ap.add_argument("--timing", action="store_true", help="print prefill and decode speed")
-    ap.add_argument("--beam", type=int, default=0, metavar="N",
+    ap.add_argument("--beam", type=flags.natural, default=0, metavar="N",
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
                          "decoding after a one-time search of minutes, cached on disk")
-    ap.add_argument("--similarity", default="scaled",
-                    help="attention's similarity function; GPT-2's weights fit only 'scaled'")
     ap.add_argument("--out", type=Path, default=Path("attention"),
                     help="folder for --attention's files (default attention/)")
-    ap.add_argument("--layer", type=int, help="with --head: also draw this one head large")
-    ap.add_argument("--head", type=int, help="with --layer: the head to draw large")
+    ap.add_argument("--layer", type=flags.natural,
+                    help="with --head: also draw this one head large")
+    ap.add_argument("--head", type=flags.natural, help="with --layer: the head to draw large")
     ap.add_argument("--tokens", metavar="A:B", help="show only tokens A to B of a long text")
-    ap.add_argument("--stride", type=int,
+    ap.add_argument("--stride", type=flags.count,
                     help="--perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
-    # argparse's own errors (a missing value, a word where a number goes) as one error line too
-    ap.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
     args = ap.parse_args(argv)
     keep_kernels()
 
@@ -401,22 +398,6 @@ def main(argv=None) -> int:
 
     try:
         gpt2_config(args.model)  # an unknown name fails here, before anything is fetched
-        for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
-            if value is not None and not math.isfinite(value):
-                raise GPTError(f"{flag} must be a finite number, got {value}")
-        if args.similarity != "scaled":
-            raise GPTError(f"--similarity {args.similarity}: GPT-2 was trained with scaled "
-                           "dot-product attention, so its weights fit only 'scaled'")
-        if args.temperature < 0:
-            raise GPTError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            raise GPTError(f"--top-p must be in (0, 1], got {args.top_p}")
-        if args.top_k is not None and args.top_k < 1:
-            raise GPTError(f"--top-k must be >= 1, got {args.top_k}")
-        if args.beam < 0:
-            raise GPTError(f"--beam must be >= 0, got {args.beam}")
-        if args.max_new_tokens < 0 or args.num_samples < 1:
-            raise GPTError("--max-new-tokens must be >= 0 and --num-samples >= 1")
         if args.download:
             log(f"weights at {fetch_weights(args.model, args.weights_dir)}")
             return 0

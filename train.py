@@ -25,6 +25,7 @@ import numpy as np
 from tinygrad import Context, Tensor, TinyJit, nn
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
+import flags
 from runtime import exit_now, keep_kernels, use_device
 from tasks import IGNORE
 from transformer import ABLATIONS, SIMILARITIES, Config, Transformer
@@ -273,48 +274,46 @@ def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens
 
 
 def main(argv=None) -> int:
-    import argparse
-
     from tasks import TASKS, DataError
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = flags.Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="reverse", help=f"one of {', '.join(TASKS)}")
-    ap.add_argument("--steps", type=int, help="training steps (default: the task's budget)")
-    ap.add_argument("--lr", type=float, help="peak learning rate (default: the task's)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=flags.count, help="training steps (default: the task's budget)")
+    ap.add_argument("--lr", type=flags.positive, help="peak learning rate (default: the task's)")
+    ap.add_argument("--seed", type=flags.natural, default=0)
     ap.add_argument("--data", help="local text file for a task that reads one (default: download)")
     ap.add_argument("--out", type=Path, help="checkpoint path, no suffix (default: models/TASK)")
     ap.add_argument("--resume", action="store_true", help="continue training from --out")
     ap.add_argument("--sample", action="store_true", help="generate from the saved checkpoint")
-    ap.add_argument("--n-layer", type=int)
-    ap.add_argument("--n-head", type=int)
-    ap.add_argument("--n-embd", type=int)
+    ap.add_argument("--n-layer", type=flags.count)
+    ap.add_argument("--n-head", type=flags.count)
+    ap.add_argument("--n-embd", type=flags.count)
     ap.add_argument("--positions", choices=["learned", "sinusoidal"])
     ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
     ap.add_argument("--ablate", action="append", default=[], metavar="NAME",
                     help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
-    ap.add_argument("--similarity", default="scaled",
-                    help=f"how a query scores a key: {', '.join(SIMILARITIES)} (default scaled)")
+    ap.add_argument("--similarity", default="scaled", choices=SIMILARITIES,
+                    help="how a query scores a key (default scaled)")
     ap.add_argument("--attention", nargs="?", const="", metavar="DIR",
                     help="draw every head of the saved checkpoint on a held-out example, score "
                          "the heads (files in DIR, default attention/TASK)")
-    ap.add_argument("--layer", type=int, help="with --attention and --head: one head, large")
-    ap.add_argument("--head", type=int, help="with --attention and --layer: one head, large")
+    ap.add_argument("--layer", type=flags.natural,
+                    help="with --attention and --head: one head, large")
+    ap.add_argument("--head", type=flags.natural,
+                    help="with --attention and --layer: one head, large")
     ap.add_argument("--tokens", metavar="A:B", help="with --attention: show tokens A to B only")
-    ap.add_argument("--weight-decay", type=float, metavar="X",
+    ap.add_argument("--weight-decay", type=flags.nonnegative, metavar="X",
                     help="AdamW weight decay on matrices and embeddings (default: the task's)")
-    ap.add_argument("--l2", type=float, metavar="X",
+    ap.add_argument("--l2", type=flags.nonnegative, metavar="X",
                     help="add X times each weight to its gradient, an L2 penalty as in "
                          "torch.optim.Adam (default: the task's, 0 for most)")
-    ap.add_argument("--grokfast", nargs="?", const="2", metavar="LAMBDA",
+    ap.add_argument("--grokfast", nargs="?", const=2.0, type=flags.positive, metavar="LAMBDA",
                     help="amplify the slow part of the gradient by LAMBDA (default 2; EMA 0.98)")
     ap.add_argument("--plot", type=Path, help="where a task with curves draws them "
                     "(default: the checkpoint path with .png)")
     ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... "
                                      "(default: DEV, else the fastest here)")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
-    # argparse's own errors (a missing value, a word where a number goes) as one error line too
-    ap.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
     args = ap.parse_args(argv)
     keep_kernels()
 
@@ -324,8 +323,6 @@ def main(argv=None) -> int:
 
     if args.task not in TASKS:
         return fail(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
-    if args.steps is not None and args.steps < 1:
-        return fail(f"--steps must be at least 1, got {args.steps}")
     reads_data = getattr(TASKS[args.task], "reads_data", False)
     if args.data is not None and not reads_data:
         return fail(f"--data is for tasks that read a text; task {args.task!r} makes its own")
@@ -334,35 +331,19 @@ def main(argv=None) -> int:
     except DataError as e:
         return fail(str(e))
     if args.lr is not None:
-        if not 0 < args.lr < math.inf:
-            return fail(f"--lr must be a positive finite number, got {args.lr}")
         task.lr = args.lr
     if args.weight_decay is not None:
-        if not 0 <= args.weight_decay < math.inf:
-            return fail(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
         task.weight_decay = args.weight_decay  # train() reads it from the task
     if args.l2 is not None:
-        if not 0 <= args.l2 < math.inf:
-            return fail(f"--l2 must be a finite number >= 0, got {args.l2}")
         task.l2 = args.l2
-    grokfast = None
-    if args.grokfast is not None:
-        try:
-            lamb = float(args.grokfast)
-        except ValueError:
-            lamb = math.nan
-        if not 0 < lamb < math.inf:
-            return fail(f"--grokfast takes a positive amplification LAMBDA, got {args.grokfast!r}")
-        grokfast = (0.98, lamb)  # Lee et al.'s EMA for modular arithmetic
+    # Lee et al.'s EMA for modular arithmetic, and the amplification asked for
+    grokfast = None if args.grokfast is None else (0.98, args.grokfast)
     if args.plot is not None and not hasattr(task, "plot"):
         return fail(f"--plot is for tasks that record curves; task {args.task!r} draws none")
     ablations = [name.strip() for arg in args.ablate for name in arg.split(",") if name.strip()]
     for name in ablations:
         if name not in ABLATIONS:
             return fail(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
-    if args.similarity not in SIMILARITIES:
-        return fail(f"unknown similarity {args.similarity!r}; choose one of "
-                    f"{', '.join(SIMILARITIES)}")
     try:  # after the checks of the arguments: opening a backend takes a moment
         device = use_device(args.device)
     except Exception as e:
@@ -395,9 +376,10 @@ def main(argv=None) -> int:
         if hasattr(task, "plot"):
             # the figure names its run by the flags that change what is learned
             run = f"python transformer.py --task {args.task} --seed {args.seed}"
+            grokfast_flag = None if args.grokfast is None else f"{args.grokfast:g}"
             for flag, value in (("--steps", args.steps), ("--lr", args.lr),
                                 ("--weight-decay", args.weight_decay), ("--l2", args.l2),
-                                ("--grokfast", args.grokfast), ("--ablate", ",".join(ablations))):
+                                ("--grokfast", grokfast_flag), ("--ablate", ",".join(ablations))):
                 if value not in (None, ""):
                     run += f" {flag} {value}"
             log(f"wrote {task.plot(args.plot or out.with_name(out.name + '.png'), run)}")
