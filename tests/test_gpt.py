@@ -41,6 +41,7 @@ TIKTOKEN_DIR = ROOT.parent / "shared" / "tiktoken"
 os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_DIR)
 
 import tiktoken  # noqa: E402  (after TIKTOKEN_CACHE_DIR on purpose)
+from conftest import run_main  # noqa: E402
 from tinygrad import Tensor, dtypes  # noqa: E402
 from tinygrad.nn.state import safe_load, safe_save  # noqa: E402
 
@@ -672,6 +673,13 @@ BAD_INPUTS = {
     "top-p above one": (["--top-p", "1.5", "-p", PROMPT], "1.5"),
     "negative temperature": (["-t", "-1", "-p", PROMPT], "-1"),
     "negative beam": (["--beam", "-2", "-p", PROMPT], "-2"),
+    "zero top-k": (["--top-k", "0", "-p", PROMPT], "--top-k"),
+    "no samples": (["--num-samples", "0", "-p", PROMPT], "--num-samples"),
+    "negative token budget": (["-n", "-1", "-p", PROMPT], "--max-new-tokens"),
+    "negative seed": (["--seed", "-3", "-p", PROMPT], "--seed"),
+    "infinite temperature": (["-t", "inf", "-p", PROMPT], "inf"),
+    "zero stride": (["--perplexity", "{text_file}", "--stride", "0"], "--stride"),
+    "no similarity flag": (["--similarity", "dot", "-p", PROMPT], "--similarity"),
     "weights is a text file": (["--weights", "{text_file}", "-p", PROMPT], "{text_file}"),
     "missing weights file": (["--weights", "{missing}", "-p", PROMPT], "{missing}"),
     "missing prompt file": ([*TINY_ARGS, "-f", "{missing}"], "{missing}"),
@@ -683,13 +691,17 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_cli_bad_input_is_one_error_line(tmp_path, case):
+def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, case):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("just some words, not a checkpoint\n" * 10)
     paths = {"text_file": text_file, "missing": tmp_path / "no-such-file"}
     args, named = BAD_INPUTS[case]
     args = [str(a).format(**paths) for a in args]
-    done = run_cli(*args)
+    if "--device" in args:  # a process of its own: a device chosen here would stay chosen
+        done = run_cli(*args)
+    else:  # in this process (conftest.run_main): the same main, without the start-up
+        monkeypatch.setenv("HF_ENDPOINT", CLOSED_ENDPOINT)
+        done = run_main(gpt.main, *args, text=False)
     err = done.stderr.decode()
     assert done.returncode != 0
     assert "Traceback" not in err

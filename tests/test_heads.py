@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ["TIKTOKEN_CACHE_DIR"] = str(ROOT.parent / "shared" / "tiktoken")
 
+from conftest import run_main  # noqa: E402
 from test_transformer import assert_clean_error  # noqa: E402  one error line, nothing else
 from tinygrad import Tensor  # noqa: E402
 
@@ -163,10 +164,10 @@ def test_labels_are_readable_and_distinct():
 # ---------------------------------------------------------------------------------------------
 
 
-def cli(*args: str, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0"}
-    return subprocess.run([sys.executable, "gpt.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python gpt.py ARGS`, run in this process (conftest.run_main; test_gpt.py runs gpt.py in
+    processes of its own)."""
+    return run_main(gpt.main, *args)
 
 
 SENTENCE = "The cat sat on the mat. The cat"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_transformer import assert_clean_error, cli  # transformer.py, one error line
+from test_transformer import assert_clean_error, cli_process  # transformer.py, one error line
 from tinygrad import Context, Tensor, TinyJit
 
 import bench
@@ -258,7 +258,8 @@ def test_llvm_available_reads_what_tinygrad_loaded(monkeypatch, name, loaded, wa
 
 
 def test_cli_device_that_cannot_run():
-    assert_clean_error(cli("--device", "NOSUCH", "--steps", "1"), "device 'NOSUCH' is not usable")
+    run = cli_process("--device", "NOSUCH", "--steps", "1")
+    assert_clean_error(run, "device 'NOSUCH' is not usable")
 
 
 POCL_KERNEL = """

@@ -34,7 +34,9 @@ from tinygrad.nn.state import get_state_dict, safe_save
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tasks import Reverse, Shakespeare  # noqa: E402
+from conftest import run_main  # noqa: E402
+
+from tasks import Shakespeare  # noqa: E402
 from train import (  # noqa: E402
     CheckpointError,
     learning_rate,
@@ -43,6 +45,7 @@ from train import (  # noqa: E402
     save_checkpoint,
     train,
 )
+from train import main as train_main  # noqa: E402
 from transformer import (  # noqa: E402
     Block,
     CausalSelfAttention,
@@ -542,14 +545,12 @@ def test_learning_rate_warmup_and_cosine():
     assert all(a > b for a, b in zip(decay, decay[1:]))
 
 
-def test_training_learns_to_reverse():
-    # Measured: with this config, 150 steps reach exact match 0.99 for seed 0 and 1.0 for seeds
-    # 1 to 4; 120 steps reach 0.97 to 1.0, 100 steps only 0.81 to 0.90. Its best mirror head
-    # (below) looks at the right digit 89 % of the time after 150 steps, 97 % after 300. Extra
-    # steps are cheap (~0.05 s); compiling the first step is what costs.
-    task = Reverse(n_digits=3)
-    config = replace(task.config, n_embd=32, n_layer=1, n_head=4)
-    result = train(task, steps=300, seed=0, config=config, log=lambda *a: None)
+def test_training_learns_to_reverse(reversal):
+    # Measured: with this config (conftest.reversal), 150 steps reach exact match 0.99 for seed
+    # 0 and 1.0 for seeds 1 to 4; 120 steps reach 0.97 to 1.0, 100 steps only 0.81 to 0.90. Its
+    # best mirror head (below) looks at the right digit 89 % of the time after 150 steps, 97 %
+    # after 300. Extra steps are cheap (~0.05 s); compiling the first step is what costs.
+    task, result = reversal
     assert result["steps"] == 300
     assert result["score"] >= 0.9, result["score"]
     # What it learned, seen in its attention: some head looks at the digit each answer copies.
@@ -569,9 +570,19 @@ SMALL_CHAR = {"n_ctx": 16, "n_embd": 32, "n_layer": 1, "n_head": 4}
 needs_text = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is missing")
 
 
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> str:
+    """The first 206,000 characters of tinyshakespeare: a val text of 5 whole chunks of 256
+    windows of 16, so evaluate's quick score (every fourth chunk) differs from the full one,
+    and compiling for one chunk shape serves both tests below."""
+    path = tmp_path_factory.mktemp("text") / "shakespeare-start.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:206_000], encoding="utf-8")
+    return str(path)
+
+
 @needs_text
-def test_shakespeare_loss_falls():
-    task = Shakespeare(data=str(SHAKESPEARE))
+def test_shakespeare_loss_falls(small_text):
+    task = Shakespeare(data=small_text)
     # Set on the task, not passed as train(config=...): the task cuts its windows to
     # task.config.n_ctx, and train() refuses a model of another length (the next test).
     task.config = replace(task.config, **SMALL_CHAR)
@@ -583,8 +594,8 @@ def test_shakespeare_loss_falls():
 
 
 @needs_text
-def test_shakespeare_evaluate_scores_whole_windows_of_the_val_text():
-    task = Shakespeare(data=str(SHAKESPEARE))
+def test_shakespeare_evaluate_scores_whole_windows_of_the_val_text(small_text):
+    task = Shakespeare(data=small_text)
     task.config = replace(task.config, **SMALL_CHAR)
     Tensor.manual_seed(3)
     model = Transformer(task.config)
@@ -593,12 +604,15 @@ def test_shakespeare_evaluate_scores_whole_windows_of_the_val_text():
     T = task.config.n_ctx
     n = (len(task.val) - 1) // T // 256 * 256
     x, y = task.val[: n * T].reshape(n, T), task.val[1 : n * T + 1].reshape(n, T)
-    logits = np.concatenate([model(Tensor(x[i : i + 1024])).numpy() for i in range(0, n, 1024)])
+    logits = np.concatenate([model(Tensor(x[i : i + 256])).numpy() for i in range(0, n, 256)])
     probs = np_softmax(logits.astype(np.float64))
     nll = -np.log(np.take_along_axis(probs, y[..., None], -1)[..., 0])  # (n, T)
+    assert n // 256 == 5
     assert task.evaluate(model) == pytest.approx(nll.mean(), abs=1e-4)
-    quick = nll.reshape(-1, 256, T)[::4].mean()  # every fourth chunk
+    quick = nll.reshape(-1, 256, T)[::4].mean()  # every fourth chunk: 0 and 4
     assert task.evaluate(model, quick=True) == pytest.approx(quick, abs=1e-4)
+    assert abs(quick - nll.mean()) > 1e-4  # so the two are told apart
+    assert task.evaluate(model) == pytest.approx(nll.mean(), abs=1e-4)  # the compiled replay
     assert n * T > 0.85 * len(task.val)  # nearly all of the held-out text is scored
 
 
@@ -686,6 +700,12 @@ TINY = ["--n-embd", "16", "--n-layer", "1", "--n-head", "2"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python transformer.py ARGS`, run in this process (conftest.run_main)."""
+    return run_main(train_main, *args)
+
+
+def cli_process(*args: str) -> subprocess.CompletedProcess:
+    """`python transformer.py ARGS` in a process of its own: the whole path, __main__ included."""
     env = {**os.environ, "DEV": "CPU", "PARALLEL": "0"}  # PARALLEL: see compile_in_process
     return subprocess.run([sys.executable, "transformer.py", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -698,7 +718,7 @@ def cli_checkpoint(tmp_path_factory) -> Path:
     One step, because every training process compiles the step's kernels anew (the slow part);
     a second step would also pay for TinyJit's capture."""
     out = tmp_path_factory.mktemp("cli") / "rev"
-    run = cli("--task", "reverse", "--steps", "1", *TINY, "--out", str(out))
+    run = cli_process("--task", "reverse", "--steps", "1", *TINY, "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert re.match(RESULT_LINE, run.stdout.strip().splitlines()[-1]), run.stdout
     return out
@@ -771,6 +791,15 @@ def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
     (["--lr", "inf"], ["--lr", "inf"]),
     (["--steps", "many"], ["many"]),
     (["--task", "reverse", "--data", "x.txt"], ["--data"]),
+    # every size, count and seed refuses zero or less where argparse reads it (flags.py)
+    (["--n-layer", "0"], ["--n-layer", "0"]),
+    (["--n-head", "-2"], ["--n-head", "-2"]),
+    (["--n-embd", "1e9"], ["--n-embd", "1e9"]),
+    (["--steps", "-5"], ["--steps", "-5"]),
+    (["--seed", "-1"], ["--seed", "-1"]),
+    (["--lr", "nan"], ["--lr", "nan"]),
+    (["--attention", "--layer", "-1", "--head", "0"], ["--layer", "-1"]),
+    (["--similarity", "cosine"], ["cosine", "additive"]),
 ])
 def test_cli_bad_arguments(args, fragments):
     assert_clean_error(cli(*args), *fragments)

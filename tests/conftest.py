@@ -1,0 +1,68 @@
+"""What every test file shares: the repository on sys.path, and a CLI run inside this process.
+
+A subprocess of `python transformer.py ...` spends most of its time on start-up (importing
+tinygrad, opening the device) and on scheduling and compiling kernels that this process has
+already compiled. run_main calls the CLI's main() here instead, with its output captured, and
+hands back what a subprocess would: the exit status, stdout and stderr, and a traceback written
+to stderr as Python would write it. Each CLI keeps at least one true subprocess run in its tests.
+"""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Before tinygrad is imported: the tests run on clang's CPU backend, for which the kernel counts
+# are pinned, unless DEV says else; and a CLI run in this process then leaves the device alone.
+os.environ.setdefault("DEV", "CPU")
+
+
+def run_main(main, *args, stdin: bytes = b"", text: bool = True) -> subprocess.CompletedProcess:
+    """main(args) in this process, as `python SCRIPT ARGS` would run it: stdin fed from the given
+    bytes, stdout and stderr captured (as str, or bytes with text=False)."""
+    out, err = io.BytesIO(), io.BytesIO()
+    streams = [io.TextIOWrapper(b, encoding="utf-8", write_through=True) for b in (out, err)]
+    saved_stdin = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(streams[0]), contextlib.redirect_stderr(streams[1]):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's errors
+                code = e.code
+            except Exception:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        sys.stdin = saved_stdin
+    stdout, stderr = out.getvalue(), err.getvalue()
+    if text:
+        stdout, stderr = stdout.decode(), stderr.decode()
+    return subprocess.CompletedProcess(["main", *map(str, args)], code or 0, stdout, stderr)
+
+
+def small_reversal_config(task, **change):
+    """The small reversal model that the training tests share: 1 layer of 4 heads, 32 dims."""
+    from dataclasses import replace
+
+    return replace(task.config, n_embd=32, n_layer=1, n_head=4, **change)
+
+
+@pytest.fixture(scope="session")
+def reversal():
+    """(task, train's result) for 3-digit reversal trained 300 steps from seed 0: one training
+    run, and one compilation of its step, for every test that needs a model that learned."""
+    from tasks import Reverse
+    from train import train
+
+    task = Reverse(n_digits=3)
+    result = train(task, steps=300, seed=0, config=small_reversal_config(task), log=lambda *a: None)
+    return task, result
