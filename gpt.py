@@ -352,6 +352,72 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
     print(report)
 
 
+def text_ids(enc, text: str, flag: str, n_ctx: int) -> np.ndarray:
+    """The tokens of a text to look inside: at least two (one to predict), at most the context."""
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"})
+    if len(ids) < 2:
+        raise GPTError(f"{flag} needs a text of at least 2 tokens (the next token of one is what "
+                       f"is scored), got {len(ids)}")
+    if len(ids) > n_ctx:
+        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most {n_ctx}")
+    return np.array(ids, dtype=np.int32)
+
+
+def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str | None = None,
+                  mean: bool = False, log=print):
+    """Knock out each head alone (or the set in heads_spec together) and report what it costs
+    the mean next-token loss on text: ablation.npz and ablation.png into out, a table on stdout.
+    mean=True replaces a head by its mean over the text's positions instead of zeros."""
+    import heads
+    import plots
+
+    ids = text_ids(enc, text, "--head-ablation", gpt.config.n_ctx)
+    # compiled once: every knock-out only rewrites the masks that the replay reads
+    loss = TinyJit(lambda x, y: gpt(x).sparse_categorical_crossentropy(y).realize())
+    score = lambda: float(loss(Tensor(ids[None, :-1]), Tensor(ids[None, 1:])).item())
+    mean_over = 2 if mean else None
+    kind = "mean" if mean else "zero"
+    c = gpt.config
+    try:
+        if heads_spec is not None:
+            chosen = heads.parse_heads(heads_spec, c.n_layer, c.n_head)
+            base, knocked = heads.ablate_heads(gpt, score, chosen, mean_over)
+            names = ", ".join(f"L{a}H{b}" for a, b in chosen)
+            print(f"knocking out {names} together ({kind} ablation): mean next-token loss "
+                  f"{base:.4f} -> {knocked:.4f} ({knocked - base:+.4f} nats)")
+            return
+        folder = heads.writable_folder(out)
+        base, delta = heads.ablate_each_head(gpt, score, mean_over)
+    except (ValueError, OSError) as e:
+        raise GPTError(str(e)) from None
+    written = [heads.atomic_write(folder / "ablation.npz", lambda f: np.savez(
+        f, loss_delta=delta, base_loss=base, ids=ids.astype(np.int64)))]
+    written.append(plots.ablation(delta, folder / "ablation.png",
+                                  f"{kind} ablation on {len(ids)} tokens",
+                                  "loss increase (nats)"))
+    log(f"wrote {', '.join(str(p) for p in written)}")
+    print(f"mean next-token loss {base:.4f} nats over {len(ids) - 1} predictions")
+    print(heads.ablation_table(delta, f"loss increase ({kind} ablation)"))
+
+
+def logit_lens(gpt: Transformer, enc, text: str, out: Path, tokens: str | None = None, log=print):
+    """The logit lens on text: lens.npz and lens.png into out, a line per position on stdout."""
+    import heads
+
+    ids = text_ids(enc, text, "--logit-lens", gpt.config.n_ctx)
+    labels = token_labels(enc, ids)
+    decode = lambda i: enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace")
+    try:
+        window = heads.parse_window(tokens, len(ids))
+        heads.writable_folder(out)
+        lens = heads.logit_lens(gpt, ids)
+        written = heads.write_lens(out, lens, labels, decode, "logit lens", window)
+    except (ValueError, OSError) as e:
+        raise GPTError(str(e)) from None
+    log(f"wrote {', '.join(str(p) for p in written)}")
+    print(heads.lens_report(lens, labels, decode))
+
+
 def main(argv=None) -> int:
     ap = flags.Parser(description="Generate text with OpenAI's GPT-2 on tinygrad.")
     src = ap.add_mutually_exclusive_group()
@@ -361,6 +427,10 @@ def main(argv=None) -> int:
                      help="write every head's attention on TEXT into --out, print head scores")
     src.add_argument("--perplexity", type=Path, metavar="FILE",
                      help="score the text in FILE with sliding windows; print its perplexity")
+    src.add_argument("--head-ablation", metavar="TEXT",
+                     help="knock out each head alone: what it costs the loss on TEXT (--out)")
+    src.add_argument("--logit-lens", metavar="TEXT",
+                     help="read TEXT's residual stream after each block through the unembedding")
     ap.add_argument("--model", default="gpt2", help=f"one of {', '.join(SIZES)} (default gpt2)")
     ap.add_argument("-n", "--max-new-tokens", type=flags.natural, default=100)
     ap.add_argument("-t", "--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
@@ -382,11 +452,16 @@ def main(argv=None) -> int:
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
                          "decoding after a one-time search of minutes, cached on disk")
     ap.add_argument("--out", type=Path, default=Path("attention"),
-                    help="folder for --attention's files (default attention/)")
+                    help="folder for the files of --attention, --head-ablation and --logit-lens "
+                         "(default attention/)")
     ap.add_argument("--layer", type=flags.natural,
                     help="with --head: also draw this one head large")
     ap.add_argument("--head", type=flags.natural, help="with --layer: the head to draw large")
     ap.add_argument("--tokens", metavar="A:B", help="show only tokens A to B of a long text")
+    ap.add_argument("--heads", metavar="L.H,...",
+                    help="with --head-ablation: knock out these heads together, print one result")
+    ap.add_argument("--mean", action="store_true",
+                    help="with --head-ablation: replace a head by its mean over positions, not 0")
     ap.add_argument("--stride", type=flags.count,
                     help="--perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
@@ -406,16 +481,26 @@ def main(argv=None) -> int:
         except Exception as e:
             raise GPTError(f"device {args.device or os.environ.get('DEV')!r} is not usable "
                            f"here: {e}") from None
-        views = {"--layer": args.layer, "--head": args.head, "--tokens": args.tokens}
+        views = {"--layer": args.layer, "--head": args.head}
         for flag, value in views.items():
             if value is not None and args.attention is None:
                 raise GPTError(f"{flag} goes with --attention TEXT")
+        if args.tokens is not None and args.attention is None and args.logit_lens is None:
+            raise GPTError("--tokens goes with --attention TEXT or --logit-lens TEXT")
         if args.stride is not None and args.perplexity is None:
             raise GPTError("--stride goes with --perplexity FILE")
-        if args.attention is not None or args.perplexity is not None:
+        for flag, value in (("--heads", args.heads), ("--mean", args.mean or None)):
+            if value is not None and args.head_ablation is None:
+                raise GPTError(f"{flag} goes with --head-ablation TEXT")
+        looks = (args.attention, args.perplexity, args.head_ablation, args.logit_lens)
+        if any(v is not None for v in looks):
             enc = tokenizer()
             gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
-            if args.perplexity is not None:
+            if args.head_ablation is not None:
+                head_ablation(gpt, enc, args.head_ablation, args.out, args.heads, args.mean, log)
+            elif args.logit_lens is not None:
+                logit_lens(gpt, enc, args.logit_lens, args.out, args.tokens, log)
+            elif args.perplexity is not None:
                 stride = gpt.config.n_ctx // 2 if args.stride is None else args.stride
                 nll, n = perplexity_of_file(gpt, enc, args.perplexity, stride)
                 print(f"perplexity={math.exp(nll):.4f} nll={nll:.6f} tokens={n}")

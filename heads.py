@@ -179,6 +179,151 @@ def parse_window(spec: str | None, T: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# From pictures to causes: knock heads out, read the stream through the unembedding
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_heads(spec: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
+    """--heads "L.H,L.H" -> [(L, H), ...], each a head of the model, each once."""
+    heads = []
+    for part in spec.split(","):
+        try:
+            layer, head = (int(n) for n in part.strip().split("."))
+        except ValueError:
+            raise ValueError(f"--heads {spec!r}: expected LAYER.HEAD,..., e.g. 0.2,1.3") from None
+        if not (0 <= layer < n_layer and 0 <= head < n_head):
+            raise ValueError(f"--heads: no head {layer}.{head}: the model has layers "
+                             f"0-{n_layer - 1} and heads 0-{n_head - 1}")
+        if (layer, head) not in heads:
+            heads.append((layer, head))
+    return heads
+
+
+class KnockOut:
+    """While open, every attention layer of model multiplies its heads by a keep mask before
+    c_proj (transformer.knock_out); knock(heads) zeroes exactly those heads' masks. The masks
+    are buffers written in place, so a TinyJit'd score replays with whatever they hold now.
+    mean_over: None replaces a head by zeros, 2 by its mean over positions, 0 over the batch."""
+
+    def __init__(self, model, mean_over: int | None = None):
+        from tinygrad import Tensor
+
+        self.layers = [block.attn for block in model.h]
+        self.H, self.mean_over = model.config.n_head, mean_over
+        self.keeps = [Tensor.ones(self.H).contiguous().realize() for _ in self.layers]
+
+    def __enter__(self) -> KnockOut:
+        for attn, keep in zip(self.layers, self.keeps):
+            attn.knockout = (keep, self.mean_over)
+        return self
+
+    def knock(self, heads: list[tuple[int, int]]):
+        from tinygrad import Tensor
+
+        for layer, keep in enumerate(self.keeps):
+            values = np.ones(self.H, dtype=np.float32)
+            values[[h for lay, h in heads if lay == layer]] = 0.0
+            keep.assign(Tensor(values)).realize()
+
+    def __exit__(self, *exc):
+        for attn in self.layers:
+            attn.knockout = None
+
+
+def ablate_each_head(model, score, mean_over: int | None = None) -> tuple[float, np.ndarray]:
+    """score() with no head knocked out, and score() minus that with each head knocked out
+    alone, (L, H): how much the model needs each head for what score measures."""
+    L, H = model.config.n_layer, model.config.n_head
+    delta = np.zeros((L, H))
+    with KnockOut(model, mean_over) as ko:
+        base = score()
+        for layer in range(L):
+            for head in range(H):
+                ko.knock([(layer, head)])
+                delta[layer, head] = score() - base
+    return base, delta
+
+
+def ablate_heads(model, score, heads: list[tuple[int, int]],
+                 mean_over: int | None = None) -> tuple[float, float]:
+    """score() as it is, and with every head in heads knocked out together."""
+    with KnockOut(model, mean_over) as ko:
+        base = score()
+        ko.knock(heads)
+        return base, score()
+
+
+def ablation_table(delta: np.ndarray, label: str, k: int = 5, worse_is_lower: bool = False) -> str:
+    """A layers x heads table of delta and one line naming the k heads whose loss cost most."""
+    L, H = delta.shape
+    lines = [f"{label}, knocking out one head at a time (row: layer, column: head)",
+             "layer " + "".join(f"{h:>9}" for h in range(H))]
+    lines += [f"{layer:5d} " + "".join(f"{v:+9.4f}" for v in row) for layer, row in
+              enumerate(delta)]
+    order = np.argsort(delta, axis=None)
+    order = order if worse_is_lower else order[::-1]
+    top = [np.unravel_index(i, delta.shape) for i in order[:k]]
+    lines.append("top heads: " + ", ".join(f"L{a}H{b} {delta[a, b]:+.4f}" for a, b in top))
+    return "\n".join(lines)
+
+
+def logit_lens(model, ids: np.ndarray, k: int = 5) -> dict:
+    """The logit lens (nostalgebraist, 2020): the residual stream after the embedding and after
+    each block, read through the final LayerNorm and the unembedding (model.unembed), for ids
+    (T,). -> next_token_prob (L + 1, T), the probability each reading gives the actual next
+    token (NaN at the last position, which has none), top_ids and top_probs (L + 1, T, k). The
+    last reading is the model's own logits, the same tensor."""
+    from tinygrad import Tensor
+
+    from transformer import residual_stream
+
+    ids = np.asarray(ids, dtype=np.int32)
+    logits, stream = residual_stream(model, Tensor(ids[None]))
+    T = len(ids)
+    next_prob = np.full((len(stream), T), np.nan)
+    top_ids = np.zeros((len(stream), T, k), dtype=np.int64)
+    top_probs = np.zeros((len(stream), T, k))
+    for row, x in enumerate(stream):
+        out = logits if row == len(stream) - 1 else model.unembed(x)
+        z = out.numpy()[0].astype(np.float64)  # (T, V), one reading at a time: GPT-2's is big
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        next_prob[row, :-1] = p[np.arange(T - 1), ids[1:]]
+        top_ids[row] = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+        top_probs[row] = np.take_along_axis(p, top_ids[row], -1)
+    return {"next_token_prob": next_prob, "top_ids": top_ids, "top_probs": top_probs, "ids": ids}
+
+
+def lens_report(lens: dict, labels: list[str], decode) -> str:
+    """Per position: the input token, the actual next one, and the layer whose reading first
+    puts it on top, with each reading's probability of it."""
+    prob, top = lens["next_token_prob"], lens["top_ids"]
+    lines = ["position token -> next: probability of the next token after embed, block 0, ..."]
+    ids = lens["ids"]
+    for t in range(len(ids) - 1):
+        first = next((r for r in range(len(prob)) if top[r, t, 0] == ids[t + 1]), None)
+        where = "never top" if first is None else ("top from embed" if first == 0 else
+                                                   f"top from block {first - 1}")
+        cells = " ".join(f"{p:.2f}" for p in prob[:, t])
+        lines.append(f"{t:4d} {labels[t]} -> {readable(decode(ids[t + 1]))}: {cells}  ({where})")
+    return "\n".join(lines)
+
+
+def write_lens(out: Path, lens: dict, labels: list[str], decode, title: str,
+               window: tuple[int, int]) -> list[Path]:
+    """lens.npz (everything) and lens.png (positions in window) into the folder out."""
+    import plots
+
+    out = writable_folder(out)
+    a, b = window
+    written = [atomic_write(out / "lens.npz", lambda f: np.savez(f, **lens))]
+    top1 = [[readable(decode(i)) for i in row[a:b, 0]] for row in lens["top_ids"]]
+    written.append(plots.logit_lens(lens["next_token_prob"][:, a:b], top1,
+                                    distinct(labels)[a:b], out / "lens.png", title))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing every view of one input
 # ---------------------------------------------------------------------------------------------
 

@@ -113,6 +113,47 @@ def head_scores(scores: dict, path: Path, title: str = "") -> Path:
     return save(fig, path, dpi=80)
 
 
+def ablation(delta, path: Path, title: str, label: str) -> Path:
+    """delta (L, H): what knocking out each head alone did to a score, as a layers x heads
+    heatmap on a scale centred at 0 (red: worse, blue: better for a loss), values in the cells
+    when the grid is small enough to read, and a colour bar that names the score."""
+    L, H = delta.shape
+    top = max(float(np.abs(delta).max()), 1e-9)
+    fig, ax = plt.subplots(figsize=(max(4.2, 0.45 * H + 2.6), max(2.5, 0.4 * L + 1.5)),
+                           layout="constrained")
+    image = ax.imshow(delta, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    if L * H <= 64:
+        for (layer, head), v in np.ndenumerate(delta):
+            ax.text(head, layer, f"{v:+.3f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(v) > 0.6 * top else "black")
+    fig.colorbar(image, ax=ax, shrink=0.8, label=label)
+    ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
+def logit_lens(prob, top1: list[list[str]], labels: list[str], path: Path, title: str) -> Path:
+    """prob (L + 1, T): the probability of each position's actual next token, read from the
+    stream after the embedding (row 0) and after each block; top1[row][t] is the likeliest token
+    there, written in its cell. Columns are the input tokens; the last has no next token."""
+    rows, T = prob.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.62 * T + 2), max(2.5, 0.36 * rows + 1.6)),
+                           layout="constrained")
+    image = ax.imshow(np.nan_to_num(prob, nan=0.0), cmap=CMAP, vmin=0, vmax=1, aspect="auto")
+    for (row, t), p in np.ndenumerate(prob):
+        ax.text(t, row, top1[row][t][:7], ha="center", va="center", fontsize=7,
+                color="white" if p > 0.6 else "black")
+    ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(rows), ["embed"] + [f"block {i}" for i in range(rows - 1)], fontsize=7)
+    ax.set_xlabel("input token (the cell's text: the likeliest next token at that layer)")
+    fig.colorbar(image, ax=ax, shrink=0.9, label="P(actual next token)")
+    ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
 def experiment_curves(panels: dict, path: Path) -> Path:
     """One panel per comparison of experiments.py: {title: {label: [(step, val loss), ...]}}."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False,

@@ -173,6 +173,16 @@ class SingleHeadAttention:
         return attention(q, k, v, causal_mask(T, T))
 
 
+def knock_out(y: Tensor, keep: Tensor, mean_over: int | None = None) -> Tensor:
+    """Head ablation, the causal test of what a head does: y (B, H, T, hs), the heads' outputs
+    before c_proj mixes them. A head with keep[h] = 0 is replaced by zeros, or by its own mean
+    over the positions (mean_over=2) or the batch (0) of this pass, as TransformerLens's zero
+    and mean ablation do; keep[h] = 1 leaves the head exactly as it was (y * 1 + 0)."""
+    keep = keep.reshape(1, -1, 1, 1)  # (1, H, 1, 1)
+    fill = 0.0 if mean_over is None else y.mean(mean_over, keepdim=True)
+    return y * keep + fill * (1 - keep)
+
+
 class CausalSelfAttention:
     """n_head heads side by side: one matmul makes q, k and v for every head (GPT-2's c_attn),
     the heads attend independently, and c_proj mixes their concatenated outputs.
@@ -200,6 +210,7 @@ class CausalSelfAttention:
             self.v_add = Tensor.normal(n_head, hs, std=hs**-0.5)
         self.cache_kv: Tensor | None = None
         self.keep_weights, self.weights = False, None  # see attention_maps
+        self.knockout = None  # (keep (H,), mean over which axis or None): see knock_out
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
         """This layer's similarity of every query to every key, (B, H, T, S)."""
@@ -238,6 +249,8 @@ class CausalSelfAttention:
         if self.keep_weights:  # for attention_maps: the very probabilities this pass uses
             self.weights = att
         y = att @ v  # (B, H, T, hs)
+        if self.knockout is not None:  # head ablation (heads.py); off, the pass is unchanged
+            y = knock_out(y, *self.knockout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)
 
@@ -413,6 +426,7 @@ class Transformer:
                 block.share(self.h[0])
         # pre-LN leaves the residual stream unnormalized, so one last LayerNorm precedes the output
         self.ln_f = LayerNorm(c.n_embd, c.ln_eps) if c.prenorm else None
+        self.keep_stream, self.stream = False, None  # see residual_stream
 
     def __call__(self, idx: Tensor, start_pos=None) -> Tensor:
         """start_pos=None: the whole sequence, no cache. An int or bound Variable: idx continues
@@ -435,6 +449,7 @@ class Transformer:
         if self.config.positions != "none":
             table = self.wpe.weight if self.config.positions == "learned" else self.pe
             x = x + table[first : first + T].float()  # (B, T, C) + (T, C)
+        stream = [x] if self.keep_stream else None  # see residual_stream
         for block in self.h:
             x = block(x, start_pos)
             if start_pos is not None:
@@ -442,6 +457,14 @@ class Transformer:
                 # differ only in their buffers, and tinygrad's schedule cache recognizes them:
                 # GPT-2's first prefill took 5 s instead of 7 here. (Training keeps one graph.)
                 x = x.realize()
+            if stream is not None:
+                stream.append(x)
+        self.stream = stream
+        return self.unembed(x)
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """The residual stream (B, T, C) -> next-token logits (B, T, vocab_size): the final
+        LayerNorm, then the token embedding again as the output layer."""
         if self.ln_f is not None:
             x = self.ln_f(x)
         return linear(x, self.wte.weight)[:, :, : self.config.vocab_size]  # (B, T, vocab_size)
@@ -475,6 +498,20 @@ def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
         for attn in layers:
             attn.keep_weights, attn.weights = False, None
     return logits, maps
+
+
+def residual_stream(model: Transformer, idx: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Logits (B, T, vocab) and the residual stream (B, T, C) after the embedding and after each
+    block, n_layer + 1 tensors, from one ordinary forward pass. model.unembed reads any of them
+    as the model reads its last (the logit lens, heads.py), so the last reading is the logits."""
+    model.keep_stream = True
+    try:
+        logits = model(idx)
+        stream = model.stream
+        Tensor.realize(logits, *stream)
+    finally:
+        model.keep_stream, model.stream = False, None
+    return logits, stream
 
 
 # ---------------------------------------------------------------------------------------------
