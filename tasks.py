@@ -112,7 +112,10 @@ class Reverse:
         """A held-out question with its answer, (2n + 1,) ids, and each token as a label."""
         d = self.test[0]
         ids = np.concatenate([d, [self.sep], d[::-1]]).astype(np.int32)
-        return ids, [">" if i == self.sep else str(i) for i in ids]
+        return ids, [self.token(i) for i in ids]
+
+    def token(self, i: int) -> str:
+        return ">" if i == self.sep else str(i)
 
     def mirror_shares(self, model: Transformer) -> np.ndarray:
         """(L, H): how often each head's strongest key is the input digit the answer needs. The
@@ -140,6 +143,19 @@ class Reverse:
         named = ", ".join(f"L{layer}H{h} {share[layer, h]:.1%}" for layer, h in found)
         return (f"mirror heads (strongest attention on the mirrored input digit, {where}): "
                 f"{named}")
+
+    def ablation_reading(self, model: Transformer, base: float, delta: np.ndarray, knock) -> str:
+        """Does knocking heads out agree with the attention map? The map names the mirror head
+        (explain); its knock-out should cost exact match more than any other head's."""
+        share = self.mirror_shares(model)
+        mirror = np.unravel_index(share.argmax(), share.shape)
+        others = [(float(delta[i]), i) for i in np.ndindex(delta.shape) if i != mirror]
+        cost, nxt = min(others)  # the most negative change in exact match
+        agrees = float(delta[mirror]) <= cost
+        return (f"knocking out L{mirror[0]}H{mirror[1]} (the mirror head, {share[mirror]:.0%} of "
+                f"answer positions) drops exact match from {base:.2f} to "
+                f"{base + delta[mirror]:.2f}; the next most important head, L{nxt[0]}H{nxt[1]}, "
+                f"costs {cost:+.2f}: {'agrees' if agrees else 'does NOT agree'} with the map")
 
     def show(self, model: Transformer, n: int = 4) -> str:
         got = self.answer(model, self.test[:n])
@@ -256,7 +272,10 @@ class Shakespeare:
     def example(self) -> tuple[np.ndarray, list[str]]:
         """The first window of the held-out text, with each character as a label."""
         ids = self.val[: self.config.n_ctx]
-        return ids, [heads.readable(self.chars[i]) for i in ids]
+        return ids, [self.token(i) for i in ids]
+
+    def token(self, i: int) -> str:
+        return heads.readable(self.chars[i])
 
     def baselines(self) -> str:
         return (f"uniform {self.chance:.2f}, bigram {self.bigram:.2f}, "
@@ -335,7 +354,10 @@ class Words(Shakespeare):
     def example(self) -> tuple[np.ndarray, list[str]]:
         """The first window of the held-out text, with each piece as a label."""
         ids = self.val[: self.config.n_ctx]
-        return ids, [heads.readable(self.words[i]) for i in ids]
+        return ids, [self.token(i) for i in ids]
+
+    def token(self, i: int) -> str:
+        return heads.readable(self.words[i])
 
     def baselines(self) -> str:
         return (f"uniform {self.chance:.2f}, unigram {self.unigram:.2f}, "
@@ -561,6 +583,32 @@ class Induction:
                 f"repeat {s['repeat_loss']:.3f}  best induction head {s['head'][0]}."
                 f"{s['head'][1]} {s['best']:.3f} (uniform {self.chance:.3f})  "
                 f"previous-token head in layer 0 {s['previous'][0].max():.3f}")
+
+    # what knocking a head out costs is read on the loss of the repeat, lower is better
+    ablation_metric, ablation_higher_is_better = "repeat_loss", False
+
+    def ablation_score(self, model: Transformer) -> float:
+        return self.scores(model)["repeat_loss"]
+
+    def ablation_reading(self, model: Transformer, base: float, delta: np.ndarray, knock) -> str:
+        """The induction circuit (Olsson et al., 2022): a previous-token head in layer 0 feeds
+        the induction heads. Each knocked out alone, and the induction heads (every head that
+        scores at least half the best) together, since one may stand in for another."""
+        s = self.scores(model)
+        ind, prev = s["head"], (0, int(s["previous"][0].argmax()))
+        group = [(int(a), int(b)) for a, b in np.argwhere(s["induction"] >= 0.5 * s["best"])]
+        together = knock(group) - base
+        both = knock(group + [prev]) - base if prev not in group else together
+        top = tuple(int(i) for i in np.unravel_index(delta.argmax(), delta.shape))
+        names = ", ".join(f"L{a}H{b}" for a, b in group)
+        verdict = "agrees" if top == prev else "does NOT agree"
+        return (f"repeat loss {base:.4f}; knocking out the induction head L{ind[0]}H{ind[1]} "
+                f"(score {s['best']:.2f}) alone costs {delta[ind]:+.4f}, the {len(group)} heads "
+                f"scoring at least half of it ({names}) together {together:+.4f}\n"
+                f"the layer-0 previous-token head L{prev[0]}H{prev[1]} "
+                f"({s['previous'][prev]:.2f}) costs {delta[prev]:+.4f}, with those induction "
+                f"heads {both:+.4f}; the costliest head alone is L{top[0]}H{top[1]}: {verdict} "
+                "with the previous-token reading")
 
     def evaluate(self, model: Transformer, quick: bool = False) -> float:
         """The best head's induction score on the evaluation batch."""

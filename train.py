@@ -254,15 +254,21 @@ def verdict(task, score: float) -> bool:
     return task.learned(score)
 
 
+def loaded(task, path: Path):
+    """The model saved at path, checked to be task's."""
+    model, _, meta = load_checkpoint(path)
+    if meta.get("task") != task.name:
+        raise CheckpointError(f"checkpoint {path} is for task {meta.get('task')!r}, "
+                              f"not {task.name!r}")
+    return model
+
+
 def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens=None):
     """Every view of the checkpoint's attention on one held-out example of task (heads.py), the
     head scores, and what the task can say about its heads (e.g. Reverse's mirror heads)."""
     import heads
 
-    model, _, meta = load_checkpoint(path)
-    if meta.get("task") != task.name:
-        raise CheckpointError(f"checkpoint {path} is for task {meta.get('task')!r}, "
-                              f"not {task.name!r}")
+    model = loaded(task, path)
     ids, labels = task.example()
     written, report = heads.inspect_model(model, ids, labels, folder, f"{task.name} model",
                                           tokens, layer, head)
@@ -271,6 +277,59 @@ def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens
     if hasattr(task, "explain"):
         print(task.explain(model))
 
+
+
+def ablate(task, path: Path, folder: Path, heads_spec: str | None = None, mean: bool = False):
+    """Knock out each head of the checkpoint alone (or the set heads_spec together) and report
+    what it costs the task's own score on held-out data (its ablation_score, else evaluate):
+    ablation.npz and ablation.png in folder, a table on stdout, and what the task reads from it.
+    mean=True replaces a head by its mean over the batch instead of zeros."""
+    import heads
+    import plots
+
+    model = loaded(task, path)
+    c = model.config
+    score = getattr(task, "ablation_score", task.evaluate)
+    metric = getattr(task, "ablation_metric", task.metric)
+    higher = getattr(task, "ablation_higher_is_better", task.higher_is_better)
+    mean_over, kind = (0, "mean") if mean else (None, "zero")
+    run = lambda: float(score(model))
+    if heads_spec is not None:
+        chosen = heads.parse_heads(heads_spec, c.n_layer, c.n_head)
+        base, knocked = heads.ablate_heads(model, run, chosen, mean_over)
+        names = ", ".join(f"L{a}H{b}" for a, b in chosen)
+        print(f"knocking out {names} together ({kind} ablation): {metric} {base:.4f} -> "
+              f"{knocked:.4f} ({knocked - base:+.4f})")
+        return
+    folder = heads.writable_folder(folder)
+    base, delta = heads.ablate_each_head(model, run, mean_over)
+    written = [heads.atomic_write(folder / "ablation.npz", lambda f: np.savez(
+        f, score_delta=delta, base_score=base, metric=metric))]
+    written.append(plots.ablation(delta, folder / "ablation.png",
+                                  f"{task.name} model: {kind} ablation", f"change in {metric}"))
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    print(f"{metric} {base:.4f} with every head")
+    print(heads.ablation_table(delta, f"change in {metric} ({kind} ablation)",
+                               worse_is_lower=higher))
+    if hasattr(task, "ablation_reading"):
+        knock = lambda hs: heads.ablate_heads(model, run, hs, mean_over)[1]
+        print(task.ablation_reading(model, base, delta, knock))
+
+
+def lens(task, path: Path, folder: Path, tokens: str | None = None):
+    """The logit lens of the checkpoint on the task's held-out example (heads.logit_lens)."""
+    import heads
+
+    if not hasattr(task, "example"):
+        raise ValueError(f"task {task.name!r} has no example text to read the lens on")
+    model = loaded(task, path)
+    ids, labels = task.example()
+    window = heads.parse_window(tokens, len(ids))
+    reading = heads.logit_lens(model, ids)
+    written = heads.write_lens(folder, reading, labels, task.token, f"{task.name} model: logit "
+                               "lens", window)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    print(heads.lens_report(reading, labels, task.token))
 
 
 def main(argv=None) -> int:
@@ -301,7 +360,19 @@ def main(argv=None) -> int:
                     help="with --attention and --head: one head, large")
     ap.add_argument("--head", type=flags.natural,
                     help="with --attention and --layer: one head, large")
-    ap.add_argument("--tokens", metavar="A:B", help="with --attention: show tokens A to B only")
+    ap.add_argument("--tokens", metavar="A:B",
+                    help="with --attention or --logit-lens: show tokens A to B only")
+    ap.add_argument("--head-ablation", nargs="?", const="", metavar="DIR",
+                    help="knock out each head of the saved checkpoint alone and report what it "
+                         "costs the task's score on held-out data (files in DIR, default "
+                         "attention/TASK)")
+    ap.add_argument("--heads", metavar="L.H,...",
+                    help="with --head-ablation: knock out these heads together, print one result")
+    ap.add_argument("--mean", action="store_true",
+                    help="with --head-ablation: replace a head by its mean over the batch, not 0")
+    ap.add_argument("--logit-lens", nargs="?", const="", metavar="DIR",
+                    help="read the checkpoint's residual stream after each block through the "
+                         "unembedding, on a held-out example (files in DIR)")
     ap.add_argument("--weight-decay", type=flags.nonnegative, metavar="X",
                     help="AdamW weight decay on matrices and embeddings (default: the task's)")
     ap.add_argument("--l2", type=flags.nonnegative, metavar="X",
@@ -360,6 +431,16 @@ def main(argv=None) -> int:
             folder = Path(args.attention or Path("attention") / task.name)
             show_attention(task, out, folder, args.layer, args.head, args.tokens)
             return 0
+        if args.head_ablation is not None:
+            folder = Path(args.head_ablation or Path("attention") / task.name)
+            ablate(task, out, folder, args.heads, args.mean)
+            return 0
+        if args.logit_lens is not None:
+            lens(task, out, Path(args.logit_lens or Path("attention") / task.name), args.tokens)
+            return 0
+        for flag, value in (("--heads", args.heads), ("--mean", args.mean or None)):
+            if value is not None:
+                return fail(f"{flag} goes with --head-ablation")
         overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head),
                                        ("n_embd", args.n_embd), ("positions", args.positions))
                      if v is not None}

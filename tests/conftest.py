@@ -9,6 +9,7 @@ to stderr as Python would write it. Each CLI keeps at least one true subprocess 
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -21,6 +22,8 @@ sys.path.insert(0, str(REPO))
 # Before tinygrad is imported: the tests run on clang's CPU backend, for which the kernel counts
 # are pinned, unless DEV says else; and a CLI run in this process then leaves the device alone.
 os.environ.setdefault("DEV", "CPU")
+# GPT-2's byte-pair ranks from ../shared, so no test needs the network for the tokenizer
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "tiktoken"))
 
 
 def run_main(main, *args, stdin: bytes = b"", text: bool = True) -> subprocess.CompletedProcess:
@@ -66,3 +69,18 @@ def reversal():
     task = Reverse(n_digits=3)
     result = train(task, steps=300, seed=0, config=small_reversal_config(task), log=lambda *a: None)
     return task, result
+
+
+@pytest.fixture(scope="session")
+def cli_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint trained by the command line for 1 step; tests copy it before changing it.
+
+    One step, because every training process compiles the step's kernels anew (the slow part);
+    a second step would also pay for TinyJit's capture."""
+    from test_transformer import RESULT_LINE, TINY, cli_process
+
+    out = tmp_path_factory.mktemp("cli") / "rev"
+    run = cli_process("--task", "reverse", "--steps", "1", *TINY, "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert re.match(RESULT_LINE, run.stdout.strip().splitlines()[-1]), run.stdout
+    return out

@@ -21,6 +21,7 @@ It writes (see tests/fixtures/README.md for what each file holds):
     tests/fixtures/tiny-gpt2-attention.npz
     tests/fixtures/tiny-gpt2-trained/config.json, model.safetensors
     tests/fixtures/tiny-gpt2-trained-perplexity.npz
+    tests/fixtures/tiny-gpt2-trained-causes.npz   (alone: tests/make_fixtures.py causes)
     tests/fixtures/strided.bin
     tests/fixtures/strided-legacy.bin
     tests/fixtures/strided-expected.npz
@@ -335,6 +336,67 @@ def perplexity_reference(model, encoder):
     return out
 
 
+# The text whose head ablations and logit lens the tests compare, token for token
+CAUSES_TEXT = "ROMEO: Is the day so young? The day is young, and so am I, my lord."
+
+
+def causes_reference(encoder):
+    """Head ablation and the logit lens of the trained fixture, as Hugging Face computes them.
+
+    transformers 5 has no head_mask: a hook on each layer's attn.c_proj rewrites the columns of
+    the knocked-out head in c_proj's input (the heads side by side), with zeros or with their
+    mean over the positions. The lens reads hidden_states[i] through ln_f and the tied lm_head;
+    GPT2Model applies ln_f to the last hidden state itself, so that one goes to lm_head alone."""
+    model = GPT2LMHeadModel.from_pretrained(TRAINED_DIR).eval()
+    ids = encoder.encode(CAUSES_TEXT)
+    x, y = torch.tensor([ids[:-1]]), torch.tensor(ids[1:])
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    hs = model.config.n_embd // n_head
+    knocked, mean = set(), False
+
+    def hook(layer):
+        def rewrite(module, args):
+            (h,) = args
+            h = h.clone()
+            for lay, head in knocked:
+                if lay == layer:
+                    cols = slice(head * hs, (head + 1) * hs)
+                    h[..., cols] = h[..., cols].mean(1, keepdim=True) if mean else 0.0
+            return (h,)
+        return rewrite
+
+    for layer, block in enumerate(model.transformer.h):
+        block.attn.c_proj.register_forward_pre_hook(hook(layer))
+
+    def loss():
+        with torch.no_grad():
+            logits = model(x).logits[0].double()
+        return float(torch.nn.functional.cross_entropy(logits, y))
+
+    out = {"ids": np.array(ids, dtype=np.int64), "base_loss": np.array(loss())}
+    for kind in ("zero", "mean"):
+        mean = kind == "mean"
+        delta = np.zeros((n_layer, n_head))
+        for layer in range(n_layer):
+            for head in range(n_head):
+                knocked = {(layer, head)}
+                delta[layer, head] = loss() - out["base_loss"]
+        out[f"{kind}_loss_delta"] = delta
+    mean, knocked = False, {(0, 1), (1, 0)}
+    out["zero_0.1_1.0_loss"] = np.array(loss())
+    knocked = set()
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        readings = [model.lm_head(model.transformer.ln_f(h)) for h in hidden[:-1]]
+        readings.append(model.lm_head(hidden[-1]))
+    probs = torch.stack(readings)[:, 0].double().softmax(-1).numpy()  # (L + 1, T, V)
+    T = len(ids)
+    out["next_token_prob"] = probs[:, np.arange(T - 1), ids[1:]]  # (L + 1, T - 1)
+    out["top_ids"] = np.argsort(-probs, axis=-1, kind="stable")[:, :, :5]
+    out["top_probs"] = np.take_along_axis(probs, out["top_ids"], -1)
+    return out
+
+
 def strided_tensors():
     """Tensors whose storage layout is not one plain contiguous block, plus every dtype we read."""
     generator = torch.Generator().manual_seed(SEED)
@@ -392,6 +454,7 @@ def main():
     perplexity = perplexity_reference(trained, encoder)
     np.savez(FIXTURES / "tiny-gpt2-trained-perplexity.npz", **perplexity)
     save_strided_fixtures()
+    np.savez(FIXTURES / "tiny-gpt2-trained-causes.npz", **causes_reference(encoder))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for path in sorted(FIXTURES.rglob("*")):
         if path.is_file():
@@ -399,4 +462,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["causes"]:  # only the ablation and lens references, from the committed
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
+        reference = causes_reference(tiktoken.get_encoding("r50k_base"))
+        np.savez(FIXTURES / "tiny-gpt2-trained-causes.npz", **reference)
+    else:
+        main()

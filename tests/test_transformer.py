@@ -711,19 +711,6 @@ def cli_process(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def cli_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint trained by the command line for 1 step; tests copy it before changing it.
-
-    One step, because every training process compiles the step's kernels anew (the slow part);
-    a second step would also pay for TinyJit's capture."""
-    out = tmp_path_factory.mktemp("cli") / "rev"
-    run = cli_process("--task", "reverse", "--steps", "1", *TINY, "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    assert re.match(RESULT_LINE, run.stdout.strip().splitlines()[-1]), run.stdout
-    return out
-
-
 def copy_checkpoint(src: Path, dst_dir: Path) -> Path:
     for suffix in (".json", ".safetensors"):
         shutil.copy(checkpoint_file(src, suffix), checkpoint_file(dst_dir / "rev", suffix))
