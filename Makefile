@@ -17,6 +17,6 @@ gpt: .venv/.ready  ## GPT-2 124M continues PROMPT (downloads 548 MB of weights o
 # the tests' kernel counts are pinned for the clang backend, so they run on it unless DEV says else
 test: .venv/.ready  ## lint, then the test suite
 	.venv/bin/ruff check .
-	DEV=$(or $(DEV),CPU) .venv/bin/python -m pytest
+	DEV=$(or $(DEV),CPU) .venv/bin/python -m pytest --durations=15
 
 .PHONY: demo shakespeare gpt test
