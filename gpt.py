@@ -369,35 +369,20 @@ def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str |
     the mean next-token loss on text: ablation.npz and ablation.png into out, a table on stdout.
     mean=True replaces a head by its mean over the text's positions instead of zeros."""
     import heads
-    import plots
 
     ids = text_ids(enc, text, "--head-ablation", gpt.config.n_ctx)
     # compiled once: every knock-out only rewrites the masks that the replay reads
     loss = TinyJit(lambda x, y: gpt(x).sparse_categorical_crossentropy(y).realize())
     score = lambda: float(loss(Tensor(ids[None, :-1]), Tensor(ids[None, 1:])).item())
-    mean_over = 2 if mean else None
-    kind = "mean" if mean else "zero"
-    c = gpt.config
     try:
-        if heads_spec is not None:
-            chosen = heads.parse_heads(heads_spec, c.n_layer, c.n_head)
-            base, knocked = heads.ablate_heads(gpt, score, chosen, mean_over)
-            names = ", ".join(f"L{a}H{b}" for a, b in chosen)
-            print(f"knocking out {names} together ({kind} ablation): mean next-token loss "
-                  f"{base:.4f} -> {knocked:.4f} ({knocked - base:+.4f} nats)")
-            return
-        folder = heads.writable_folder(out)
-        base, delta = heads.ablate_each_head(gpt, score, mean_over)
+        written, report, _, _ = heads.ablation_report(
+            gpt, score, out, heads_spec, 2 if mean else None, "mean next-token loss", "loss",
+            f"{len(ids)} tokens", saved={"ids": ids.astype(np.int64)})
     except (ValueError, OSError) as e:
         raise GPTError(str(e)) from None
-    written = [heads.atomic_write(folder / "ablation.npz", lambda f: np.savez(
-        f, loss_delta=delta, base_loss=base, ids=ids.astype(np.int64)))]
-    written.append(plots.ablation(delta, folder / "ablation.png",
-                                  f"{kind} ablation on {len(ids)} tokens",
-                                  "loss increase (nats)"))
-    log(f"wrote {', '.join(str(p) for p in written)}")
-    print(f"mean next-token loss {base:.4f} nats over {len(ids) - 1} predictions")
-    print(heads.ablation_table(delta, f"loss increase ({kind} ablation)"))
+    if written:
+        log(f"wrote {', '.join(str(p) for p in written)}")
+    print(report)
 
 
 def logit_lens(gpt: Transformer, enc, text: str, out: Path, tokens: str | None = None, log=print):

@@ -253,6 +253,34 @@ def ablate_heads(model, score, heads: list[tuple[int, int]],
         return base, score()
 
 
+def ablation_report(model, score, out: Path, heads_spec: str | None = None,
+                    mean_over: int | None = None, metric: str = "loss", key: str = "loss",
+                    title: str = "", higher_is_better: bool = False, saved: dict | None = None):
+    """Knock out each head of model alone and write what it costs score() into the folder out:
+    ablation.npz ({key}_delta (L, H), base_{key}, and the arrays in saved) and ablation.png;
+    or, with heads_spec ("L.H,..."), knock that set out together and write nothing.
+    -> (files written, the report to print, base score, deltas or None)."""
+    import plots
+
+    kind = "zero" if mean_over is None else "mean"
+    c = model.config
+    if heads_spec is not None:
+        chosen = parse_heads(heads_spec, c.n_layer, c.n_head)
+        base, knocked = ablate_heads(model, score, chosen, mean_over)
+        names = ", ".join(f"L{a}H{b}" for a, b in chosen)
+        return [], (f"knocking out {names} together ({kind} ablation): {metric} {base:.4f} -> "
+                    f"{knocked:.4f} ({knocked - base:+.4f})"), base, None
+    folder = writable_folder(out)
+    base, delta = ablate_each_head(model, score, mean_over)
+    arrays = {f"{key}_delta": delta, f"base_{key}": base, **(saved or {})}
+    written = [atomic_write(folder / "ablation.npz", lambda f: np.savez(f, **arrays))]
+    written.append(plots.ablation(delta, folder / "ablation.png", f"{title}: {kind} ablation",
+                                  f"change in {metric}"))
+    table = ablation_table(delta, f"change in {metric} ({kind} ablation)",
+                           worse_is_lower=higher_is_better)
+    return written, f"{metric} {base:.4f} with every head\n{table}", base, delta
+
+
 def ablation_table(delta: np.ndarray, label: str, k: int = 5, worse_is_lower: bool = False) -> str:
     """A layers x heads table of delta and one line naming the k heads whose loss cost most."""
     L, H = delta.shape

@@ -87,6 +87,20 @@ def one_head(att, labels: list[str], path: Path, title: str) -> Path:
     return save(fig, path)
 
 
+def layer_head_axes(ax, values, fmt: str, dark):
+    """Label a layers x heads heatmap's axes and, when the grid is small enough to read, write
+    each value in its cell (white where dark(value) says the colour is dark)."""
+    L, H = values.shape
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    if L * H <= 64:
+        for (layer, head), v in np.ndenumerate(values):
+            ax.text(head, layer, fmt.format(v), ha="center", va="center", fontsize=7,
+                    color="white" if dark(v) else "black")
+
+
 def head_scores(scores: dict, path: Path, title: str = "") -> Path:
     """One layers x heads heatmap per score (name -> (L, H) array), each value written in its cell
     when the grid is small enough to read."""
@@ -99,14 +113,7 @@ def head_scores(scores: dict, path: Path, title: str = "") -> Path:
         top = max(1.0, float(values.max())) if name == "entropy" else 1.0
         image = ax.imshow(values, cmap="viridis", vmin=0, vmax=top, aspect="auto")
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(H))
-        ax.set_yticks(range(L))
-        if L * H <= 64:
-            for (layer, head), v in np.ndenumerate(values):
-                ax.text(head, layer, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 0.6 * top else "black")
+        layer_head_axes(ax, values, "{:.2f}", lambda v, top=top: v < 0.6 * top)
         fig.colorbar(image, ax=ax, shrink=0.8, label="nats" if name == "entropy" else "attention")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -122,14 +129,7 @@ def ablation(delta, path: Path, title: str, label: str) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.2, 0.45 * H + 2.6), max(2.5, 0.4 * L + 1.5)),
                            layout="constrained")
     image = ax.imshow(delta, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(H))
-    ax.set_yticks(range(L))
-    if L * H <= 64:
-        for (layer, head), v in np.ndenumerate(delta):
-            ax.text(head, layer, f"{v:+.3f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(v) > 0.6 * top else "black")
+    layer_head_axes(ax, delta, "{:+.3f}", lambda v: abs(v) > 0.6 * top)
     fig.colorbar(image, ax=ax, shrink=0.8, label=label)
     ax.set_title(title, fontsize=10)
     return save(fig, path)

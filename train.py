@@ -285,33 +285,20 @@ def ablate(task, path: Path, folder: Path, heads_spec: str | None = None, mean: 
     ablation.npz and ablation.png in folder, a table on stdout, and what the task reads from it.
     mean=True replaces a head by its mean over the batch instead of zeros."""
     import heads
-    import plots
 
     model = loaded(task, path)
-    c = model.config
     score = getattr(task, "ablation_score", task.evaluate)
     metric = getattr(task, "ablation_metric", task.metric)
     higher = getattr(task, "ablation_higher_is_better", task.higher_is_better)
-    mean_over, kind = (0, "mean") if mean else (None, "zero")
+    mean_over = 0 if mean else None
     run = lambda: float(score(model))
-    if heads_spec is not None:
-        chosen = heads.parse_heads(heads_spec, c.n_layer, c.n_head)
-        base, knocked = heads.ablate_heads(model, run, chosen, mean_over)
-        names = ", ".join(f"L{a}H{b}" for a, b in chosen)
-        print(f"knocking out {names} together ({kind} ablation): {metric} {base:.4f} -> "
-              f"{knocked:.4f} ({knocked - base:+.4f})")
-        return
-    folder = heads.writable_folder(folder)
-    base, delta = heads.ablate_each_head(model, run, mean_over)
-    written = [heads.atomic_write(folder / "ablation.npz", lambda f: np.savez(
-        f, score_delta=delta, base_score=base, metric=metric))]
-    written.append(plots.ablation(delta, folder / "ablation.png",
-                                  f"{task.name} model: {kind} ablation", f"change in {metric}"))
-    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-    print(f"{metric} {base:.4f} with every head")
-    print(heads.ablation_table(delta, f"change in {metric} ({kind} ablation)",
-                               worse_is_lower=higher))
-    if hasattr(task, "ablation_reading"):
+    written, report, base, delta = heads.ablation_report(
+        model, run, folder, heads_spec, mean_over, metric, "score", f"{task.name} model", higher,
+        saved={"metric": metric})
+    if written:
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    print(report)
+    if delta is not None and hasattr(task, "ablation_reading"):
         knock = lambda hs: heads.ablate_heads(model, run, hs, mean_over)[1]
         print(task.ablation_reading(model, base, delta, knock))
 
