@@ -624,6 +624,13 @@ class Induction:
         # a head that copies, and a model that uses it: the repeat is much easier than the first
         return score >= 0.5 and self.last["repeat_loss"] <= self.last["first_loss"] / 4
 
+    def example(self) -> tuple[np.ndarray, list[str]]:
+        """The first evaluation sequence, a segment and its repeats, each token as a label."""
+        return self.x[0], [self.token(i) for i in self.x[0]]
+
+    def token(self, i: int) -> str:
+        return str(i)
+
     def show(self, model: Transformer) -> str:
         s = self.scores(model)
         prompt, T = self.x[:1], self.x.shape[1]
