@@ -241,6 +241,13 @@ def test_beam_searches_the_decode_kernels_and_keeps_greedy_output(tiny, enc, mon
         return real_search(s, rawbufs, var_vals, amt, *args, **kwargs)
 
     monkeypatch.setattr(search, "beam_search", recording_search)
+    # Generate every kernel here: the CLIs run in this process keep generated kernels on disk
+    # (runtime.keep_kernels), and one kept from an earlier run would never reach the search
+    import tinygrad.codegen
+    import tinygrad.engine.realize
+
+    for module in (tinygrad.codegen, tinygrad.engine.realize):
+        monkeypatch.setattr(module, "to_program_cache", {})
     texts, _ = gpt.complete(tiny, enc, PROMPT, N_GREEDY, temperature=0.0, ignore_eos=True,
                             beam=1)
     assert texts[0] == GREEDY_TEXT
