@@ -49,30 +49,57 @@ def tick_labels(ax, labels: list[str], max_labels: int = 64):
     ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
 
 
-def all_heads(att, path: Path, title: str = "") -> Path:
-    """att (L, H, T, T): every head as a small heatmap, layers as rows and heads as columns, all on
-    one colour scale [0, 1] so heads compare. Drawn as one mosaic image with grey gaps, not one
-    axes per head: GPT-2's 144 panels take under a second instead of 16 s of matplotlib."""
-    L, H, T, _ = att.shape
-    gap = max(1, T // 8)
-    mosaic = np.full((L * (T + gap) - gap, H * (T + gap) - gap), np.nan)  # NaN: the gaps
+def mosaic(ax, att, fontsize: int = 9):
+    """att (L, H, T, S) into ax as one image: a (T, S) panel per head, layers as rows and heads
+    as columns, grey gaps between, on the colour scale [0, 1]. One image instead of one axes per
+    head: GPT-2's 144 panels take under a second instead of 16 s of matplotlib."""
+    L, H, T, S = att.shape
+    gap = max(1, max(T, S) // 8)
+    image = np.full((L * (T + gap) - gap, H * (S + gap) - gap), np.nan)  # NaN: the gaps
     for layer in range(L):
         for head in range(H):
-            y, x = layer * (T + gap), head * (T + gap)
-            mosaic[y : y + T, x : x + T] = att[layer, head]
-    size = 1.3 if L * H > 16 else 2.0
-    fig, ax = plt.subplots(figsize=(size * H + 1.2, size * L + 0.8), layout="constrained")
+            y, x = layer * (T + gap), head * (S + gap)
+            image[y : y + T, x : x + S] = att[layer, head]
     cmap = plt.get_cmap(CMAP).with_extremes(bad="0.8")  # grey gaps frame each panel
-    image = ax.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-    centres = lambda n: [i * (T + gap) + (T - 1) / 2 for i in range(n)]
-    ax.set_xticks(centres(H), [f"head {h}" for h in range(H)], fontsize=9)
-    ax.set_yticks(centres(L), [f"layer {layer}" for layer in range(L)], fontsize=9)
+    shown = ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    centres = lambda n, size: [i * (size + gap) + (size - 1) / 2 for i in range(n)]
+    ax.set_xticks(centres(H, S), [f"head {h}" for h in range(H)], fontsize=fontsize)
+    ax.set_yticks(centres(L, T), [f"layer {layer}" for layer in range(L)], fontsize=fontsize)
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
+    return shown
+
+
+def all_heads(att, path: Path, title: str = "") -> Path:
+    """att (L, H, T, T): every head as a small heatmap (mosaic), all on one colour scale [0, 1]
+    so heads compare."""
+    L, H = att.shape[:2]
+    size = 1.3 if L * H > 16 else 2.0
+    fig, ax = plt.subplots(figsize=(size * H + 1.2, size * L + 0.8), layout="constrained")
+    image = mosaic(ax, att)
     fig.colorbar(image, ax=ax, shrink=0.6, label="attention")
     fig.supxlabel("each map: a row per query (first token at top), a column per key", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save(fig, path, dpi=80)
+
+
+def encoder_decoder_heads(maps: dict, path: Path, title: str = "") -> Path:
+    """An encoder-decoder's three kinds of attention side by side, each (L, H, queries, keys):
+    the encoder's self-attention (source x source), the decoder's masked self-attention (target
+    x target) and cross-attention (target x source), where a translation's alignment shows."""
+    kinds = (("encoder", "encoder self-attention\nsource x source"),
+             ("decoder", "decoder self-attention (masked)\ntarget x target"),
+             ("cross", "cross-attention\ntarget (rows) x source (columns)"))
+    L, H = maps["cross"].shape[:2]
+    fig, axes = plt.subplots(1, 3, figsize=(3 * (1.3 * H + 0.4), 1.3 * L + 1.4),
+                             layout="constrained")
+    for ax, (kind, label) in zip(axes, kinds):
+        image = mosaic(ax, maps[kind], fontsize=8)
+        ax.set_xlabel(label, fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention")
     if title:
         fig.suptitle(title, fontsize=10)
     return save(fig, path, dpi=80)

@@ -21,7 +21,7 @@ tasks.py; `python transformer.py` is its command line:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, Variable, nn
@@ -183,19 +183,28 @@ def knock_out(y: Tensor, keep: Tensor, mean_over: int | None = None) -> Tensor:
     return y * keep + fill * (1 - keep)
 
 
-class CausalSelfAttention:
-    """n_head heads side by side: one matmul makes q, k and v for every head (GPT-2's c_attn),
-    the heads attend independently, and c_proj mixes their concatenated outputs.
+def split_heads(x: Tensor, n_head: int) -> Tensor:
+    """(B, T, C) -> (B, H, T, C // H): each head gets its own slice of the features."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(1, 2)  # (B, H, T, hs)
 
-    Called with start_pos, it keeps the keys and values of earlier positions in a cache, so
-    decoding one new token costs one row of attention instead of re-running the whole prefix."""
 
-    def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1, init=True,
-                 causal: bool = True, similarity: str = "scaled"):
+def padding_mask(idx: Tensor, pad_id: int) -> Tensor:
+    """Additive mask (B, 1, 1, S) for key ids idx (B, S): 0 for a real token, -inf for padding,
+    so no query takes anything from a pad (BERT's attention_mask, PyTorch's key_padding_mask)."""
+    B, S = idx.shape
+    return (idx == pad_id).where(float("-inf"), 0.0).reshape(B, 1, 1, S)  # (B, 1, 1, S)
+
+
+class MultiHeadAttention:
+    """What self- and cross-attention share: n_head heads attend independently, each in its own
+    slice of the features, and c_proj mixes their concatenated outputs (Vaswani et al., 2017,
+    section 3.2.2). Where q, k and v come from is the subclass's business."""
+
+    def __init__(self, n_embd: int, n_head: int, n_layer: int = 1, init=True,
+                 similarity: str = "scaled"):
         assert n_embd % n_head == 0, f"{n_embd=} is not divisible by {n_head=}"
-        self.n_head, self.n_ctx = n_head, n_ctx
-        self.causal, self.similarity = causal, similarity  # causal=False: --ablate no-mask
-        self.c_attn = Linear(n_embd, 3 * n_embd, init=init)
+        self.n_head, self.similarity = n_head, similarity
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer) so
         # the residual's variance does not grow with depth (Radford et al., 2019, section 2.3).
         self.c_proj = Linear(n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer), init=init)
@@ -208,8 +217,7 @@ class CausalSelfAttention:
             self.w_q_add, self.w_k_add = [Tensor.normal(n_head, hs, hs, std=hs**-0.5)
                                           for _ in range(2)]
             self.v_add = Tensor.normal(n_head, hs, std=hs**-0.5)
-        self.cache_kv: Tensor | None = None
-        self.keep_weights, self.weights = False, None  # see attention_maps
+        self.keep_weights, self.weights = False, None  # see captured
         self.knockout = None  # (keep (H,), mean over which axis or None): see knock_out
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
@@ -222,21 +230,46 @@ class CausalSelfAttention:
             return general_scores(q, k, self.w_general)
         return additive_scores(q, k, self.w_q_add, self.w_k_add, self.v_add)
 
-    def share(self, other: CausalSelfAttention):
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q (B, H, T, hs), k and v (B, H, S, hs) -> (B, T, C): the heads' outputs, mixed."""
+        B, H, T, hs = q.shape
+        att = attention_weights(q, k, mask, self.scores)  # (B, H, T, S)
+        if self.keep_weights:  # for captured: the very probabilities this pass uses
+            self.weights = att
+        y = att @ v  # (B, H, T, hs)
+        if self.knockout is not None:  # head ablation (heads.py); off, the pass is unchanged
+            y = knock_out(y, *self.knockout)
+        y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, C): heads side by side again
+        return self.c_proj(y)
+
+    def share(self, other: MultiHeadAttention):
         """Use other's weights (--ablate shared-layers); the KV cache stays this layer's own."""
         for name in ("c_attn", "c_proj", "w_general", "w_q_add", "w_k_add", "v_add"):
             if hasattr(other, name):
                 setattr(self, name, getattr(other, name))
 
-    def __call__(self, x: Tensor, start_pos=None) -> Tensor:
+
+class CausalSelfAttention(MultiHeadAttention):
+    """Self-attention: one matmul makes q, k and v for every head from the same sequence (GPT-2's
+    c_attn), and the causal mask keeps each query from its future.
+
+    Called with start_pos, it keeps the keys and values of earlier positions in a cache, so
+    decoding one new token costs one row of attention instead of re-running the whole prefix."""
+
+    def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1, init=True,
+                 causal: bool = True, similarity: str = "scaled"):
+        self.c_attn = Linear(n_embd, 3 * n_embd, init=init)  # drawn before c_proj, as always
+        super().__init__(n_embd, n_head, n_layer, init, similarity)
+        self.n_ctx, self.causal = n_ctx, causal  # causal=False: an encoder, or --ablate no-mask
+        self.cache_kv: Tensor | None = None
+
+    def __call__(self, x: Tensor, start_pos=None, pad: Tensor | None = None) -> Tensor:
+        """pad: a padding_mask of x's tokens, for an encoder whose batch is padded."""
         B, T, C = x.shape
-        H = self.n_head
         # contiguous_backward: each of the three gradients is written once, then joined, instead of
         # one kernel recomputing all three attention matmuls for every column of c_attn
         q, k, v = [t.contiguous_backward() for t in self.c_attn(x).split(C, dim=-1)]  # (B, T, C)
-        q = q.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
-        k = k.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
-        v = v.reshape(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hs)
+        q, k, v = [split_heads(t, self.n_head) for t in (q, k, v)]  # each (B, H, T, hs)
         if start_pos is None:
             mask = causal_mask(T, T)
         else:
@@ -245,14 +278,9 @@ class CausalSelfAttention:
             mask = causal_mask(T, start_pos + T, start_pos) if T > 1 else None
         if not self.causal:
             mask = None  # every token sees every other, its future included
-        att = attention_weights(q, k, mask, self.scores)  # (B, H, T, S)
-        if self.keep_weights:  # for attention_maps: the very probabilities this pass uses
-            self.weights = att
-        y = att @ v  # (B, H, T, hs)
-        if self.knockout is not None:  # head ablation (heads.py); off, the pass is unchanged
-            y = knock_out(y, *self.knockout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
-        return self.c_proj(y)
+        if pad is not None:
+            mask = pad if mask is None else mask + pad  # broadcast over heads and queries
+        return self.attend(q, k, v, mask)
 
     def remember(self, k: Tensor, v: Tensor, start_pos) -> tuple[Tensor, Tensor]:
         """Write this call's keys and values at start_pos and return everything cached so far."""
@@ -265,6 +293,37 @@ class CausalSelfAttention:
         end = start_pos + T
         self.cache_kv[:, :, :, start_pos:end].assign(Tensor.stack(k, v))  # (2, B, H, T, hs)
         return self.cache_kv[0, :, :, :end], self.cache_kv[1, :, :, :end]
+
+
+class CrossAttention(MultiHeadAttention):
+    """The encoder-decoder's bridge (Vaswani et al., 2017, section 3.2.3): queries come from the
+    decoder's sequence, keys and values from the encoder's output, the source. No causal mask:
+    every output position may read the whole source, but never its padding. The names are those
+    of Hugging Face's GPT-2 with add_cross_attention: q_attn for q, c_attn for k and v."""
+
+    def __init__(self, n_embd: int, n_head: int, n_layer: int = 1, init=True):
+        self.q_attn = Linear(n_embd, n_embd, init=init)
+        self.c_attn = Linear(n_embd, 2 * n_embd, init=init)
+        super().__init__(n_embd, n_head, n_layer, init)
+        self.source, self.source_kv = None, None  # the source whose keys and values are kept
+
+    def keys_values(self, memory: Tensor) -> list[Tensor]:
+        """The encoder's output (B, S, C) -> keys and values, each (B, H, S, hs)."""
+        B, S, C = memory.shape
+        return [split_heads(t, self.n_head) for t in self.c_attn(memory).split(C, dim=-1)]
+
+    def __call__(self, x: Tensor, source: tuple[Tensor, Tensor | None], start_pos=None) -> Tensor:
+        """x (B, T, C); source: the encoder's output (B, S, C) and its padding_mask or None."""
+        memory, pad = source
+        if start_pos is None:  # a whole pass, as in training: nothing is kept
+            k, v = self.keys_values(memory)
+        else:
+            if self.source is not memory:  # decoding: once per source, then read at every step
+                self.source_kv = [t.realize() for t in self.keys_values(memory)]
+                self.source = memory
+            k, v = self.source_kv
+        q = split_heads(self.q_attn(x), self.n_head)  # (B, H, T, hs)
+        return self.attend(q, k, v, pad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,12 +375,14 @@ def sinusoidal_positions(n_ctx: int, n_embd: int) -> Tensor:
 
 
 class Block:
-    """Attention then MLP, each added to the residual stream.
+    """Attention then MLP, each a residual branch: its output is added to the residual stream.
 
     Pre-LN (GPT-2) normalizes the input of each branch: x + f(ln(x)). Post-LN, as in the 2017
     paper, normalizes after the sum: ln(x + f(x)); it trains less stably without warmup (Xiong et
     al., 2020). Config(mlp=False) keeps attention only, the model in which Olsson et al. (2022)
-    watch induction heads form; Config(layernorm=False) drops the block's LayerNorms."""
+    watch induction heads form; Config(layernorm=False) drops the block's LayerNorms.
+    Config(cross=True) makes the decoder block of an encoder-decoder: masked self-attention, then
+    cross-attention to the source, then the MLP (Vaswani et al., 2017, section 3.1)."""
 
     def __init__(self, config: Config, init=True):
         c = config
@@ -329,18 +390,31 @@ class Block:
         self.ln_1 = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm else None
         self.attn = CausalSelfAttention(c.n_embd, c.n_head, c.n_ctx, c.n_layer, init, c.causal,
                                         c.similarity)
+        self.ln_cross_attn = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm and c.cross else None
+        cross = CrossAttention(c.n_embd, c.n_head, c.n_layer, init) if c.cross else None
+        self.crossattention = cross
         self.ln_2 = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm and c.mlp else None
         self.mlp = MLP(c.n_embd, c.n_layer, init) if c.mlp else None
 
-    def __call__(self, x: Tensor, start_pos=None) -> Tensor:
+    def __call__(self, x: Tensor, start_pos=None, pad: Tensor | None = None,
+                 source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """pad: the padding_mask of an encoder's batch. source: for cross-attention, the
+        encoder's output and its padding_mask."""
+        branches = [(self.ln_1, lambda h: self.attn(h, start_pos, pad))]
+        if self.crossattention is not None:
+            branches.append((self.ln_cross_attn,
+                             lambda h: self.crossattention(h, source, start_pos)))
+        if self.mlp is not None:
+            branches.append((self.ln_2, self.mlp))
         norm = lambda ln, h: h if ln is None else ln(h)
-        # residual=False (--ablate no-residual): each branch replaces the stream instead of adding
-        add = (lambda x, y: x + y) if self.residual else (lambda x, y: y)
-        if self.prenorm:
-            x = add(x, self.attn(norm(self.ln_1, x), start_pos))
-            return x if self.mlp is None else add(x, self.mlp(norm(self.ln_2, x)))
-        x = norm(self.ln_1, add(x, self.attn(x, start_pos)))
-        return x if self.mlp is None else norm(self.ln_2, add(x, self.mlp(x)))
+        for ln, f in branches:
+            if not self.residual:  # --ablate no-residual: each branch replaces the stream
+                x = f(norm(ln, x)) if self.prenorm else norm(ln, f(x))
+            elif self.prenorm:
+                x = x + f(norm(ln, x))
+            else:
+                x = norm(ln, x + f(x))
+        return x
 
     def share(self, other: Block):
         """Use other's weights (--ablate shared-layers): a deeper network, no more parameters."""
@@ -374,6 +448,12 @@ class Config:
     # initial weights make a network memorize first and generalize late (Liu et al., 2023,
     # "Omnigrok"), as PyTorch's default, std 1, does in Lee et al.'s grokking (grokking-slow)
     embd_scale: float = 1.0
+    # The other two families: an encoder's batch may be padded with pad_id, which no key attends
+    # to; a Classifier's head scores n_classes; cross=True gives blocks cross-attention, the
+    # decoder of an EncoderDecoder
+    pad_id: int | None = None
+    n_classes: int = 2
+    cross: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -396,8 +476,24 @@ ABLATIONS = {
 }
 
 
-class Transformer:
-    """Token ids (B, T) -> next-token logits (B, T, vocab_size).
+class Model:
+    """What every model here shares: its trainable tensors by name, for the optimizer and the
+    checkpoints."""
+
+    def parameters(self) -> dict[str, Tensor]:
+        """name -> trainable tensor, each once: with shared layers h.1... are h.0's tensors, and
+        a tied embedding appears once."""
+        params, seen = {}, set()
+        for k, v in get_state_dict(self).items():
+            if v.is_param and id(v) not in seen:
+                params[k] = v
+                seen.add(id(v))
+        return params
+
+
+class Transformer(Model):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size): the decoder-only model, GPT's
+    family; with Config(causal=False), an encoder.
 
     The output layer reuses the token embedding (weight tying, Press & Wolf 2017), as GPT-2 does.
     init=False skips drawing the random initial weights, for a caller that replaces them all."""
@@ -428,9 +524,15 @@ class Transformer:
         self.ln_f = LayerNorm(c.n_embd, c.ln_eps) if c.prenorm else None
         self.keep_stream, self.stream = False, None  # see residual_stream
 
-    def __call__(self, idx: Tensor, start_pos=None) -> Tensor:
+    def __call__(self, idx: Tensor, start_pos=None,
+                 source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """start_pos=None: the whole sequence, no cache. An int or bound Variable: idx continues
-        a sequence whose first start_pos tokens are already in the KV cache."""
+        a sequence whose first start_pos tokens are already in the KV cache. source: what the
+        cross-attention of a decoder (Config(cross=True)) reads, see EncoderDecoder.encode."""
+        return self.unembed(self.final_stream(idx, start_pos, source))
+
+    def final_stream(self, idx: Tensor, start_pos=None, source=None) -> Tensor:
+        """The residual stream after the last block, (B, T, C): embeddings, then the blocks."""
         B, T = idx.shape
         first = 0 if start_pos is None else start_pos
         # Weights may be stored in float16 (gpt.py --half) to halve the bytes each token reads;
@@ -449,9 +551,12 @@ class Transformer:
         if self.config.positions != "none":
             table = self.wpe.weight if self.config.positions == "learned" else self.pe
             x = x + table[first : first + T].float()  # (B, T, C) + (T, C)
+        pad = None
+        if self.config.pad_id is not None and start_pos is None:
+            pad = padding_mask(idx, self.config.pad_id)  # (B, 1, 1, T)
         stream = [x] if self.keep_stream else None  # see residual_stream
         for block in self.h:
-            x = block(x, start_pos)
+            x = block(x, start_pos, pad, source)
             if start_pos is not None:
                 # Inference: realizing each block's output makes the blocks separate graphs that
                 # differ only in their buffers, and tinygrad's schedule cache recognizes them:
@@ -460,7 +565,13 @@ class Transformer:
             if stream is not None:
                 stream.append(x)
         self.stream = stream
-        return self.unembed(x)
+        return x
+
+    def encode(self, idx: Tensor) -> Tensor:
+        """Token ids (B, T) -> the final stream, normalized (B, T, C): what an encoder hands on,
+        to a classifier's head or to a decoder's cross-attention."""
+        x = self.final_stream(idx)
+        return x if self.ln_f is None else self.ln_f(x)
 
     def unembed(self, x: Tensor) -> Tensor:
         """The residual stream (B, T, C) -> next-token logits (B, T, vocab_size): the final
@@ -469,35 +580,105 @@ class Transformer:
             x = self.ln_f(x)
         return linear(x, self.wte.weight)[:, :, : self.config.vocab_size]  # (B, T, vocab_size)
 
-    def parameters(self) -> dict[str, Tensor]:
-        """name -> trainable tensor, each once: with shared layers h.1... are h.0's tensors."""
-        params, seen = {}, set()
-        for k, v in get_state_dict(self).items():
-            if v.is_param and id(v) not in seen:
-                params[k] = v
-                seen.add(id(v))
-        return params
+
+# ---------------------------------------------------------------------------------------------
+# The other two families: an encoder that classifies, and the encoder-decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class Classifier(Model):
+    """Token ids (B, T) -> class logits (B, n_classes): an encoder, as in BERT (Devlin et al.,
+    2019), and one linear head on its output pooled over the sequence.
+
+    The pool is the mean over the real tokens: every position reaches the head, so each gets a
+    gradient from the first step. BERT's [CLS] token instead has to learn to gather the whole
+    sequence into one position, which its pretraining teaches; Reimers & Gurevych (2019) found
+    the mean the better summary of a sentence. With Config(causal=True), a decoder side by side,
+    the head reads the last real token: the only one that has seen the whole sequence."""
+
+    def __init__(self, config: Config, init=True):
+        self.config = config
+        self.encoder = Transformer(config, init)
+        self.head = Linear(config.n_embd, config.n_classes, init=init)
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        B, T = idx.shape
+        c = self.config
+        x = self.encoder.encode(idx)  # (B, T, C)
+        real = (idx != c.pad_id).float() if c.pad_id is not None else Tensor.ones(B, T)
+        if c.causal:
+            last = real.sum(1, keepdim=True).int() - 1  # (B, 1): where the last real token is
+            weights = (Tensor.arange(T).reshape(1, T) == last).float()  # (B, T), one-hot
+        else:
+            weights = real / real.sum(1, keepdim=True)  # (B, T): the mean over real tokens
+        pooled = (x * weights.unsqueeze(-1)).sum(1)  # (B, C)
+        return self.head(pooled)  # (B, n_classes)
+
+
+class EncoderDecoder(Model):
+    """Source ids (B, S) and target ids (B, T) -> next-target-token logits (B, T, vocab_size):
+    the Transformer of Vaswani et al. (2017), the family of T5 and BART.
+
+    The encoder reads the whole source in both directions (its padding masked); each decoder
+    block attends causally to the target so far, then through cross-attention to the encoder's
+    output. Source and target share one vocabulary, so one embedding table serves the encoder,
+    the decoder and the output layer, and one position table both sides (section 3.4)."""
+
+    def __init__(self, config: Config, init=True):
+        self.config = config
+        self.encoder = Transformer(replace(config, causal=False), init)
+        # the target's padding comes after its real tokens, where the causal mask hides it
+        self.decoder = Transformer(replace(config, cross=True, pad_id=None), init)
+        self.decoder.wte = self.encoder.wte
+        for table in ("wpe", "pe"):
+            if hasattr(self.encoder, table):
+                setattr(self.decoder, table, getattr(self.encoder, table))
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Source ids (B, S) -> what every cross-attention reads: the encoder's output (B, S, C)
+        and the source's padding_mask (None without a pad_id)."""
+        pad_id = self.config.pad_id
+        return self.encoder.encode(src), None if pad_id is None else padding_mask(src, pad_id)
+
+    def __call__(self, src: Tensor, tgt: Tensor) -> Tensor:
+        return self.decoder(tgt, source=self.encode(src))
+
+
+def captured(run, *groups: list[MultiHeadAttention]) -> tuple[Tensor, list[Tensor]]:
+    """run() once, with every attention layer in groups keeping the probabilities it multiplies
+    its values with: run's result, and per group its layers' (B, H, T, S) stacked on dim 1.
+
+    What is shown is what was computed: there is no second implementation of attention to drift
+    from the first. The weights are a buffer of the pass anyway, so keeping them costs one copy
+    into the stacked result and changes no logit; with capture off (the default) nothing is
+    kept."""
+    layers = [attn for group in groups for attn in group]
+    for attn in layers:
+        attn.keep_weights = True
+    try:
+        out = run()
+        maps = [Tensor.stack(*[attn.weights for attn in group], dim=1) for group in groups]
+        Tensor.realize(out, *maps)
+    finally:
+        for attn in layers:
+            attn.keep_weights, attn.weights = False, None
+    return out, maps
 
 
 def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Logits (B, T, vocab) and every head's attention probabilities (B, n_layer, n_head, T, T)
-    for token ids idx (B, T), both from one ordinary forward pass.
-
-    Each layer keeps the softmax it multiplies its values with, so what is shown is what was
-    computed: there is no second implementation of attention to drift from the first. The
-    weights are a buffer of the pass anyway, so keeping them costs one copy into the stacked
-    result and changes no logit; with capture off (the default) nothing is kept."""
-    layers = [block.attn for block in model.h]
-    for attn in layers:
-        attn.keep_weights = True
-    try:
-        logits = model(idx)
-        maps = Tensor.stack(*[attn.weights for attn in layers], dim=1)  # (B, L, H, T, T)
-        Tensor.realize(logits, maps)
-    finally:
-        for attn in layers:
-            attn.keep_weights, attn.weights = False, None
+    for token ids idx (B, T), both from one ordinary forward pass."""
+    logits, (maps,) = captured(lambda: model(idx), [block.attn for block in model.h])
     return logits, maps
+
+
+def encoder_decoder_maps(model: EncoderDecoder, src: Tensor, tgt: Tensor):
+    """Logits (B, T, vocab) and, from the same pass, {"encoder": (B, L, H, S, S), "decoder":
+    (B, L, H, T, T), "cross": (B, L, H, T, S)}: the three kinds of attention."""
+    enc, dec = model.encoder.h, model.decoder.h
+    logits, maps = captured(lambda: model(src, tgt), [b.attn for b in enc], [b.attn for b in dec],
+                            [b.crossattention for b in dec])
+    return logits, dict(zip(("encoder", "decoder", "cross"), maps))
 
 
 def residual_stream(model: Transformer, idx: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -585,6 +766,21 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
                 logits = decode(Tensor(nxt[:, None]), pos).numpy()
 
 
+def translate(model: EncoderDecoder, src: np.ndarray, bos: int, max_new_tokens: int) -> np.ndarray:
+    """Greedy output (B, max_new_tokens) of the encoder-decoder for source ids src (B, S), the
+    decoder starting from the token bos.
+
+    The source is encoded once, each cross-attention computes its keys and values from it once,
+    and every step feeds one token through the decoder's KV cache."""
+    source = model.encode(Tensor(np.asarray(src, dtype=np.int32)))
+    source = (source[0].realize(), source[1])  # one encoder pass for every step that follows
+    tok = np.full((len(src), 1), bos, dtype=np.int32)  # (B, 1)
+    out = []
+    for pos in range(max_new_tokens):
+        logits = model.decoder(Tensor(tok), pos, source)[:, -1].numpy()  # (B, V)
+        tok = sample(logits, 0).astype(np.int32)[:, None]  # (B, 1)
+        out.append(tok[:, 0])
+    return np.stack(out, axis=1)
 
 if __name__ == "__main__":
     from train import cli  # the training loop and its command line live in train.py

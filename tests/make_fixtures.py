@@ -22,6 +22,7 @@ It writes (see tests/fixtures/README.md for what each file holds):
     tests/fixtures/tiny-gpt2-trained/config.json, model.safetensors
     tests/fixtures/tiny-gpt2-trained-perplexity.npz
     tests/fixtures/tiny-gpt2-trained-causes.npz   (alone: tests/make_fixtures.py causes)
+    tests/fixtures/torch-transformer.npz          (alone: tests/make_fixtures.py families)
     tests/fixtures/strided.bin
     tests/fixtures/strided-legacy.bin
     tests/fixtures/strided-expected.npz
@@ -436,6 +437,54 @@ def save_strided_fixtures():
     np.savez(FIXTURES / "strided-expected.npz", **expected)
 
 
+# The other two families (transformer.py's encoder, decoder block and EncoderDecoder), checked
+# against PyTorch's own modules with random weights: small sizes, a padded source, no dropout,
+# and GPT-2's tanh GELU as the activation so that the MLPs match.
+FAMILIES = dict(vocab=12, d_model=16, nhead=4, layers=2, src_len=7, tgt_len=5, pad_id=0)
+
+
+def families_reference():
+    """torch.nn.TransformerEncoderLayer, TransformerDecoderLayer and Transformer, post-LN and
+    pre-LN (norm_first): their weights under PyTorch's names, inputs, and outputs."""
+    f = FAMILIES
+    C, S, T = f["d_model"], f["src_len"], f["tgt_len"]
+    torch.manual_seed(SEED)
+    gelu = lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    layer_args = dict(d_model=C, nhead=f["nhead"], dim_feedforward=4 * C, dropout=0.0,
+                      activation=gelu, batch_first=True)
+    src = torch.randint(1, f["vocab"], (2, S))
+    src[1, 4:] = f["pad_id"]  # the second source is 4 tokens long, then padding
+    tgt = torch.randint(1, f["vocab"], (2, T))
+    pad = src == f["pad_id"]  # True where PyTorch must not attend
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(T)
+    out = {"src": src.numpy(), "tgt": tgt.numpy()}
+    for norm in ("post", "pre"):
+        first = norm == "pre"
+        enc = torch.nn.TransformerEncoderLayer(**layer_args, norm_first=first).eval()
+        dec = torch.nn.TransformerDecoderLayer(**layer_args, norm_first=first).eval()
+        whole = torch.nn.Transformer(**layer_args, norm_first=first, num_encoder_layers=f["layers"],
+                                     num_decoder_layers=f["layers"]).eval()
+        if not first:  # the 2017 post-LN stacks end in a LayerNorm already: no extra one
+            whole.encoder.norm, whole.decoder.norm = None, None
+        # embeddings shared by source, target and output, as in Vaswani et al. (section 3.4)
+        wte, wpe = torch.randn(f["vocab"], C) * 0.5, torch.randn(S, C) * 0.1
+        x, memory = torch.randn(2, S, C), torch.randn(2, S, C)
+        y = torch.randn(2, T, C)
+        with torch.no_grad():
+            out[f"{norm}/encoder_layer/out"] = enc(x, src_key_padding_mask=pad).numpy()
+            out[f"{norm}/decoder_layer/out"] = dec(y, memory, tgt_mask=causal,
+                                                   memory_key_padding_mask=pad).numpy()
+            hidden = whole(wte[src] + wpe[:S], wte[tgt] + wpe[:T], tgt_mask=causal,
+                           src_key_padding_mask=pad, memory_key_padding_mask=pad)
+            out[f"{norm}/transformer/logits"] = (hidden @ wte.T).numpy()
+        out[f"{norm}/x"], out[f"{norm}/memory"], out[f"{norm}/y"] = x.numpy(), memory.numpy(), y.numpy()
+        for name, module in (("encoder_layer", enc), ("decoder_layer", dec), ("transformer", whole)):
+            for key, value in module.state_dict().items():
+                out[f"{norm}/{name}/{key}"] = value.numpy()
+        out[f"{norm}/transformer/wte"], out[f"{norm}/transformer/wpe"] = wte.numpy(), wpe.numpy()
+    return out
+
+
 def main():
     FIXTURES.mkdir(parents=True, exist_ok=True)
     # The shared tokenizer cache lets tiktoken work without network access.
@@ -464,7 +513,9 @@ def main():
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["causes"]:  # only the ablation and lens references, from the committed
+    if sys.argv[1:] == ["families"]:  # only the encoder / encoder-decoder references
+        np.savez(FIXTURES / "torch-transformer.npz", **families_reference())
+    elif sys.argv[1:] == ["causes"]:  # only the ablation and lens references, from the committed
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
         reference = causes_reference(tiktoken.get_encoding("r50k_base"))
         np.savez(FIXTURES / "tiny-gpt2-trained-causes.npz", **reference)
