@@ -26,7 +26,16 @@ import numpy as np
 from tinygrad import Tensor, TinyJit
 
 import heads
-from transformer import Config, Transformer, attention_maps, generate
+from transformer import (
+    Classifier,
+    Config,
+    EncoderDecoder,
+    Transformer,
+    attention_maps,
+    encoder_decoder_maps,
+    generate,
+    translate,
+)
 
 # A target id that carries no loss. Not -1: tinygrad reads ignore_index=-1 as "ignore nothing".
 IGNORE = -100
@@ -658,5 +667,227 @@ class Induction:
                                       names=(f"{layer}.{head}", f"0.{prev}"), run=run)
 
 
+class Palindromes:
+    """Is this string of digits a palindrome? An encoder classifies it (transformer.Classifier).
+
+    Half the strings are palindromes; the other half are palindromes with one digit changed, so
+    one mismatched pair anywhere decides, and only a model that compares every position with
+    its mirror image does better than chance (0.5). Held out, as for reversal: every string
+    whose hash falls in one class (a tenth of them), palindromes and near misses alike.
+
+    arch="decoder" trains the same classifier with the causal mask, reading its last token: the
+    first half of the string cannot see its mirror image, so the second half must do the
+    comparing and the last token must gather it (see docs/families.md for both runs)."""
+
+    name, metric, higher_is_better = "classify", "accuracy", True
+    # batch 256: at 64 the loss stayed near chance for 1000 steps (0.69 accuracy at 1500)
+    steps, batch_size, lr, eval_every = 800, 256, 3e-3, 200
+    chance = 0.5
+    architecture = Classifier
+
+    def __init__(self, n_digits: int = 8, arch: str = "encoder", seed: int = 0):
+        assert n_digits % 2 == 0, "an even length: a change in the middle of an odd one is none"
+        self.n = n_digits
+        self.config = Config(vocab_size=10, n_ctx=n_digits, n_layer=2, n_head=4, n_embd=64,
+                             causal=arch == "decoder", n_classes=2)
+        self.test = self.draw(np.random.default_rng([seed, 1]), 2000, held_out=True)
+
+    def held_out(self, digits: np.ndarray) -> np.ndarray:
+        weights = 7 ** np.arange(self.n) % 1009
+        return (digits * weights).sum(-1) % 10 == 0
+
+    def strings(self, rng, B: int, palindrome: bool) -> np.ndarray:
+        """(B, n) palindromes, or palindromes with one digit changed into another."""
+        half = rng.integers(0, 10, (B, self.n // 2))
+        digits = np.concatenate([half, half[:, ::-1]], axis=1)  # (B, n)
+        if not palindrome:
+            rows, where = np.arange(B), rng.integers(0, self.n, B)
+            digits[rows, where] = (digits[rows, where] + rng.integers(1, 10, B)) % 10
+        return digits
+
+    def draw(self, rng, B: int, held_out: bool) -> tuple[np.ndarray, np.ndarray]:
+        """B strings from one side of the split, half of them palindromes, and their labels
+        (1: a palindrome). Each half is drawn alone: the hash does not split both alike."""
+        halves = []
+        for palindrome in (True, False):
+            out = np.zeros((0, self.n), np.int64)
+            while len(out) < B // 2:
+                d = self.strings(rng, B, palindrome)
+                out = np.concatenate([out, d[self.held_out(d) == held_out]])
+            halves.append(out[: B // 2])
+        order = rng.permutation(2 * (B // 2))
+        x, y = np.concatenate(halves), np.repeat([1, 0], B // 2)
+        return x[order].astype(np.int32), y[order].astype(np.int32)
+
+    def batch(self, rng, B: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.draw(rng, B, held_out=False)
+
+    def predict(self, model: Classifier, digits: np.ndarray) -> np.ndarray:
+        return model(Tensor(digits)).argmax(-1).numpy()
+
+    def evaluate(self, model: Classifier, quick: bool = False) -> float:
+        """Accuracy on the held-out strings."""
+        x, y = self.test
+        return float((self.predict(model, x) == y).mean())
+
+    def learned(self, score: float) -> bool:
+        return score >= 0.95
+
+    def example(self) -> tuple[np.ndarray, list[str]]:
+        """The first held-out near miss, with each digit as a label."""
+        x, y = self.test
+        d = x[np.flatnonzero(y == 0)[0]]
+        return d, [self.token(i) for i in d]
+
+    def token(self, i: int) -> str:
+        return str(i)
+
+    def show(self, model: Classifier, n: int = 4) -> str:
+        x, y = self.test[0][:n], self.test[1][:n]
+        lines = []
+        for d, label, got in zip(x, y, self.predict(model, x)):
+            word = lambda v: "palindrome" if v else "not a palindrome"
+            ok = "ok" if got == label else "WRONG"
+            lines.append(f"{''.join(map(str, d))}: {word(got)}  {ok}")
+        return "\n".join(lines)
+
+
+class Translate:
+    """Reverse a digit string of 3 to 8 digits, as a translation: an encoder-decoder
+    (transformer.EncoderDecoder) reads the source, padded to 8, and writes the target.
+
+    Ids: 0 pads, 1 starts the target (BOS), 2 ends it (EOS), digit d is d + 3. The decoder reads
+    BOS and the target so far, "7 3 1", and must write "1 3 7 EOS". Its cross-attention has one
+    right answer to look at: output position j copies source position n - 1 - j, so a head that
+    learned the task shows the anti-diagonal (alignment). Held out as for reversal: a tenth of
+    the strings by their hash. Chance: guessing every digit of the mean string right."""
+
+    name, metric, higher_is_better = "translate", "exact_match", True
+    steps, batch_size, lr, eval_every = 500, 64, 3e-3, 250
+    architecture = EncoderDecoder
+    PAD, BOS, EOS = 0, 1, 2
+
+    def __init__(self, lengths: tuple[int, int] = (3, 8), seed: int = 0):
+        self.lengths = lengths
+        n = lengths[1]
+        self.config = Config(vocab_size=13, n_ctx=n + 1, n_layer=2, n_head=4, n_embd=64,
+                             pad_id=self.PAD)
+        self.test = self.draw(np.random.default_rng([seed, 1]), 1000, held_out=True)
+        self.chance = float(np.mean(10.0 ** -self.length(self.test)))
+
+    def length(self, src: np.ndarray) -> np.ndarray:
+        return (src != self.PAD).sum(-1)
+
+    def held_out(self, src: np.ndarray) -> np.ndarray:
+        weights = 7 ** np.arange(src.shape[1]) % 1009
+        return (src * weights).sum(-1) % 10 == 0
+
+    def draw(self, rng, B: int, held_out: bool) -> np.ndarray:
+        """(B, 8) source ids, each string right-padded."""
+        out = np.zeros((0, self.lengths[1]), np.int32)
+        while len(out) < B:
+            n = rng.integers(self.lengths[0], self.lengths[1] + 1, (2 * B, 1))
+            digits = rng.integers(0, 10, (2 * B, self.lengths[1])) + 3
+            src = np.where(np.arange(self.lengths[1]) < n, digits, self.PAD)
+            out = np.concatenate([out, src[self.held_out(src) == held_out]])
+        return out[:B].astype(np.int32)
+
+    def targets(self, src: np.ndarray) -> np.ndarray:
+        """(B, 9): each source's real digits backwards, then EOS, then padding."""
+        n = self.length(src)
+        out = np.full((len(src), self.config.n_ctx), self.PAD, np.int32)
+        for i, (row, k) in enumerate(zip(src, n)):
+            out[i, :k], out[i, k] = row[:k][::-1], self.EOS
+        return out
+
+    def batch(self, rng, B: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """((source, decoder input), targets): the decoder reads BOS and the target shifted."""
+        src = self.draw(rng, B, held_out=False)
+        tgt = self.targets(src)
+        inputs = np.concatenate([np.full((B, 1), self.BOS), tgt[:, :-1]], axis=1)
+        return (src, inputs.astype(np.int32)), np.where(tgt == self.PAD, IGNORE, tgt)
+
+    def answer(self, model: EncoderDecoder, src: np.ndarray) -> np.ndarray:
+        return translate(model, src, self.BOS, self.config.n_ctx)  # (B, 9), greedy
+
+    def evaluate(self, model: EncoderDecoder, quick: bool = False) -> float:
+        """Exact match on the held-out strings: every digit and the EOS after them."""
+        got, want = self.answer(model, self.test), self.targets(self.test)
+        return float(((got == want) | (want == self.PAD)).all(-1).mean())
+
+    def learned(self, score: float) -> bool:
+        return score >= 0.95
+
+    def alignment(self, model: EncoderDecoder) -> np.ndarray:
+        """(L, H): how often each cross-attention head's strongest source position is the digit
+        its output position copies (n - 1 - j), over the held-out strings' digit positions."""
+        src = self.test
+        tgt = self.targets(src)
+        inputs = np.concatenate([np.full((len(src), 1), self.BOS), tgt[:, :-1]], axis=1)
+        cross = encoder_decoder_maps(model, Tensor(src), Tensor(inputs.astype(np.int32)))[1]
+        strongest = cross["cross"].numpy().argmax(-1)  # (B, L, H, T)
+        n = self.length(src)[:, None, None, None]
+        j = np.arange(inputs.shape[1])
+        hit = strongest == n - 1 - j  # (B, L, H, T)
+        real = np.broadcast_to(j < n, hit.shape)
+        return (hit & real).sum(axis=(0, 3)) / real.sum(axis=(0, 3))
+
+    def explain(self, model: EncoderDecoder) -> str:
+        share = self.alignment(model)
+        found = [(layer, h) for layer, h in np.argwhere(share >= 0.9)]
+        where = f"over {len(self.test)} held-out strings' output digits"
+        if not found:
+            layer, h = np.unravel_index(share.argmax(), share.shape)
+            return (f"alignment heads: none reaches 90 % ({where}); the best cross-attention "
+                    f"head, L{layer}H{h}, looks hardest at the digit it copies "
+                    f"{share[layer, h]:.1%} of the time")
+        named = ", ".join(f"L{layer}H{h} {share[layer, h]:.1%}" for layer, h in found)
+        return f"alignment heads (cross-attention's strongest source position is the digit " \
+               f"copied, {where}): {named}"
+
+    def example(self) -> tuple[np.ndarray, np.ndarray]:
+        """A held-out source (its real digits) and its decoder input."""
+        src = self.test[:1]
+        n = int(self.length(src)[0])
+        tgt = self.targets(src)
+        inputs = np.concatenate([[self.BOS], tgt[0, :n]]).astype(np.int32)
+        return src[0, :n], inputs
+
+    def token(self, i: int) -> str:
+        return {self.PAD: "_", self.BOS: "<s>", self.EOS: "</s>"}.get(int(i), str(int(i) - 3))
+
+    def inspect(self, model: EncoderDecoder, folder: Path) -> tuple[list[Path], str]:
+        """Encoder, decoder and cross-attention of every head on one held-out string, drawn side
+        by side (attention.png), and the alignment heads."""
+        import plots
+
+        src, inputs = self.example()
+        _, maps = encoder_decoder_maps(model, Tensor(src[None]), Tensor(inputs[None]))
+        maps = {k: v.numpy()[0] for k, v in maps.items()}  # each (L, H, queries, keys)
+        folder.mkdir(parents=True, exist_ok=True)
+        words = lambda ids: " ".join(self.token(i) for i in ids)
+        out = self.answer(model, src[None])[0][: len(src) + 1]  # the digits and the EOS
+        title = f"translate model: {words(src)} -> {words(out)}"
+        path = plots.encoder_decoder_heads(maps, folder / "attention.png", title)
+        np.savez(folder / "attention.npz", src=src, tgt=inputs, **maps)
+        share = self.alignment(model)
+        rows = [f"layer {layer}: " + "  ".join(f"H{h} {v:.1%}" for h, v in enumerate(row))
+                for layer, row in enumerate(share)]
+        report = "cross-attention heads, how often the strongest source position is the digit " \
+                 "copied:\n" + "\n".join(rows)
+        return [path, folder / "attention.npz"], report
+
+    def show(self, model: EncoderDecoder, n: int = 4) -> str:
+        got, want = self.answer(model, self.test[:n]), self.targets(self.test[:n])
+        lines = []
+        for src, g, w in zip(self.test[:n], got, want):
+            k = int((src != self.PAD).sum())
+            ok = "ok" if ((g == w) | (w == self.PAD)).all() else "WRONG"
+            out = " ".join(self.token(i) for i in g[: k + 1])
+            lines.append(f"{' '.join(self.token(i) for i in src[:k])} -> {out}  {ok}")
+        return "\n".join(lines)
+
+
 TASKS = {"reverse": Reverse, "shakespeare": Shakespeare, "words": Words, "grokking": Grokking,
-         "grokking-slow": SlowGrokking, "induction": Induction}
+         "grokking-slow": SlowGrokking, "induction": Induction, "classify": Palindromes,
+         "translate": Translate}

@@ -28,7 +28,10 @@ from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 import flags
 from runtime import exit_now, keep_kernels, use_device
 from tasks import IGNORE
-from transformer import ABLATIONS, SIMILARITIES, Config, Transformer
+from transformer import ABLATIONS, SIMILARITIES, Classifier, Config, EncoderDecoder, Transformer
+
+# what a checkpoint can hold, by the name saved in its JSON (Transformer when it names none)
+MODELS = {m.__name__: m for m in (Transformer, Classifier, EncoderDecoder)}
 
 
 def make_optimizer(model: Transformer, lr: float, weight_decay: float = 0.1,
@@ -74,8 +77,9 @@ def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
         started = Tensor.zeros(1).contiguous().is_param_(False).realize()  # 0 before step one
 
     @TinyJit
-    def step(x: Tensor, y: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
-        loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
+    def step(x: Tensor | tuple[Tensor, ...], y: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
+        inputs = x if isinstance(x, tuple) else (x,)  # (source, target) for an encoder-decoder
+        loss = model(*inputs).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
         grads = loss.gradient(*params)
         if grokfast is not None:
             a = alpha * started  # 0 on the first step: the average starts at the first gradient
@@ -113,7 +117,8 @@ def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
     weights_path, meta_path = checkpoint_files(path)
     tmp_weights, tmp_meta = Path(f"{weights_path}.tmp"), Path(f"{meta_path}.tmp")
     safe_save(tensors, str(tmp_weights))
-    tmp_meta.write_text(json.dumps({**meta, "config": asdict(model.config)}, indent=2))
+    meta = {**meta, "model": type(model).__name__, "config": asdict(model.config)}
+    tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_weights, weights_path)
     os.replace(tmp_meta, meta_path)
 
@@ -133,10 +138,11 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
     try:
         meta = json.loads(meta_path.read_text())
         config = Config(**meta["config"])
+        architecture = MODELS[meta.get("model", "Transformer")]
         tensors = safe_load(str(weights_path))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    model = Transformer(config, init=False)  # every weight comes from the file
+    model = architecture(config, init=False)  # every weight comes from the file
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     expected = model.parameters()
     if set(weights) != set(expected):
@@ -174,6 +180,8 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
 
     The loop only needs from a task: config, batch(rng, B), evaluate(model, quick), show(model), the
     metric's name and direction, and its chance level; a new task plugs in by providing those.
+    Its architecture (default Transformer) is the model class; batch's x may be a tuple of the
+    model's inputs.
     Optional: weight_decay, betas, warmup, constant_lr (a flat learning rate after warmup), l2 and
     clip (see make_train_step) for the optimizer; observe(model, step), called every eval_every
     steps to record curves, returns the progress line; a list `history` is saved with the
@@ -203,7 +211,7 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
             raise ValueError(f"the task's data has n_ctx={data_shape[0]} and vocab_size="
                              f"{data_shape[1]}; the model has n_ctx={config.n_ctx} and "
                              f"vocab_size={config.vocab_size}")
-        model = Transformer(config)
+        model = getattr(task, "architecture", Transformer)(config)
         opt = make_optimizer(model, task.lr, weight_decay, betas)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters().values())
@@ -218,13 +226,14 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
     t0 = time.perf_counter()
     for step in range(start, steps):
         x, y = task.batch(rng, task.batch_size)
+        x = tuple(Tensor(a) for a in x) if isinstance(x, tuple) else Tensor(x)
         if constant_lr:
             lr = task.lr * min(1.0, (step + 1) / warmup)
         else:
             lr = learning_rate(step, task.lr, steps, warmup)
         # TRAINING only around the step: the evaluations are inference, with inference's kernels
         with Context(TRAINING=1):
-            loss, norm = step_fn(Tensor(x), Tensor(y), Tensor([lr]))
+            loss, norm = step_fn(x, Tensor(y), Tensor([lr]))
         done = step + 1
         if verbose and (done % 25 == 0 or done == steps):
             elapsed = time.perf_counter() - t0
@@ -269,9 +278,13 @@ def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens
     import heads
 
     model = loaded(task, path)
-    ids, labels = task.example()
-    written, report = heads.inspect_model(model, ids, labels, folder, f"{task.name} model",
-                                          tokens, layer, head)
+    if hasattr(task, "inspect"):  # a model of its own kind: the task draws it
+        written, report = task.inspect(model, folder)
+    else:
+        ids, labels = task.example()
+        encoder = getattr(model, "encoder", model)  # a Classifier's heads are its encoder's
+        written, report = heads.inspect_model(encoder, ids, labels, folder, f"{task.name} model",
+                                              tokens, layer, head)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     print(report)
     if hasattr(task, "explain"):
@@ -336,6 +349,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-embd", type=flags.count)
     ap.add_argument("--positions", choices=["learned", "sinusoidal"])
     ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
+    ap.add_argument("--arch", choices=["encoder", "decoder"],
+                    help="--task classify: read both directions and pool (encoder, the default) "
+                         "or causally and read the last token (decoder)")
     ap.add_argument("--ablate", action="append", default=[], metavar="NAME",
                     help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
     ap.add_argument("--similarity", default="scaled", choices=SIMILARITIES,
@@ -398,6 +414,14 @@ def main(argv=None) -> int:
     grokfast = None if args.grokfast is None else (0.98, args.grokfast)
     if args.plot is not None and not hasattr(task, "plot"):
         return fail(f"--plot is for tasks that record curves; task {args.task!r} draws none")
+    if args.arch is not None and args.task != "classify":
+        return fail("--arch goes with --task classify")
+    if getattr(task, "architecture", Transformer) is not Transformer:
+        for flag, value in (("--head-ablation", args.head_ablation),
+                            ("--logit-lens", args.logit_lens)):
+            if value is not None:
+                return fail(f"{flag} reads a decoder-only model; task {args.task!r} trains a "
+                            f"{task.architecture.__name__}")
     ablations = [name.strip() for arg in args.ablate for name in arg.split(",") if name.strip()]
     for name in ablations:
         if name not in ABLATIONS:
@@ -433,6 +457,8 @@ def main(argv=None) -> int:
                      if v is not None}
         if args.post_ln:
             overrides["prenorm"] = False
+        if args.arch is not None:
+            overrides["causal"] = args.arch == "decoder"
         for name in ablations:
             overrides.update(ABLATIONS[name])
         overrides["similarity"] = args.similarity

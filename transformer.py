@@ -1,21 +1,23 @@
-"""A decoder-only transformer written out on tinygrad: the building blocks, in the order the
-ideas build.
+"""A transformer written out on tinygrad: the building blocks, in the order the ideas build, and
+the three families made of them: decoder-only (GPT), encoder (BERT) and encoder-decoder (2017).
 
 The model follows "Attention Is All You Need" (Vaswani et al., 2017) for scaled dot-product
-attention, multi-head attention and sinusoidal positions, and GPT-2 ("Language Models are
-Unsupervised Multitask Learners", Radford et al., 2019) for the pre-LayerNorm block, learned
-positions and weight names. gpt.py builds GPT-2 from the classes here, so the names (wte, wpe, h,
-ln_1, attn.c_attn, ...) are the ones in OpenAI's checkpoint.
+attention, multi-head attention, cross-attention and sinusoidal positions, and GPT-2 ("Language
+Models are Unsupervised Multitask Learners", Radford et al., 2019) for the pre-LayerNorm block,
+learned positions and weight names. gpt.py builds GPT-2 from the classes here, so the names
+(wte, wpe, h, ln_1, attn.c_attn, ...) are the ones in OpenAI's checkpoint.
 
-Read it top to bottom: attention (four similarity functions), one head, multi-head attention
-with its KV cache, LayerNorm, MLP, positions, the block, the config and its ablations, the
-model, attention capture, sampling and generation. train.py trains toy models on the tasks in
-tasks.py; `python transformer.py` is its command line:
+Read it top to bottom: attention (four similarity functions), one head, multi-head attention,
+self-attention with its KV cache, cross-attention, LayerNorm, MLP, positions, the block, the
+config and its ablations, the model, the classifier and the encoder-decoder, attention capture,
+sampling and generation. train.py trains toy models on the tasks in tasks.py; `python
+transformer.py` is its command line:
 
     python transformer.py -v                        # learn to reverse digit strings: exact match
     python transformer.py --task shakespeare -v     # character-level tinyshakespeare: val loss
-    python transformer.py --task reverse --sample   # decode with the checkpoint saved in models/
-    python transformer.py --attention               # every head of that checkpoint, drawn
+    python transformer.py --task classify -v        # an encoder tells palindromes: accuracy
+    python transformer.py --task translate -v       # an encoder-decoder reverses: exact match
+    python transformer.py --attention               # every head of the saved checkpoint, drawn
     python transformer.py --ablate no-mask -v       # what the causal mask is for
 """
 from __future__ import annotations
@@ -305,7 +307,7 @@ class CrossAttention(MultiHeadAttention):
         self.q_attn = Linear(n_embd, n_embd, init=init)
         self.c_attn = Linear(n_embd, 2 * n_embd, init=init)
         super().__init__(n_embd, n_head, n_layer, init)
-        self.source, self.source_kv = None, None  # the source whose keys and values are kept
+        self.source_kv = None  # [source, its keys, its values] while decoding
 
     def keys_values(self, memory: Tensor) -> list[Tensor]:
         """The encoder's output (B, S, C) -> keys and values, each (B, H, S, hs)."""
@@ -318,10 +320,11 @@ class CrossAttention(MultiHeadAttention):
         if start_pos is None:  # a whole pass, as in training: nothing is kept
             k, v = self.keys_values(memory)
         else:
-            if self.source is not memory:  # decoding: once per source, then read at every step
-                self.source_kv = [t.realize() for t in self.keys_values(memory)]
-                self.source = memory
-            k, v = self.source_kv
+            if self.source_kv is None or self.source_kv[0] is not memory:  # once per source
+                kv = [t.realize() for t in self.keys_values(memory)]
+                # state, not weights: kept out of checkpoints and optimizers
+                self.source_kv = [t.is_param_(False) for t in (memory, *kv)]
+            _, k, v = self.source_kv
         q = split_heads(self.q_attn(x), self.n_head)  # (B, H, T, hs)
         return self.attend(q, k, v, pad)
 

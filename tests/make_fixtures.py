@@ -477,8 +477,10 @@ def families_reference():
             hidden = whole(wte[src] + wpe[:S], wte[tgt] + wpe[:T], tgt_mask=causal,
                            src_key_padding_mask=pad, memory_key_padding_mask=pad)
             out[f"{norm}/transformer/logits"] = (hidden @ wte.T).numpy()
-        out[f"{norm}/x"], out[f"{norm}/memory"], out[f"{norm}/y"] = x.numpy(), memory.numpy(), y.numpy()
-        for name, module in (("encoder_layer", enc), ("decoder_layer", dec), ("transformer", whole)):
+        for key, value in (("x", x), ("memory", memory), ("y", y)):
+            out[f"{norm}/{key}"] = value.numpy()
+        modules = (("encoder_layer", enc), ("decoder_layer", dec), ("transformer", whole))
+        for name, module in modules:
             for key, value in module.state_dict().items():
                 out[f"{norm}/{name}/{key}"] = value.numpy()
         out[f"{norm}/transformer/wte"], out[f"{norm}/transformer/wpe"] = wte.numpy(), wpe.numpy()
