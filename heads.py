@@ -473,6 +473,17 @@ def html_page(att: np.ndarray, labels: list[str], title: str, first: int = 0) ->
 # ---------------------------------------------------------------------------------------------
 
 
+def name_heads(share: np.ndarray, kind: str, what: str, where: str, bar: float = 0.9) -> str:
+    """One line naming the heads whose share (L, H) of positions shows what (e.g. "strongest
+    attention on the mirrored digit") reaches bar; if none does, the best head and its share."""
+    found = [f"L{layer}H{h} {share[layer, h]:.1%}" for layer, h in np.argwhere(share >= bar)]
+    if found:
+        return f"{kind} heads ({what}, {where}): {', '.join(found)}"
+    layer, h = np.unravel_index(share.argmax(), share.shape)
+    return (f"{kind} heads: none reaches {bar:.0%} ({where}); the best, L{layer}H{h}: {what} "
+            f"{share[layer, h]:.1%} of the time")
+
+
 def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: str,
                   tokens: str | None = None, layer: int | None = None, head: int | None = None,
                   seed: int = 0) -> tuple[list[Path], str]:

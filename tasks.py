@@ -9,6 +9,11 @@ metric, chance, and learned(score). A new task plugs in by providing those and a
     python transformer.py --task grokking -v      # (a + b) mod p: memorize first, generalize later
     python transformer.py --task grokking-slow --grokfast --l2 0.005 -v   # Lee et al.'s Grokfast
     python transformer.py --task induction -v     # induction heads, 2 attention-only layers
+    python transformer.py --task classify -v      # an encoder tells palindromes from near misses
+    python transformer.py --task translate -v     # an encoder-decoder reverses digit strings
+
+A task's architecture (default transformer.Transformer) is the class the loop builds, and its
+batch's x may be a tuple of the model's inputs: (source, target) for an EncoderDecoder.
 
 A task may also record curves: observe(model, step) is called every eval_every steps, its history
 is kept with the checkpoint, plot(path, run) draws it after training (plots.py; run names the
@@ -140,18 +145,9 @@ class Reverse:
     def explain(self, model: Transformer) -> str:
         """Name the mirror heads: those whose strongest key is the mirrored digit >= 90 % of the
         time. That is what reversing needs, so a model that learned shows at least one."""
-        share = self.mirror_shares(model)
-        n, d = self.n, self.test
-        found = [(layer, h) for layer, h in np.argwhere(share >= 0.9)]
-        where = f"over {len(d)} held-out strings x {n} answer positions"
-        if not found:
-            layer, h = np.unravel_index(share.argmax(), share.shape)
-            return (f"mirror heads: none reaches 90 % ({where}); the best, L{layer}H{h}, puts "
-                    f"its strongest attention on the mirrored digit {share[layer, h]:.1%} of "
-                    "the time")
-        named = ", ".join(f"L{layer}H{h} {share[layer, h]:.1%}" for layer, h in found)
-        return (f"mirror heads (strongest attention on the mirrored input digit, {where}): "
-                f"{named}")
+        where = f"over {len(self.test)} held-out strings x {self.n} answer positions"
+        return heads.name_heads(self.mirror_shares(model), "mirror", "strongest attention on "
+                                "the mirrored input digit", where)
 
     def ablation_reading(self, model: Transformer, base: float, delta: np.ndarray, knock) -> str:
         """Does knocking heads out agree with the attention map? The map names the mirror head
@@ -833,17 +829,11 @@ class Translate:
         return (hit & real).sum(axis=(0, 3)) / real.sum(axis=(0, 3))
 
     def explain(self, model: EncoderDecoder) -> str:
-        share = self.alignment(model)
-        found = [(layer, h) for layer, h in np.argwhere(share >= 0.9)]
+        """Name the alignment heads: those whose strongest source position is the copied digit
+        for >= 90 % of held-out output digits."""
         where = f"over {len(self.test)} held-out strings' output digits"
-        if not found:
-            layer, h = np.unravel_index(share.argmax(), share.shape)
-            return (f"alignment heads: none reaches 90 % ({where}); the best cross-attention "
-                    f"head, L{layer}H{h}, looks hardest at the digit it copies "
-                    f"{share[layer, h]:.1%} of the time")
-        named = ", ".join(f"L{layer}H{h} {share[layer, h]:.1%}" for layer, h in found)
-        return f"alignment heads (cross-attention's strongest source position is the digit " \
-               f"copied, {where}): {named}"
+        return heads.name_heads(self.alignment(model), "alignment", "cross-attention's strongest "
+                                "source position is the digit copied", where)
 
     def example(self) -> tuple[np.ndarray, np.ndarray]:
         """A held-out source (its real digits) and its decoder input."""

@@ -451,9 +451,8 @@ class Config:
     # initial weights make a network memorize first and generalize late (Liu et al., 2023,
     # "Omnigrok"), as PyTorch's default, std 1, does in Lee et al.'s grokking (grokking-slow)
     embd_scale: float = 1.0
-    # The other two families: an encoder's batch may be padded with pad_id, which no key attends
-    # to; a Classifier's head scores n_classes; cross=True gives blocks cross-attention, the
-    # decoder of an EncoderDecoder
+    # The other families: no key attends to pad_id; a Classifier scores n_classes; cross=True
+    # gives the blocks cross-attention (an EncoderDecoder's decoder)
     pad_id: int | None = None
     n_classes: int = 2
     cross: bool = False
@@ -480,12 +479,10 @@ ABLATIONS = {
 
 
 class Model:
-    """What every model here shares: its trainable tensors by name, for the optimizer and the
-    checkpoints."""
+    """What every model here shares: its trainable tensors by name (optimizer, checkpoints)."""
 
     def parameters(self) -> dict[str, Tensor]:
-        """name -> trainable tensor, each once: with shared layers h.1... are h.0's tensors, and
-        a tied embedding appears once."""
+        """name -> trainable tensor, each once: shared layers' and tied embeddings' included."""
         params, seen = {}, set()
         for k, v in get_state_dict(self).items():
             if v.is_param and id(v) not in seen:
@@ -591,13 +588,10 @@ class Transformer(Model):
 
 class Classifier(Model):
     """Token ids (B, T) -> class logits (B, n_classes): an encoder, as in BERT (Devlin et al.,
-    2019), and one linear head on its output pooled over the sequence.
-
-    The pool is the mean over the real tokens: every position reaches the head, so each gets a
-    gradient from the first step. BERT's [CLS] token instead has to learn to gather the whole
-    sequence into one position, which its pretraining teaches; Reimers & Gurevych (2019) found
-    the mean the better summary of a sentence. With Config(causal=True), a decoder side by side,
-    the head reads the last real token: the only one that has seen the whole sequence."""
+    2019), and a linear head on the mean of its output over the real tokens. The mean, not a
+    [CLS] token: every position reaches the head and gets a gradient from the first step, while
+    [CLS] must learn to gather the sequence, which BERT's pretraining teaches. Causal (a decoder
+    side by side), the head reads the last real token: the only one that saw everything."""
 
     def __init__(self, config: Config, init=True):
         self.config = config
@@ -620,12 +614,10 @@ class Classifier(Model):
 
 class EncoderDecoder(Model):
     """Source ids (B, S) and target ids (B, T) -> next-target-token logits (B, T, vocab_size):
-    the Transformer of Vaswani et al. (2017), the family of T5 and BART.
-
-    The encoder reads the whole source in both directions (its padding masked); each decoder
-    block attends causally to the target so far, then through cross-attention to the encoder's
-    output. Source and target share one vocabulary, so one embedding table serves the encoder,
-    the decoder and the output layer, and one position table both sides (section 3.4)."""
+    the Transformer of Vaswani et al. (2017), the family of T5 and BART. The encoder reads the
+    source both ways; each decoder block attends causally to the target so far, then through
+    cross-attention to the encoder's output. One vocabulary, so one token table serves both
+    sides and the output layer, and one position table both sides (section 3.4)."""
 
     def __init__(self, config: Config, init=True):
         self.config = config
