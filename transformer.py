@@ -246,7 +246,7 @@ class MultiHeadAttention:
 
     def share(self, other: MultiHeadAttention):
         """Use other's weights (--ablate shared-layers); the KV cache stays this layer's own."""
-        for name in ("c_attn", "c_proj", "w_general", "w_q_add", "w_k_add", "v_add"):
+        for name in ("q_attn", "c_attn", "c_proj", "w_general", "w_q_add", "w_k_add", "v_add"):
             if hasattr(other, name):
                 setattr(self, name, getattr(other, name))
 
@@ -423,6 +423,9 @@ class Block:
         """Use other's weights (--ablate shared-layers): a deeper network, no more parameters."""
         self.ln_1, self.ln_2, self.mlp = other.ln_1, other.ln_2, other.mlp
         self.attn.share(other.attn)
+        if self.crossattention is not None:
+            self.ln_cross_attn = other.ln_cross_attn
+            self.crossattention.share(other.crossattention)
 
 
 # ---------------------------------------------------------------------------------------------
