@@ -157,7 +157,12 @@ def test_cross_attention_rows_sum_to_one_and_skip_padding():
 def test_cached_greedy_decoding_equals_uncached():
     model = torch_transformer("post")
     steps = 6
+    calls = []  # the cross-attention's keys and values: once per layer for the whole decoding
+    for block in model.decoder.h:
+        attn = block.crossattention
+        attn.keys_values = lambda memory, f=attn.keys_values: calls.append(1) or f(memory)
     cached = translate(model, SRC, bos=1, max_new_tokens=steps)
+    assert len(calls) == LAYERS
     out = np.ones((len(SRC), 1), np.int32)
     for _ in range(steps):  # the whole target again at every step, no cache
         logits = model(Tensor(SRC), Tensor(out)).numpy()[:, -1]
