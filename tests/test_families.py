@@ -270,3 +270,10 @@ def test_classify_learns_palindromes_with_an_encoder(tmp_path):
     r = cli("--task", "classify", "--out", out, "--sample")
     assert r.returncode == 0, r.stderr
     assert "palindrome" in r.stdout
+    # --attention draws the encoder's heads: rows of 1, and weight above the diagonal (the future)
+    r = cli("--task", "classify", "--out", out, "--attention", tmp_path / "att")
+    assert r.returncode == 0, r.stderr
+    att = np.load(tmp_path / "att" / "attention.npz")["attention"]  # (L, H, T, T)
+    np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
+    assert np.triu(att, 1).sum(-1).sum(-1).min() > 0.01  # every head looks ahead somewhere
+    assert (tmp_path / "att" / "heads.png").exists()
