@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from tinygrad.nn.state import safe_load
 
 import flags
 from runtime import exit_now, keep_kernels, use_device
-from transformer import Config, Transformer, generate
+from transformer import Config, Transformer, generate, prefill_bucket
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {
@@ -242,50 +243,81 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
 # ---------------------------------------------------------------------------------------------
 
 
-def windows(n_tokens: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over a text of n_tokens, as in Hugging Face's perplexity guide ("Perplexity
-    of fixed-length models"): each starts stride tokens after the last, holds up to n_ctx inputs,
-    and scores only the tokens no earlier window scored, so every token after the first is scored
-    exactly once, with all the context its window holds. -> [(begin, end, first scored), ...]:
-    inputs ids[begin:end] predict ids[begin+1:end+1], and those from ids[first] on count."""
+class Window(NamedTuple):
+    begin: int  # the window's inputs are ids[begin:end]
+    end: int
+    first: int  # it scores ids[first:end], each predicted from the tokens before it
+    weight: int  # what the guide's loop weighs the window's mean loss by
+
+
+def windows(n_tokens: int, n_ctx: int, stride: int) -> list[Window]:
+    """The sliding windows of Hugging Face's perplexity guide ("Perplexity of fixed-length
+    models"), step for step. Windows ids[begin:end], end = min(begin + n_ctx, n_tokens), start
+    stride tokens apart; each labels only its last end - prev_end tokens (the ones no earlier
+    window reached), and the model's label shift drops its first position, which has nothing to
+    predict it. So with overlap every token after the first is scored once, with at least
+    n_ctx - stride tokens of context after the first window; without overlap (stride = n_ctx)
+    the first token of every window is never scored.
+
+    The guide averages each window's mean loss weighted by its valid labels minus one (the shift),
+    which is the window's scored tokens only where nothing is masked (the first window, or no
+    overlap); an overlapping window weighs one token less than it scores."""
     if not 1 <= stride <= n_ctx:
         raise GPTError(f"--stride must be between 1 and the context, {n_ctx}; got {stride}")
-    out, first = [], 1
-    for begin in range(0, n_tokens - 1, stride):
-        end = min(begin + n_ctx, n_tokens - 1)
-        out.append((begin, end, first))
-        first = end + 1
-        if end == n_tokens - 1:
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + n_ctx, n_tokens)
+        valid = min(end - prev_end, end - begin)  # labels not set to -100
+        out.append(Window(begin, end, max(begin + 1, prev_end), valid - 1))
+        prev_end = end
+        if end == n_tokens:
             break
     return out
 
 
-def token_losses(gpt: Transformer, ids, stride: int, progress=None) -> np.ndarray:
-    """-log p(ids[t] | its window's earlier tokens) for t = 1 .. len(ids) - 1, in nats.
+def token_losses(gpt: Transformer, ids, stride: int, progress=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score a text as the guide's loop does (see windows) -> (targets, losses, weights): the
+    index in ids of every scored token, in order; -log p(that token | its window's earlier
+    tokens), in nats; and the weight the guide's average gives it (its window's weight over the
+    window's scored tokens). perplexity_nll averages them.
 
-    Every window is padded to the full context, so the forward pass has one shape: TinyJit
-    compiles it once. Attention is causal, so the padding after a window never reaches it."""
+    Each window is padded on the right to a bucket length (see prefill_bucket), so the forward
+    pass has a few shapes and TinyJit compiles each once. Attention is causal, so the padding
+    after a window never reaches it."""
     ids = np.asarray(ids, dtype=np.int32)
     if len(ids) < 2:
         raise GPTError(f"perplexity needs at least 2 tokens (the first has nothing to predict "
                        f"it), got {len(ids)}")
     n_ctx = gpt.config.n_ctx
     plan = windows(len(ids), n_ctx, stride)
+    jits: dict[int, TinyJit] = {}
 
-    @TinyJit
     def nll(x: Tensor, y: Tensor) -> Tensor:
-        logp = gpt(x).log_softmax(-1)  # (1, n_ctx, vocab)
-        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).realize()  # (1, n_ctx)
+        logp = gpt(x).log_softmax(-1)  # (1, bucket, vocab)
+        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).realize()  # (1, bucket)
 
-    losses = []
-    for i, (begin, end, first) in enumerate(plan):
-        x, y = np.zeros((2, 1, n_ctx), dtype=np.int32)
-        x[0, : end - begin], y[0, : end - begin] = ids[begin:end], ids[begin + 1 : end + 1]
-        window = nll(Tensor(x), Tensor(y)).numpy()[0, : end - begin].astype(np.float64)
-        losses.append(window[first - begin - 1 :])  # position p predicts token begin + p + 1
+    targets, losses, weights = [], [], []
+    for i, w in enumerate(plan):
+        n = w.end - w.begin
+        if w.end > w.first:  # a last window of one token scores nothing (the guide's nan)
+            size = prefill_bucket(n - 1, n_ctx)  # position p predicts token begin + p + 1
+            x, y = np.zeros((2, 1, size), dtype=np.int32)
+            x[0, : n - 1], y[0, : n - 1] = ids[w.begin : w.end - 1], ids[w.begin + 1 : w.end]
+            run = jits.setdefault(size, TinyJit(nll))
+            window = run(Tensor(x), Tensor(y)).numpy()[0, : n - 1].astype(np.float64)
+            scored = window[w.first - w.begin - 1 :]
+            targets.append(np.arange(w.first, w.end))
+            losses.append(scored)
+            weights.append(np.full(len(scored), w.weight / len(scored)))
         if progress:
             progress(i + 1, len(plan))
-    return np.concatenate(losses)
+    return np.concatenate(targets), np.concatenate(losses), np.concatenate(weights)
+
+
+def perplexity_nll(losses: np.ndarray, weights: np.ndarray) -> float:
+    """The guide's average nll: sum over windows of mean loss x weight, over the weights' sum."""
+    return float(np.sum(losses * weights) / np.sum(weights))
 
 
 def progress_bar(label: str):
@@ -306,7 +338,7 @@ def progress_bar(label: str):
 
 
 def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[float, int]:
-    """-> (mean nats per token, tokens scored) for the text in path."""
+    """-> (the guide's average nats per token, tokens scored) for the text in path."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -315,8 +347,8 @@ def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[
         raise GPTError(f"{path} is empty: there is nothing to score")
     # "<|endoftext|>" in a text is the document separator, as in GPT-2's training data
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
-    losses = token_losses(gpt, ids, stride, progress_bar("perplexity"))
-    return float(losses.mean()), len(losses)
+    _, losses, weights = token_losses(gpt, ids, stride, progress_bar("perplexity"))
+    return perplexity_nll(losses, weights), len(losses)
 
 
 # ---------------------------------------------------------------------------------------------

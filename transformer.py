@@ -553,6 +553,16 @@ def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None
     return (cdf <= u).sum(-1)
 
 
+def prefill_bucket(T: int, n_ctx: int, smallest: int = 8) -> int:
+    """The length a prompt of T tokens is padded to on the right: the next power of two (at least
+    smallest), at most n_ctx. A new shape is a new graph to schedule and new kernels to build, so
+    prompts of any length share about log2(n_ctx) of them; attention is causal, so the real
+    positions never see the padding and come out as the unpadded pass's."""
+    if not 1 <= T <= n_ctx:
+        raise ValueError(f"{T} tokens do not fit a context of {n_ctx}")
+    return min(max(smallest, 1 << (T - 1).bit_length()), n_ctx)
+
+
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
              top_k=None, top_p=None, rng=None, beam=0):
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
