@@ -22,8 +22,8 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes

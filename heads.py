@@ -473,6 +473,22 @@ def html_page(att: np.ndarray, labels: list[str], title: str, first: int = 0) ->
 # ---------------------------------------------------------------------------------------------
 
 
+def padded_attention(model, ids: np.ndarray) -> np.ndarray:
+    """Every head's attention (L, H, T, T) on ids (T,), from one forward pass on ids padded on
+    the right to its bucket (transformer.prefill_bucket): texts of other lengths in the bucket
+    run the same kernels, kept on disk, instead of generating new ones. Attention is causal, so
+    no real position sees the padding, and the real rows and columns are the unpadded pass's."""
+    from tinygrad import Tensor
+
+    from transformer import attention_maps, prefill_bucket
+
+    T = len(ids)
+    padded = np.zeros((1, prefill_bucket(T, model.config.n_ctx)), dtype=np.int32)
+    padded[0, :T] = ids
+    _, att = attention_maps(model, Tensor(padded), logits=False)
+    return att.numpy()[0, :, :, :T, :T]
+
+
 def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: str,
                   tokens: str | None = None, layer: int | None = None, head: int | None = None,
                   seed: int = 0) -> tuple[list[Path], str]:
@@ -489,11 +505,11 @@ def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: s
     chosen = check_head(layer, head, model.config.n_layer, model.config.n_head)
     window = parse_window(tokens, len(ids))
     writable_folder(out)
-    _, att = attention_maps(model, Tensor(np.asarray(ids, dtype=np.int32)[None]))
-    att = att.numpy()[0]  # (L, H, T, T)
+    att = padded_attention(model, ids)  # (L, H, T, T)
     n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
     repeated = repeated_random_tokens(np.random.default_rng(seed), n, model.config.vocab_size, 4)
-    _, repeated_att = attention_maps(model, Tensor(repeated))
+    # only the maps: the probe's logits are never read (a quarter of its work on GPT-2)
+    _, repeated_att = attention_maps(model, Tensor(repeated), logits=False)
     scores = all_scores(att, repeated_att.numpy(), repeated)
     written = write_views(out, att, ids, labels, title, scores, window, chosen)
     return written, report(att, scores, labels, window, chosen)

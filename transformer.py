@@ -479,9 +479,11 @@ class Transformer:
         return params
 
 
-def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
+def attention_maps(model: Transformer, idx: Tensor, logits=True
+                   ) -> tuple[Tensor | None, Tensor]:
     """Logits (B, T, vocab) and every head's attention probabilities (B, n_layer, n_head, T, T)
-    for token ids idx (B, T), both from one ordinary forward pass.
+    for token ids idx (B, T), both from one ordinary forward pass. logits=False: the maps alone
+    (None for the logits), and the pass stops at the last layer's attention.
 
     Each layer keeps the softmax it multiplies its values with, so what is shown is what was
     computed: there is no second implementation of attention to drift from the first. The
@@ -491,13 +493,13 @@ def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
     for attn in layers:
         attn.keep_weights = True
     try:
-        logits = model(idx)
+        out = model(idx)
         maps = Tensor.stack(*[attn.weights for attn in layers], dim=1)  # (B, L, H, T, T)
-        Tensor.realize(logits, maps)
+        Tensor.realize(*([out, maps] if logits else [maps]))
     finally:
         for attn in layers:
             attn.keep_weights, attn.weights = False, None
-    return logits, maps
+    return (out if logits else None), maps
 
 
 def residual_stream(model: Transformer, idx: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -567,10 +569,12 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
              top_k=None, top_p=None, rng=None, beam=0):
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
 
-    The prompt is run in one pass (prefill) that fills each layer's KV cache; after that every step
-    feeds one token. That step is compiled once by TinyJit with its position as a symbolic
-    Variable, so the loop neither re-traces nor recompiles per token. When the context is full, the
-    window slides: the newest half of the tokens is prefilled again and decoding goes on.
+    The prompt is run in one pass (prefill) that fills each layer's KV cache, padded on the right
+    to its bucket (prefill_bucket), so prompts of other lengths in the bucket reuse its kernels;
+    after that every step feeds one token. That step is compiled once by TinyJit with its
+    position as a symbolic Variable, so the loop neither re-traces nor recompiles per token. When
+    the context is full, the window slides: the newest half of the tokens is prefilled again and
+    decoding goes on.
 
     beam > 0 compiles the step's kernels with tinygrad's kernel search (BEAM) of that width: it
     times variants of each kernel on this device and keeps the fastest. The search runs once per
@@ -579,7 +583,23 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
     decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
     pos_var = Variable("pos", 1, n_ctx - 1)
-    logits = model(Tensor(window), 0)[:, -1].numpy()  # (B, V)
+    prefills: dict[int, TinyJit] = {}  # one per bucket length
+
+    def prefill(window: np.ndarray) -> np.ndarray:
+        """Run the prompt (B, T), padded on the right to its bucket, and fill the KV cache ->
+        the last real position's logits (B, V). The padding's keys land in cache positions T
+        and on, which each decode step overwrites before it reads them (it reads [:pos + 1])."""
+        B, T = window.shape
+        size = prefill_bucket(T, n_ctx)
+        padded = np.zeros((B, size), dtype=np.int32)
+        padded[:, :T] = window
+        # contiguous() after the shrink: a view is returned as captured, at its first offset
+        run = prefills.setdefault(size, TinyJit(
+            lambda tok, last: model(tok, 0).shrink((None, (last, last + 1), None))
+            .contiguous().realize()))
+        return run(Tensor(padded), Variable("last", 0, size - 1).bind(T - 1)).numpy()[:, 0]
+
+    logits = prefill(window)  # (B, V)
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, rng).astype(np.int32)  # (B,)
         yield nxt
@@ -588,7 +608,7 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
         window = np.concatenate([window, nxt[:, None]], axis=1)
         if window.shape[1] > n_ctx:
             window = window[:, -(n_ctx // 2) :]
-            logits = model(Tensor(window), 0)[:, -1].numpy()
+            logits = prefill(window)
         else:
             pos = pos_var.bind(window.shape[1] - 1)
             with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone

@@ -225,7 +225,7 @@ def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
     monkeypatch.setattr(transformer.Transformer, "__call__", counting_call)
     out = list(transformer.generate(tiny, REF["greedy1_prompt"][None], 1))
     assert [int(t[0]) for t in out] == REF["greedy1_output"][:1].tolist()
-    assert calls == [(1, 5)]  # the prefill gives the only token asked for, no (1, 1) step
+    assert calls == [(1, 8)]  # the prefill (5 tokens in bucket 8) gives the only token, no step
 
 
 def test_beam_searches_the_decode_kernels_and_keeps_greedy_output(tiny, enc, monkeypatch):
@@ -815,3 +815,74 @@ def test_tiktoken_is_the_offline_r50k_base(enc):
     assert enc.name == "r50k_base" and enc.n_vocab == 50257
     assert tiktoken.get_encoding("r50k_base").encode(PROMPT) == REF["greedy1_prompt"].tolist()
     assert any(TIKTOKEN_DIR.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bucketed prefill: prompts padded on the right to a few lengths
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prefill_buckets_are_powers_of_two_up_to_the_context():
+    buckets = [transformer.prefill_bucket(T, 1024) for T in (1, 8, 9, 14, 16, 17, 40, 513, 1024)]
+    assert buckets == [8, 8, 16, 16, 16, 32, 64, 1024, 1024]
+    assert transformer.prefill_bucket(70, 100) == 100  # a context that is no power of two
+    assert transformer.prefill_bucket(3, 7) == 7
+    with pytest.raises(ValueError):
+        transformer.prefill_bucket(129, 128)
+
+
+def test_padded_prefill_equals_the_unpadded_forward(tiny):
+    """Every real position's logits and the first token generate() picks, with and without the
+    padding: causal attention never lets a real position see a padded one."""
+    rng = np.random.default_rng(7)
+    for T in (1, 2, 5, 9, 13, 100):
+        ids = rng.integers(0, EOT, (1, T)).astype(np.int32)
+        size = transformer.prefill_bucket(T, tiny.config.n_ctx)
+        padded = np.zeros((1, size), dtype=np.int32)
+        padded[:, :T] = ids
+        plain = tiny(Tensor(ids)).numpy()
+        # Measured: equal to the bit, but for one token, whose unpadded pass takes linear's
+        # one-row product (the decode step's, another summation order): 2.4e-6 on logits of 5
+        atol = 5e-6 if T == 1 else 1e-6
+        np.testing.assert_allclose(tiny(Tensor(padded)).numpy()[:, :T], plain, rtol=0, atol=atol)
+        first = next(transformer.generate(tiny, ids, 1))
+        assert first.tolist() == plain[:, -1].argmax(-1).tolist()
+
+
+def kernels_made() -> int:
+    """How many kernels this process has generated (or read back from disk) so far."""
+    import tinygrad.engine.realize
+
+    return len(tinygrad.engine.realize.to_program_cache)
+
+
+def test_prompts_of_three_lengths_in_one_bucket_build_one_set_of_kernels(tiny, monkeypatch):
+    seen = record_sampled_logits(monkeypatch)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, EOT, (1, T)).astype(np.int32) for T in (9, 12, 15)]  # bucket 16
+    made = []
+    for prompt in prompts:
+        list(transformer.generate(tiny, prompt, 3))
+        made.append(kernels_made())
+    assert made[0] > 0 and made[1] == made[0] == made[2], made  # no kernel built after the first
+    for i, prompt in enumerate(prompts):  # and each prompt got its own logits
+        expected = logits_of(tiny, prompt[0])[-1]
+        np.testing.assert_allclose(seen[3 * i][0], expected, rtol=0, atol=LOGIT_TOL)
+
+
+def test_decode_overwrites_the_keys_the_padding_left_in_the_cache(tiny):
+    """A 5-token prompt is prefilled as 8: cache positions 5 to 7 get the padding's keys and
+    values. Each decode step writes its position before it reads it, so after 4 steps the cache
+    holds exactly what an unpadded prefill of the 8 real tokens writes."""
+    prompt = np.array([REF["greedy1_prompt"]], dtype=np.int32)  # 5 tokens
+    steps = transformer.generate(tiny, prompt, 4)
+    new = [next(steps)]
+    cache = tiny.h[0].attn.cache_kv
+    after_prefill = cache.numpy()[:, :, :, 5:8].copy()
+    new += list(steps)
+    decoded = cache.numpy()[:, :, :, :8].copy()
+    tokens = np.concatenate([prompt, np.stack(new, 1)[:, :3]], axis=1).astype(np.int32)  # (1, 8)
+    tiny(Tensor(tokens), 0).realize()
+    fresh = tiny.h[0].attn.cache_kv.numpy()[:, :, :, :8]
+    np.testing.assert_allclose(decoded, fresh, rtol=0, atol=1e-5)
+    assert np.abs(after_prefill - fresh[:, :, :, 5:8]).max() > 1e-2  # the padding did write there

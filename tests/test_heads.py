@@ -31,6 +31,7 @@ from tinygrad import Tensor  # noqa: E402
 
 import gpt  # noqa: E402
 import heads  # noqa: E402
+import transformer  # noqa: E402
 from transformer import Config, Transformer, attention_maps  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -71,6 +72,49 @@ def test_attention_equals_hugging_face(tiny, case):
     assert np.array_equal(logits.numpy(), tiny(Tensor(ids)).numpy())
     hf_sum = ATT_REF[f"{case}_logits_sum"]  # and they are Hugging Face's logits
     np.testing.assert_allclose(logits.numpy()[..., :50257].sum(-1), hf_sum, rtol=1e-4, atol=1e-2)
+
+
+def test_attention_maps_alone_are_the_maps_with_logits(tiny):
+    ids = Tensor(ATT_REF["len17_ids"].astype(np.int32))
+    none, alone = attention_maps(tiny, ids, logits=False)
+    assert none is None
+    assert np.array_equal(alone.numpy(), attention_maps(tiny, ids)[1].numpy())
+
+
+def assert_padded_equals_unpadded(model, lengths, seed=0):
+    """heads.padded_attention (what --attention draws) and the padded pass's logits, against
+    the unpadded forward: within 1e-6, both."""
+    rng = np.random.default_rng(seed)
+    for T in lengths:
+        ids = rng.integers(0, model.config.vocab_size, T).astype(np.int32)
+        logits, att = attention_maps(model, Tensor(ids[None]))
+        np.testing.assert_allclose(heads.padded_attention(model, ids), att.numpy()[0],
+                                   rtol=0, atol=1e-6)
+        size = transformer.prefill_bucket(T, model.config.n_ctx)
+        padded = np.zeros((1, size), dtype=np.int32)
+        padded[0, :T] = ids
+        padded_logits = attention_maps(model, Tensor(padded))[0].numpy()[:, :T]
+        np.testing.assert_allclose(padded_logits, logits.numpy(), rtol=0, atol=1e-6)
+
+
+def test_padded_attention_equals_unpadded_on_the_fixtures(tiny, trained):
+    assert_padded_equals_unpadded(tiny, (2, 7, 14, 26, 40))
+    assert_padded_equals_unpadded(trained, (3, 10, 33))
+
+
+def test_padded_attention_equals_unpadded_on_a_trained_toy_model(reversal):
+    task, result = reversal
+    assert_padded_equals_unpadded(result["model"], (2, 4, 5, 6))  # padded to its context, 7
+
+
+def test_texts_of_three_lengths_in_one_bucket_build_one_set_of_kernels(tiny):
+    import tinygrad.engine.realize
+
+    made = []
+    for T in (17, 23, 30):  # bucket 32
+        heads.padded_attention(tiny, np.arange(T, dtype=np.int32) + 1000)
+        made.append(len(tinygrad.engine.realize.to_program_cache))
+    assert made[0] == made[1] == made[2], made
 
 
 def test_capture_is_off_after_the_call(tiny):
