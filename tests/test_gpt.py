@@ -17,6 +17,7 @@ CPU, so the tiny model is loaded once per module and every reference forward pas
 import hashlib
 import inspect
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -443,7 +444,7 @@ def test_endoftext_ends_only_its_own_sample(enc, monkeypatch):
 
 def tiny_checkpoint() -> dict:
     """The fixture's tensors as a plain dict, in memory, so each test can edit its own copy."""
-    return {k: Tensor(v.numpy()) for k, v in safe_load(str(SAFETENSORS)).items()}
+    return {k: np.array(v) for k, v in gpt.read_checkpoint(SAFETENSORS).items()}
 
 
 def tiny_model():
@@ -465,10 +466,10 @@ def test_hugging_face_lm_head_layout_loads_and_matches(tmp_path, tiny):
     ckpt = {"transformer." + k: v for k, v in tiny_checkpoint().items()}
     ckpt["lm_head.weight"] = ckpt["transformer.wte.weight"]
     for n in range(2):
-        ckpt[f"transformer.h.{n}.attn.masked_bias"] = Tensor([-1e4])
+        ckpt[f"transformer.h.{n}.attn.masked_bias"] = np.array([-1e4], dtype=np.float32)
     folder = tmp_path / "lm-head"
     folder.mkdir()
-    safe_save(ckpt, str(folder / "model.safetensors"))
+    safe_save({k: Tensor(v) for k, v in ckpt.items()}, str(folder / "model.safetensors"))
     shutil.copy(TINY_DIR / "config.json", folder)  # load_gpt2 reads the tiny shape from it
 
     model = gpt.load_gpt2("gpt2", weights=folder / "model.safetensors")
@@ -479,7 +480,7 @@ def test_hugging_face_lm_head_layout_loads_and_matches(tmp_path, tiny):
 def test_mapper_skips_buffers_and_the_tied_head():
     ckpt = tiny_checkpoint()
     ckpt["lm_head.weight"] = ckpt["wte.weight"]
-    ckpt["h.1.attn.masked_bias"] = Tensor([-1e4])
+    ckpt["h.1.attn.masked_bias"] = np.array([-1e4], dtype=np.float32)
     mapped = gpt.map_checkpoint(ckpt, tiny_model())
     assert set(mapped) == set(tiny_model().parameters())
     assert "h.0.attn.bias" in ckpt and "h.0.attn.bias" not in mapped
@@ -494,14 +495,14 @@ def test_mapper_names_a_missing_weight():
 
 def test_mapper_names_an_unexpected_tensor():
     ckpt = tiny_checkpoint()
-    ckpt["h.0.foo"] = Tensor.zeros(3)
+    ckpt["h.0.foo"] = np.zeros(3, dtype=np.float32)
     message = mapping_error(ckpt)
     assert "unexpected" in message and "h.0.foo" in message
 
 
 def test_mapper_names_a_wrong_shape_with_both_shapes():
     ckpt = tiny_checkpoint()
-    ckpt["wpe.weight"] = Tensor.zeros(64, 16)
+    ckpt["wpe.weight"] = np.zeros((64, 16), dtype=np.float32)
     message = mapping_error(ckpt)
     assert "wpe.weight" in message
     assert "(64, 16)" in message and "(128, 16)" in message
@@ -886,3 +887,29 @@ def test_decode_overwrites_the_keys_the_padding_left_in_the_cache(tiny):
     fresh = tiny.h[0].attn.cache_kv.numpy()[:, :, :, :8]
     np.testing.assert_allclose(decoded, fresh, rtol=0, atol=1e-5)
     assert np.abs(after_prefill - fresh[:, :, :, 5:8]).max() > 1e-2  # the padding did write there
+
+
+def test_safetensors_reader_equals_tinygrads(tmp_path):
+    """read_safetensors (NumPy over a memory map) against tinygrad's own safe_load."""
+    rng = np.random.default_rng(3)
+    tensors = {"f32": Tensor(rng.standard_normal((3, 5)).astype(np.float32)),
+               "f16": Tensor(rng.standard_normal(7).astype(np.float16)),
+               "i64": Tensor(np.arange(4, dtype=np.int64))}
+    safe_save(tensors, str(tmp_path / "t.safetensors"))
+    ours = gpt.read_safetensors(tmp_path / "t.safetensors")
+    for name, t in safe_load(str(tmp_path / "t.safetensors")).items():
+        assert ours[name].dtype == t.numpy().dtype and np.array_equal(ours[name], t.numpy())
+
+
+def test_safetensors_reader_widens_bfloat16_exactly(tmp_path):
+    """bfloat16 is the upper half of a float32's bits, written here by hand (tinygrad's CPU
+    backend cannot compile a bfloat16 kernel to make the file)."""
+    values = np.array([[1.5, -2.0], [0.15625, 3.0e38]], dtype=np.float32)
+    bits = (values.view(np.uint32) >> 16).astype("<u2")
+    head = json.dumps({"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "b.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
+                                             + bits.tobytes())
+    ours = gpt.read_safetensors(tmp_path / "b.safetensors")["w"]
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, (bits.astype(np.uint32) << 16).view(np.float32))
+    np.testing.assert_allclose(ours, values, rtol=1e-2)
