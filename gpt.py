@@ -397,8 +397,10 @@ def token_labels(enc, ids) -> list[str]:
 
 
 def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head=None,
-                   tokens=None, title="GPT-2", log=print):
-    """Write every view of GPT-2's attention on text into out, and print the head scores."""
+                   tokens=None, title="GPT-2", log=print, weights: Path | None = None):
+    """Write every view of GPT-2's attention on text into out, and print the head scores.
+    weights, the checkpoint file the model was loaded from, lets its induction scores be kept
+    (heads.probe_induction): they are the same for every text."""
     import heads
 
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
@@ -408,8 +410,13 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
         raise GPTError(f"the text has {len(ids)} tokens; the model sees at most "
                        f"{gpt.config.n_ctx}")
     try:
+        key = None
+        if weights is not None and weights.is_file():
+            st = weights.stat()
+            key = (f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{Device.DEFAULT}|"
+                   f"{gpt.wte.weight.dtype}")
         written, report = heads.inspect_model(gpt, np.array(ids), token_labels(enc, ids), out,
-                                              title, tokens, layer, head)
+                                              title, tokens, layer, head, probe_key=key)
     except (ValueError, OSError) as e:
         raise GPTError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
@@ -557,8 +564,9 @@ def main(argv=None) -> int:
                 title = f"{args.model}{' (--half)' if args.half else ''}"
                 if args.weights is not None:
                     title = f"{args.weights.parent.name}/{args.weights.name}"
+                weights = args.weights or args.weights_dir / args.model / "model.safetensors"
                 show_attention(gpt, enc, args.attention, args.out, args.layer, args.head,
-                               args.tokens, title, log)
+                               args.tokens, title, log, weights)
             return 0
         if args.prompt is not None:
             prompt = args.prompt

@@ -479,3 +479,22 @@ def test_printed_induction_score_is_measured_on_repeated_random_tokens(views, ti
     want = att[:, :, :, t, t - n + 1].mean(axis=(0, -1))  # (L, H)
     saved = np.load(out / "attention.npz")["score_induction"]
     np.testing.assert_allclose(saved, want, atol=1e-6)
+
+
+def test_induction_probe_is_kept_per_checkpoint_key(tiny, tmp_path, monkeypatch):
+    """With a key the probe's scores are computed once and read back after; without, every
+    call runs the probe. Read back, they are the very scores the probe computed."""
+    runs = []
+    real_maps = transformer.attention_maps
+
+    def counting_maps(*args, **kwargs):
+        runs.append(args[1].shape)
+        return real_maps(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "attention_maps", counting_maps)
+    key = f"{tmp_path}|test"  # a new key: nothing kept yet
+    first = heads.probe_induction(tiny, 0, key)
+    second = heads.probe_induction(tiny, 0, key)
+    assert len(runs) == 1 and np.array_equal(first, second)
+    plain = heads.probe_induction(tiny, 0)
+    assert len(runs) == 2 and np.array_equal(plain, first)
