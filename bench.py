@@ -642,11 +642,10 @@ def time_lab(env: dict, args) -> dict:
                         "--timing"]
         wall(gen, env)  # a new bucket's kernels are generated once, then kept
         result["generate_s"], err = wall(gen, env)
-        line = err.strip().splitlines()[-1]
         for key, pattern in (("gen_prefill_s", r"in ([0-9.]+)s \(the first"),
-                             ("gen_warmup_s", r"steps in ([0-9.]+)s \(a plain"),
+                             ("gen_warmup_s", r"warm-up: \d+ steps in ([0-9.]+)s"),
                              ("gen_decode_tok_s", r"\(([0-9.]+) tok/s\)")):
-            found = re.search(pattern, line)
+            found = re.search(pattern, err)
             result[key] = float(found.group(1)) if found else None
         text = Path(tmp) / "text.txt"
         text.write_text(Path(os.environ.get("TEXT", SHAKESPEARE)).read_text()[:PPL_CHARS])
