@@ -101,7 +101,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+    # copy-on-write ("c"): the arrays are writable, as OpenCL's copy to the device requires of
+    # its source, and the file is never changed
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + size)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
