@@ -30,7 +30,7 @@ from tinygrad import Device, Tensor, TinyJit
 
 import flags
 from runtime import exit_now, keep_kernels, use_device
-from transformer import Config, Transformer, generate, prefill_bucket
+from transformer import Config, Transformer, generate, padded_length
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {
@@ -341,7 +341,7 @@ def token_losses(gpt: Transformer, ids, stride: int, progress=None
     for i, w in enumerate(plan):
         n = w.end - w.begin
         if w.end > w.first:  # a last window of one token scores nothing (the guide's nan)
-            size = prefill_bucket(n - 1, n_ctx)  # position p predicts token begin + p + 1
+            size = padded_length(gpt, n - 1)  # position p predicts token begin + p + 1
             x, y = np.zeros((2, 1, size), dtype=np.int32)
             x[0, : n - 1], y[0, : n - 1] = ids[w.begin : w.end - 1], ids[w.begin + 1 : w.end]
             run = jits.setdefault(size, TinyJit(nll))

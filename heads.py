@@ -484,10 +484,10 @@ def padded_attention(model, ids: np.ndarray) -> np.ndarray:
     no real position sees the padding, and the real rows and columns are the unpadded pass's."""
     from tinygrad import Tensor
 
-    from transformer import attention_maps, prefill_bucket
+    from transformer import attention_maps, padded_length
 
     T = len(ids)
-    padded = np.zeros((1, prefill_bucket(T, model.config.n_ctx)), dtype=np.int32)
+    padded = np.zeros((1, padded_length(model, T)), dtype=np.int32)
     padded[0, :T] = ids
     _, att = attention_maps(model, Tensor(padded), logits=False)
     return att.numpy()[0, :, :, :T, :T]

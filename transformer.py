@@ -565,6 +565,12 @@ def prefill_bucket(T: int, n_ctx: int, smallest: int = 8) -> int:
     return min(max(smallest, 1 << (T - 1).bit_length()), n_ctx)
 
 
+def padded_length(model: Transformer, T: int) -> int:
+    """What a pass of T tokens is padded to: prefill_bucket for a causal model; T itself without
+    the mask (--ablate no-mask), where every position would see the padding."""
+    return prefill_bucket(T, model.config.n_ctx) if model.config.causal else T
+
+
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
              top_k=None, top_p=None, rng=None, beam=0):
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
@@ -590,7 +596,7 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
         the last real position's logits (B, V). The padding's keys land in cache positions T
         and on, which each decode step overwrites before it reads them (it reads [:pos + 1])."""
         B, T = window.shape
-        size = prefill_bucket(T, n_ctx)
+        size = padded_length(model, T)
         padded = np.zeros((B, size), dtype=np.int32)
         padded[:, :T] = window
         # contiguous() after the shrink: a view is returned as captured, at its first offset

@@ -913,3 +913,20 @@ def test_safetensors_reader_widens_bfloat16_exactly(tmp_path):
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours, (bits.astype(np.uint32) << 16).view(np.float32))
     np.testing.assert_allclose(ours, values, rtol=1e-2)
+
+
+def test_a_model_without_the_mask_is_never_padded(monkeypatch):
+    """--ablate no-mask lets every position see every other, the padding too: its passes keep
+    their length, and generate's first logits are the unpadded forward's."""
+    import heads
+
+    Tensor.manual_seed(2)
+    model = transformer.Transformer(transformer.Config(vocab_size=11, n_ctx=16, causal=False))
+    ids = np.random.default_rng(4).integers(0, 11, (1, 5)).astype(np.int32)
+    assert transformer.padded_length(model, 5) == 5
+    want = model(Tensor(ids)).numpy()[:, -1]
+    seen = record_sampled_logits(monkeypatch)
+    next(transformer.generate(model, ids, 1))
+    np.testing.assert_allclose(seen[0], want, rtol=0, atol=1e-6)
+    att = transformer.attention_maps(model, Tensor(ids))[1].numpy()[0]
+    np.testing.assert_allclose(heads.padded_attention(model, ids[0]), att, rtol=0, atol=1e-6)
