@@ -13,6 +13,12 @@ both libraries load them from one checkpoint that this script writes in the hub'
              from tinygrad's kernel search. The first run on a machine searches (on two cores:
              about a minute per precision for CPU, 4 to 10 for CL) and tinygrad caches the result.
   prefill    tokens/s for one 512-token prompt (timed after one warm-up of the same length).
+  lab        issue 20's commands, whole processes: `gpt.py --attention TEXT` on texts of 14 to
+             40 tokens (after one run that fills the caches), `gpt.py -p PROMPT -n 32` against
+             a process that runs GPT2LMHeadModel.from_pretrained and generate, and
+             `--perplexity` on tinyshakespeare's first 6,000 characters (stride 512) against
+             the loop of Hugging Face's perplexity guide: tokens/s after loading, and whole
+             processes. Peer for --attention: a forward with output_attentions after loading.
   train      four training workloads (TRAIN_WORKLOADS: the reversal demo, modular addition at
              p=113 and p=59 full batch, nanoGPT's CPU shakespeare_char): steady ms per optimizer
              step (AdamW, clip 1.0), time from building the model to the first finished step,
@@ -26,11 +32,13 @@ both libraries load them from one checkpoint that this script writes in the hub'
 Every measurement runs in its own Python process, so imports, caches and peak memory do not mix;
 the child prints one JSON line and this script collects them into a table whose ratio column is
 tinygrad / PyTorch. Imports are not timed. The PyTorch rows need torch and transformers; without
-them those cells stay empty.
+them those cells stay empty; --torch-python runs those children with another interpreter (one
+with torch, when the project's own has none).
 
     .venv/bin/python bench.py                        # everything, on the default backend or DEV
     .venv/bin/python bench.py --quick                # fewer tokens and steps: a smoke run
     .venv/bin/python bench.py --only decode,half --tokens 128 --json out.json
+    .venv/bin/python bench.py --only lab,prefill --torch-python /tmp/tv/bin/python
     .venv/bin/python bench.py --only decode,beam     # default kernels beside searched ones
     JITBEAM=2 .venv/bin/python bench.py --only train # search the step's kernels (~17 min)
 
@@ -54,10 +62,22 @@ from pathlib import Path
 
 import numpy as np
 
-GROUPS = ("decode", "half", "beam", "prefill", "train", "demo", "bandwidth")
+GROUPS = ("decode", "half", "beam", "prefill", "lab", "train", "demo", "bandwidth")
 GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
 PROMPT_TOKENS = 16  # the short prompt before decoding
 PREFILL_TOKENS = 512
+# --attention's texts: lengths 14, 14, 26 and 40 in GPT-2's tokens (the issue's, and longer)
+LAB_TEXTS = (
+    "The cat sat on the mat because it was tired of chasing mice.",
+    "A dog ran into the garden and barked at the old grey cat.",
+    "When Mary and John went to the store, John gave a drink to Mary because she was thirsty "
+    "after the long walk.",
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
+    "age of foolishness, it was the epoch of belief, it was the epoch of incredulity.",
+)
+LAB_PROMPT, LAB_NEW_TOKENS = "Hello there", 32
+PPL_CHARS, PPL_STRIDE = 6000, 512
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "shared" / "data" / "tinyshakespeare.txt"
 STEADY_FROM = 10  # decode speed is timed from this token on, after the JIT has settled
 BENCH_BEAM = 2  # the search width of the beam row
 DEFAULT_TOKENS, QUICK_TOKENS = 64, 24
@@ -89,6 +109,7 @@ TARGETS = {
     "decode": (">=", 1.0),
     "decode16": (">=", 1.5),  # 16-bit weights read half the bytes of PyTorch's fp32 weights
     "prefill": (">=", 1.0),
+    "perplexity": (">=", 0.5),
     "train": ("<=", 2.0),
 }
 TRAIN_LABELS = {
@@ -252,6 +273,84 @@ def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
     seconds = time.perf_counter() - t0
     return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
             "rss_mb": peak_rss_mb(), **tinygrad_info()}
+
+
+def lab_ids() -> np.ndarray:
+    """The perplexity text's tokens: tinyshakespeare's first PPL_CHARS characters (TEXT env var
+    names another file)."""
+    import tiktoken
+
+    text = Path(os.environ.get("TEXT", SHAKESPEARE)).read_text()[:PPL_CHARS]
+    return np.array(tiktoken.get_encoding("r50k_base").encode(text), dtype=np.int64)
+
+
+def child_tinygrad_perplexity(folder: Path) -> dict:
+    import gpt
+
+    t0 = time.perf_counter()
+    model = load_gpt2_tinygrad(folder, False)
+    t1 = time.perf_counter()
+    ids = lab_ids()
+    _, losses, weights = gpt.token_losses(model, ids, PPL_STRIDE)
+    seconds = time.perf_counter() - t1
+    return {"load_s": t1 - t0, "ppl_s": seconds, "ppl_tok_s": len(losses) / seconds,
+            "nll": gpt.perplexity_nll(losses, weights), "tokens": len(losses),
+            "rss_mb": peak_rss_mb(), **tinygrad_info()}
+
+
+def child_torch_perplexity(folder: Path) -> dict:
+    """The loop of Hugging Face's perplexity guide, as tests/make_fixtures.py runs it."""
+    torch, transformers = torch_setup()
+    t0 = time.perf_counter()
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    t1 = time.perf_counter()
+    encodings = torch.from_numpy(lab_ids())[None]
+    max_length, seq_len = model.config.n_positions, encodings.size(1)
+    nll_sum, n_tokens, prev_end, scored = 0.0, 0, 0, 0
+    for begin in range(0, seq_len, PPL_STRIDE):
+        end = min(begin + max_length, seq_len)
+        trg_len = end - prev_end
+        input_ids = encodings[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        valid = (target_ids != -100).sum().item()
+        nll_sum += float(loss) * (valid - 1)
+        n_tokens += valid - 1
+        scored += (target_ids[:, 1:] != -100).sum().item()
+        prev_end = end
+        if end == seq_len:
+            break
+    seconds = time.perf_counter() - t1
+    return {"load_s": t1 - t0, "ppl_s": seconds, "ppl_tok_s": scored / seconds,
+            "nll": nll_sum / n_tokens, "tokens": scored, "rss_mb": peak_rss_mb()}
+
+
+def child_torch_attention(folder: Path) -> dict:
+    """What --attention computes, in transformers: one forward with output_attentions per text
+    (after one on the first text, as a warm-up), and the induction probe's 4 x 100 tokens."""
+    torch, transformers = torch_setup()
+    import tiktoken
+
+    enc = tiktoken.get_encoding("r50k_base")
+    t0 = time.perf_counter()
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager")
+    model.eval()
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    probe = np.concatenate([np.stack([rng.choice(GPT2_VOCAB, 50, replace=False)
+                                      for _ in range(4)])] * 2, axis=1)
+    seconds = []
+    with torch.no_grad():
+        for ids in [enc.encode(LAB_TEXTS[0])] + [enc.encode(t) for t in LAB_TEXTS]:
+            t1 = time.perf_counter()
+            model(torch.tensor([ids]), output_attentions=True)
+            seconds.append(time.perf_counter() - t1)
+        t1 = time.perf_counter()
+        model(torch.from_numpy(probe).long(), output_attentions=True)
+        probe_s = time.perf_counter() - t1
+    return {"load_s": load_s, "attention_s_max": max(seconds[1:]), "probe_s": probe_s}
 
 
 def child_tinygrad_train(workload: str, steps: int) -> dict:
@@ -451,6 +550,9 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
         "tinygrad-decode-half-beam": lambda: child_tinygrad_decode(folder, tokens, True,
                                                                    BENCH_BEAM),
         "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
+        "tinygrad-perplexity": lambda: child_tinygrad_perplexity(folder),
+        "torch-perplexity": lambda: child_torch_perplexity(folder),
+        "torch-attention": lambda: child_torch_attention(folder),
         "torch-probe": child_torch_probe,
         "torch-decode": lambda: child_torch_decode(folder, tokens, bf16=False),
         "torch-decode-bf16": lambda: child_torch_decode(folder, tokens, bf16=True),
@@ -470,7 +572,8 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
 
 def spawn(name: str, args, env: dict) -> dict:
     """Run one child and return its result, or {"error": one line} if it failed."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--tokens",
+    python = args.torch_python if name.startswith("torch") and args.torch_python else sys.executable
+    cmd = [str(python), str(Path(__file__).resolve()), "--child", name, "--tokens",
            str(args.tokens), "--checkpoint", str(args.checkpoint)] + (
                ["--quick"] if args.quick else [])
     print(f"  {name} ...", end="", file=sys.stderr, flush=True)
@@ -488,6 +591,77 @@ def spawn(name: str, args, env: dict) -> dict:
         print(f"  {name} failed: {why}", file=sys.stderr)
         return {"error": why}
     return json.loads(lines[-1])
+
+
+# A whole Hugging Face process for `gpt.py -p PROMPT -n N -t 0`: load, then greedy generate
+HF_GENERATE = """
+import sys, tiktoken, torch, transformers
+enc = tiktoken.get_encoding("r50k_base")
+model = transformers.GPT2LMHeadModel.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([enc.encode(sys.argv[2])])
+n = int(sys.argv[3])
+out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                     min_new_tokens=n, pad_token_id=50256)
+print(sys.argv[2] + enc.decode(out[0, ids.shape[1]:].tolist()))
+"""
+
+
+def wall(cmd: list[str], env: dict) -> tuple[float, str]:
+    """Wall seconds of one whole process, and its stderr; raises BenchError if it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                          cwd=Path(__file__).parent)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise BenchError(f"{' '.join(cmd[1:3])} failed: {why}")
+    return seconds, proc.stderr
+
+
+def time_lab(env: dict, args) -> dict:
+    """Issue 20's commands as a user runs them: whole processes, warm page and kernel caches."""
+    import re
+
+    ckpt = Path(args.checkpoint)
+    gpt_py = [sys.executable, str(Path(__file__).with_name("gpt.py")), "--weights",
+              str(ckpt / "model.safetensors")]
+    env = {"TIKTOKEN_CACHE_DIR": str(SHAKESPEARE.parents[1] / "tiktoken"), **env}
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="bench-lab-") as tmp:
+        att = gpt_py + ["--out", f"{tmp}/att", "--attention"]
+        print("  lab: --attention ...", end="", file=sys.stderr, flush=True)
+        # The first run on a checkpoint measures the induction probe and keeps its scores, and
+        # the first text of a bucket length may generate that bucket's kernels: one run of each
+        # text, then the timed ones
+        first = [wall(att + [text], env)[0] for text in LAB_TEXTS]
+        result["attention_first_s"], result["attention_first_each_s"] = first[0], first
+        each = [wall(att + [text], env)[0] for text in LAB_TEXTS]
+        result["attention_s"], result["attention_s_max"] = each, max(each)
+        print(f" {' '.join(f'{x:.1f}' for x in each)} s", file=sys.stderr)
+        gen = gpt_py + ["-p", LAB_PROMPT, "-n", str(LAB_NEW_TOKENS), "-t", "0", "--ignore-eos",
+                        "--timing"]
+        wall(gen, env)  # a new bucket's kernels are generated once, then kept
+        result["generate_s"], err = wall(gen, env)
+        for key, pattern in (("gen_prefill_s", r"in ([0-9.]+)s \(the first"),
+                             ("gen_warmup_s", r"warm-up: \d+ steps in ([0-9.]+)s"),
+                             ("gen_decode_tok_s", r"\(([0-9.]+) tok/s\)")):
+            found = re.search(pattern, err)
+            result[key] = float(found.group(1)) if found else None
+        text = Path(tmp) / "text.txt"
+        text.write_text(Path(os.environ.get("TEXT", SHAKESPEARE)).read_text()[:PPL_CHARS])
+        ppl = gpt_py + ["--perplexity", str(text), "--stride", str(PPL_STRIDE)]
+        result["perplexity_process_s"] = wall(ppl, env)[0]
+        if args.torch_python or getattr(args, "torch_ok", False):
+            python = str(args.torch_python or sys.executable)
+            hf = [python, "-c", HF_GENERATE, str(ckpt), LAB_PROMPT, str(LAB_NEW_TOKENS)]
+            wall(hf, env)
+            result["hf_generate_s"] = wall(hf, env)[0]
+            child = [python, str(Path(__file__).resolve()), "--child", "torch-perplexity",
+                     "--checkpoint", str(ckpt)]
+            result["hf_perplexity_process_s"] = wall(child, env)[0]
+    print(f"  lab: generate {result['generate_s']:.1f} s, perplexity "
+          f"{result['perplexity_process_s']:.1f} s", file=sys.stderr)
+    return result
 
 
 def time_demo(env: dict) -> dict:
@@ -519,6 +693,7 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
         "beam": ["tinygrad-decode-beam", "torch-decode", "tinygrad-decode-half-beam",
                  "torch-decode-bf16"],
         "prefill": ["tinygrad-prefill", "torch-prefill"],
+        "lab": ["tinygrad-perplexity", "torch-perplexity", "torch-attention"],
         "train": [f"{lib}-train-{w}" for w in TRAIN_WORKLOADS for lib in ("tinygrad", "torch")],
         "demo": [],
         "bandwidth": ["bandwidth"],
@@ -615,6 +790,37 @@ def table_rows(results: dict) -> list[list[str]]:
                          target])
     add(f"prefill tok/s, {PREFILL_TOKENS} tokens, fp32", "prefill", "tinygrad-prefill",
         "torch-prefill", "prefill_tok_s", 1)
+    lab = r.get("lab", {})
+
+    def absolute(label, value, peer, limit, digits=1):
+        """A row whose goal is a number of seconds, not a ratio."""
+        if value is None:
+            return
+        rows.append([label, fmt(value, digits), fmt(peer, digits), "",
+                     f"<= {limit} s " + ("met" if value <= limit else "missed")])
+
+    absolute("`gpt.py --attention` wall s, 14-40 tokens, slowest of 4", lab.get("attention_s_max"),
+             get(r, "torch-attention", "attention_s_max"), 5)
+    absolute("  the first run on a new checkpoint (measures the induction probe)",
+             lab.get("attention_first_s"), get(r, "torch-attention", "probe_s"), 5)
+    absolute("loading GPT-2 124M s (warm page cache)", get(r, "tinygrad-perplexity", "load_s"),
+             get(r, "torch-perplexity", "load_s"), 1.5, 2)
+    add(f"--perplexity tok/s after loading ({PPL_CHARS:,} chars, stride {PPL_STRIDE})",
+        "perplexity", "tinygrad-perplexity", "torch-perplexity", "ppl_tok_s", 1)
+    add("  its nll (the guide's average)", None, "tinygrad-perplexity", "torch-perplexity",
+        "nll", 6)
+    tg, pt = lab.get("perplexity_process_s"), lab.get("hf_perplexity_process_s")
+    if tg is not None:
+        rows.append(["  whole process s", fmt(tg, 1), fmt(pt, 1), ratio_cell(tg, pt, None)[0],
+                     ""])
+    tg, pt = lab.get("generate_s"), lab.get("hf_generate_s")
+    if tg is not None:
+        ratio, target = ratio_cell(tg, pt, ("<=", 0.8))
+        rows.append([f"`gpt.py -p PROMPT -n {LAB_NEW_TOKENS}` wall s (peer: from_pretrained + "
+                     "generate)", fmt(tg, 1), fmt(pt, 1), ratio, target])
+        rows.append(["  its prefill s / JIT warm-up s (2 steps) / decode tok/s",
+                     f"{fmt(lab.get('gen_prefill_s'), 2)} / {fmt(lab.get('gen_warmup_s'), 2)} / "
+                     f"{fmt(lab.get('gen_decode_tok_s'), 1)}", "", "", ""])
     add(f"time to first token s, fp32 (load + {PROMPT_TOKENS}-token prefill)", None,
         "tinygrad-decode", "torch-decode", "ttft_s", 2)
     ttft = get(r, "tinygrad-decode", "ttft_s")
@@ -694,6 +900,8 @@ def parse_args(argv):
     ap.add_argument("--device", help="tinygrad backend for the children (sets DEV): CPU, CL, ...")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, steps and repeats")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
+    ap.add_argument("--torch-python", type=Path, metavar="PYTHON",
+                    help="the interpreter for the PyTorch children (default: this one)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -744,12 +952,18 @@ def main(argv=None) -> int:
         results["torch-probe"] = probe
     with tempfile.TemporaryDirectory(prefix="bench-gpt2-") as folder:
         names = plan(args.groups, torch_ok)
-        if any("decode" in n or "prefill" in n for n in names):  # the children that load GPT-2
+        if any(n != "bandwidth" and "train" not in n for n in names):  # those that load GPT-2
             print(f"  writing a random GPT-2 124M checkpoint to {folder} ...", file=sys.stderr)
             write_random_gpt2(Path(folder))
         args.checkpoint = folder
         for name in names:
             results[name] = spawn(name, args, env)
+        if "lab" in args.groups:
+            args.torch_ok = torch_ok
+            try:
+                results["lab"] = time_lab(env, args)
+            except BenchError as e:
+                results["lab"] = {"error": str(e)}
     if "demo" in args.groups:
         results["demo"] = time_demo(env)
 

@@ -23,14 +23,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, dtypes
-from tinygrad.nn.state import safe_load
+from tinygrad import Device, Tensor, TinyJit
 
 import flags
 from runtime import exit_now, keep_kernels, use_device
-from transformer import Config, Transformer, generate
+from transformer import Config, Transformer, generate, padded_length
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {
@@ -88,8 +88,41 @@ def fetch_weights(model: str, weights_dir: Path) -> Path:
                        f"or pass a local checkpoint with --weights FILE") from None
 
 
-def read_checkpoint(path: Path) -> dict[str, Tensor]:
-    """Tensors of a safetensors file (memory-mapped, read lazily) or a PyTorch pytorch_model.bin."""
+# safetensors dtype names -> NumPy's; BF16 has no NumPy dtype and is widened to float32 on read
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+                      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file as NumPy arrays over a memory map of it: nothing is read
+    until a tensor is used. The format: an 8-byte little-endian header size, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the tensors' bytes."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    # copy-on-write ("c"): the arrays are writable, as OpenCL's copy to the device requires of
+    # its source, and the file is never changed
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + size)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= len(data):
+            raise ValueError(f"{name} lies outside the file")
+        raw = data[begin:end]
+        if info["dtype"] == "BF16":  # the upper half of a float32, exactly
+            array = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            array = raw.view(SAFETENSORS_DTYPES[info["dtype"]])
+        out[name] = array.reshape(info["shape"])
+    return out
+
+
+def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file (memory-mapped, read lazily) or a PyTorch pytorch_model.bin,
+    as NumPy arrays."""
     if not path.is_file():
         raise GPTError(f"no such checkpoint file: {path}")
     with open(path, "rb") as f:
@@ -98,11 +131,11 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
         from torchbin import load_pytorch_bin
 
         try:
-            return {k: Tensor(v) for k, v in load_pytorch_bin(path).items()}
+            return load_pytorch_bin(path)
         except Exception as e:  # the loader's own errors already say what is wrong
             raise GPTError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
     try:
-        return safe_load(str(path))
+        return read_safetensors(path)
     except Exception:
         raise GPTError(f"{path} is not a safetensors or PyTorch checkpoint") from None
 
@@ -117,7 +150,7 @@ SKIPPED = (".attn.bias", ".attn.masked_bias")
 TIED = "lm_head.weight"
 
 
-def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Tensor]:
+def map_checkpoint(ckpt: dict[str, np.ndarray], model: Transformer) -> dict[str, np.ndarray]:
     """Checkpoint names -> model names, checked strictly: every model weight present with its
     shape, every checkpoint tensor used or deliberately skipped. transformer.py uses GPT-2's own
     names, so the table is short: a prefix to drop, four weights to transpose, buffers to skip."""
@@ -127,7 +160,7 @@ def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Ten
         name = key.removeprefix("transformer.")  # present when saved from GPT2LMHeadModel
         if name == "wte.weight" and t.shape[0] == model.config.vocab_size:
             # the model pads its vocabulary rows with zeros (see Transformer)
-            mapped[name] = t.pad(((0, wanted[name].shape[0] - t.shape[0]), None))
+            mapped[name] = np.pad(t, ((0, wanted[name].shape[0] - t.shape[0]), (0, 0)))
         elif name in wanted:
             mapped[name] = t.T if name.endswith(CONV1D) else t
         elif not name.endswith(SKIPPED) and name != TIED:
@@ -135,7 +168,8 @@ def map_checkpoint(ckpt: dict[str, Tensor], model: Transformer) -> dict[str, Ten
     missing = [k for k in wanted if k not in mapped]
     bad_shape = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}"
                  for k, v in wanted.items() if k in mapped and mapped[k].shape != v.shape]
-    bad_dtype = [f"{k} {mapped[k].dtype}" for k in mapped if not dtypes.is_float(mapped[k].dtype)]
+    bad_dtype = [f"{k} {mapped[k].dtype}" for k in mapped
+                 if not np.issubdtype(mapped[k].dtype, np.floating)]
     problems = []
     if missing:
         problems.append(f"missing {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
@@ -160,17 +194,18 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
     except (OSError, ValueError, KeyError) as e:
         raise GPTError(f"cannot read {path.parent / 'config.json'}: {e}") from None
     gpt = Transformer(config, init=False)
-    dtype = dtypes.float16 if half else dtypes.float32
+    dtype = np.float16 if half else np.float32
     params = gpt.parameters()
     by_block: dict[str, list[Tensor]] = {}
-    for name, t in map_checkpoint(read_checkpoint(path), gpt).items():
-        # replace() swaps in the (lazy, on-disk) checkpoint tensor. contiguous() makes the copy a
-        # buffer in the model's layout: without it a transposed view of the file stays lazy and
-        # is read from disk at every decode step.
-        loaded = params[name].replace(t.to(Device.DEFAULT).cast(dtype).contiguous())
+    for name, array in map_checkpoint(read_checkpoint(path), gpt).items():
+        # The transposes and casts happen here in NumPy, one pass over memory each: as tinygrad
+        # kernels they were scheduled, and their code generated, in every new process (GPT-2
+        # 124M loaded in 6.0 s, now 1.3 s; docs/speed.md). replace() then makes each weight a
+        # buffer on the device in the model's layout, so nothing is read from the file later.
+        host = np.ascontiguousarray(array, dtype=dtype)
+        loaded = params[name].replace(Tensor(host, device=Device.DEFAULT))
         by_block.setdefault(name.split(".")[1] if name.startswith("h.") else "", []).append(loaded)
-    # One realize per block: each realize walks every live tensor, so 150 single ones cost about
-    # a second more, while one block's copies at a time keep the extra memory to a block.
+    # One realize per block: the host copies of one block at a time stay in memory, not all
     for tensors in by_block.values():
         Tensor.realize(*tensors)
     return gpt
@@ -196,7 +231,8 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
              top_k=None, top_p=None, seed=None, num_samples=1, ignore_eos=False,
              stream=None, log=None, beam=0) -> tuple[list[str], dict]:
     """Continue prompt num_samples times; return each continuation (without the prompt) and
-    timings: prefill seconds (the first token, JIT warm-up included) and decode seconds.
+    timings: the prefill (up to the first token), the JIT's two warm-up steps, and the decode
+    steps after them, each in seconds.
 
     With stream (a binary file), the first sample's text is written as its tokens arrive. A token
     can end in the middle of a UTF-8 character, so bytes go through an incremental decoder that
@@ -212,10 +248,9 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
     done = np.zeros(num_samples, dtype=bool)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     t0 = time.perf_counter()
-    t_first = None
+    stamps = []  # when each step's tokens came out
     for tokens in generate(gpt, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng, beam):
-        if t_first is None:
-            t_first = time.perf_counter()
+        stamps.append(time.perf_counter())
         for b, tok in enumerate(tokens):
             if done[b]:
                 continue
@@ -232,8 +267,14 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
         stream.write(decoder.decode(b"", final=True).encode())
         stream.flush()
     t_end = time.perf_counter()
+    # The first token comes out of the prefill. TinyJit runs the decode step plainly, then
+    # captures it (steps 1 and 2, the warm-up); from step 3 on it replays: decoding proper.
+    stamps = stamps or [t_end]
+    warm = stamps[min(2, len(stamps) - 1)]
     stats = {"prompt_tokens": len(ids), "new_tokens": max(len(o) for o in out),
-             "prefill_s": (t_first or t_end) - t0, "decode_s": t_end - (t_first or t_end)}
+             "prefill_s": stamps[0] - t0,
+             "warmup_steps": min(len(stamps) - 1, 2), "warmup_s": warm - stamps[0],
+             "decode_steps": max(len(stamps) - 3, 0), "decode_s": stamps[-1] - warm}
     return [enc.decode(o) for o in out], stats
 
 
@@ -242,50 +283,81 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
 # ---------------------------------------------------------------------------------------------
 
 
-def windows(n_tokens: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over a text of n_tokens, as in Hugging Face's perplexity guide ("Perplexity
-    of fixed-length models"): each starts stride tokens after the last, holds up to n_ctx inputs,
-    and scores only the tokens no earlier window scored, so every token after the first is scored
-    exactly once, with all the context its window holds. -> [(begin, end, first scored), ...]:
-    inputs ids[begin:end] predict ids[begin+1:end+1], and those from ids[first] on count."""
+class Window(NamedTuple):
+    begin: int  # the window's inputs are ids[begin:end]
+    end: int
+    first: int  # it scores ids[first:end], each predicted from the tokens before it
+    weight: int  # what the guide's loop weighs the window's mean loss by
+
+
+def windows(n_tokens: int, n_ctx: int, stride: int) -> list[Window]:
+    """The sliding windows of Hugging Face's perplexity guide ("Perplexity of fixed-length
+    models"), step for step. Windows ids[begin:end], end = min(begin + n_ctx, n_tokens), start
+    stride tokens apart; each labels only its last end - prev_end tokens (the ones no earlier
+    window reached), and the model's label shift drops its first position, which has nothing to
+    predict it. So with overlap every token after the first is scored once, with at least
+    n_ctx - stride tokens of context after the first window; without overlap (stride = n_ctx)
+    the first token of every window is never scored.
+
+    The guide averages each window's mean loss weighted by its valid labels minus one (the shift),
+    which is the window's scored tokens only where nothing is masked (the first window, or no
+    overlap); an overlapping window weighs one token less than it scores."""
     if not 1 <= stride <= n_ctx:
         raise GPTError(f"--stride must be between 1 and the context, {n_ctx}; got {stride}")
-    out, first = [], 1
-    for begin in range(0, n_tokens - 1, stride):
-        end = min(begin + n_ctx, n_tokens - 1)
-        out.append((begin, end, first))
-        first = end + 1
-        if end == n_tokens - 1:
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + n_ctx, n_tokens)
+        valid = min(end - prev_end, end - begin)  # labels not set to -100
+        out.append(Window(begin, end, max(begin + 1, prev_end), valid - 1))
+        prev_end = end
+        if end == n_tokens:
             break
     return out
 
 
-def token_losses(gpt: Transformer, ids, stride: int, progress=None) -> np.ndarray:
-    """-log p(ids[t] | its window's earlier tokens) for t = 1 .. len(ids) - 1, in nats.
+def token_losses(gpt: Transformer, ids, stride: int, progress=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score a text as the guide's loop does (see windows) -> (targets, losses, weights): the
+    index in ids of every scored token, in order; -log p(that token | its window's earlier
+    tokens), in nats; and the weight the guide's average gives it (its window's weight over the
+    window's scored tokens). perplexity_nll averages them.
 
-    Every window is padded to the full context, so the forward pass has one shape: TinyJit
-    compiles it once. Attention is causal, so the padding after a window never reaches it."""
+    Each window is padded on the right to a bucket length (see prefill_bucket), so the forward
+    pass has a few shapes and TinyJit compiles each once. Attention is causal, so the padding
+    after a window never reaches it."""
     ids = np.asarray(ids, dtype=np.int32)
     if len(ids) < 2:
         raise GPTError(f"perplexity needs at least 2 tokens (the first has nothing to predict "
                        f"it), got {len(ids)}")
     n_ctx = gpt.config.n_ctx
     plan = windows(len(ids), n_ctx, stride)
+    jits: dict[int, TinyJit] = {}
 
-    @TinyJit
     def nll(x: Tensor, y: Tensor) -> Tensor:
-        logp = gpt(x).log_softmax(-1)  # (1, n_ctx, vocab)
-        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).realize()  # (1, n_ctx)
+        logp = gpt(x).log_softmax(-1)  # (1, bucket, vocab)
+        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).realize()  # (1, bucket)
 
-    losses = []
-    for i, (begin, end, first) in enumerate(plan):
-        x, y = np.zeros((2, 1, n_ctx), dtype=np.int32)
-        x[0, : end - begin], y[0, : end - begin] = ids[begin:end], ids[begin + 1 : end + 1]
-        window = nll(Tensor(x), Tensor(y)).numpy()[0, : end - begin].astype(np.float64)
-        losses.append(window[first - begin - 1 :])  # position p predicts token begin + p + 1
+    targets, losses, weights = [], [], []
+    for i, w in enumerate(plan):
+        n = w.end - w.begin
+        if w.end > w.first:  # a last window of one token scores nothing (the guide's nan)
+            size = padded_length(gpt, n - 1)  # position p predicts token begin + p + 1
+            x, y = np.zeros((2, 1, size), dtype=np.int32)
+            x[0, : n - 1], y[0, : n - 1] = ids[w.begin : w.end - 1], ids[w.begin + 1 : w.end]
+            run = jits.setdefault(size, TinyJit(nll))
+            window = run(Tensor(x), Tensor(y)).numpy()[0, : n - 1].astype(np.float64)
+            scored = window[w.first - w.begin - 1 :]
+            targets.append(np.arange(w.first, w.end))
+            losses.append(scored)
+            weights.append(np.full(len(scored), w.weight / len(scored)))
         if progress:
             progress(i + 1, len(plan))
-    return np.concatenate(losses)
+    return np.concatenate(targets), np.concatenate(losses), np.concatenate(weights)
+
+
+def perplexity_nll(losses: np.ndarray, weights: np.ndarray) -> float:
+    """The guide's average nll: sum over windows of mean loss x weight, over the weights' sum."""
+    return float(np.sum(losses * weights) / np.sum(weights))
 
 
 def progress_bar(label: str):
@@ -306,7 +378,7 @@ def progress_bar(label: str):
 
 
 def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[float, int]:
-    """-> (mean nats per token, tokens scored) for the text in path."""
+    """-> (the guide's average nats per token, tokens scored) for the text in path."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -315,8 +387,8 @@ def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[
         raise GPTError(f"{path} is empty: there is nothing to score")
     # "<|endoftext|>" in a text is the document separator, as in GPT-2's training data
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
-    losses = token_losses(gpt, ids, stride, progress_bar("perplexity"))
-    return float(losses.mean()), len(losses)
+    _, losses, weights = token_losses(gpt, ids, stride, progress_bar("perplexity"))
+    return perplexity_nll(losses, weights), len(losses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +405,10 @@ def token_labels(enc, ids) -> list[str]:
 
 
 def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head=None,
-                   tokens=None, title="GPT-2", log=print):
-    """Write every view of GPT-2's attention on text into out, and print the head scores."""
+                   tokens=None, title="GPT-2", log=print, weights: Path | None = None):
+    """Write every view of GPT-2's attention on text into out, and print the head scores.
+    weights, the checkpoint file the model was loaded from, lets its induction scores be kept
+    (heads.probe_induction): they are the same for every text."""
     import heads
 
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
@@ -344,8 +418,13 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
         raise GPTError(f"the text has {len(ids)} tokens; the model sees at most "
                        f"{gpt.config.n_ctx}")
     try:
+        key = None
+        if weights is not None and weights.is_file():
+            st = weights.stat()
+            key = (f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|{Device.DEFAULT}|"
+                   f"{gpt.wte.weight.dtype}")
         written, report = heads.inspect_model(gpt, np.array(ids), token_labels(enc, ids), out,
-                                              title, tokens, layer, head)
+                                              title, tokens, layer, head, probe_key=key)
     except (ValueError, OSError) as e:
         raise GPTError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
@@ -493,8 +572,9 @@ def main(argv=None) -> int:
                 title = f"{args.model}{' (--half)' if args.half else ''}"
                 if args.weights is not None:
                     title = f"{args.weights.parent.name}/{args.weights.name}"
+                weights = args.weights or args.weights_dir / args.model / "model.safetensors"
                 show_attention(gpt, enc, args.attention, args.out, args.layer, args.head,
-                               args.tokens, title, log)
+                               args.tokens, title, log, weights)
             return 0
         if args.prompt is not None:
             prompt = args.prompt
@@ -527,12 +607,11 @@ def main(argv=None) -> int:
         out.write(b"\n")
         out.flush()
         if args.timing:
-            # the first token comes out of the prefill; every later one is a decode step
-            n_decoded = max(stats["new_tokens"] - 1, 0)
-            log(f"prefill: {stats['prompt_tokens']} tokens in {stats['prefill_s']:.2f}s "
-                f"({stats['prompt_tokens'] / stats['prefill_s']:.1f} tok/s, compilation "
-                f"included); decode: {n_decoded} tokens in {stats['decode_s']:.2f}s "
-                f"({n_decoded / max(stats['decode_s'], 1e-9):.1f} tok/s)")
+            st = stats
+            log(f"prefill: {st['prompt_tokens']} tokens in {st['prefill_s']:.2f}s (the first "
+                f"token); JIT warm-up: {st['warmup_steps']} steps in {st['warmup_s']:.2f}s")
+            log(f"decode: {st['decode_steps']} steps in {st['decode_s']:.2f}s "
+                f"({st['decode_steps'] / max(st['decode_s'], 1e-9):.1f} tok/s)")
     except GPTError as e:
         log(f"error: {e}")
         return 1

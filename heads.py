@@ -114,12 +114,16 @@ def top_heads(scores: np.ndarray, k: int = 3, largest: bool = True) -> list[tupl
 SCORE_NAMES = ("previous", "diagonal", "first", "entropy", "induction")
 
 
+def text_scores(att: np.ndarray) -> dict:
+    """name -> (L, H) for the scores measured on the text itself: all but induction."""
+    return {"previous": previous_token_scores(att), "diagonal": diagonal_scores(att),
+            "first": first_token_scores(att), "entropy": entropy_scores(att)}
+
+
 def all_scores(att: np.ndarray, repeated_att: np.ndarray, repeated_ids: np.ndarray) -> dict:
     """name -> (L, H). The induction score is measured on its own input, a random sequence
     repeated (repeated_ids, with its attention repeated_att); the others on att."""
-    return {"previous": previous_token_scores(att), "diagonal": diagonal_scores(att),
-            "first": first_token_scores(att), "entropy": entropy_scores(att),
-            "induction": induction_scores(repeated_att, repeated_ids)}
+    return {**text_scores(att), "induction": induction_scores(repeated_att, repeated_ids)}
 
 
 def score_table(scores: dict) -> str:
@@ -484,27 +488,63 @@ def name_heads(share: np.ndarray, kind: str, what: str, where: str, bar: float =
             f"{share[layer, h]:.1%} of the time")
 
 
-def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: str,
-                  tokens: str | None = None, layer: int | None = None, head: int | None = None,
-                  seed: int = 0) -> tuple[list[Path], str]:
-    """Run model (a transformer.Transformer) on ids (T,), score every head, write every view into
-    out; tokens is --tokens' window "A:B", layer and head name one head to draw large. The
-    induction score needs its own input: 4 random sequences of distinct tokens, each repeated
-    once, as long as the model's context allows (up to 2 x 50 tokens).
-    Returns the files written and the report to print (see report). Bad arguments raise
-    ValueError, an unwritable folder OSError, both before any work."""
+def padded_attention(model, ids: np.ndarray) -> np.ndarray:
+    """Every head's attention (L, H, T, T) on ids (T,), from one forward pass on ids padded on
+    the right to its bucket (transformer.prefill_bucket): texts of other lengths in the bucket
+    run the same kernels, kept on disk, instead of generating new ones. Attention is causal, so
+    no real position sees the padding, and the real rows and columns are the unpadded pass's."""
     from tinygrad import Tensor
+
+    from transformer import attention_maps, padded_length
+
+    T = len(ids)
+    padded = np.zeros((1, padded_length(model, T)), dtype=np.int32)
+    padded[0, :T] = ids
+    _, att = attention_maps(model, Tensor(padded), logits=False)
+    return att.numpy()[0, :, :, :T, :T]
+
+
+def probe_induction(model, seed: int = 0, key: str | None = None) -> np.ndarray:
+    """(L, H) induction scores of model on its probe: 4 random sequences of distinct tokens, each
+    repeated once, as long as the model's context allows (up to 2 x 50 tokens).
+
+    The scores depend on the weights alone, and the probe is the costliest pass of --attention
+    (400 tokens through GPT-2 124M: 4 to 7 s of a 13 s command here), so with a key (one that
+    names the checkpoint file as it is now: gpt.py passes its path, size and mtime) they are
+    kept in tinygrad's disk cache beside its kernels and read back by later runs; CACHELEVEL=0
+    turns that off with the kernel cache."""
+    from tinygrad import Tensor
+    from tinygrad.helpers import diskcache_get, diskcache_put
 
     from transformer import attention_maps
 
+    if key is not None:
+        key = f"{key}|seed={seed}"
+        kept = diskcache_get("tinygpt_induction", key)
+        if kept is not None:
+            return kept
+    n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
+    repeated = repeated_random_tokens(np.random.default_rng(seed), n, model.config.vocab_size, 4)
+    # only the maps: the probe's logits are never read (a quarter of its work on GPT-2)
+    _, repeated_att = attention_maps(model, Tensor(repeated), logits=False)
+    scores = induction_scores(repeated_att.numpy(), repeated)
+    if key is not None:
+        diskcache_put("tinygpt_induction", key, scores)
+    return scores
+
+
+def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: str,
+                  tokens: str | None = None, layer: int | None = None, head: int | None = None,
+                  seed: int = 0, probe_key: str | None = None) -> tuple[list[Path], str]:
+    """Run model (a transformer.Transformer) on ids (T,), score every head, write every view into
+    out; tokens is --tokens' window "A:B", layer and head name one head to draw large. The
+    induction score needs its own input (probe_induction; probe_key: see there).
+    Returns the files written and the report to print (see report). Bad arguments raise
+    ValueError, an unwritable folder OSError, both before any work."""
     chosen = check_head(layer, head, model.config.n_layer, model.config.n_head)
     window = parse_window(tokens, len(ids))
     writable_folder(out)
-    _, att = attention_maps(model, Tensor(np.asarray(ids, dtype=np.int32)[None]))
-    att = att.numpy()[0]  # (L, H, T, T)
-    n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
-    repeated = repeated_random_tokens(np.random.default_rng(seed), n, model.config.vocab_size, 4)
-    _, repeated_att = attention_maps(model, Tensor(repeated))
-    scores = all_scores(att, repeated_att.numpy(), repeated)
+    att = padded_attention(model, ids)  # (L, H, T, T)
+    scores = {**text_scores(att), "induction": probe_induction(model, seed, probe_key)}
     written = write_views(out, att, ids, labels, title, scores, window, chosen)
     return written, report(att, scores, labels, window, chosen)

@@ -261,8 +261,12 @@ def use_device(device: str | None = None) -> str:
     if device:
         DEV.value = device.upper()
     elif not os.environ.get("DEV"):
-        auto = Device.DEFAULT
-        on_cpu = auto == "CPU" or (auto == "CL" and "pthread" in Device["CL"].device_name)
+        # Without a GPU's device file no GPU backend can open, so tinygrad's own search (it opens
+        # each backend in turn, 0.4 s here, then PoCL) would end on the CPU anyway
+        on_cpu = not gpu_device_files()
+        if not on_cpu:
+            auto = Device.DEFAULT
+            on_cpu = auto == "CPU" or (auto == "CL" and "pthread" in Device["CL"].device_name)
         if on_cpu and llvm_available():
             DEV.value = "CPU:LLVM"
     # PoCL's compiler prints "1 warning generated." for each new kernel (tinygrad's generated
@@ -272,6 +276,18 @@ def use_device(device: str | None = None) -> str:
     batch_cpu_kernels()
     renderer = type(Device[Device.DEFAULT].renderer).__name__
     return f"{Device.DEFAULT} ({renderer})"
+
+
+def gpu_device_files() -> list[str]:
+    """The device files through which tinygrad's GPU backends reach a GPU on Linux (NVIDIA, AMD's
+    KFD, DRM render nodes for OpenCL, Qualcomm's KGSL); elsewhere (macOS: Metal) a stand-in, so
+    tinygrad searches as usual."""
+    if not sys.platform.startswith("linux"):
+        return ["(not Linux)"]
+    import glob
+
+    return [f for pattern in ("/dev/nvidia*", "/dev/kfd", "/dev/dri/renderD*", "/dev/kgsl*")
+            for f in glob.glob(pattern)]
 
 
 def llvm_available() -> bool:

@@ -642,9 +642,10 @@ class EncoderDecoder(Model):
         return self.decoder(tgt, source=self.encode(src))
 
 
-def captured(run, *groups: list[MultiHeadAttention]) -> tuple[Tensor, list[Tensor]]:
+def captured(run, *groups: list[MultiHeadAttention], keep_out=True) -> tuple[Tensor, list]:
     """run() once, with every attention layer in groups keeping the probabilities it multiplies
     its values with: run's result, and per group its layers' (B, H, T, S) stacked on dim 1.
+    keep_out=False: the maps alone (None for the result, which is then never computed).
 
     What is shown is what was computed: there is no second implementation of attention to drift
     from the first. The weights are a buffer of the pass anyway, so keeping them costs one copy
@@ -656,17 +657,20 @@ def captured(run, *groups: list[MultiHeadAttention]) -> tuple[Tensor, list[Tenso
     try:
         out = run()
         maps = [Tensor.stack(*[attn.weights for attn in group], dim=1) for group in groups]
-        Tensor.realize(out, *maps)
+        Tensor.realize(*([out] if keep_out else []), *maps)
     finally:
         for attn in layers:
             attn.keep_weights, attn.weights = False, None
-    return out, maps
+    return (out if keep_out else None), maps
 
 
-def attention_maps(model: Transformer, idx: Tensor) -> tuple[Tensor, Tensor]:
+def attention_maps(model: Transformer, idx: Tensor, logits=True
+                   ) -> tuple[Tensor | None, Tensor]:
     """Logits (B, T, vocab) and every head's attention probabilities (B, n_layer, n_head, T, T)
-    for token ids idx (B, T), both from one ordinary forward pass."""
-    logits, (maps,) = captured(lambda: model(idx), [block.attn for block in model.h])
+    for token ids idx (B, T), both from one ordinary forward pass. logits=False: the maps alone
+    (None for the logits), and the pass stops at the last layer's attention."""
+    logits, (maps,) = captured(lambda: model(idx), [block.attn for block in model.h],
+                               keep_out=logits)
     return logits, maps
 
 
@@ -732,14 +736,32 @@ def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None
     return (cdf <= u).sum(-1)
 
 
+def prefill_bucket(T: int, n_ctx: int, smallest: int = 8) -> int:
+    """The length a prompt of T tokens is padded to on the right: the next power of two (at least
+    smallest), at most n_ctx. A new shape is a new graph to schedule and new kernels to build, so
+    prompts of any length share about log2(n_ctx) of them; attention is causal, so the real
+    positions never see the padding and come out as the unpadded pass's."""
+    if not 1 <= T <= n_ctx:
+        raise ValueError(f"{T} tokens do not fit a context of {n_ctx}")
+    return min(max(smallest, 1 << (T - 1).bit_length()), n_ctx)
+
+
+def padded_length(model: Transformer, T: int) -> int:
+    """What a pass of T tokens is padded to: prefill_bucket for a causal model; T itself without
+    the mask (--ablate no-mask), where every position would see the padding."""
+    return prefill_bucket(T, model.config.n_ctx) if model.config.causal else T
+
+
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
              top_k=None, top_p=None, rng=None, beam=0):
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
 
-    The prompt is run in one pass (prefill) that fills each layer's KV cache; after that every step
-    feeds one token. That step is compiled once by TinyJit with its position as a symbolic
-    Variable, so the loop neither re-traces nor recompiles per token. When the context is full, the
-    window slides: the newest half of the tokens is prefilled again and decoding goes on.
+    The prompt is run in one pass (prefill) that fills each layer's KV cache, padded on the right
+    to its bucket (prefill_bucket), so prompts of other lengths in the bucket reuse its kernels;
+    after that every step feeds one token. That step is compiled once by TinyJit with its
+    position as a symbolic Variable, so the loop neither re-traces nor recompiles per token. When
+    the context is full, the window slides: the newest half of the tokens is prefilled again and
+    decoding goes on.
 
     beam > 0 compiles the step's kernels with tinygrad's kernel search (BEAM) of that width: it
     times variants of each kernel on this device and keeps the fastest. The search runs once per
@@ -748,7 +770,23 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
     decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
     pos_var = Variable("pos", 1, n_ctx - 1)
-    logits = model(Tensor(window), 0)[:, -1].numpy()  # (B, V)
+    prefills: dict[int, TinyJit] = {}  # one per bucket length
+
+    def prefill(window: np.ndarray) -> np.ndarray:
+        """Run the prompt (B, T), padded on the right to its bucket, and fill the KV cache ->
+        the last real position's logits (B, V). The padding's keys land in cache positions T
+        and on, which each decode step overwrites before it reads them (it reads [:pos + 1])."""
+        B, T = window.shape
+        size = padded_length(model, T)
+        padded = np.zeros((B, size), dtype=np.int32)
+        padded[:, :T] = window
+        # contiguous() after the shrink: a view is returned as captured, at its first offset
+        run = prefills.setdefault(size, TinyJit(
+            lambda tok, last: model(tok, 0).shrink((None, (last, last + 1), None))
+            .contiguous().realize()))
+        return run(Tensor(padded), Variable("last", 0, size - 1).bind(T - 1)).numpy()[:, 0]
+
+    logits = prefill(window)  # (B, V)
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, rng).astype(np.int32)  # (B,)
         yield nxt
@@ -757,7 +795,7 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
         window = np.concatenate([window, nxt[:, None]], axis=1)
         if window.shape[1] > n_ctx:
             window = window[:, -(n_ctx // 2) :]
-            logits = model(Tensor(window), 0)[:, -1].numpy()
+            logits = prefill(window)
         else:
             pos = pos_var.bind(window.shape[1] - 1)
             with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone

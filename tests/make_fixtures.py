@@ -20,7 +20,7 @@ It writes (see tests/fixtures/README.md for what each file holds):
     tests/fixtures/tiny-gpt2-reference.npz
     tests/fixtures/tiny-gpt2-attention.npz
     tests/fixtures/tiny-gpt2-trained/config.json, model.safetensors
-    tests/fixtures/tiny-gpt2-trained-perplexity.npz
+    tests/fixtures/tiny-gpt2-trained-perplexity.npz   (alone: tests/make_fixtures.py perplexity)
     tests/fixtures/tiny-gpt2-trained-causes.npz   (alone: tests/make_fixtures.py causes)
     tests/fixtures/torch-transformer.npz          (alone: tests/make_fixtures.py families)
     tests/fixtures/strided.bin
@@ -268,9 +268,13 @@ TRAINED_DIR = FIXTURES / "tiny-gpt2-trained"
 TRAINED_CTX = 64
 SHAKESPEARE = FIXTURES.parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PERPLEXITY_CASES = {  # name: (first character, end character, stride)
-    "long_stride16": (1_000_000, 1_004_000, 16),  # about 1,000 tokens: dozens of windows
+    "long_stride16": (1_000_000, 1_004_000, 16),  # about 1,300 tokens: dozens of windows
     "long_stride48": (1_000_000, 1_004_000, 48),
-    "long_nooverlap": (1_000_000, 1_004_000, TRAINED_CTX),
+    "long_stride32": (1_000_000, 1_004_000, TRAINED_CTX // 2),  # the default: half the context
+    # stride = context: windows without overlap (GPT-2's stride 1024). The text ends 10 characters
+    # earlier, because 1,281 tokens leave a last window of one token, whose loss the guide's loop
+    # takes over no label at all: nan, and nan * 0 tokens makes the whole perplexity nan.
+    "long_nooverlap": (1_000_000, 1_003_990, TRAINED_CTX),
     "short": (1_010_000, 1_010_120, 16),  # fewer tokens than one window
 }
 
@@ -293,28 +297,42 @@ def train_fixture_model(encoder):
     return model
 
 
-def token_nll(model, inputs, targets):
-    """-log p(targets[t] | inputs[:t + 1]) for every position t, in float64, one forward pass."""
-    with torch.no_grad():
-        logits = model(torch.tensor([inputs], dtype=torch.long)).logits[0].double()
-    logp = torch.log_softmax(logits, -1)
-    return -logp[torch.arange(len(inputs)), torch.tensor(targets)].numpy()
-
-
-def sliding_window_nll(model, ids, stride):
-    """Hugging Face's perplexity method (sliding windows of the model's context, `stride` apart),
-    with every token after the first scored exactly once, in the first window that predicts it,
-    and with all the context that window holds: returns the (len(ids) - 1,) losses in order."""
-    n_ctx, losses, next_target = model.config.n_positions, [], 1
-    for begin in range(0, len(ids) - 1, stride):
-        end = min(begin + n_ctx, len(ids) - 1)  # inputs ids[begin:end] predict ids[begin+1:end+1]
-        window = token_nll(model, ids[begin:end], ids[begin + 1 : end + 1])
-        losses.extend(window[next_target - begin - 1 :])
-        next_target = end + 1
-        if end == len(ids) - 1:
+def guide_perplexity(model, ids, stride):
+    """The loop of Hugging Face's perplexity guide ("Perplexity of fixed-length models",
+    docs/source/en/perplexity.md in transformers), on one text: windows input_ids[begin:end]
+    with end = min(begin + max_length, seq_len), every label but the last end - prev_end set to
+    -100, the model's own loss (it shifts the labels left by one), weighted by the valid labels
+    minus one. Besides its average nll and token count, it returns each scored token's loss,
+    read from the same logits, and that token's index in ids."""
+    input_all = torch.tensor([ids], dtype=torch.long)
+    max_length, seq_len = model.config.n_positions, input_all.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    token_losses, targets = [], []
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc  # may be different from stride on last loop
+        input_ids = input_all[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            outputs = model(input_ids, labels=target_ids)
+            neg_log_likelihood = outputs.loss
+        num_valid_tokens = (target_ids != -100).sum().item()
+        batch_size = target_ids.size(0)
+        num_loss_tokens = num_valid_tokens - batch_size  # the internal label shift
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        # the per-token losses the model's loss averaged: position p predicts label p + 1
+        logp = torch.log_softmax(outputs.logits[0].double(), -1)
+        for p, label in enumerate(target_ids[0, 1:].tolist()):
+            if label != -100:
+                token_losses.append(-float(logp[p, label]))
+                targets.append(begin_loc + p + 1)
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
             break
-    assert len(losses) == len(ids) - 1, (len(losses), len(ids))
-    return np.array(losses)
+    avg_nll = nll_sum / n_tokens  # average negative log-likelihood per token
+    return float(avg_nll), n_tokens, np.array(token_losses), np.array(targets, dtype=np.int64)
 
 
 def perplexity_reference(model, encoder):
@@ -322,18 +340,23 @@ def perplexity_reference(model, encoder):
     text = SHAKESPEARE.read_text()
     for name, (first, end, stride) in PERPLEXITY_CASES.items():
         ids = encoder.encode(text[first:end])
-        nll = sliding_window_nll(model, ids, stride)
+        nll, guide_tokens, token_losses, targets = guide_perplexity(model, ids, stride)
+        assert np.isfinite(nll), name
         out[f"{name}_chars"] = np.array([first, end])
         out[f"{name}_stride"] = np.array(stride)
         out[f"{name}_ids"] = np.array(ids, dtype=np.int64)
-        out[f"{name}_token_nll"] = nll.astype(np.float32)  # each scored token's loss, in order
-        out[f"{name}_nll"] = np.array(nll.mean())
-        out[f"{name}_tokens"] = np.array(len(nll))
-    # The context must matter, or the windows would not be tested: the tokens that open a window
-    # without overlap (one token of context) must score differently with the overlap's context.
-    opening = np.arange(0, out["long_nooverlap_tokens"], TRAINED_CTX)
-    shift = np.abs(out["long_nooverlap_token_nll"] - out["long_stride16_token_nll"])[opening]
-    assert shift.mean() > 0.05, shift.mean()
+        out[f"{name}_targets"] = targets  # the index in ids of each scored token, in order
+        out[f"{name}_token_nll"] = token_losses.astype(np.float32)  # each scored token's loss
+        out[f"{name}_nll"] = np.array(nll)  # the guide's avg_nll
+        out[f"{name}_guide_tokens"] = np.array(guide_tokens)  # the guide's n_tokens
+        out[f"{name}_tokens"] = np.array(len(token_losses))  # the tokens scored
+    # The context must matter, or the windows would not be tested: the second token of a window
+    # without overlap (one token of context) must score differently with stride 16's context.
+    wide = dict(zip(out["long_stride16_targets"].tolist(), out["long_stride16_token_nll"]))
+    narrow = dict(zip(out["long_nooverlap_targets"].tolist(), out["long_nooverlap_token_nll"]))
+    opening = range(TRAINED_CTX + 1, len(out["long_nooverlap_ids"]), TRAINED_CTX)
+    shift = np.mean([abs(wide[t] - narrow[t]) for t in opening])
+    assert shift > 0.05, shift
     return out
 
 
@@ -517,6 +540,11 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["families"]:  # only the encoder / encoder-decoder references
         np.savez(FIXTURES / "torch-transformer.npz", **families_reference())
+    elif sys.argv[1:] == ["perplexity"]:  # only the perplexity reference, from the committed
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
+        trained = GPT2LMHeadModel.from_pretrained(TRAINED_DIR).eval()
+        reference = perplexity_reference(trained, tiktoken.get_encoding("r50k_base"))
+        np.savez(FIXTURES / "tiny-gpt2-trained-perplexity.npz", **reference)
     elif sys.argv[1:] == ["causes"]:  # only the ablation and lens references, from the committed
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
         reference = causes_reference(tiktoken.get_encoding("r50k_base"))

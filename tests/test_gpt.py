@@ -17,6 +17,7 @@ CPU, so the tiny model is loaded once per module and every reference forward pas
 import hashlib
 import inspect
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -225,7 +226,7 @@ def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
     monkeypatch.setattr(transformer.Transformer, "__call__", counting_call)
     out = list(transformer.generate(tiny, REF["greedy1_prompt"][None], 1))
     assert [int(t[0]) for t in out] == REF["greedy1_output"][:1].tolist()
-    assert calls == [(1, 5)]  # the prefill gives the only token asked for, no (1, 1) step
+    assert calls == [(1, 8)]  # the prefill (5 tokens in bucket 8) gives the only token, no step
 
 
 def test_beam_searches_the_decode_kernels_and_keeps_greedy_output(tiny, enc, monkeypatch):
@@ -443,7 +444,7 @@ def test_endoftext_ends_only_its_own_sample(enc, monkeypatch):
 
 def tiny_checkpoint() -> dict:
     """The fixture's tensors as a plain dict, in memory, so each test can edit its own copy."""
-    return {k: Tensor(v.numpy()) for k, v in safe_load(str(SAFETENSORS)).items()}
+    return {k: np.array(v) for k, v in gpt.read_checkpoint(SAFETENSORS).items()}
 
 
 def tiny_model():
@@ -465,10 +466,10 @@ def test_hugging_face_lm_head_layout_loads_and_matches(tmp_path, tiny):
     ckpt = {"transformer." + k: v for k, v in tiny_checkpoint().items()}
     ckpt["lm_head.weight"] = ckpt["transformer.wte.weight"]
     for n in range(2):
-        ckpt[f"transformer.h.{n}.attn.masked_bias"] = Tensor([-1e4])
+        ckpt[f"transformer.h.{n}.attn.masked_bias"] = np.array([-1e4], dtype=np.float32)
     folder = tmp_path / "lm-head"
     folder.mkdir()
-    safe_save(ckpt, str(folder / "model.safetensors"))
+    safe_save({k: Tensor(v) for k, v in ckpt.items()}, str(folder / "model.safetensors"))
     shutil.copy(TINY_DIR / "config.json", folder)  # load_gpt2 reads the tiny shape from it
 
     model = gpt.load_gpt2("gpt2", weights=folder / "model.safetensors")
@@ -479,7 +480,7 @@ def test_hugging_face_lm_head_layout_loads_and_matches(tmp_path, tiny):
 def test_mapper_skips_buffers_and_the_tied_head():
     ckpt = tiny_checkpoint()
     ckpt["lm_head.weight"] = ckpt["wte.weight"]
-    ckpt["h.1.attn.masked_bias"] = Tensor([-1e4])
+    ckpt["h.1.attn.masked_bias"] = np.array([-1e4], dtype=np.float32)
     mapped = gpt.map_checkpoint(ckpt, tiny_model())
     assert set(mapped) == set(tiny_model().parameters())
     assert "h.0.attn.bias" in ckpt and "h.0.attn.bias" not in mapped
@@ -494,14 +495,14 @@ def test_mapper_names_a_missing_weight():
 
 def test_mapper_names_an_unexpected_tensor():
     ckpt = tiny_checkpoint()
-    ckpt["h.0.foo"] = Tensor.zeros(3)
+    ckpt["h.0.foo"] = np.zeros(3, dtype=np.float32)
     message = mapping_error(ckpt)
     assert "unexpected" in message and "h.0.foo" in message
 
 
 def test_mapper_names_a_wrong_shape_with_both_shapes():
     ckpt = tiny_checkpoint()
-    ckpt["wpe.weight"] = Tensor.zeros(64, 16)
+    ckpt["wpe.weight"] = np.zeros((64, 16), dtype=np.float32)
     message = mapping_error(ckpt)
     assert "wpe.weight" in message
     assert "(64, 16)" in message and "(128, 16)" in message
@@ -815,3 +816,117 @@ def test_tiktoken_is_the_offline_r50k_base(enc):
     assert enc.name == "r50k_base" and enc.n_vocab == 50257
     assert tiktoken.get_encoding("r50k_base").encode(PROMPT) == REF["greedy1_prompt"].tolist()
     assert any(TIKTOKEN_DIR.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bucketed prefill: prompts padded on the right to a few lengths
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prefill_buckets_are_powers_of_two_up_to_the_context():
+    buckets = [transformer.prefill_bucket(T, 1024) for T in (1, 8, 9, 14, 16, 17, 40, 513, 1024)]
+    assert buckets == [8, 8, 16, 16, 16, 32, 64, 1024, 1024]
+    assert transformer.prefill_bucket(70, 100) == 100  # a context that is no power of two
+    assert transformer.prefill_bucket(3, 7) == 7
+    with pytest.raises(ValueError):
+        transformer.prefill_bucket(129, 128)
+
+
+def test_padded_prefill_equals_the_unpadded_forward(tiny):
+    """Every real position's logits and the first token generate() picks, with and without the
+    padding: causal attention never lets a real position see a padded one."""
+    rng = np.random.default_rng(7)
+    for T in (1, 2, 5, 9, 13, 100):
+        ids = rng.integers(0, EOT, (1, T)).astype(np.int32)
+        size = transformer.prefill_bucket(T, tiny.config.n_ctx)
+        padded = np.zeros((1, size), dtype=np.int32)
+        padded[:, :T] = ids
+        plain = tiny(Tensor(ids)).numpy()
+        # Measured: equal to the bit, but for one token, whose unpadded pass takes linear's
+        # one-row product (the decode step's, another summation order): 2.4e-6 on logits of 5
+        atol = 5e-6 if T == 1 else 1e-6
+        np.testing.assert_allclose(tiny(Tensor(padded)).numpy()[:, :T], plain, rtol=0, atol=atol)
+        first = next(transformer.generate(tiny, ids, 1))
+        assert first.tolist() == plain[:, -1].argmax(-1).tolist()
+
+
+def kernels_made() -> int:
+    """How many kernels this process has generated (or read back from disk) so far."""
+    import tinygrad.engine.realize
+
+    return len(tinygrad.engine.realize.to_program_cache)
+
+
+def test_prompts_of_three_lengths_in_one_bucket_build_one_set_of_kernels(tiny, monkeypatch):
+    seen = record_sampled_logits(monkeypatch)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, EOT, (1, T)).astype(np.int32) for T in (9, 12, 15)]  # bucket 16
+    made = []
+    for prompt in prompts:
+        list(transformer.generate(tiny, prompt, 3))
+        made.append(kernels_made())
+    assert made[0] > 0 and made[1] == made[0] == made[2], made  # no kernel built after the first
+    for i, prompt in enumerate(prompts):  # and each prompt got its own logits
+        expected = logits_of(tiny, prompt[0])[-1]
+        np.testing.assert_allclose(seen[3 * i][0], expected, rtol=0, atol=LOGIT_TOL)
+
+
+def test_decode_overwrites_the_keys_the_padding_left_in_the_cache(tiny):
+    """A 5-token prompt is prefilled as 8: cache positions 5 to 7 get the padding's keys and
+    values. Each decode step writes its position before it reads it, so after 4 steps the cache
+    holds exactly what an unpadded prefill of the 8 real tokens writes."""
+    prompt = np.array([REF["greedy1_prompt"]], dtype=np.int32)  # 5 tokens
+    steps = transformer.generate(tiny, prompt, 4)
+    new = [next(steps)]
+    cache = tiny.h[0].attn.cache_kv
+    after_prefill = cache.numpy()[:, :, :, 5:8].copy()
+    new += list(steps)
+    decoded = cache.numpy()[:, :, :, :8].copy()
+    tokens = np.concatenate([prompt, np.stack(new, 1)[:, :3]], axis=1).astype(np.int32)  # (1, 8)
+    tiny(Tensor(tokens), 0).realize()
+    fresh = tiny.h[0].attn.cache_kv.numpy()[:, :, :, :8]
+    np.testing.assert_allclose(decoded, fresh, rtol=0, atol=1e-5)
+    assert np.abs(after_prefill - fresh[:, :, :, 5:8]).max() > 1e-2  # the padding did write there
+
+
+def test_safetensors_reader_equals_tinygrads(tmp_path):
+    """read_safetensors (NumPy over a memory map) against tinygrad's own safe_load."""
+    rng = np.random.default_rng(3)
+    tensors = {"f32": Tensor(rng.standard_normal((3, 5)).astype(np.float32)),
+               "f16": Tensor(rng.standard_normal(7).astype(np.float16)),
+               "i64": Tensor(np.arange(4, dtype=np.int64))}
+    safe_save(tensors, str(tmp_path / "t.safetensors"))
+    ours = gpt.read_safetensors(tmp_path / "t.safetensors")
+    for name, t in safe_load(str(tmp_path / "t.safetensors")).items():
+        assert ours[name].dtype == t.numpy().dtype and np.array_equal(ours[name], t.numpy())
+
+
+def test_safetensors_reader_widens_bfloat16_exactly(tmp_path):
+    """bfloat16 is the upper half of a float32's bits, written here by hand (tinygrad's CPU
+    backend cannot compile a bfloat16 kernel to make the file)."""
+    values = np.array([[1.5, -2.0], [0.15625, 3.0e38]], dtype=np.float32)
+    bits = (values.view(np.uint32) >> 16).astype("<u2")
+    head = json.dumps({"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "b.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
+                                             + bits.tobytes())
+    ours = gpt.read_safetensors(tmp_path / "b.safetensors")["w"]
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, (bits.astype(np.uint32) << 16).view(np.float32))
+    np.testing.assert_allclose(ours, values, rtol=1e-2)
+
+
+def test_a_model_without_the_mask_is_never_padded(monkeypatch):
+    """--ablate no-mask lets every position see every other, the padding too: its passes keep
+    their length, and generate's first logits are the unpadded forward's."""
+    import heads
+
+    Tensor.manual_seed(2)
+    model = transformer.Transformer(transformer.Config(vocab_size=11, n_ctx=16, causal=False))
+    ids = np.random.default_rng(4).integers(0, 11, (1, 5)).astype(np.int32)
+    assert transformer.padded_length(model, 5) == 5
+    want = model(Tensor(ids)).numpy()[:, -1]
+    seen = record_sampled_logits(monkeypatch)
+    next(transformer.generate(model, ids, 1))
+    np.testing.assert_allclose(seen[0], want, rtol=0, atol=1e-6)
+    att = transformer.attention_maps(model, Tensor(ids))[1].numpy()[0]
+    np.testing.assert_allclose(heads.padded_attention(model, ids[0]), att, rtol=0, atol=1e-6)

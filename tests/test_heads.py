@@ -31,6 +31,7 @@ from tinygrad import Tensor  # noqa: E402
 
 import gpt  # noqa: E402
 import heads  # noqa: E402
+import transformer  # noqa: E402
 from transformer import Config, Transformer, attention_maps  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -71,6 +72,49 @@ def test_attention_equals_hugging_face(tiny, case):
     assert np.array_equal(logits.numpy(), tiny(Tensor(ids)).numpy())
     hf_sum = ATT_REF[f"{case}_logits_sum"]  # and they are Hugging Face's logits
     np.testing.assert_allclose(logits.numpy()[..., :50257].sum(-1), hf_sum, rtol=1e-4, atol=1e-2)
+
+
+def test_attention_maps_alone_are_the_maps_with_logits(tiny):
+    ids = Tensor(ATT_REF["len17_ids"].astype(np.int32))
+    none, alone = attention_maps(tiny, ids, logits=False)
+    assert none is None
+    assert np.array_equal(alone.numpy(), attention_maps(tiny, ids)[1].numpy())
+
+
+def assert_padded_equals_unpadded(model, lengths, seed=0):
+    """heads.padded_attention (what --attention draws) and the padded pass's logits, against
+    the unpadded forward: within 1e-6, both."""
+    rng = np.random.default_rng(seed)
+    for T in lengths:
+        ids = rng.integers(0, model.config.vocab_size, T).astype(np.int32)
+        logits, att = attention_maps(model, Tensor(ids[None]))
+        np.testing.assert_allclose(heads.padded_attention(model, ids), att.numpy()[0],
+                                   rtol=0, atol=1e-6)
+        size = transformer.prefill_bucket(T, model.config.n_ctx)
+        padded = np.zeros((1, size), dtype=np.int32)
+        padded[0, :T] = ids
+        padded_logits = attention_maps(model, Tensor(padded))[0].numpy()[:, :T]
+        np.testing.assert_allclose(padded_logits, logits.numpy(), rtol=0, atol=1e-6)
+
+
+def test_padded_attention_equals_unpadded_on_the_fixtures(tiny, trained):
+    assert_padded_equals_unpadded(tiny, (2, 7, 14, 26, 40))
+    assert_padded_equals_unpadded(trained, (3, 10, 33))
+
+
+def test_padded_attention_equals_unpadded_on_a_trained_toy_model(reversal):
+    task, result = reversal
+    assert_padded_equals_unpadded(result["model"], (2, 4, 5, 6))  # padded to its context, 7
+
+
+def test_texts_of_three_lengths_in_one_bucket_build_one_set_of_kernels(tiny):
+    import tinygrad.engine.realize
+
+    made = []
+    for T in (17, 23, 30):  # bucket 32
+        heads.padded_attention(tiny, np.arange(T, dtype=np.int32) + 1000)
+        made.append(len(tinygrad.engine.realize.to_program_cache))
+    assert made[0] == made[1] == made[2], made
 
 
 def test_capture_is_off_after_the_call(tiny):
@@ -297,31 +341,71 @@ def test_page_renders_offline_in_a_real_browser(views, tmp_path):
 
 
 @pytest.mark.parametrize("case", [str(c) for c in PPL_REF["case_names"]])
-def test_token_losses_equal_hugging_face(trained, case):
-    losses = gpt.token_losses(trained, PPL_REF[f"{case}_ids"], int(PPL_REF[f"{case}_stride"]))
-    expected = PPL_REF[f"{case}_token_nll"]
-    assert len(losses) == int(PPL_REF[f"{case}_tokens"]) == len(PPL_REF[f"{case}_ids"]) - 1
-    np.testing.assert_allclose(losses, expected, atol=1e-4, rtol=0)
-    ppl, hf_ppl = np.exp(losses.mean()), np.exp(float(PPL_REF[f"{case}_nll"]))
-    assert ppl == pytest.approx(hf_ppl, rel=1e-4)
+def test_perplexity_equals_the_loop_of_hugging_faces_guide(trained, case):
+    """The fixture is the guide's own code run on Hugging Face's model (tests/make_fixtures.py):
+    the same tokens scored, each within 1e-4 nats, and the guide's average within 1e-4."""
+    ids, stride = PPL_REF[f"{case}_ids"], int(PPL_REF[f"{case}_stride"])
+    targets, losses, weights = gpt.token_losses(trained, ids, stride)
+    np.testing.assert_array_equal(targets, PPL_REF[f"{case}_targets"])
+    assert len(losses) == int(PPL_REF[f"{case}_tokens"])
+    np.testing.assert_allclose(losses, PPL_REF[f"{case}_token_nll"], atol=1e-4, rtol=0)
+    assert weights.sum() == pytest.approx(int(PPL_REF[f"{case}_guide_tokens"]), abs=1e-9)
+    nll = gpt.perplexity_nll(losses, weights)
+    assert nll == pytest.approx(float(PPL_REF[f"{case}_nll"]), rel=1e-4)
 
 
-def test_windows_score_every_token_once():
-    for n, ctx, stride in [(1281, 64, 16), (1281, 64, 64), (50, 64, 32), (65, 64, 64), (2, 8, 1)]:
-        targets = []
-        for begin, end, first in gpt.windows(n, ctx, stride):
-            assert end - begin <= ctx and begin < first <= end
-            targets += range(first, end + 1)
-        assert targets == list(range(1, n)), (n, ctx, stride)
+def test_perplexity_fixture_covers_overlap_no_overlap_and_short_texts():
+    strides = {int(PPL_REF[f"{c}_stride"]) for c in PPL_REF["case_names"]}
+    assert {16, 32, 48, 64} <= strides  # 64 = the fixture's context: windows without overlap
+    assert len(PPL_REF["short_ids"]) < 64 < len(PPL_REF["long_stride16_ids"])
+
+
+def guide_windows(n, ctx, stride):
+    """The guide's loop, written out: which tokens each window scores, and its weight."""
+    out, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + ctx, n)
+        labels = np.arange(begin, end)
+        valid = labels[max(0, len(labels) - (end - prev_end)):]  # the others are -100
+        out.append(([int(t) for t in valid if t > begin], len(valid) - 1))  # the label shift
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+def test_windows_are_the_guides():
+    for n, ctx, stride in [(1281, 64, 16), (1281, 64, 64), (1277, 64, 48), (50, 64, 32),
+                           (65, 64, 64), (2, 8, 1), (100, 8, 7)]:
+        plan = gpt.windows(n, ctx, stride)
+        want = guide_windows(n, ctx, stride)
+        assert [list(range(w.first, w.end)) for w in plan] == [t for t, _ in want]
+        assert [w.weight for w in plan] == [wt for _, wt in want]
+        assert all(w.end - w.begin <= ctx and w.begin < w.first for w in plan)
+    # with overlap every token after the first is scored once; without, a window's first never
+    scored = [t for w in gpt.windows(1281, 64, 16) for t in range(w.first, w.end)]
+    assert scored == list(range(1, 1281))
+    scored = {t for w in gpt.windows(1281, 64, 64) for t in range(w.first, w.end)}
+    assert scored == set(range(1, 1281)) - set(range(64, 1281, 64))
     with pytest.raises(gpt.GPTError, match="--stride"):
         gpt.windows(100, 64, 65)
+
+
+def test_a_last_window_of_one_token_scores_nothing(trained):
+    """1281 tokens at stride 64 end in a window of one token: the guide's loop takes its loss
+    over no labels (nan, which makes its perplexity nan); here it weighs nothing."""
+    ids = np.resize(PPL_REF["long_stride16_ids"], 129)
+    targets, losses, weights = gpt.token_losses(trained, ids, 64)
+    assert len(losses) == 126 and np.isfinite(gpt.perplexity_nll(losses, weights))
+    assert 64 not in targets and 128 not in targets
 
 
 def test_half_precision_perplexity_is_close(tmp_path):
     half = gpt.load_gpt2("gpt2", weights=TRAINED, half=True)
     case = "long_stride48"
-    losses = gpt.token_losses(half, PPL_REF[f"{case}_ids"], 48)
-    assert losses.mean() == pytest.approx(float(PPL_REF[f"{case}_nll"]), rel=2e-3)
+    _, losses, weights = gpt.token_losses(half, PPL_REF[f"{case}_ids"], 48)
+    nll = gpt.perplexity_nll(losses, weights)
+    assert nll == pytest.approx(float(PPL_REF[f"{case}_nll"]), rel=2e-3)
 
 
 needs_text = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is missing")
@@ -395,3 +479,22 @@ def test_printed_induction_score_is_measured_on_repeated_random_tokens(views, ti
     want = att[:, :, :, t, t - n + 1].mean(axis=(0, -1))  # (L, H)
     saved = np.load(out / "attention.npz")["score_induction"]
     np.testing.assert_allclose(saved, want, atol=1e-6)
+
+
+def test_induction_probe_is_kept_per_checkpoint_key(tiny, tmp_path, monkeypatch):
+    """With a key the probe's scores are computed once and read back after; without, every
+    call runs the probe. Read back, they are the very scores the probe computed."""
+    runs = []
+    real_maps = transformer.attention_maps
+
+    def counting_maps(*args, **kwargs):
+        runs.append(args[1].shape)
+        return real_maps(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "attention_maps", counting_maps)
+    key = f"{tmp_path}|test"  # a new key: nothing kept yet
+    first = heads.probe_induction(tiny, 0, key)
+    second = heads.probe_induction(tiny, 0, key)
+    assert len(runs) == 1 and np.array_equal(first, second)
+    plain = heads.probe_induction(tiny, 0)
+    assert len(runs) == 2 and np.array_equal(plain, first)
