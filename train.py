@@ -26,9 +26,10 @@ from tinygrad import Context, Tensor, TinyJit, nn
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 import flags
+from families import Classifier, EncoderDecoder
 from runtime import exit_now, keep_kernels, use_device
 from tasks import IGNORE
-from transformer import ABLATIONS, SIMILARITIES, Classifier, Config, EncoderDecoder, Transformer
+from transformer import ABLATIONS, SIMILARITIES, Config, Transformer
 
 # what a checkpoint can hold, by the name saved in its JSON (Transformer when it names none)
 MODELS = {m.__name__: m for m in (Transformer, Classifier, EncoderDecoder)}

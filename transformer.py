@@ -1,52 +1,43 @@
-"""A transformer written out on tinygrad: the building blocks, in the order the ideas build, and
-the three families made of them: decoder-only (GPT), encoder (BERT) and encoder-decoder (2017).
+"""A decoder-only transformer written out on tinygrad: the building blocks, in the order the
+ideas build, from which families.py also makes an encoder and the 2017 encoder-decoder.
 
-The model follows "Attention Is All You Need" (Vaswani et al., 2017) for scaled dot-product
-attention, multi-head attention, cross-attention and sinusoidal positions, and GPT-2 ("Language
-Models are Unsupervised Multitask Learners", Radford et al., 2019) for the pre-LayerNorm block,
-learned positions and weight names. gpt.py builds GPT-2 from the classes here, so the names
-(wte, wpe, h, ln_1, attn.c_attn, ...) are the ones in OpenAI's checkpoint.
+It follows "Attention Is All You Need" (Vaswani et al., 2017) for scaled dot-product and
+multi-head attention, cross-attention and sinusoidal positions, and GPT-2 (Radford et al., 2019)
+for the pre-LayerNorm block, learned positions and weight names: gpt.py builds GPT-2 from these
+classes, so the names (wte, wpe, h, ln_1, attn.c_attn, ...) are those of OpenAI's checkpoint.
 
-Read it top to bottom: attention (four similarity functions), one head, multi-head attention,
-self-attention with its KV cache, cross-attention, LayerNorm, MLP, positions, the block, the
-config and its ablations, the model, the classifier and the encoder-decoder, attention capture,
-sampling and generation. train.py trains toy models on the tasks in tasks.py; `python
-transformer.py` is its command line:
+Read top to bottom: attention (four similarity functions), one head, multi-head, self- and
+cross-attention with the KV cache, LayerNorm, MLP, positions, the block, the config and its
+ablations, the model, attention capture, sampling, generation. train.py is the command line:
 
     python transformer.py -v                        # learn to reverse digit strings: exact match
     python transformer.py --task shakespeare -v     # character-level tinyshakespeare: val loss
-    python transformer.py --task classify -v        # an encoder tells palindromes: accuracy
-    python transformer.py --task translate -v       # an encoder-decoder reverses: exact match
     python transformer.py --attention               # every head of the saved checkpoint, drawn
     python transformer.py --ablate no-mask -v       # what the causal mask is for
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, Variable, nn
-from tinygrad.function import function
 from tinygrad.helpers import BEAM, TRAINING
 from tinygrad.nn.state import get_state_dict
-from tinygrad.uop.ops import UOp
 
-# ---------------------------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------------------------
+from runtime import train_matmul  # x Wᵀ whose backward tinygrad 0.14 compiles 2x faster
+
+# ------------------------------ Attention --------------------------------------------------------
 
 
 def causal_mask(T: int, S, start_pos=0) -> Tensor:
-    """Additive mask (T, S): 0 where query t may look at key s, -inf where s is in its future.
-
-    Query t sits at absolute position start_pos + t, and may see keys 0 .. start_pos + t."""
+    """Additive mask (T, S): 0 where query t (at position start_pos + t) may look at key s, -inf
+    where s is in its future."""
     return Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
 
 
-# How much a query wants a key, before the softmax: four similarity functions. GPT-2 uses the scaled
-# dot product; the others are here to compare (python transformer.py --similarity NAME). Each maps
-# q (..., H, T, hs) and k (..., H, S, hs) to scores (..., H, T, S).
+# How much a query wants a key: four similarity functions (GPT-2's is scaled; --similarity NAME
+# compares), each q (..., H, T, hs) and k (..., H, S, hs) -> scores (..., H, T, S).
 
 
 def dot_scores(q: Tensor, k: Tensor) -> Tensor:
@@ -62,17 +53,14 @@ def scaled_scores(q: Tensor, k: Tensor) -> Tensor:
 
 
 def general_scores(q: Tensor, k: Tensor, w: Tensor) -> Tensor:
-    """qᵀWk with a learned W per head, w (H, hs, hs) (Luong et al., 2015, "general"): one more
-    matmul and hs² parameters per head. W_Q and W_K already make q and k, so W adds no power a
-    wider c_attn could not give; it is the bilinear form written out."""
+    """qᵀWk with a learned W per head, w (H, hs, hs) (Luong et al., 2015, "general"): W_Q and
+    W_K already make q and k, so W adds no power; it is the bilinear form written out."""
     return (q @ w) @ k.transpose(-2, -1)
 
 
 def additive_scores(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor, v: Tensor) -> Tensor:
-    """vᵀ tanh(W_q q + W_k k) (Bahdanau et al., 2015, the first attention in translation): a small
-    MLP on every (query, key) pair, w_q and w_k (H, hs, hs), v (H, hs). It needs a (T, S, hs)
-    tensor per head where the others need (T, S): the costliest, which is why Transformers moved
-    to dot products."""
+    """vᵀ tanh(W_q q + W_k k) (Bahdanau et al., 2015), w_q and w_k (H, hs, hs), v (H, hs): a small
+    MLP on every (query, key) pair, a (T, S, hs) tensor per head: the costliest similarity."""
     H, hs = v.shape
     pairs = (q @ w_q).unsqueeze(-2) + (k @ w_k).unsqueeze(-3)  # (..., H, T, S, hs)
     return (pairs.tanh() * v.reshape(H, 1, 1, hs)).sum(-1)  # (..., H, T, S)
@@ -84,10 +72,8 @@ SIMILARITIES = ("scaled", "dot", "general", "additive")
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None,
                       similarity=scaled_scores) -> Tensor:
     """softmax(similarity(q, k) + mask) for q (..., T, d) and k (..., S, d)  ->  (..., T, S).
-
-    Row t says how much query t takes from each key: it sums to 1, and the mask zeroes the future.
-    The default similarity divides q kᵀ by √d, which keeps the dot products at unit variance, so
-    the softmax does not saturate (Vaswani et al., 2017, section 3.2.1)."""
+    Row t says how much query t takes from each key: it sums to 1, and the mask zeroes the
+    future."""
     scores = similarity(q, k)  # (..., T, S)
     if mask is not None:
         scores = scores + mask
@@ -95,32 +81,9 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None,
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """softmax(q kᵀ / √d + mask) v  for q (..., T, d), k and v (..., S, d)  ->  (..., T, d):
-    each query's output is the average of the values, weighted by attention_weights."""
+    """softmax(q kᵀ / √d + mask) v, q (..., T, d), k, v (..., S, d) -> (..., T, d): the values
+    averaged with attention_weights."""
     return attention_weights(q, k, mask) @ v
-
-
-def matmul_backward(grad: UOp, call: UOp) -> tuple[UOp, UOp]:
-    """The gradients of y = x Wᵀ (x (N, in), W (out, in)), written so that tinygrad 0.14 makes
-    fast CPU kernels of them. Its own backward reads W across memory for dx, and reduces dW over
-    all N rows in one long sum: on this CPU 12 and 7 GFLOP/s against the forward's 31.
-    - dx = g W reads W through a transposed copy, so each of its sums runs along memory: 31.
-    - dW = gᵀ x as up to 32 partial sums over blocks of rows, stored, then added: 17.
-    One Linear of modular addition's step at p=113 (11,490 rows, 512 -> 128): 385 ms -> 186 ms."""
-    g, x, w = (Tensor(u) for u in (grad, *call.src[1:]))
-    N, n_in = x.shape
-    n_out = w.shape[0]
-    dx = g @ w.T.contiguous().T  # (N, out) @ (out, in), the (out, in) view of an (in, out) copy
-    k = max(d for d in range(1, 33) if N % d == 0)
-    g_blocks = g.reshape(k, N // k, n_out).transpose(1, 2)  # (k, out, N/k)
-    dw = (g_blocks @ x.reshape(k, N // k, n_in)).contiguous().sum(0)  # (k, out, in) -> (out, in)
-    return dx.uop, dw.uop
-
-
-@function(grad_fxn=matmul_backward)
-def train_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    """x Wᵀ for x (N, in), with the backward above."""
-    return x @ weight.T
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -128,14 +91,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     *lead, n_in = x.shape
     n_out = weight.shape[0]
     if math.prod(lead) == 1 and n_in % 4 == 0:
-        # One row (decoding a token): a matrix-vector product, bound by reading the weights. As
-        # one long sum per output it is a serial chain of additions; as 4 interleaved partial
-        # sums, the CPU has independent ones to overlap: decoding 1.5x faster on tinygrad 0.14's
-        # CPU and OpenCL backends (8 sums spill registers on a CPU without AVX-512).
+        # One row (decoding): as 4 interleaved partial sums, not one serial chain per output,
+        # the CPU overlaps them: decoding 1.5x faster on CPU and OpenCL (8 spill registers).
         products = x.reshape(*lead, 1, n_in // 4, 4) * weight.reshape(n_out, n_in // 4, 4)
         y = products.sum(-2).sum(-1)  # (..., out)
     elif TRAINING:
-        # the same product with a backward that makes faster kernels (matmul_backward)
+        # the same product with a backward that makes faster CPU kernels (runtime.py)
         y = train_matmul(x.reshape(-1, n_in), weight).reshape(*lead, n_out)
     else:
         y = x @ weight.T
@@ -143,21 +104,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear:
-    """y = x Wᵀ + b with W stored (out, in), as in PyTorch.
-
-    In this layout each output's weights sit next to each other in memory, so the matrix-vector
-    products of decoding read memory in order: 3x faster on a CPU than GPT-2's Conv1D layout
-    (in, out), which gpt.py transposes once at load time."""
+    """y = x Wᵀ + b with W stored (out, in), as in PyTorch: each output's weights lie together,
+    so decoding's matrix-vector products read memory in order, 3x faster on a CPU than GPT-2's
+    Conv1D layout (in, out), which gpt.py transposes once at load time."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool = True, std: float = 0.02, init=True):
-        # init=False leaves the weights unset for a caller that loads a checkpoint: building
-        # tinygrad's lazy random-number graphs for GPT-2 costs over a second, for nothing
+        # init=False: unset, for a caller that loads them (GPT-2's random draws cost a second)
         self.weight = Tensor.normal(n_out, n_in, std=std) if init else Tensor.empty(n_out, n_in)
         self.bias = Tensor.zeros(n_out) if bias else None
 
     def __call__(self, x: Tensor) -> Tensor:
-        # Materialize the input, and the gradient flowing back: an elementwise expression fused into
-        # a matmul operand is recomputed for every output column, which costs more than one write.
+        # Materialize input and gradient: fused into a matmul, each output column recomputes them
         return linear(x.contiguous(), self.weight, self.bias).contiguous_backward()
 
 
@@ -176,10 +133,9 @@ class SingleHeadAttention:
 
 
 def knock_out(y: Tensor, keep: Tensor, mean_over: int | None = None) -> Tensor:
-    """Head ablation, the causal test of what a head does: y (B, H, T, hs), the heads' outputs
-    before c_proj mixes them. A head with keep[h] = 0 is replaced by zeros, or by its own mean
-    over the positions (mean_over=2) or the batch (0) of this pass, as TransformerLens's zero
-    and mean ablation do; keep[h] = 1 leaves the head exactly as it was (y * 1 + 0)."""
+    """Head ablation on y (B, H, T, hs), the heads' outputs before c_proj: keep[h] = 0 replaces a
+    head by zeros, or its mean over the positions (mean_over=2) or the batch (0), as
+    TransformerLens's zero and mean ablation; keep[h] = 1 leaves it exactly (y * 1 + 0)."""
     keep = keep.reshape(1, -1, 1, 1)  # (1, H, 1, 1)
     fill = 0.0 if mean_over is None else y.mean(mean_over, keepdim=True)
     return y * keep + fill * (1 - keep)
@@ -200,15 +156,13 @@ def padding_mask(idx: Tensor, pad_id: int) -> Tensor:
 
 class MultiHeadAttention:
     """What self- and cross-attention share: n_head heads attend independently, each in its own
-    slice of the features, and c_proj mixes their concatenated outputs (Vaswani et al., 2017,
-    section 3.2.2). Where q, k and v come from is the subclass's business."""
+    slice of the features, and c_proj mixes their outputs (Vaswani et al., section 3.2.2)."""
 
     def __init__(self, n_embd: int, n_head: int, n_layer: int = 1, init=True,
                  similarity: str = "scaled"):
         assert n_embd % n_head == 0, f"{n_embd=} is not divisible by {n_head=}"
         self.n_head, self.similarity = n_head, similarity
-        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer) so
-        # the residual's variance does not grow with depth (Radford et al., 2019, section 2.3).
+        # init / sqrt(2 n_layer): the residual's variance does not grow with depth (GPT-2, 2.3)
         self.c_proj = Linear(n_embd, n_embd, std=0.02 / math.sqrt(2 * n_layer), init=init)
         hs = n_embd // n_head
         if similarity == "general":
@@ -252,11 +206,9 @@ class MultiHeadAttention:
 
 
 class CausalSelfAttention(MultiHeadAttention):
-    """Self-attention: one matmul makes q, k and v for every head from the same sequence (GPT-2's
-    c_attn), and the causal mask keeps each query from its future.
-
-    Called with start_pos, it keeps the keys and values of earlier positions in a cache, so
-    decoding one new token costs one row of attention instead of re-running the whole prefix."""
+    """Self-attention: one matmul makes q, k and v of every head (GPT-2's c_attn), and the causal
+    mask keeps each query from its future. With start_pos, earlier keys and values come from a
+    cache, so decoding a token costs one row of attention, not the whole prefix again."""
 
     def __init__(self, n_embd: int, n_head: int, n_ctx: int, n_layer: int = 1, init=True,
                  causal: bool = True, similarity: str = "scaled"):
@@ -268,8 +220,7 @@ class CausalSelfAttention(MultiHeadAttention):
     def __call__(self, x: Tensor, start_pos=None, pad: Tensor | None = None) -> Tensor:
         """pad: a padding_mask of x's tokens, for an encoder whose batch is padded."""
         B, T, C = x.shape
-        # contiguous_backward: each of the three gradients is written once, then joined, instead of
-        # one kernel recomputing all three attention matmuls for every column of c_attn
+        # contiguous_backward: q, k and v's gradients written once each, not recomputed per column
         q, k, v = [t.contiguous_backward() for t in self.c_attn(x).split(C, dim=-1)]  # (B, T, C)
         q, k, v = [split_heads(t, self.n_head) for t in (q, k, v)]  # each (B, H, T, hs)
         if start_pos is None:
@@ -288,8 +239,7 @@ class CausalSelfAttention(MultiHeadAttention):
         """Write this call's keys and values at start_pos and return everything cached so far."""
         B, H, T, hs = k.shape
         if self.cache_kv is None or self.cache_kv.shape[1] != B or self.cache_kv.dtype != k.dtype:
-            # empty, not zeros: every position is written before it is read, and an allocation
-            # needs no kernel of its own (zeros cost one realize per layer in the first prefill)
+            # empty, not zeros: every position is written before it is read, and needs no kernel
             cache = Tensor.empty(2, B, H, self.n_ctx, hs, dtype=k.dtype)
             self.cache_kv = cache.is_param_(False)  # state, not a weight: kept out of checkpoints
         end = start_pos + T
@@ -298,10 +248,9 @@ class CausalSelfAttention(MultiHeadAttention):
 
 
 class CrossAttention(MultiHeadAttention):
-    """The encoder-decoder's bridge (Vaswani et al., 2017, section 3.2.3): queries come from the
-    decoder's sequence, keys and values from the encoder's output, the source. No causal mask:
-    every output position may read the whole source, but never its padding. The names are those
-    of Hugging Face's GPT-2 with add_cross_attention: q_attn for q, c_attn for k and v."""
+    """The encoder-decoder's bridge (Vaswani et al., section 3.2.3): q from the decoder, k and v
+    from the encoder's output, which every position may read whole but for its padding. Names as
+    in Hugging Face's GPT-2 with add_cross_attention: q_attn for q, c_attn for k and v."""
 
     def __init__(self, n_embd: int, n_head: int, n_layer: int = 1, init=True):
         self.q_attn = Linear(n_embd, n_embd, init=init)
@@ -329,15 +278,12 @@ class CrossAttention(MultiHeadAttention):
         return self.attend(q, k, v, pad)
 
 
-# ---------------------------------------------------------------------------------------------
-# The rest of a block: LayerNorm, the MLP, positions
-# ---------------------------------------------------------------------------------------------
+# ------------------------------ The rest of a block: LayerNorm, the MLP, positions ---------------
 
 
 class LayerNorm:
-    """Normalize each position's features to mean 0 and variance 1, then scale and shift.
-
-    The variance is the biased one (divide by C, not C - 1), as in Ba et al. (2016) and PyTorch."""
+    """Normalize each position's features to mean 0 and variance 1, then scale and shift. The
+    variance is the biased one (divide by C, not C - 1), as in Ba et al. (2016) and PyTorch."""
 
     def __init__(self, n_embd: int, eps: float = 1e-5):
         self.weight, self.bias, self.eps = Tensor.ones(n_embd), Tensor.zeros(n_embd), eps
@@ -365,10 +311,8 @@ class MLP:
 
 
 def sinusoidal_positions(n_ctx: int, n_embd: int) -> Tensor:
-    """(n_ctx, n_embd) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same).
-
-    Fixed, not learned: each pair of features is a clock at its own frequency (Vaswani et al.,
-    section 3.5)."""
+    """(n_ctx, n_embd) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same). Fixed:
+    each pair of features is a clock at its own frequency (Vaswani et al., section 3.5)."""
     pos = np.arange(n_ctx)[:, None]
     freq = 10000.0 ** (-np.arange(0, n_embd, 2) / n_embd)
     table = np.zeros((n_ctx, n_embd), dtype=np.float32)
@@ -378,14 +322,11 @@ def sinusoidal_positions(n_ctx: int, n_embd: int) -> Tensor:
 
 
 class Block:
-    """Attention then MLP, each a residual branch: its output is added to the residual stream.
-
-    Pre-LN (GPT-2) normalizes the input of each branch: x + f(ln(x)). Post-LN, as in the 2017
-    paper, normalizes after the sum: ln(x + f(x)); it trains less stably without warmup (Xiong et
-    al., 2020). Config(mlp=False) keeps attention only, the model in which Olsson et al. (2022)
-    watch induction heads form; Config(layernorm=False) drops the block's LayerNorms.
-    Config(cross=True) makes the decoder block of an encoder-decoder: masked self-attention, then
-    cross-attention to the source, then the MLP (Vaswani et al., 2017, section 3.1)."""
+    """Attention then MLP, each a residual branch added to the stream. Pre-LN (GPT-2) normalizes
+    each branch's input, x + f(ln(x)); post-LN (2017) the sum, ln(x + f(x)), less stable without
+    warmup (Xiong et al., 2020). Config(cross=True): cross-attention between the two, the
+    decoder block of the encoder-decoder (section 3.1); Config(mlp=False): attention only, where
+    Olsson et al. (2022) watch induction heads form; Config(layernorm=False): no LayerNorms."""
 
     def __init__(self, config: Config, init=True):
         c = config
@@ -401,8 +342,7 @@ class Block:
 
     def __call__(self, x: Tensor, start_pos=None, pad: Tensor | None = None,
                  source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
-        """pad: the padding_mask of an encoder's batch. source: for cross-attention, the
-        encoder's output and its padding_mask."""
+        """pad: an encoder batch's padding_mask; source: the encoder's output and its mask."""
         branches = [(self.ln_1, lambda h: self.attn(h, start_pos, pad))]
         if self.crossattention is not None:
             branches.append((self.ln_cross_attn,
@@ -428,9 +368,7 @@ class Block:
             self.crossattention.share(other.crossattention)
 
 
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
+# ------------------------------ The model --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -450,12 +388,10 @@ class Config:
     residual: bool = True  # False: no-residual, blocks without skip connections
     shared_layers: bool = False  # True: every block uses the first block's weights
     similarity: str = "scaled"  # how a query scores a key: one of SIMILARITIES
-    # Initial embeddings, in multiples of GPT-2's (std 0.02 for tokens, 0.01 for positions): large
-    # initial weights make a network memorize first and generalize late (Liu et al., 2023,
-    # "Omnigrok"), as PyTorch's default, std 1, does in Lee et al.'s grokking (grokking-slow)
+    # Initial embeddings in multiples of GPT-2's (std 0.02, 0.01): large ones memorize first and
+    # generalize late (Liu et al., 2023, "Omnigrok"), as std 1 does in Lee et al.'s grokking
     embd_scale: float = 1.0
-    # The other families: no key attends to pad_id; a Classifier scores n_classes; cross=True
-    # gives the blocks cross-attention (an EncoderDecoder's decoder)
+    # families.py: no key attends to pad_id; a Classifier scores n_classes; cross=True
     pad_id: int | None = None
     n_classes: int = 2
     cross: bool = False
@@ -471,8 +407,7 @@ class Config:
                              f"{', '.join(SIMILARITIES)}")
 
 
-# --ablate NAME: what each takes away, as Config fields. Hilton's curriculum asks what the mask,
-# the skip connections, the positions and separate layers are for; train without and see.
+# --ablate NAME as Config fields: what the mask, skips, positions, separate layers are for (Hilton)
 ABLATIONS = {
     "no-mask": {"causal": False},
     "no-residual": {"residual": False},
@@ -495,18 +430,15 @@ class Model:
 
 
 class Transformer(Model):
-    """Token ids (B, T) -> next-token logits (B, T, vocab_size): the decoder-only model, GPT's
-    family; with Config(causal=False), an encoder.
-
-    The output layer reuses the token embedding (weight tying, Press & Wolf 2017), as GPT-2 does.
-    init=False skips drawing the random initial weights, for a caller that replaces them all."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size): GPT's family; an encoder with
+    Config(causal=False). The output layer is the token embedding again (weight tying, Press &
+    Wolf 2017), as in GPT-2. init=False draws no weights, for a caller that loads them all."""
 
     def __init__(self, config: Config, init=True):
         c = self.config = config
-        # Rows are padded to a multiple of 64 (zeros, never a target): tinygrad's kernel
-        # heuristics split and unroll the output axis only by factors that divide it (GPT-2's
-        # 50257 has none small), which halves the time of the largest matmul in decoding.
-        # nanoGPT pads too.
+        # Rows padded to a multiple of 64 (zeros, never a target): tinygrad splits and unrolls an
+        # axis only by factors that divide it (50257 has none small); decoding's largest matmul
+        # takes half the time. nanoGPT pads too.
         rows = -(-c.vocab_size // 64) * 64
         self.wte = nn.Embedding(rows, c.n_embd)
         if init:
@@ -529,23 +461,20 @@ class Transformer(Model):
 
     def __call__(self, idx: Tensor, start_pos=None,
                  source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
-        """start_pos=None: the whole sequence, no cache. An int or bound Variable: idx continues
-        a sequence whose first start_pos tokens are already in the KV cache. source: what the
-        cross-attention of a decoder (Config(cross=True)) reads, see EncoderDecoder.encode."""
+        """start_pos=None: the whole sequence, no cache; an int or bound Variable: idx continues
+        the start_pos tokens in the KV cache. source: what a decoder's cross-attention reads."""
         return self.unembed(self.final_stream(idx, start_pos, source))
 
     def final_stream(self, idx: Tensor, start_pos=None, source=None) -> Tensor:
         """The residual stream after the last block, (B, T, C): embeddings, then the blocks."""
         B, T = idx.shape
         first = 0 if start_pos is None else start_pos
-        # Weights may be stored in float16 (gpt.py --half) to halve the bytes each token reads;
-        # activations stay float32, and each matmul upcasts its weights as it loads them. The
-        # token rows are looked up as float32 too: tinygrad 0.14 cannot compile a float16 lookup
-        # (nn.Embedding's) for OpenCL.
+        # Weights may be float16 (gpt.py --half), activations stay float32: each matmul upcasts
+        # as it loads, and the rows are looked up as float32 (tinygrad 0.14 cannot compile a
+        # float16 lookup for OpenCL).
         if TRAINING:
-            # The lookup as a product with one-hot rows: its gradient is then a matmul that
-            # linear splits into partial sums. tinygrad's own backward of the lookup is one long
-            # masked sum per table entry: 161 ms of modular addition's 900 ms step at p=113.
+            # The lookup as a product with one-hot rows, whose gradient is a fast matmul; the
+            # lookup's own is a masked sum per entry: 161 ms of a 900 ms step at p=113.
             rows = self.wte.weight.shape[0]
             one_hot = (idx.unsqueeze(-1) == Tensor.arange(rows)).float()  # (B, T, rows)
             x = linear(one_hot, self.wte.weight.T)  # (B, T, C)
@@ -561,9 +490,8 @@ class Transformer(Model):
         for block in self.h:
             x = block(x, start_pos, pad, source)
             if start_pos is not None:
-                # Inference: realizing each block's output makes the blocks separate graphs that
-                # differ only in their buffers, and tinygrad's schedule cache recognizes them:
-                # GPT-2's first prefill took 5 s instead of 7 here. (Training keeps one graph.)
+                # Inference: each block a graph of its own, alike but for buffers, which tinygrad's
+                # schedule cache recognizes: GPT-2's first prefill 5 s instead of 7.
                 x = x.realize()
             if stream is not None:
                 stream.append(x)
@@ -571,8 +499,7 @@ class Transformer(Model):
         return x
 
     def encode(self, idx: Tensor) -> Tensor:
-        """Token ids (B, T) -> the final stream, normalized (B, T, C): what an encoder hands on,
-        to a classifier's head or to a decoder's cross-attention."""
+        """Token ids (B, T) -> the final stream, normalized (B, T, C): what an encoder hands on."""
         x = self.final_stream(idx)
         return x if self.ln_f is None else self.ln_f(x)
 
@@ -584,73 +511,12 @@ class Transformer(Model):
         return linear(x, self.wte.weight)[:, :, : self.config.vocab_size]  # (B, T, vocab_size)
 
 
-# ---------------------------------------------------------------------------------------------
-# The other two families: an encoder that classifies, and the encoder-decoder
-# ---------------------------------------------------------------------------------------------
-
-
-class Classifier(Model):
-    """Token ids (B, T) -> class logits (B, n_classes): an encoder, as in BERT (Devlin et al.,
-    2019), and a linear head on the mean of its output over the real tokens. The mean, not a
-    [CLS] token: every position reaches the head and gets a gradient from the first step, while
-    [CLS] must learn to gather the sequence, which BERT's pretraining teaches. Causal (a decoder
-    side by side), the head reads the last real token: the only one that saw everything."""
-
-    def __init__(self, config: Config, init=True):
-        self.config = config
-        self.encoder = Transformer(config, init)
-        self.head = Linear(config.n_embd, config.n_classes, init=init)
-
-    def __call__(self, idx: Tensor) -> Tensor:
-        B, T = idx.shape
-        c = self.config
-        x = self.encoder.encode(idx)  # (B, T, C)
-        real = (idx != c.pad_id).float() if c.pad_id is not None else Tensor.ones(B, T)
-        if c.causal:
-            last = real.sum(1, keepdim=True).int() - 1  # (B, 1): where the last real token is
-            weights = (Tensor.arange(T).reshape(1, T) == last).float()  # (B, T), one-hot
-        else:
-            weights = real / real.sum(1, keepdim=True)  # (B, T): the mean over real tokens
-        pooled = (x * weights.unsqueeze(-1)).sum(1)  # (B, C)
-        return self.head(pooled)  # (B, n_classes)
-
-
-class EncoderDecoder(Model):
-    """Source ids (B, S) and target ids (B, T) -> next-target-token logits (B, T, vocab_size):
-    the Transformer of Vaswani et al. (2017), the family of T5 and BART. The encoder reads the
-    source both ways; each decoder block attends causally to the target so far, then through
-    cross-attention to the encoder's output. One vocabulary, so one token table serves both
-    sides and the output layer, and one position table both sides (section 3.4)."""
-
-    def __init__(self, config: Config, init=True):
-        self.config = config
-        self.encoder = Transformer(replace(config, causal=False), init)
-        # the target's padding comes after its real tokens, where the causal mask hides it
-        self.decoder = Transformer(replace(config, cross=True, pad_id=None), init)
-        self.decoder.wte = self.encoder.wte
-        for table in ("wpe", "pe"):
-            if hasattr(self.encoder, table):
-                setattr(self.decoder, table, getattr(self.encoder, table))
-
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Source ids (B, S) -> what every cross-attention reads: the encoder's output (B, S, C)
-        and the source's padding_mask (None without a pad_id)."""
-        pad_id = self.config.pad_id
-        return self.encoder.encode(src), None if pad_id is None else padding_mask(src, pad_id)
-
-    def __call__(self, src: Tensor, tgt: Tensor) -> Tensor:
-        return self.decoder(tgt, source=self.encode(src))
-
-
 def captured(run, *groups: list[MultiHeadAttention], keep_out=True) -> tuple[Tensor, list]:
-    """run() once, with every attention layer in groups keeping the probabilities it multiplies
-    its values with: run's result, and per group its layers' (B, H, T, S) stacked on dim 1.
-    keep_out=False: the maps alone (None for the result, which is then never computed).
-
-    What is shown is what was computed: there is no second implementation of attention to drift
-    from the first. The weights are a buffer of the pass anyway, so keeping them costs one copy
-    into the stacked result and changes no logit; with capture off (the default) nothing is
-    kept."""
+    """run() once, every attention layer in groups keeping the probabilities it multiplies its
+    values with: run's result (None with keep_out=False, then never computed) and per group the
+    layers' (B, H, T, S) stacked on dim 1. What is shown is what was computed, with no second
+    implementation of attention; the weights are a buffer of the pass anyway, so keeping them
+    costs one copy and changes no logit."""
     layers = [attn for group in groups for attn in group]
     for attn in layers:
         attn.keep_weights = True
@@ -666,27 +532,16 @@ def captured(run, *groups: list[MultiHeadAttention], keep_out=True) -> tuple[Ten
 
 def attention_maps(model: Transformer, idx: Tensor, logits=True
                    ) -> tuple[Tensor | None, Tensor]:
-    """Logits (B, T, vocab) and every head's attention probabilities (B, n_layer, n_head, T, T)
-    for token ids idx (B, T), both from one ordinary forward pass. logits=False: the maps alone
-    (None for the logits), and the pass stops at the last layer's attention."""
+    """Logits (B, T, vocab) and every head's attention (B, n_layer, n_head, T, T) for ids (B, T)
+    from one ordinary pass; logits=False: the maps alone (None), the unembedding not run."""
     logits, (maps,) = captured(lambda: model(idx), [block.attn for block in model.h],
                                keep_out=logits)
     return logits, maps
 
 
-def encoder_decoder_maps(model: EncoderDecoder, src: Tensor, tgt: Tensor):
-    """Logits (B, T, vocab) and, from the same pass, {"encoder": (B, L, H, S, S), "decoder":
-    (B, L, H, T, T), "cross": (B, L, H, T, S)}: the three kinds of attention."""
-    enc, dec = model.encoder.h, model.decoder.h
-    logits, maps = captured(lambda: model(src, tgt), [b.attn for b in enc], [b.attn for b in dec],
-                            [b.crossattention for b in dec])
-    return logits, dict(zip(("encoder", "decoder", "cross"), maps))
-
-
 def residual_stream(model: Transformer, idx: Tensor) -> tuple[Tensor, list[Tensor]]:
     """Logits (B, T, vocab) and the residual stream (B, T, C) after the embedding and after each
-    block, n_layer + 1 tensors, from one ordinary forward pass. model.unembed reads any of them
-    as the model reads its last (the logit lens, heads.py), so the last reading is the logits."""
+    block (n_layer + 1) from one pass: model.unembed reads any of them (the logit lens)."""
     model.keep_stream = True
     try:
         logits = model(idx)
@@ -697,19 +552,14 @@ def residual_stream(model: Transformer, idx: Tensor) -> tuple[Tensor, list[Tenso
     return logits, stream
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling and generation
-# ---------------------------------------------------------------------------------------------
+# ------------------------------ Sampling and generation ------------------------------------------
 
 
 def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:
-    """Pick one token per row of logits (B, V).
-
-    temperature 0 is greedy (argmax). Otherwise the logits are divided by the temperature, top-k
-    keeps the k likeliest tokens, top-p keeps the smallest set whose probability reaches p (the
-    "nucleus", Holtzman et al., 2019), and one token is drawn from what is left. Sampling runs in
-    NumPy on the host: it is cheap next to the model, and a seeded rng draws the same on every
-    backend."""
+    """Pick one token per row of logits (B, V). temperature 0 is greedy (argmax); otherwise the
+    logits are divided by it, top-k keeps the k likeliest, top-p the smallest set whose
+    probability reaches p (Holtzman et al., 2019), and one is drawn. In NumPy on the host: cheap
+    next to the model, and a seeded rng draws the same on every backend."""
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return logits.argmax(-1)
@@ -737,18 +587,16 @@ def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None
 
 
 def prefill_bucket(T: int, n_ctx: int, smallest: int = 8) -> int:
-    """The length a prompt of T tokens is padded to on the right: the next power of two (at least
-    smallest), at most n_ctx. A new shape is a new graph to schedule and new kernels to build, so
-    prompts of any length share about log2(n_ctx) of them; attention is causal, so the real
-    positions never see the padding and come out as the unpadded pass's."""
+    """The length a prompt of T tokens is right-padded to: the next power of two (at least
+    smallest, at most n_ctx). Each new shape is a new graph and new kernels; this way all
+    lengths share log2(n_ctx), and causal attention keeps the padding from the real positions."""
     if not 1 <= T <= n_ctx:
         raise ValueError(f"{T} tokens do not fit a context of {n_ctx}")
     return min(max(smallest, 1 << (T - 1).bit_length()), n_ctx)
 
 
 def padded_length(model: Transformer, T: int) -> int:
-    """What a pass of T tokens is padded to: prefill_bucket for a causal model; T itself without
-    the mask (--ablate no-mask), where every position would see the padding."""
+    """prefill_bucket for a causal model; T without the mask, where all would see the padding."""
     return prefill_bucket(T, model.config.n_ctx) if model.config.causal else T
 
 
@@ -756,16 +604,11 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
              top_k=None, top_p=None, rng=None, beam=0):
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
 
-    The prompt is run in one pass (prefill) that fills each layer's KV cache, padded on the right
-    to its bucket (prefill_bucket), so prompts of other lengths in the bucket reuse its kernels;
-    after that every step feeds one token. That step is compiled once by TinyJit with its
-    position as a symbolic Variable, so the loop neither re-traces nor recompiles per token. When
-    the context is full, the window slides: the newest half of the tokens is prefilled again and
-    decoding goes on.
-
-    beam > 0 compiles the step's kernels with tinygrad's kernel search (BEAM) of that width: it
-    times variants of each kernel on this device and keeps the fastest. The search runs once per
-    kernel shape and device, minutes at first, and tinygrad caches the result on disk."""
+    One pass (prefill, right-padded to its bucket) fills each layer's KV cache; then each step
+    feeds one token, compiled once by TinyJit with its position a symbolic Variable, so nothing
+    is traced again per token. A full context slides: the newest half is prefilled again.
+    beam > 0 searches the step's kernels (tinygrad's BEAM of that width): minutes once per shape
+    and device, then cached on disk."""
     n_ctx = model.config.n_ctx
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
     decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
@@ -773,9 +616,8 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     prefills: dict[int, TinyJit] = {}  # one per bucket length
 
     def prefill(window: np.ndarray) -> np.ndarray:
-        """Run the prompt (B, T), padded on the right to its bucket, and fill the KV cache ->
-        the last real position's logits (B, V). The padding's keys land in cache positions T
-        and on, which each decode step overwrites before it reads them (it reads [:pos + 1])."""
+        """The prompt (B, T), padded, into the KV cache -> the last real position's logits (B, V).
+        The padding's keys land at T and on, which each decode step writes before it reads."""
         B, T = window.shape
         size = padded_length(model, T)
         padded = np.zeros((B, size), dtype=np.int32)
@@ -801,22 +643,6 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
             with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone
                 logits = decode(Tensor(nxt[:, None]), pos).numpy()
 
-
-def translate(model: EncoderDecoder, src: np.ndarray, bos: int, max_new_tokens: int) -> np.ndarray:
-    """Greedy output (B, max_new_tokens) of the encoder-decoder for source ids src (B, S), the
-    decoder starting from the token bos.
-
-    The source is encoded once, each cross-attention computes its keys and values from it once,
-    and every step feeds one token through the decoder's KV cache."""
-    source = model.encode(Tensor(np.asarray(src, dtype=np.int32)))
-    source = (source[0].realize(), source[1])  # one encoder pass for every step that follows
-    tok = np.full((len(src), 1), bos, dtype=np.int32)  # (B, 1)
-    out = []
-    for pos in range(max_new_tokens):
-        logits = model.decoder(Tensor(tok), pos, source)[:, -1].numpy()  # (B, V)
-        tok = sample(logits, 0).astype(np.int32)[:, None]  # (B, 1)
-        out.append(tok[:, 0])
-    return np.stack(out, axis=1)
 
 if __name__ == "__main__":
     from train import cli  # the training loop and its command line live in train.py

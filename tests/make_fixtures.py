@@ -460,9 +460,9 @@ def save_strided_fixtures():
     np.savez(FIXTURES / "strided-expected.npz", **expected)
 
 
-# The other two families (transformer.py's encoder, decoder block and EncoderDecoder), checked
-# against PyTorch's own modules with random weights: small sizes, a padded source, no dropout,
-# and GPT-2's tanh GELU as the activation so that the MLPs match.
+# The other two families (transformer.py's encoder and decoder blocks, families.py's
+# EncoderDecoder), checked against PyTorch's own modules with random weights: small sizes, a
+# padded source, no dropout, and GPT-2's tanh GELU as the activation so that the MLPs match.
 FAMILIES = dict(vocab=12, d_model=16, nhead=4, layers=2, src_len=7, tgt_len=5, pad_id=0)
 
 

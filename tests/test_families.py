@@ -1,9 +1,9 @@
-"""The other two families against PyTorch's own modules: transformer.py's encoder block, decoder
-block and EncoderDecoder are loaded with the random weights of torch.nn.TransformerEncoderLayer,
-TransformerDecoderLayer and Transformer (tests/fixtures/torch-transformer.npz, made by
-`python tests/make_fixtures.py families`), and must give PyTorch's outputs within 1e-5, post-LN
-and pre-LN. Then what each family may see, cross-attention's rows, cached decoding, and the
-classifier's pooling, each against a NumPy formula."""
+"""The other two families against PyTorch's own modules. transformer.py's encoder and decoder
+blocks and families.py's EncoderDecoder are loaded with the random weights of
+torch.nn.TransformerEncoderLayer, TransformerDecoderLayer and Transformer (the fixture
+tests/fixtures/torch-transformer.npz, made by `python tests/make_fixtures.py families`) and must
+give PyTorch's outputs within 1e-5, post-LN and pre-LN. Then what each family may see,
+cross-attention's rows, cached decoding, and the classifier's pooling, against NumPy."""
 import re
 from pathlib import Path
 
@@ -11,16 +11,8 @@ import numpy as np
 import pytest
 from tinygrad import Tensor
 
-from transformer import (
-    Block,
-    Classifier,
-    Config,
-    EncoderDecoder,
-    Transformer,
-    encoder_decoder_maps,
-    padding_mask,
-    translate,
-)
+from families import Classifier, EncoderDecoder, encoder_decoder_maps, translate
+from transformer import Block, Config, Transformer, padding_mask
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "torch-transformer.npz")
 VOCAB, C, H, LAYERS, PAD = 12, 16, 4, 2, 0  # make_fixtures.FAMILIES
