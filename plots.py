@@ -86,7 +86,7 @@ def all_heads(att, path: Path, title: str = "") -> Path:
     return save(fig, path, dpi=80)
 
 
-def encoder_decoder_heads(maps: dict, path: Path, title: str = "") -> Path:
+def encoder_decoder_heads(maps: dict, path: Path, title: str = "", caption: str = "") -> Path:
     """An encoder-decoder's three kinds of attention side by side, each (L, H, queries, keys):
     the encoder's self-attention (source x source), the decoder's masked self-attention (target
     x target) and cross-attention (target x source), where a translation's alignment shows."""
@@ -102,6 +102,8 @@ def encoder_decoder_heads(maps: dict, path: Path, title: str = "") -> Path:
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention")
     if title:
         fig.suptitle(title, fontsize=10)
+    if caption:  # which token each row and column is
+        fig.supxlabel(caption, fontsize=9)
     return save(fig, path, dpi=80)
 
 

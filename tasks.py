@@ -31,16 +31,8 @@ import numpy as np
 from tinygrad import Tensor, TinyJit
 
 import heads
-from transformer import (
-    Classifier,
-    Config,
-    EncoderDecoder,
-    Transformer,
-    attention_maps,
-    encoder_decoder_maps,
-    generate,
-    translate,
-)
+from families import Classifier, EncoderDecoder, encoder_decoder_maps, translate
+from transformer import Config, Transformer, attention_maps, generate
 
 # A target id that carries no loss. Not -1: tinygrad reads ignore_index=-1 as "ignore nothing".
 IGNORE = -100
@@ -664,7 +656,7 @@ class Induction:
 
 
 class Palindromes:
-    """Is this string of digits a palindrome? An encoder classifies it (transformer.Classifier).
+    """Is this string of digits a palindrome? An encoder classifies it (families.Classifier).
 
     Half the strings are palindromes; the other half are palindromes with one digit changed, so
     one mismatched pair anywhere decides, and only a model that compares every position with
@@ -752,7 +744,7 @@ class Palindromes:
 
 class Translate:
     """Reverse a digit string of 3 to 8 digits, as a translation: an encoder-decoder
-    (transformer.EncoderDecoder) reads the source, padded to 8, and writes the target.
+    (families.EncoderDecoder) reads the source, padded to 8, and writes the target.
 
     Ids: 0 pads, 1 starts the target (BOS), 2 ends it (EOS), digit d is d + 3. The decoder reads
     BOS and the target so far, "7 3 1", and must write "1 3 7 EOS". Its cross-attention has one
@@ -798,20 +790,26 @@ class Translate:
             out[i, :k], out[i, k] = row[:k][::-1], self.EOS
         return out
 
+    def decoder_inputs(self, tgt: np.ndarray) -> np.ndarray:
+        """What the decoder reads for targets tgt (B, 9): BOS, then the target shifted by one."""
+        return np.concatenate([np.full((len(tgt), 1), self.BOS), tgt[:, :-1]], 1).astype(np.int32)
+
+    def correct(self, got: np.ndarray, want: np.ndarray) -> np.ndarray:
+        """(B,): every digit and the EOS right; what the model writes after the EOS is free."""
+        return ((got == want) | (want == self.PAD)).all(-1)
+
     def batch(self, rng, B: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-        """((source, decoder input), targets): the decoder reads BOS and the target shifted."""
+        """((source, decoder input), targets)."""
         src = self.draw(rng, B, held_out=False)
         tgt = self.targets(src)
-        inputs = np.concatenate([np.full((B, 1), self.BOS), tgt[:, :-1]], axis=1)
-        return (src, inputs.astype(np.int32)), np.where(tgt == self.PAD, IGNORE, tgt)
+        return (src, self.decoder_inputs(tgt)), np.where(tgt == self.PAD, IGNORE, tgt)
 
     def answer(self, model: EncoderDecoder, src: np.ndarray) -> np.ndarray:
         return translate(model, src, self.BOS, self.config.n_ctx)  # (B, 9), greedy
 
     def evaluate(self, model: EncoderDecoder, quick: bool = False) -> float:
         """Exact match on the held-out strings: every digit and the EOS after them."""
-        got, want = self.answer(model, self.test), self.targets(self.test)
-        return float(((got == want) | (want == self.PAD)).all(-1).mean())
+        return float(self.correct(self.answer(model, self.test), self.targets(self.test)).mean())
 
     def learned(self, score: float) -> bool:
         return score >= 0.95
@@ -820,9 +818,8 @@ class Translate:
         """(L, H): how often each cross-attention head's strongest source position is the digit
         its output position copies (n - 1 - j), over the held-out strings' digit positions."""
         src = self.test
-        tgt = self.targets(src)
-        inputs = np.concatenate([np.full((len(src), 1), self.BOS), tgt[:, :-1]], axis=1)
-        cross = encoder_decoder_maps(model, Tensor(src), Tensor(inputs.astype(np.int32)))[1]
+        inputs = self.decoder_inputs(self.targets(src))
+        cross = encoder_decoder_maps(model, Tensor(src), Tensor(inputs))[1]
         strongest = cross["cross"].numpy().argmax(-1)  # (B, L, H, T)
         n = self.length(src)[:, None, None, None]
         j = np.arange(inputs.shape[1])
@@ -841,9 +838,7 @@ class Translate:
         """A held-out source (its real digits) and its decoder input."""
         src = self.test[:1]
         n = int(self.length(src)[0])
-        tgt = self.targets(src)
-        inputs = np.concatenate([[self.BOS], tgt[0, :n]]).astype(np.int32)
-        return src[0, :n], inputs
+        return src[0, :n], self.decoder_inputs(self.targets(src))[0, : n + 1]
 
     def token(self, i: int) -> str:
         return {self.PAD: "_", self.BOS: "<s>", self.EOS: "</s>"}.get(int(i), str(int(i) - 3))
@@ -860,7 +855,9 @@ class Translate:
         words = lambda ids: " ".join(self.token(i) for i in ids)
         out = self.answer(model, src[None])[0][: len(src) + 1]  # the digits and the EOS
         title = f"translate model: {words(src)} -> {words(out)}"
-        path = plots.encoder_decoder_heads(maps, folder / "attention.png", title)
+        caption = (f"rows of the decoder's maps, top to bottom: {words(inputs)}; columns of the "
+                   f"encoder's and the cross-attention maps: {words(src)}")
+        path = plots.encoder_decoder_heads(maps, folder / "attention.png", title, caption)
         np.savez(folder / "attention.npz", src=src, tgt=inputs, **maps)
         share = self.alignment(model)
         rows = [f"layer {layer}: " + "  ".join(f"H{h} {v:.1%}" for h, v in enumerate(row))
@@ -874,7 +871,7 @@ class Translate:
         lines = []
         for src, g, w in zip(self.test[:n], got, want):
             k = int((src != self.PAD).sum())
-            ok = "ok" if ((g == w) | (w == self.PAD)).all() else "WRONG"
+            ok = "ok" if self.correct(g, w) else "WRONG"
             out = " ".join(self.token(i) for i in g[: k + 1])
             lines.append(f"{' '.join(self.token(i) for i in src[:k])} -> {out}  {ok}")
         return "\n".join(lines)
