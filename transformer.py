@@ -25,7 +25,7 @@ from tinygrad import Context, Tensor, TinyJit, Variable, nn
 from tinygrad.helpers import BEAM, TRAINING
 from tinygrad.nn.state import get_state_dict
 
-from runtime import train_matmul  # x Wᵀ whose backward tinygrad 0.14 compiles 2x faster
+from runtime import matmul  # x Wᵀ + b by CPU kernels faster than tinygrad 0.14's own
 
 # ------------------------------ Attention --------------------------------------------------------
 
@@ -95,12 +95,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         # the CPU overlaps them: decoding 1.5x faster on CPU and OpenCL (8 spill registers).
         products = x.reshape(*lead, 1, n_in // 4, 4) * weight.reshape(n_out, n_in // 4, 4)
         y = products.sum(-2).sum(-1)  # (..., out)
-    elif TRAINING:
-        # the same product with a backward that makes faster CPU kernels (runtime.py)
-        y = train_matmul(x.reshape(-1, n_in), weight).reshape(*lead, n_out)
-    else:
-        y = x @ weight.T
-    return y if bias is None else y + bias
+        return y if bias is None else y + bias
+    # many rows: a hand-written CPU kernel, 4.7x tinygrad's (runtime.py), or tinygrad's x @ W.T
+    return matmul(x.reshape(-1, n_in), weight, bias).reshape(*lead, n_out)  # (..., out)
 
 
 class Linear:

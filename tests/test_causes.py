@@ -134,9 +134,11 @@ def test_logit_lens_equals_hugging_face_and_its_last_row_is_the_model(trained):
     z = trained(Tensor(ids[None])).numpy()[0].astype(np.float64)
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
+    # two graphs of one forward (the stream kept beside the logits, or not) may add in other
+    # orders: logits up to 2e-6 apart at |z| <= 11, two float32 steps
     np.testing.assert_allclose(lens["next_token_prob"][-1, :-1], p[np.arange(T - 1), ids[1:]],
-                               rtol=0, atol=1e-7)
-    np.testing.assert_allclose(lens["top_probs"][-1], -np.sort(-p, -1)[:, :5], rtol=0, atol=1e-7)
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(lens["top_probs"][-1], -np.sort(-p, -1)[:, :5], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
