@@ -29,7 +29,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit
 
 import flags
-from runtime import exit_now, keep_kernels, use_device
+from runtime import exit_now, jit_at_once, keep_kernels, use_device
 from transformer import Config, Transformer, generate, padded_length
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
@@ -231,7 +231,7 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
              top_k=None, top_p=None, seed=None, num_samples=1, ignore_eos=False,
              stream=None, log=None, beam=0) -> tuple[list[str], dict]:
     """Continue prompt num_samples times; return each continuation (without the prompt) and
-    timings: the prefill (up to the first token), the JIT's two warm-up steps, and the decode
+    timings: the prefill (up to the first token), the JIT's warm-up step, and the decode
     steps after them, each in seconds.
 
     With stream (a binary file), the first sample's text is written as its tokens arrive. A token
@@ -267,14 +267,14 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
         stream.write(decoder.decode(b"", final=True).encode())
         stream.flush()
     t_end = time.perf_counter()
-    # The first token comes out of the prefill. TinyJit runs the decode step plainly, then
-    # captures it (steps 1 and 2, the warm-up); from step 3 on it replays: decoding proper.
+    # The first token comes out of the prefill. The decode step is captured by its first call
+    # (step 1, the warm-up); from step 2 on it replays: decoding proper.
     stamps = stamps or [t_end]
-    warm = stamps[min(2, len(stamps) - 1)]
+    warm = stamps[min(1, len(stamps) - 1)]
     stats = {"prompt_tokens": len(ids), "new_tokens": max(len(o) for o in out),
              "prefill_s": stamps[0] - t0,
-             "warmup_steps": min(len(stamps) - 1, 2), "warmup_s": warm - stamps[0],
-             "decode_steps": max(len(stamps) - 3, 0), "decode_s": stamps[-1] - warm}
+             "warmup_steps": min(len(stamps) - 1, 1), "warmup_s": warm - stamps[0],
+             "decode_steps": max(len(stamps) - 2, 0), "decode_s": stamps[-1] - warm}
     return [enc.decode(o) for o in out], stats
 
 
@@ -344,7 +344,7 @@ def token_losses(gpt: Transformer, ids, stride: int, progress=None
             size = padded_length(gpt, n - 1)  # position p predicts token begin + p + 1
             x, y = np.zeros((2, 1, size), dtype=np.int32)
             x[0, : n - 1], y[0, : n - 1] = ids[w.begin : w.end - 1], ids[w.begin + 1 : w.end]
-            run = jits.setdefault(size, TinyJit(nll))
+            run = jits.setdefault(size, jit_at_once(nll))  # nll creates no buffer
             window = run(Tensor(x), Tensor(y)).numpy()[0, : n - 1].astype(np.float64)
             scored = window[w.first - w.begin - 1 :]
             targets.append(np.arange(w.first, w.end))
@@ -609,7 +609,7 @@ def main(argv=None) -> int:
         if args.timing:
             st = stats
             log(f"prefill: {st['prompt_tokens']} tokens in {st['prefill_s']:.2f}s (the first "
-                f"token); JIT warm-up: {st['warmup_steps']} steps in {st['warmup_s']:.2f}s")
+                f"token); JIT warm-up: {st['warmup_steps']} step in {st['warmup_s']:.2f}s")
             log(f"decode: {st['decode_steps']} steps in {st['decode_s']:.2f}s "
                 f"({st['decode_steps'] / max(st['decode_s'], 1e-9):.1f} tok/s)")
     except GPTError as e:

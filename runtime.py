@@ -1,10 +1,10 @@
 """What tinygrad 0.14 lacks on a CPU, added from outside: the model files see one piece of it.
 
-transformer.py is written against tinygrad's public tensor API, and takes train_matmul from here
-by name. These six pieces make the same kernels start sooner and run faster on a CPU; none
-changes what the model computes (train_matmul sums its gradients in another order). The others
-are installed by the CLIs (use_device, keep_kernels, exit_now); each can go when tinygrad does
-the same itself. Figures from the 2-core build machine (bench.py; README, Results).
+transformer.py is written against tinygrad's public tensor API, and takes matmul from here by
+name. These seven pieces make the same kernels start sooner and run faster on a CPU; none
+changes what the model computes (matmul's kernels add the same products in other orders). The
+others are installed by the CLIs (use_device, keep_kernels, exit_now); each can go when tinygrad
+does the same itself. Figures from the 2-core build machine (bench.py; README, Results).
 
 - keep_kernels: tinygrad caches compiled binaries on disk but generates every kernel's code
   again in each new process. Kept, the reversal model's first step takes 2.3 s instead of 8.
@@ -22,9 +22,12 @@ the same itself. Figures from the 2-core build machine (bench.py; README, Result
 - exit_now: Python's teardown frees tinygrad's graphs one object at a time, 1.2 s after every
   run. Can go when that teardown is quick.
 - train_matmul: x Wᵀ with a backward whose CPU kernels run 2x faster than tinygrad's own (one
-  Linear of modular addition's step, 385 -> 186 ms); transformer.linear takes it when training.
-  The one piece the model sees, and it computes the same gradients. Can go when tinygrad's
-  matmul backward runs at its forward's speed.
+  Linear of modular addition's step, 385 -> 186 ms); matmul takes it when training. Can go
+  when tinygrad's matmul backward runs at its forward's speed.
+- cpu_matmul: x Wᵀ + b outside training as one hand-written kernel (C vector code compiled by
+  tinygrad's own clang compiler, run as a tinygrad program): 512x768 by 768x3072 at 186
+  GFLOP/s on both cores against tinygrad's 40 (NumPy's BLAS: 187). matmul takes it on a CPU
+  for float32. Can go when tinygrad's CPU code keeps vector arithmetic in vectors.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -43,7 +47,7 @@ import time
 from importlib.metadata import version
 from queue import SimpleQueue
 
-from tinygrad import GlobalCounters, Tensor
+from tinygrad import GlobalCounters, Tensor, TinyJit
 from tinygrad.engine.jit import GraphRunner
 from tinygrad.engine.realize import get_call_arg_uops
 from tinygrad.function import function
@@ -325,6 +329,17 @@ def exit_now(code: int | None):
     os._exit(code or 0)
 
 
+def jit_at_once(fxn) -> TinyJit:
+    """A TinyJit of fxn that captures on its first call. TinyJit runs a function plainly once and
+    captures it on the second call, in case the first creates buffers (a KV cache, optimizer
+    state); for one that creates none the plain call is a pass of tinygrad's scheduler for
+    nothing: GPT-2's two warm-up decode steps took 1.9 s, now 1.1. Can go when TinyJit takes
+    the number of plain calls as an option."""
+    jit = TinyJit(fxn)
+    jit.cnt = 1  # calls so far: the next one captures
+    return jit
+
+
 def matmul_backward(grad: UOp, call: UOp) -> tuple[UOp, UOp]:
     """The gradients of y = x Wᵀ (x (N, in), W (out, in)), written so that tinygrad 0.14 makes
     fast CPU kernels of them. Its own backward reads W across memory for dx, and reduces dW over
@@ -348,36 +363,53 @@ def train_matmul(x: Tensor, weight: Tensor) -> Tensor:
     return x @ weight.T
 
 
-# x Wᵀ (+ b) for x (M, K), W (N, K), b (N,): each output is a dot product of two rows that lie
-# along memory. A tile of 3 rows of x by 4 rows of W keeps 12 sums of 8 lanes each in registers,
-# so each 8 floats loaded serve 3 or 4 multiply-adds. Every output adds its products in the same
-# order whatever M and the tiling are, so a row's result does not depend on the rows beside it.
+# x Wᵀ (+ b) for x (M, K), W (N, K), b (N,), or a batch of them: each output is a dot product
+# of two rows that lie along memory. A tile of 3 rows of x by 4 rows of W keeps 12 sums of 8
+# lanes each in registers, so each 8 floats loaded serve 3 or 4 multiply-adds; a last part of
+# fewer than 8 is read as 8 with zeros after it. Every output adds its products in the same
+# order whatever M and the tiling are, so a row's result does not depend on the rows beside it,
+# and zeros after a row (padded keys, whose attention is 0) leave it as it was.
 MATMUL_C = string.Template(r"""
 typedef float f8 __attribute__((ext_vector_type(8)));
-static inline f8 load8(const float *p) { f8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-static inline float sum8(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-void $name(float *restrict out, const float *restrict x, const float *restrict w,$bias int core_id) {
-  enum { M = $M, N = $N, K = $K, PER = (M + $cores - 1) / $cores };
-  int m0 = core_id * PER, m1 = m0 + PER < M ? m0 + PER : M;
-  for (int n0 = 0; n0 < N; n0 += 64) {  /* 64 rows of W (K floats each) stay in cache */
-    int n1 = n0 + 64 < N ? n0 + 64 : N;
-    for (int m = m0; m < m1; m += 3) {
-      int mr = m1 - m < 3 ? m1 - m : 3;
-      for (int n = n0; n < n1; n += 4) {
-        int nr = n1 - n < 4 ? n1 - n : 4;
-        const float *xr[3], *wr[4];  /* past the edge: row 0 again, computed but not stored */
-        for (int i = 0; i < 3; i++) xr[i] = x + (long)(m + (i < mr ? i : 0)) * K;
-        for (int j = 0; j < 4; j++) wr[j] = w + (long)(n + (j < nr ? j : 0)) * K;
-        f8 acc[3][4] = {{0}};
-        for (int k = 0; k < K; k += 8) {
-          f8 a0 = load8(xr[0] + k), a1 = load8(xr[1] + k), a2 = load8(xr[2] + k);
-          for (int j = 0; j < 4; j++) {
-            f8 b = load8(wr[j] + k);
-            acc[0][j] += a0 * b; acc[1][j] += a1 * b; acc[2][j] += a2 * b;
-          }
+static inline f8 load8(const float *p, int n) {
+  f8 v = 0; __builtin_memcpy(&v, p, (unsigned long)n * sizeof(float)); return v;
+}
+static inline float sum8(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+#define STEP(k, len) {                                                                 \
+  f8 a0 = load8(xr[0] + (k), len), a1 = load8(xr[1] + (k), len), a2 = load8(xr[2] + (k), len); \
+  for (int j = 0; j < 4; j++) {                                                                \
+    f8 b = load8(wr[j] + (k), len);                                                            \
+    acc[0][j] += a0 * b; acc[1][j] += a1 * b; acc[2][j] += a2 * b;                             \
+  }                                                                                            \
+}
+void $name(float *restrict out, const float *restrict x, const float *restrict w,$bias
+           int core_id) {
+  enum { BATCH = $batch, M = $M, N = $N, K = $K, CORES = $cores };
+  /* the cores share out the batch if it has enough entries, else each entry's rows */
+  enum { BY_BATCH = BATCH >= CORES, SHARE = BY_BATCH ? BATCH : M };
+  enum { PER = (SHARE + CORES - 1) / CORES };
+  int s0 = core_id * PER, s1 = s0 + PER < SHARE ? s0 + PER : SHARE;
+  for (int bt = BY_BATCH ? s0 : 0; bt < (BY_BATCH ? s1 : BATCH); bt++) {
+    const float *xb = x + (long)bt * M * K, *wb = w + (long)bt * N * K;
+    float *ob = out + (long)bt * M * N;
+    int m0 = BY_BATCH ? 0 : s0, m1 = BY_BATCH ? M : s1;
+    for (int n0 = 0; n0 < N; n0 += 64) {  /* 64 rows of W stay in cache */
+      int n1 = n0 + 64 < N ? n0 + 64 : N;
+      for (int m = m0; m < m1; m += 3) {
+        int mr = m1 - m < 3 ? m1 - m : 3;
+        for (int n = n0; n < n1; n += 4) {
+          int nr = n1 - n < 4 ? n1 - n : 4;
+          const float *xr[3], *wr[4];  /* past the edge: row 0 again, computed, not stored */
+          for (int i = 0; i < 3; i++) xr[i] = xb + (long)(m + (i < mr ? i : 0)) * K;
+          for (int j = 0; j < 4; j++) wr[j] = wb + (long)(n + (j < nr ? j : 0)) * K;
+          f8 acc[3][4] = {{0}};
+          for (int k = 0; k + 8 <= K; k += 8) STEP(k, 8)
+          if (K % 8) STEP(K - K % 8, K % 8)
+          for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) ob[(long)(m + i) * N + n + j] = sum8(acc[i][j])$add_bias;
         }
-        for (int i = 0; i < mr; i++)
-          for (int j = 0; j < nr; j++) out[(long)(m + i) * N + n + j] = sum8(acc[i][j])$add_bias;
       }
     }
   }
@@ -385,15 +417,20 @@ void $name(float *restrict out, const float *restrict x, const float *restrict w
 """)
 
 
+
 def cpu_matmul_fits(x: Tensor, weight: Tensor) -> bool:
     """Can cpu_matmul take x Wᵀ: float32 on a CPU device compiled by tinygrad (not LVP), whole
-    sizes, rows a multiple of 8 floats, and a C compiler to build it."""
+    sizes, W (N, K) for x (M, K) or one W per entry of x's batch, and a C compiler."""
     from tinygrad import Device, dtypes
     from tinygrad.runtime.ops_cpu import CPUDevice
 
-    if x.dtype != dtypes.float32 or weight.dtype != dtypes.float32 or not isinstance(x.device, str):
+    if dtypes.float32 != x.dtype or dtypes.float32 != weight.dtype:
         return False
-    if not all(isinstance(s, int) for s in (*x.shape, *weight.shape)) or x.shape[-1] % 8:
+    if not isinstance(x.device, str) or x.device != weight.device:  # sharded, or two devices
+        return False
+    if not all(isinstance(s, int) for s in (*x.shape, *weight.shape)):  # symbolic (decoding)
+        return False
+    if x.ndim < 2 or x.shape[:-2] != weight.shape[:-2] or x.shape[-1] != weight.shape[-1]:
         return False
     device = Device[x.device]
     return (isinstance(device, CPUDevice) and type(device.renderer).__name__ != "LVPRenderer"
@@ -419,57 +456,65 @@ def _cpu_matmul_grads(grad: UOp, call: UOp) -> tuple:
     """Gradients for (out, x, W[, b]): none for the output buffer, then tinygrad's own."""
     g = Tensor(grad)
     _, x, w, *bias = (Tensor(u) for u in call.src[1:])
-    grads = [g @ w, g.T @ x] + [g.sum(0)] * len(bias)  # dx (M, K), dW (N, K), db (N,)
+    # dx (..., M, K), dW (..., N, K), db (N,)
+    grads = [g @ w, g.transpose(-2, -1) @ x] + [g.sum(0)] * len(bias)
     return (None, *(t.uop for t in grads))
 
 
 def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x Wᵀ (+ b) for x (M, K) and weight (N, K), as one hand-written kernel, split by rows
-    over the cores. tinygrad 0.14's CPU code splits vector arithmetic into single lanes: its
-    512x768 by 768x3072 product runs at 11 GFLOP/s on one core and 40 on two of the 2-core
-    build machine; this kernel at 95 and 186 (NumPy's BLAS: 187). Compiled with tinygrad's own
-    clang compiler (its disk cache keeps it), loaded as a tinygrad program, so TinyJit and
-    CPUGraph replay it like any other kernel."""
+    """x Wᵀ (+ b) for x (M, K) and weight (N, K), or x (..., M, K) and weight (..., N, K)
+    entry by entry (attention's q kᵀ per head), as one hand-written kernel, split over the
+    cores by entries or rows. tinygrad 0.14's CPU code splits vector arithmetic into single
+    lanes: its 512x768 by 768x3072 product runs at 11 GFLOP/s on one core and 40 on two of the
+    2-core build machine; this kernel at 95 and 186 (NumPy's BLAS: 187). Compiled with
+    tinygrad's own clang compiler (its disk cache keeps it), loaded as a tinygrad program, so
+    TinyJit and CPUGraph replay it like any other kernel."""
     from tinygrad import Device, dtypes
     from tinygrad.dtype import AddrSpace
     from tinygrad.helpers import NUM_CPU_THREADS
     from tinygrad.renderer import Estimates
     from tinygrad.uop.ops import KernelInfo, ProgramInfo
 
-    (M, K), N = x.shape, weight.shape[0]
-    flops = 2 * M * N * K
+    *lead, M, K = x.shape
+    batch, N = math.prod(lead), weight.shape[-2]
+    flops = 2 * batch * M * N * K
     # a chunk handed to a helper thread costs ~55 µs; below ~2 MFLOP one core is sooner
-    cores = max(1, min(NUM_CPU_THREADS.value, -(-M // 3))) if flops >= 1 << 21 else 1
-    name = f"matmul_{M}_{N}_{K}" + ("_bias" if bias is not None else "")
+    cores = min(NUM_CPU_THREADS.value, max(batch, -(-M // 3))) if flops >= 1 << 21 else 1
+    name = f"matmul_{batch}_{M}_{N}_{K}" + ("_bias" if bias is not None else "")
     source = MATMUL_C.substitute(
-        name=name, M=M, N=N, K=K, cores=cores,
+        name=name, batch=batch, M=M, N=N, K=K, cores=cores,
         bias=" const float *restrict b," if bias is not None else "",
         add_bias=" + b[n + j]" if bias is not None else "")
     device = Device[x.device]
     binary = _compile_c(source, device.renderer.target)
-    inputs = [x.contiguous(), weight.contiguous()] + ([bias.contiguous()] if bias is not None else [])
-    n_bufs = 1 + len(inputs)
-    estimates = Estimates(ops=flops, lds=4 * (M * K + N * K + M * N), mem=4 * (M * K + N * K + M * N))
+    inputs = [t.contiguous() for t in (x, weight, bias) if t is not None]
+    n_bufs = 1 + len(inputs)  # the output, then the inputs
+    moved = 4 * batch * (M * K + N * K + M * N)
+    estimates = Estimates(ops=flops, lds=moved, mem=moved)
 
     def program(*params: UOp) -> UOp:
         core_id = UOp.param(n_bufs, dtypes.int, (), vmin_vmax=(0, cores - 1), name="core_id",
                             addrspace=AddrSpace.ALU)
         info = ProgramInfo(name, (cores, 1, 1), (1, 1, 1), (core_id,), tuple(range(n_bufs)),
                            (0,), tuple(range(1, n_bufs)), device.renderer.target)
-        return UOp(Ops.PROGRAM, arg=info, src=(UOp.sink(arg=KernelInfo(name, estimates=estimates)),
-                   UOp(Ops.LINEAR, src=params), UOp(Ops.SOURCE, arg=source), UOp(Ops.BINARY, arg=binary)))
+        # a PROGRAM that ends in its BINARY is compiled already: tinygrad loads and runs it
+        sink = UOp.sink(arg=KernelInfo(name, estimates=estimates))
+        return UOp(Ops.PROGRAM, arg=info, src=(sink, UOp(Ops.LINEAR, src=params),
+                                               UOp(Ops.SOURCE, arg=source),
+                                               UOp(Ops.BINARY, arg=binary)))
 
-    out = Tensor.empty(M, N, device=x.device)
+    out = Tensor.empty(*lead, M, N, device=x.device)
     return out.custom_kernel(*inputs, fxn=program, grad_fxn=_cpu_matmul_grads)[0]
 
 
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x Wᵀ + b for x (N, in) and weight (out, in), by the fastest form here: train_matmul when
-    training, cpu_matmul where it fits, else tinygrad's own product."""
-    if TRAINING:
+    """x Wᵀ + b for x (N, in) and weight (out, in), or per entry of a batch, x (..., T, d) and
+    weight (..., S, d). By the fastest form here: train_matmul when training (2-D), cpu_matmul
+    where it fits, else tinygrad's own product."""
+    if TRAINING and x.ndim == 2:
         y = train_matmul(x, weight)
-    elif cpu_matmul_fits(x, weight):
+    elif not TRAINING and cpu_matmul_fits(x, weight):
         return cpu_matmul(x, weight, bias)
     else:
-        y = x @ weight.T
+        y = x @ weight.transpose(-2, -1)
     return y if bias is None else y + bias

@@ -25,7 +25,7 @@ from tinygrad import Context, Tensor, TinyJit, Variable, nn
 from tinygrad.helpers import BEAM, TRAINING
 from tinygrad.nn.state import get_state_dict
 
-from runtime import matmul  # x Wᵀ + b by CPU kernels faster than tinygrad 0.14's own
+from runtime import jit_at_once, matmul  # x Wᵀ by CPU kernels faster than tinygrad 0.14's own
 
 # ------------------------------ Attention --------------------------------------------------------
 
@@ -43,7 +43,7 @@ def causal_mask(T: int, S, start_pos=0) -> Tensor:
 def dot_scores(q: Tensor, k: Tensor) -> Tensor:
     """qᵀk (Luong et al., 2015, "dot"): one matmul, no parameters. Its variance grows with the
     head size, so with wide heads the softmax saturates and its gradients vanish."""
-    return q @ k.transpose(-2, -1)
+    return matmul(q, k)  # q kᵀ per head, (..., H, T, S)
 
 
 def scaled_scores(q: Tensor, k: Tensor) -> Tensor:
@@ -189,7 +189,7 @@ class MultiHeadAttention:
         att = attention_weights(q, k, mask, self.scores)  # (B, H, T, S)
         if self.keep_weights:  # for captured: the very probabilities this pass uses
             self.weights = att
-        y = att @ v  # (B, H, T, hs)
+        y = matmul(att, v.transpose(-2, -1))  # att v = att (vᵀ)ᵀ, (B, H, T, hs)
         if self.knockout is not None:  # head ablation (heads.py); off, the pass is unchanged
             y = knock_out(y, *self.knockout)
         y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, C): heads side by side again
@@ -608,7 +608,8 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     and device, then cached on disk."""
     n_ctx = model.config.n_ctx
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
-    decode = TinyJit(lambda tok, pos: model(tok, pos)[:, -1].realize())
+    # captured on its first call: the prefill has made the KV cache, so the step creates nothing
+    decode = jit_at_once(lambda tok, pos: model(tok, pos)[:, -1].realize())
     pos_var = Variable("pos", 1, n_ctx - 1)
     prefills: dict[int, TinyJit] = {}  # one per bucket length
 
@@ -619,10 +620,11 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
         size = padded_length(model, T)
         padded = np.zeros((B, size), dtype=np.int32)
         padded[:, :T] = window
-        # contiguous() after the shrink: a view is returned as captured, at its first offset
-        run = prefills.setdefault(size, TinyJit(
-            lambda tok, last: model(tok, 0).shrink((None, (last, last + 1), None))
-            .contiguous().realize()))
+        # The output layer reads the last real position only: all 512 rows' logits were a
+        # fifth of a 512-token prefill. contiguous(): a view is returned at its first offset.
+        run = prefills.setdefault(size, TinyJit(lambda tok, last: model.unembed(
+            model.final_stream(tok, 0).shrink((None, (last, last + 1), None)).contiguous())
+            .realize()))
         return run(Tensor(padded), Variable("last", 0, size - 1).bind(T - 1)).numpy()[:, 0]
 
     logits = prefill(window)  # (B, V)

@@ -217,13 +217,13 @@ def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
     # Regression (speed): generate() once ran one more decode step after its last token, whose
     # logits nobody used; with -n 1 that was a whole extra kernel compilation (seconds on a CPU).
     calls = []
-    real_call = transformer.Transformer.__call__
+    real_call = transformer.Transformer.final_stream
 
     def counting_call(self, *args, **kwargs):
         calls.append(args[0].shape)
         return real_call(self, *args, **kwargs)
 
-    monkeypatch.setattr(transformer.Transformer, "__call__", counting_call)
+    monkeypatch.setattr(transformer.Transformer, "final_stream", counting_call)
     out = list(transformer.generate(tiny, REF["greedy1_prompt"][None], 1))
     assert [int(t[0]) for t in out] == REF["greedy1_output"][:1].tolist()
     assert calls == [(1, 8)]  # the prefill (5 tokens in bucket 8) gives the only token, no step
@@ -842,9 +842,10 @@ def test_padded_prefill_equals_the_unpadded_forward(tiny):
         padded = np.zeros((1, size), dtype=np.int32)
         padded[:, :T] = ids
         plain = tiny(Tensor(ids)).numpy()
-        # Measured: equal to the bit, but for one token, whose unpadded pass takes linear's
-        # one-row product (the decode step's, another summation order): 2.4e-6 on logits of 5
-        atol = 5e-6 if T == 1 else 1e-6
+        # Measured: one token's unpadded pass takes linear's one-row product (the decode step's,
+        # another summation order): 2.4e-6 on logits of 5. Longer ones: the final LayerNorm,
+        # fused with the last residual add, sums in an order tinygrad picks per shape: 1.2e-6
+        atol = 5e-6 if T == 1 else 2e-6
         np.testing.assert_allclose(tiny(Tensor(padded)).numpy()[:, :T], plain, rtol=0, atol=atol)
         first = next(transformer.generate(tiny, ids, 1))
         assert first.tolist() == plain[:, -1].argmax(-1).tolist()

@@ -83,7 +83,7 @@ def test_attention_maps_alone_are_the_maps_with_logits(tiny):
 
 def assert_padded_equals_unpadded(model, lengths, seed=0):
     """heads.padded_attention (what --attention draws) and the padded pass's logits, against
-    the unpadded forward: within 1e-6, both."""
+    the unpadded forward."""
     rng = np.random.default_rng(seed)
     for T in lengths:
         ids = rng.integers(0, model.config.vocab_size, T).astype(np.int32)
@@ -94,7 +94,9 @@ def assert_padded_equals_unpadded(model, lengths, seed=0):
         padded = np.zeros((1, size), dtype=np.int32)
         padded[0, :T] = ids
         padded_logits = attention_maps(model, Tensor(padded))[0].numpy()[:, :T]
-        np.testing.assert_allclose(padded_logits, logits.numpy(), rtol=0, atol=1e-6)
+        # the final LayerNorm, fused with the last residual add, sums in an order tinygrad
+        # picks per shape: logits up to 1.7e-6 apart, the attention maps within 1e-6
+        np.testing.assert_allclose(padded_logits, logits.numpy(), rtol=0, atol=3e-6)
 
 
 def test_padded_attention_equals_unpadded_on_the_fixtures(tiny, trained):

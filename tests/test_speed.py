@@ -204,6 +204,78 @@ def test_cpu_graph_replays_give_the_same_numbers_with_new_inputs_and_variables()
     assert int(out.stdout) == 3  # the matmul with its ReLU, the masked sum, the exp
 
 
+# cpu_matmul's tiles are 3 rows by 4 columns, its inner step 8 floats: sizes on and off them,
+# with and without a bias, on one core (small) and split over the cores (large), and batches
+# (one W per entry) split by entries (6 >= the cores) or by rows (1 entry)
+@pytest.mark.parametrize("lead, M, N, K, bias", [
+    ((), 1, 1, 8, False), ((), 7, 13, 24, True), ((), 3, 4, 8, True), ((), 5, 6, 13, True),
+    ((), 200, 301, 96, True), ((), 97, 64, 517, False), ((2, 3), 7, 9, 20, False),
+    ((2, 3), 130, 129, 64, False), ((1,), 300, 200, 64, False)])
+def test_cpu_matmul_equals_numpy(lead, M, N, K, bias):
+    rng = np.random.default_rng(M + N)
+    shapes = ((*lead, M, K), (*lead, N, K), (N,))
+    x, w, b = (rng.normal(size=s).astype(np.float32) for s in shapes)
+    got = runtime.cpu_matmul(Tensor(x), Tensor(w), Tensor(b) if bias else None).numpy()
+    want = x.astype(np.float64) @ np.swapaxes(w, -1, -2).astype(np.float64) + (b if bias else 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+
+
+def test_cpu_matmul_rows_do_not_depend_on_the_rows_beside_them():
+    # bucketed prefill pads the rows: the real ones must come out the same to the bit, whether
+    # 40 or 64 rows are multiplied, whichever core and tile each falls in, jitted or not
+    rng = np.random.default_rng(2)
+    x, w, b = (rng.normal(size=s).astype(np.float32) for s in ((64, 768), (300, 768), (300,)))
+    W, B = Tensor(w).realize(), Tensor(b).realize()
+    alone = runtime.cpu_matmul(Tensor(x[:40]), W, B).numpy()
+    jit = TinyJit(lambda t: runtime.cpu_matmul(t, W, B).realize())
+    for _ in range(3):
+        padded = jit(Tensor(x)).numpy()
+        np.testing.assert_array_equal(padded[:40], alone)
+    np.testing.assert_allclose(padded, x.astype(np.float64) @ w.T + b, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_matmul_zeros_after_a_row_leave_it_as_it_was():
+    # attention over padded keys: their weights are 0, so 14 keys and 16 (two zeros after)
+    # must give the same bits, the 14 read as 8 and 6 with zeros after them
+    rng = np.random.default_rng(3)
+    att, v = rng.random((4, 5, 14)).astype(np.float32), rng.normal(size=(4, 9, 14))
+    v = v.astype(np.float32)
+    pad = ((0, 0), (0, 0), (0, 2))
+    short = runtime.cpu_matmul(Tensor(att), Tensor(v)).numpy()
+    padded = runtime.cpu_matmul(Tensor(np.pad(att, pad)), Tensor(np.pad(v, pad, constant_values=7)))
+    np.testing.assert_array_equal(padded.numpy(), short)
+    np.testing.assert_allclose(short, att.astype(np.float64) @ np.swapaxes(v, 1, 2), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_cpu_matmul_gradients_equal_numpy():
+    # outside TRAINING, linear is cpu_matmul; a gradient through it (the lab's attributions)
+    rng = np.random.default_rng(4)
+    shapes = ((6, 16), (10, 16), (10,), (6, 10))
+    x, w, b, g = (rng.normal(size=s).astype(np.float32) for s in shapes)
+    X, W, B = Tensor(x), Tensor(w), Tensor(b)
+    grads = [t.numpy() for t in (runtime.cpu_matmul(X, W, B) * Tensor(g)).sum().gradient(X, W, B)]
+    for got, want in zip(grads, [g @ w, g.T @ x, g.sum(0)]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_the_cpu_kernel_only_where_it_fits(monkeypatch):
+    # many float32 rows on a CPU: the hand-written kernel; one row (decoding keeps its 199
+    # kernels), float16, training: tinygrad's own code
+    calls = []
+    kernel = runtime.cpu_matmul
+    monkeypatch.setattr(runtime, "cpu_matmul", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    w, b = Tensor.ones(3, 16), Tensor.ones(3)
+    got = linear(Tensor.ones(2, 5, 16), w, b).numpy()
+    np.testing.assert_array_equal(got, np.full((2, 5, 3), 17))
+    assert calls == [(10, 16)]
+    np.testing.assert_array_equal(linear(Tensor.ones(1, 16), w, b).numpy(), np.full((1, 3), 17))
+    linear(Tensor.ones(5, 16).half(), w.half()).realize()
+    with Context(TRAINING=1):
+        linear(Tensor.ones(5, 16), w).realize()
+    assert calls == [(10, 16)]
+
+
 def test_kept_kernels_are_read_back_by_the_next_process(tmp_path):
     a = np.arange(12, dtype=np.float64).reshape(3, 4)
     want = (np.maximum(a @ a.T, 0) + 1).sum(1)
