@@ -108,7 +108,7 @@ TRAIN_WORKLOADS = {
 TARGETS = {
     "decode": (">=", 1.0),
     "decode16": (">=", 1.5),  # 16-bit weights read half the bytes of PyTorch's fp32 weights
-    "prefill": (">=", 1.0),
+    "prefill": (">=", 0.5),  # issue 20: half of PyTorch's, the one-shot pass scheduled in Python
     "perplexity": (">=", 0.5),
     "train": ("<=", 2.0),
 }
