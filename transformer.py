@@ -25,7 +25,7 @@ from tinygrad import Context, Tensor, TinyJit, Variable, nn
 from tinygrad.helpers import BEAM, TRAINING
 from tinygrad.nn.state import get_state_dict
 
-from runtime import jit_at_once, matmul  # x Wᵀ by CPU kernels faster than tinygrad 0.14's own
+from runtime import jit_at_once, matmul  # a TinyJit that captures at once; a faster CPU x Wᵀ
 
 # ------------------------------ Attention --------------------------------------------------------
 
