@@ -527,11 +527,12 @@ def captured(run, *groups: list[MultiHeadAttention], keep_out=True) -> tuple[Ten
     return (out if keep_out else None), maps
 
 
-def attention_maps(model: Transformer, idx: Tensor, logits=True
+def attention_maps(model: Transformer, idx: Tensor, logits=True, start_pos=None
                    ) -> tuple[Tensor | None, Tensor]:
     """Logits (B, T, vocab) and every head's attention (B, n_layer, n_head, T, T) for ids (B, T)
-    from one ordinary pass; logits=False: the maps alone (None), the unembedding not run."""
-    logits, (maps,) = captured(lambda: model(idx), [block.attn for block in model.h],
+    from one ordinary pass; logits=False: the maps alone (None), the unembedding not run.
+    start_pos=0 runs it as a prefill, through the KV cache (see final_stream)."""
+    logits, (maps,) = captured(lambda: model(idx, start_pos), [block.attn for block in model.h],
                                keep_out=logits)
     return logits, maps
 
