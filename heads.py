@@ -500,10 +500,7 @@ def padded_attention(model, ids: np.ndarray) -> np.ndarray:
     T = len(ids)
     padded = np.zeros((1, padded_length(model, T)), dtype=np.int32)
     padded[0, :T] = ids
-    # As a prefill, block by block: tinygrad's schedule cache takes blocks 2 to 12 for block 1,
-    # GPT-2's pass 2.5 -> 1.8 s. Not for a model with a padding mask, which the cache path skips
-    start = 0 if model.config.causal and model.config.pad_id is None else None
-    _, att = attention_maps(model, Tensor(padded), logits=False, start_pos=start)
+    _, att = attention_maps(model, Tensor(padded), logits=False)
     return att.numpy()[0, :, :, :T, :T]
 
 

@@ -527,12 +527,12 @@ def captured(run, *groups: list[MultiHeadAttention], keep_out=True) -> tuple[Ten
     return (out if keep_out else None), maps
 
 
-def attention_maps(model: Transformer, idx: Tensor, logits=True, start_pos=None
-                   ) -> tuple[Tensor | None, Tensor]:
+def attention_maps(model: Transformer, idx: Tensor, logits=True) -> tuple[Tensor | None, Tensor]:
     """Logits (B, T, vocab) and every head's attention (B, n_layer, n_head, T, T) for ids (B, T)
-    from one ordinary pass; logits=False: the maps alone (None), the unembedding not run.
-    start_pos=0 runs it as a prefill, through the KV cache (see final_stream)."""
-    logits, (maps,) = captured(lambda: model(idx, start_pos), [block.attn for block in model.h],
+    from one pass; logits=False: the maps alone (None)."""
+    # causal, unpadded: as a prefill, block by block, faster to schedule (GPT-2: 2.0 -> 1.3 s)
+    start = 0 if model.config.causal and model.config.pad_id is None else None
+    logits, (maps,) = captured(lambda: model(idx, start), [block.attn for block in model.h],
                                keep_out=logits)
     return logits, maps
 
