@@ -29,7 +29,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit
 
 import flags
-from runtime import exit_now, jit_at_once, keep_kernels, use_device
+from runtime import exit_now, jit_at_once, keep_kernels, on_device, use_device
 from transformer import Config, Transformer, generate, padded_length
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
@@ -198,14 +198,13 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
     params = gpt.parameters()
     by_block: dict[str, list[Tensor]] = {}
     for name, array in map_checkpoint(read_checkpoint(path), gpt).items():
-        # The transposes and casts happen here in NumPy, one pass over memory each: as tinygrad
-        # kernels they were scheduled, and their code generated, in every new process (GPT-2
-        # 124M loaded in 6.0 s, now 1.3 s; docs/speed.md). replace() then makes each weight a
-        # buffer on the device in the model's layout, so nothing is read from the file later.
-        host = np.ascontiguousarray(array, dtype=dtype)
-        loaded = params[name].replace(Tensor(host, device=Device.DEFAULT))
+        # The transposes and casts happen here in NumPy, in the one pass that fills the device
+        # buffer (on_device): as tinygrad kernels they were scheduled, and their code generated,
+        # in every new process (GPT-2 124M loaded in 6.0 s, now 0.5 s; docs/speed.md). Each
+        # weight is then a buffer in the model's layout, so nothing is read from the file later.
+        loaded = params[name].replace(on_device(array, dtype))
         by_block.setdefault(name.split(".")[1] if name.startswith("h.") else "", []).append(loaded)
-    # One realize per block: the host copies of one block at a time stay in memory, not all
+    # Off the CPU, one realize per block: one block's host copies at a time stay in memory
     for tensors in by_block.values():
         Tensor.realize(*tensors)
     return gpt

@@ -1,14 +1,15 @@
 """What tinygrad 0.14 lacks on a CPU, added from outside: the model files see one piece of it.
 
 transformer.py is written against tinygrad's public tensor API, and takes matmul from here by
-name. These seven pieces make the same kernels start sooner and run faster on a CPU; none
+name. These eight pieces make the same kernels start sooner and run faster on a CPU; none
 changes what the model computes (matmul's kernels add the same products in other orders). The
-others are installed by the CLIs (use_device, keep_kernels, exit_now); each can go when tinygrad
-does the same itself. Figures from the 2-core build machine (bench.py; README, Results).
+CLIs install use_device, keep_kernels and exit_now, and gpt.py loads weights with on_device;
+each can go when tinygrad does the same itself. Figures from the 2-core build machine (bench.py; README, Results).
 
 - keep_kernels: tinygrad caches compiled binaries on disk but generates every kernel's code
   again in each new process. Kept, the reversal model's first step takes 2.3 s instead of 8.
-  Can go when tinygrad keeps its generated programs between runs.
+  A schedule whose kernels are all kept gets them in one step (a 512-token GPT-2 prefill's
+  lowering 0.24 -> 0.02 s). Can go when tinygrad keeps its generated programs between runs.
 - run_on_all_cores: tinygrad splits a large CPU kernel into one chunk per core, then runs the
   chunks one after another. Run at once: reversal step 45 -> 40 ms, modular addition at
   p=113 810 -> 480 ms. Can go when its CPU runtime runs the chunks in parallel again (its
@@ -19,6 +20,9 @@ does the same itself. Figures from the 2-core build machine (bench.py; README, R
 - use_device: tinygrad picks OpenCL (PoCL) or clang on a CPU; LLVM code generation is the
   fastest (demo 34 s cold / 15 s warm, against 95 / 15 and 38 / 18). Can go when tinygrad's
   own default on a CPU is LLVM.
+- on_device: tinygrad copies a NumPy array into a fresh buffer of its own; on a CPU the
+  array is written once into memory that becomes the buffer (GPT-2 124M loads in 0.5 s, not
+  1.3). Can go when Tensor(array) on a CPU takes the array's memory as it is.
 - exit_now: Python's teardown frees tinygrad's graphs one object at a time, 1.2 s after every
   run. Can go when that teardown is quick.
 - train_matmul: x Wᵀ with a backward whose CPU kernels run 2x faster than tinygrad's own (one
@@ -102,9 +106,27 @@ def keep_kernels():
     import tinygrad.codegen
     import tinygrad.engine.realize
 
-    if not isinstance(tinygrad.engine.realize.to_program_cache, _KeptKernels):
-        kept = _KeptKernels(tinygrad.engine.realize.to_program_cache)
-        tinygrad.engine.realize.to_program_cache = tinygrad.codegen.to_program_cache = kept
+    realize = tinygrad.engine.realize
+    if not isinstance(realize.to_program_cache, _KeptKernels):
+        kept = _KeptKernels(realize.to_program_cache)
+        realize.to_program_cache = tinygrad.codegen.to_program_cache = kept
+        realize.lower_and_compile = functools.partial(_swap_in_kept, realize.lower_and_compile)
+
+
+def _swap_in_kept(lower_and_compile, linear: UOp) -> UOp:
+    """tinygrad's lower_and_compile, but where every kernel of a schedule is generated already,
+    each call gets its program in one step: tinygrad rewrites each kernel's whole graph to put
+    it in, 2 ms a kernel, 0.22 s of a 512-token GPT-2 prefill's 1.6 s."""
+    import tinygrad.engine.realize as realize
+
+    calls = {c: a for c in linear.toposort()
+             if c.op is Ops.CALL and (a := realize._get_call_to_compile(c)) is not None}
+    keys = {c: realize.to_program_key(*a) for c, a in calls.items()}
+    cache = realize.to_program_cache
+    if not calls or any(a[0] is not c.src[0] or keys[c] not in cache for c, a in calls.items()):
+        return lower_and_compile(linear)  # generates the new kernels, then swaps as it does
+    return linear.substitute({c: c.replace(src=(cache[keys[c]], *c.src[1:])) for c in calls},
+                             name="precompile kernels")
 
 
 class _Cores:
@@ -327,6 +349,32 @@ def exit_now(code: int | None):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
+
+
+def on_device(array, dtype) -> Tensor:
+    """A NumPy array, as dtype, as a tensor on the default device, in one pass over memory.
+    tinygrad 0.14's Tensor(array) copies the array into a new buffer of its own, and a CPU
+    device pays for every fresh page of it: of GPT-2 124M's 1.3 s load, 0.8 s went to those
+    copies. On a CPU device the array is written once (cast, transposed) into 64-byte-aligned
+    memory that becomes the buffer itself and lives as long as the buffer does: the load takes
+    0.5 s. Elsewhere it is copied to the device as before. Can go when Tensor(array) on a CPU
+    takes the array's memory as it is."""
+    import numpy as np
+    from tinygrad import Device
+    from tinygrad.dtype import _from_np_dtype
+    from tinygrad.runtime.ops_cpu import CPUDevice
+
+    if not isinstance(Device[Device.DEFAULT], CPUDevice):
+        return Tensor(np.ascontiguousarray(array, dtype=dtype), device=Device.DEFAULT)
+    nbytes = array.size * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    host = raw[skip : skip + nbytes].view(dtype).reshape(array.shape)
+    np.copyto(host, array, casting="same_kind")
+    t = Tensor.from_blob(host.ctypes.data, host.shape, dtype=_from_np_dtype(host.dtype),
+                         device=Device.DEFAULT)
+    t.uop.buffer.host_array = host  # the buffer's memory: freed with the buffer, not before
+    return t
 
 
 def jit_at_once(fxn) -> TinyJit:
