@@ -4,7 +4,8 @@ transformer.py is written against tinygrad's public tensor API, and takes matmul
 name. These eight pieces make the same kernels start sooner and run faster on a CPU; none
 changes what the model computes (matmul's kernels add the same products in other orders). The
 CLIs install use_device, keep_kernels and exit_now, and gpt.py loads weights with on_device;
-each can go when tinygrad does the same itself. Figures from the 2-core build machine (bench.py; README, Results).
+each can go when tinygrad does the same itself. Figures from the 2-core build machine
+(bench.py; README, Results).
 
 - keep_kernels: tinygrad caches compiled binaries on disk but generates every kernel's code
   again in each new process. Kept, the reversal model's first step takes 2.3 s instead of 8.
