@@ -158,16 +158,15 @@ def map_checkpoint(ckpt: dict[str, np.ndarray], model: Transformer) -> dict[str,
     mapped, unused = {}, []
     for key, t in ckpt.items():
         name = key.removeprefix("transformer.")  # present when saved from GPT2LMHeadModel
-        if name == "wte.weight" and t.shape[0] == model.config.vocab_size:
-            # the model pads its vocabulary rows with zeros (see Transformer)
-            mapped[name] = np.pad(t, ((0, wanted[name].shape[0] - t.shape[0]), (0, 0)))
-        elif name in wanted:
+        if name in wanted:
             mapped[name] = t.T if name.endswith(CONV1D) else t
         elif not name.endswith(SKIPPED) and name != TIED:
             unused.append(key)
     missing = [k for k in wanted if k not in mapped]
-    bad_shape = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}"
-                 for k, v in wanted.items() if k in mapped and mapped[k].shape != v.shape]
+    # the model pads its vocabulary with rows of zeros (see Transformer), which load_gpt2 adds
+    fits = {"wte.weight": (model.config.vocab_size, model.config.n_embd)}
+    bad_shape = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items()
+                 if k in mapped and mapped[k].shape not in (v.shape, fits.get(k))]
     bad_dtype = [f"{k} {mapped[k].dtype}" for k in mapped
                  if not np.issubdtype(mapped[k].dtype, np.floating)]
     problems = []
@@ -196,13 +195,15 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
     gpt = Transformer(config, init=False)
     dtype = np.float16 if half else np.float32
     params = gpt.parameters()
+    arrays = map_checkpoint(read_checkpoint(path), gpt)
+    # The transposes, casts and the vocabulary's padding happen in NumPy, in the one pass that
+    # fills the device buffer (on_device): as tinygrad kernels they were scheduled, and their code
+    # generated, in every new process (GPT-2 124M loaded in 6.0 s, now 0.5 s; docs/speed.md).
+    # Each weight is then a buffer in the model's layout: nothing is read from the file later.
+    tensors = on_device(arrays, dtype, {name: params[name].shape for name in arrays})
     by_block: dict[str, list[Tensor]] = {}
-    for name, array in map_checkpoint(read_checkpoint(path), gpt).items():
-        # The transposes and casts happen here in NumPy, in the one pass that fills the device
-        # buffer (on_device): as tinygrad kernels they were scheduled, and their code generated,
-        # in every new process (GPT-2 124M loaded in 6.0 s, now 0.5 s; docs/speed.md). Each
-        # weight is then a buffer in the model's layout, so nothing is read from the file later.
-        loaded = params[name].replace(on_device(array, dtype))
+    for name, t in tensors.items():
+        loaded = params[name].replace(t)
         by_block.setdefault(name.split(".")[1] if name.startswith("h.") else "", []).append(loaded)
     # Off the CPU, one realize per block: one block's host copies at a time stay in memory
     for tensors in by_block.values():
