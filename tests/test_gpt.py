@@ -224,6 +224,7 @@ def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(transformer.Transformer, "final_stream", counting_call)
+    monkeypatch.setattr(tiny, "compiled", None)  # no steps kept from other tests: all traced
     out = list(transformer.generate(tiny, REF["greedy1_prompt"][None], 1))
     assert [int(t[0]) for t in out] == REF["greedy1_output"][:1].tolist()
     assert calls == [(1, 8)]  # the prefill (5 tokens in bucket 8) gives the only token, no step
@@ -854,18 +855,54 @@ def kernels_made() -> int:
     return len(tinygrad.engine.realize.to_program_cache)
 
 
-def test_prompts_of_three_lengths_in_one_bucket_build_one_set_of_kernels(tiny, monkeypatch):
+def test_prompts_of_three_lengths_in_one_bucket_build_one_graph(tiny, monkeypatch):
+    """The first prompt of a bucket traces the prefill and the decode step once; two more prompts
+    of other lengths in that bucket, each a generate() of its own, replay them: no pass through
+    the model's Python, no kernel made, and each prompt gets its own logits."""
     seen = record_sampled_logits(monkeypatch)
+    monkeypatch.setattr(tiny, "compiled", None)  # no steps kept from other tests
+    traced = []
+    real_call = transformer.Transformer.final_stream
+    monkeypatch.setattr(transformer.Transformer, "final_stream",
+                        lambda self, idx, *a: traced.append(idx.shape) or real_call(self, idx, *a))
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, EOT, (1, T)).astype(np.int32) for T in (9, 12, 15)]  # bucket 16
     made = []
     for prompt in prompts:
         list(transformer.generate(tiny, prompt, 3))
         made.append(kernels_made())
+    assert traced == [(1, 16), (1, 1)]  # one prefill and one decode step traced, for all three
     assert made[0] > 0 and made[1] == made[0] == made[2], made  # no kernel built after the first
     for i, prompt in enumerate(prompts):  # and each prompt got its own logits
         expected = logits_of(tiny, prompt[0])[-1]
         np.testing.assert_allclose(seen[3 * i][0], expected, rtol=0, atol=LOGIT_TOL)
+
+
+def test_kept_steps_are_traced_again_for_new_weights_or_another_batch(monkeypatch):
+    """generate keeps its compiled prefill and decode step on the model, and they replay the
+    buffers they were captured with: new weights, or another batch (new KV caches), must trace
+    them again. Every step's logits against the plain forward pass of the same tokens."""
+    model = gpt.load_gpt2("gpt2", weights=SAFETENSORS)  # its own: the other tests' stays as is
+    seen = record_sampled_logits(monkeypatch)
+
+    def check(prompt: np.ndarray) -> np.ndarray:
+        first = len(seen)
+        new = np.stack(list(transformer.generate(model, prompt, 3)), 1)  # (B, 3)
+        for b, row in enumerate(prompt):
+            want = logits_of(model, np.concatenate([row, new[b, :-1]]))[len(row) - 1 :]
+            got = np.stack([logits[b] for logits in seen[first:]])  # (3, V)
+            np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_TOL)
+        return new
+
+    prompt = np.random.default_rng(9).integers(0, EOT, (1, 6)).astype(np.int32)
+    before = check(prompt)
+    assert np.array_equal(check(prompt), before)  # replayed
+    for t in model.parameters().values():  # other weights, in new buffers
+        t.replace(Tensor(np.ascontiguousarray(t.numpy()[..., ::-1])))
+    assert not np.array_equal(check(prompt), before)
+    check(np.concatenate([prompt, prompt[:, ::-1]]))  # a batch of two: caches made again
+    check(prompt[:, :5])  # one again, in a bucket seen with one before the batch of two
+    check(prompt[:, :5])
 
 
 def test_decode_overwrites_the_keys_the_padding_left_in_the_cache(tiny):
