@@ -12,7 +12,8 @@ both libraries load them from one checkpoint that this script writes in the hub'
   beam       decode fp32 and 16-bit again, with gpt.py --beam 2: the decode step's kernels come
              from tinygrad's kernel search. The first run on a machine searches (on two cores:
              about a minute per precision for CPU, 4 to 10 for CL) and tinygrad caches the result.
-  prefill    tokens/s for one 512-token prompt (timed after one warm-up of the same length).
+  prefill    tokens/s for a 512-token prompt after a first one of the same length (which
+             traces the bucket's graph; its time is reported too).
   lab        issue 20's commands, whole processes: `gpt.py --attention TEXT` on texts of 14 to
              40 tokens (after one run that fills the caches), `gpt.py -p PROMPT -n 32` against
              a process that runs GPT2LMHeadModel.from_pretrained and generate, and
@@ -108,7 +109,7 @@ TRAIN_WORKLOADS = {
 TARGETS = {
     "decode": (">=", 1.0),
     "decode16": (">=", 1.5),  # 16-bit weights read half the bytes of PyTorch's fp32 weights
-    "prefill": (">=", 0.5),  # issue 20: half of PyTorch's, the one-shot pass scheduled in Python
+    "prefill": (">=", 0.5),  # issue 20: half of PyTorch's
     "perplexity": (">=", 0.5),
     "train": ("<=", 2.0),
 }
@@ -266,15 +267,16 @@ def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
     from transformer import generate
 
     model = load_gpt2_tinygrad(folder, half)
-    ids = random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1)
     # generation's own prefill, which gives the first token; PyTorch's peer keeps one row of
-    # logits too. The first call makes the bucket's kernels; the second does the same work
-    next(generate(model, ids, 1))
+    # logits too. The first prompt of the process traces the bucket's graph (its kernels come
+    # from the disk cache); a second prompt, another text of the same length, replays it.
     t0 = time.perf_counter()
-    next(generate(model, ids, 1))
-    seconds = time.perf_counter() - t0
+    next(generate(model, random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1), 1))
+    t1 = time.perf_counter()
+    next(generate(model, random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=2), 1))
+    seconds = time.perf_counter() - t1
     return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
-            "rss_mb": peak_rss_mb(), **tinygrad_info()}
+            "prefill_first_s": t1 - t0, "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
 
 def lab_ids() -> np.ndarray:
@@ -474,14 +476,16 @@ def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
 def child_torch_prefill(folder: Path) -> dict:
     torch, transformers = torch_setup()
     model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
-    ids = torch.from_numpy(random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1)).long()
+    first, second = (torch.from_numpy(random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=s)).long()
+                     for s in (1, 2))
     with torch.no_grad():
-        model(input_ids=ids, use_cache=True, logits_to_keep=1).logits.numpy()
         t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=True, logits_to_keep=1).logits.numpy()
-        seconds = time.perf_counter() - t0
+        model(input_ids=first, use_cache=True, logits_to_keep=1).logits.numpy()
+        t1 = time.perf_counter()
+        model(input_ids=second, use_cache=True, logits_to_keep=1).logits.numpy()
+        seconds = time.perf_counter() - t1
     return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
-            "rss_mb": peak_rss_mb()}
+            "prefill_first_s": t1 - t0, "rss_mb": peak_rss_mb()}
 
 
 def child_torch_train(workload: str, steps: int) -> dict:
@@ -790,8 +794,10 @@ def table_rows(results: dict) -> list[list[str]]:
                 "met" if tg >= BOUND_TARGET else "missed")
             rows.append([f"decode % of bandwidth bound, {label}", fmt(tg, 1), fmt(pt, 1), ratio,
                          target])
-    add(f"prefill tok/s, {PREFILL_TOKENS} tokens, fp32", "prefill", "tinygrad-prefill",
-        "torch-prefill", "prefill_tok_s", 1)
+    add(f"prefill tok/s, {PREFILL_TOKENS} tokens, fp32 (a second prompt of the bucket)",
+        "prefill", "tinygrad-prefill", "torch-prefill", "prefill_tok_s", 1)
+    add("  the first prompt of a process s (tinygrad: traced; kernels from disk)", None,
+        "tinygrad-prefill", "torch-prefill", "prefill_first_s", 2)
     lab = r.get("lab", {})
 
     def absolute(label, value, peer, limit, digits=1):

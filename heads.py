@@ -488,49 +488,63 @@ def name_heads(share: np.ndarray, kind: str, what: str, where: str, bar: float =
             f"{share[layer, h]:.1%} of the time")
 
 
-def padded_attention(model, ids: np.ndarray) -> np.ndarray:
-    """Every head's attention (L, H, T, T) on ids (T,), from one forward pass on ids padded on
-    the right to its bucket (transformer.prefill_bucket): texts of other lengths in the bucket
-    run the same kernels, kept on disk, instead of generating new ones. Attention is causal, so
-    no real position sees the padding, and the real rows and columns are the unpadded pass's."""
+def attention_of_rows(model, rows: list[np.ndarray], length: int) -> list[np.ndarray]:
+    """Every head's attention (L, H, T, T) on each row of ids (T,), from one forward pass on
+    the rows padded on the right to length. Attention is causal, so no real position sees the
+    padding, and each row's real rows and columns are its unpadded pass's."""
     from tinygrad import Tensor
 
-    from transformer import attention_maps, padded_length
+    from transformer import attention_maps
 
-    T = len(ids)
-    padded = np.zeros((1, padded_length(model, T)), dtype=np.int32)
-    padded[0, :T] = ids
-    _, att = attention_maps(model, Tensor(padded), logits=False)
-    return att.numpy()[0, :, :, :T, :T]
+    batch = np.zeros((len(rows), length), dtype=np.int32)
+    for b, ids in enumerate(rows):
+        batch[b, : len(ids)] = ids
+    # only the maps: the logits are never read (a quarter of the work on GPT-2)
+    _, att = attention_maps(model, Tensor(batch), logits=False)
+    att = att.numpy()
+    return [att[b, :, :, : len(ids), : len(ids)] for b, ids in enumerate(rows)]
 
 
-def probe_induction(model, seed: int = 0, key: str | None = None) -> np.ndarray:
+def padded_attention(model, ids: np.ndarray) -> np.ndarray:
+    """Every head's attention (L, H, T, T) on ids (T,), padded on the right to its bucket
+    (transformer.prefill_bucket): texts of other lengths in the bucket run the same kernels,
+    kept on disk, instead of generating new ones."""
+    from transformer import padded_length
+
+    return attention_of_rows(model, [ids], padded_length(model, len(ids)))[0]
+
+
+def probe_induction(model, seed: int = 0, key: str | None = None,
+                    text: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(L, H) induction scores of model on its probe: 4 random sequences of distinct tokens, each
     repeated once, as long as the model's context allows (up to 2 x 50 tokens).
 
-    The scores depend on the weights alone, and the probe is the costliest pass of --attention
-    (400 tokens through GPT-2 124M: 4 to 7 s of a 13 s command here), so with a key (one that
-    names the checkpoint file as it is now: gpt.py passes its path, size and mtime) they are
-    kept in tinygrad's disk cache beside its kernels and read back by later runs; CACHELEVEL=0
-    turns that off with the kernel cache."""
-    from tinygrad import Tensor
-    from tinygrad.helpers import diskcache_get, diskcache_put
+    The scores depend on the weights alone, and the probe is the costliest pass of --attention,
+    so with a key (one that names the checkpoint file as it is now: gpt.py passes its path, size
+    and mtime) they are kept in tinygrad's disk cache beside its kernels and read back by later
+    runs; CACHELEVEL=0 turns that off with the kernel cache.
 
-    from transformer import attention_maps
+    text: ids (T,) whose attention the caller wants too. When the probe runs and the text fits
+    its rows, the text is a fifth row of the probe's pass, padded on the right (causal models):
+    one pass instead of two, GPT-2's first --attention on a checkpoint 0.9 s sooner. Returns the
+    scores and the text's attention (L, H, T, T), or None where it was not computed."""
+    from tinygrad.helpers import diskcache_get, diskcache_put
 
     if key is not None:
         key = f"{key}|seed={seed}"
         kept = diskcache_get("tinygpt_induction", key)
         if kept is not None:
-            return kept
+            return kept, None
     n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
     repeated = repeated_random_tokens(np.random.default_rng(seed), n, model.config.vocab_size, 4)
-    # only the maps: the probe's logits are never read (a quarter of its work on GPT-2)
-    _, repeated_att = attention_maps(model, Tensor(repeated), logits=False)
-    scores = induction_scores(repeated_att.numpy(), repeated)
+    rows = list(repeated)
+    if text is not None and model.config.causal and len(text) <= 2 * n:
+        rows.append(text)
+    att = attention_of_rows(model, rows, 2 * n)
+    scores = induction_scores(np.stack(att[:4]), repeated)
     if key is not None:
         diskcache_put("tinygpt_induction", key, scores)
-    return scores
+    return scores, (att[4] if len(att) == 5 else None)
 
 
 def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: str,
@@ -544,7 +558,9 @@ def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: s
     chosen = check_head(layer, head, model.config.n_layer, model.config.n_head)
     window = parse_window(tokens, len(ids))
     writable_folder(out)
-    att = padded_attention(model, ids)  # (L, H, T, T)
-    scores = {**text_scores(att), "induction": probe_induction(model, seed, probe_key)}
+    induction, att = probe_induction(model, seed, probe_key, text=ids)
+    if att is None:  # the probe's scores were kept, or the text does not fit its pass
+        att = padded_attention(model, ids)  # (L, H, T, T)
+    scores = {**text_scores(att), "induction": induction}
     written = write_views(out, att, ids, labels, title, scores, window, chosen)
     return written, report(att, scores, labels, window, chosen)

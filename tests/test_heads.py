@@ -493,8 +493,33 @@ def test_induction_probe_is_kept_per_checkpoint_key(tiny, tmp_path, monkeypatch)
 
     monkeypatch.setattr(transformer, "attention_maps", counting_maps)
     key = f"{tmp_path}|test"  # a new key: nothing kept yet
-    first = heads.probe_induction(tiny, 0, key)
-    second = heads.probe_induction(tiny, 0, key)
+    first, _ = heads.probe_induction(tiny, 0, key)
+    second, _ = heads.probe_induction(tiny, 0, key)
     assert len(runs) == 1 and np.array_equal(first, second)
-    plain = heads.probe_induction(tiny, 0)
+    plain, _ = heads.probe_induction(tiny, 0)
     assert len(runs) == 2 and np.array_equal(plain, first)
+
+
+def test_a_text_rides_along_in_the_probes_pass(tiny, monkeypatch, tmp_path):
+    """A new checkpoint's --attention runs the probe and the text in one pass: the text's maps
+    are those of its own padded pass, and the probe's scores those of the probe alone, within
+    1e-6."""
+    alone, none = heads.probe_induction(tiny, 0)
+    assert none is None
+    rng = np.random.default_rng(4)
+    for T in (3, 14, 40):
+        ids = rng.integers(0, tiny.config.vocab_size, T).astype(np.int32)
+        scores, att = heads.probe_induction(tiny, 0, text=ids)
+        np.testing.assert_allclose(scores, alone, rtol=0, atol=1e-6)
+        # a batch of 5 padded to 100 runs kernels of other shapes than one row padded to its
+        # bucket, which round apart: measured up to 3.9e-7
+        np.testing.assert_allclose(att, heads.padded_attention(tiny, ids), rtol=0, atol=1e-6)
+    too_long = rng.integers(0, tiny.config.vocab_size, 101).astype(np.int32)  # probe: 2 x 50
+    assert heads.probe_induction(tiny, 0, text=too_long)[1] is None
+    runs = []
+    real_maps = transformer.attention_maps
+    monkeypatch.setattr(transformer, "attention_maps",
+                        lambda *a, **k: runs.append(a[1].shape) or real_maps(*a, **k))
+    heads.inspect_model(tiny, ids, [str(i) for i in ids], tmp_path, "t")
+    assert runs == [(5, 100)]  # no key: the probe runs, and the text with it
+    assert (tmp_path / "heads.png").is_file()
