@@ -412,9 +412,10 @@ def on_device(arrays: dict, dtype, shapes: dict) -> dict[str, Tensor]:
 def jit_at_once(fxn) -> TinyJit:
     """A TinyJit of fxn that captures on its first call. TinyJit runs a function plainly once and
     captures it on the second call, in case the first creates buffers (a KV cache, optimizer
-    state); for one that creates none the plain call is a pass of tinygrad's scheduler for
-    nothing: GPT-2's two warm-up decode steps took 1.9 s, now 1.1. Can go when TinyJit takes
-    the number of plain calls as an option."""
+    state); for one that creates none, or only buffers that live tensors hold (TinyJit 0.14
+    keeps those out of its memory plan: a prefill's KV caches, which the model holds), the plain
+    call is a pass of tinygrad's scheduler for nothing: GPT-2's two warm-up decode steps took
+    1.9 s, now 1.1. Can go when TinyJit takes the number of plain calls as an option."""
     jit = TinyJit(fxn)
     jit.cnt = 1  # calls so far: the next one captures
     return jit
