@@ -538,7 +538,9 @@ def probe_induction(model, seed: int = 0, key: str | None = None,
     n = min(50, model.config.n_ctx // 2, model.config.vocab_size)
     repeated = repeated_random_tokens(np.random.default_rng(seed), n, model.config.vocab_size, 4)
     rows = list(repeated)
-    if text is not None and model.config.causal and len(text) <= 2 * n:
+    # padding is safe where the mask hides it and no token id means padding (as attention_maps)
+    c = model.config
+    if text is not None and len(text) <= 2 * n and c.causal and c.pad_id is None:
         rows.append(text)
     att = attention_of_rows(model, rows, 2 * n)
     scores = induction_scores(np.stack(att[:4]), repeated)
