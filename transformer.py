@@ -25,7 +25,7 @@ from tinygrad import Context, Tensor, Variable, nn
 from tinygrad.helpers import BEAM, TRAINING
 from tinygrad.nn.state import get_state_dict
 
-from runtime import jit_at_once, matmul  # a TinyJit that captures at once; a faster CPU x Wᵀ
+from runtime import jit_at_once, kept_jits, matmul  # TinyJits captured at once, kept; a CPU x Wᵀ
 
 # ------------------------------ Attention --------------------------------------------------------
 
@@ -455,7 +455,6 @@ class Transformer(Model):
         # pre-LN leaves the residual stream unnormalized, so one last LayerNorm precedes the output
         self.ln_f = LayerNorm(c.n_embd, c.ln_eps) if c.prenorm else None
         self.keep_stream, self.stream = False, None  # see residual_stream
-        self.compiled: Compiled | None = None  # generate's TinyJits, kept between calls
 
     def __call__(self, idx: Tensor, start_pos=None,
                  source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
@@ -599,41 +598,15 @@ def padded_length(model: Transformer, T: int) -> int:
     return prefill_bucket(T, model.config.n_ctx) if model.config.causal else T
 
 
-class Compiled:
-    """generate's TinyJits for a batch of B and the buffers they replay (reads). Slots, not a
-    __dict__, so that get_state_dict (parameters, checkpoints) does not walk into them."""
-    __slots__ = ("B", "reads", "steps")
-
-    def __init__(self, B: int, reads: list, steps: dict):
-        self.B, self.reads, self.steps = B, reads, steps
-
-
-def compiled_steps(model: Transformer, B: int, made: dict | None = None) -> dict:
-    """generate's TinyJits for a batch of B, kept on the model from one call to the next: a
-    prompt of a bucket seen before replays that bucket's graph, and decoding replays its step,
-    with nothing traced again. A TinyJit replays the buffers it was captured with, so they are
-    kept only while the model's weights and KV caches are those same buffers. made: the steps a
-    first prefill compiled as it made the caches, kept with them."""
-    state = list(get_state_dict(model).values())
-    Tensor.realize(*state)  # weights made lazily (init=True) are made here, not in a capture
-    caches = [block.attn.cache_kv for block in model.h]
-    reads = [t.uop for t in state] + [None if c is None else c.uop for c in caches]
-    kept = model.compiled
-    same = kept is not None and kept.B == B and len(kept.reads) == len(reads)
-    if not (same and all(a is b for a, b in zip(kept.reads, reads))):
-        model.compiled = Compiled(B, reads, {} if made is None else made)
-    return model.compiled.steps
-
-
 def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
              top_k=None, top_p=None, rng=None, beam=0):
     """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
 
     One pass (prefill, right-padded to its bucket) fills each layer's KV cache; then each step
-    feeds one token, compiled once by TinyJit with its position a symbolic Variable, so nothing
-    is traced again per token. A full context slides: the newest half is prefilled again.
-    beam > 0 searches the step's kernels (tinygrad's BEAM of that width): minutes once per shape
-    and device, then cached on disk."""
+    feeds one token, compiled once by TinyJit with its position a symbolic Variable. Both stay
+    with the model (runtime.kept_jits), so later calls trace nothing again. A full context
+    slides: the newest half is prefilled again. beam > 0 searches the step's kernels (tinygrad's
+    BEAM of that width): minutes once per shape and device, then cached on disk."""
     n_ctx = model.config.n_ctx
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
     B = window.shape[0]
@@ -644,22 +617,18 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
         The padding's keys land at T and on, which each decode step writes before it reads."""
         T = window.shape[1]
         size = padded_length(model, T)
-        padded = np.zeros((B, size), dtype=np.int32)
-        padded[:, :T] = window
-        # One TinyJit per bucket, captured by its first call (it makes the KV caches, which stay
-        # the model's). The output layer reads the last real position only: all 512 rows' logits
-        # were a fifth of a 512-token prefill. contiguous(): a view is returned at its first offset.
-        steps = compiled_steps(model, B)
-        run = steps.setdefault(size, jit_at_once(lambda tok, last: model.unembed(
+        # One TinyJit per bucket, captured by its first call (which makes the KV caches). The
+        # output layer reads the last real row only (all 512 rows' logits: a fifth of a 512-token
+        # prefill); contiguous(): a view would come back at its first offset.
+        run = kept_jits(model, B).setdefault(size, jit_at_once(lambda tok, last: model.unembed(
             model.final_stream(tok, 0).shrink((None, (last, last + 1), None)).contiguous())
             .realize()))
-        logits = run(Tensor(padded), Variable("last", 0, size - 1).bind(T - 1)).numpy()[:, 0]
-        compiled_steps(model, B, steps)  # a first prefill made the caches: kept with them
-        return logits
+        padded = Tensor(np.pad(window, ((0, 0), (0, size - T))))  # (B, size), zeros after
+        return run(padded, Variable("last", 0, size - 1).bind(T - 1)).numpy()[:, 0]
 
     logits = prefill(window)  # (B, V)
     # captured on its first call: the prefill has made the KV cache, so the step creates nothing
-    decode = compiled_steps(model, B).setdefault(("decode", beam), jit_at_once(
+    decode = kept_jits(model, B).setdefault(("decode", beam), jit_at_once(
         lambda tok, pos: model(tok, pos)[:, -1].realize()))
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, rng).astype(np.int32)  # (B,)
@@ -671,9 +640,8 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
             window = window[:, -(n_ctx // 2) :]
             logits = prefill(window)
         else:
-            pos = pos_var.bind(window.shape[1] - 1)
             with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone
-                logits = decode(Tensor(nxt[:, None]), pos).numpy()
+                logits = decode(Tensor(nxt[:, None]), pos_var.bind(window.shape[1] - 1)).numpy()
 
 
 if __name__ == "__main__":

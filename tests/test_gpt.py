@@ -224,7 +224,7 @@ def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(transformer.Transformer, "final_stream", counting_call)
-    monkeypatch.setattr(tiny, "compiled", None)  # no steps kept from other tests: all traced
+    monkeypatch.setattr(tiny, "_kept_jits", None, raising=False)  # none kept: all traced
     out = list(transformer.generate(tiny, REF["greedy1_prompt"][None], 1))
     assert [int(t[0]) for t in out] == REF["greedy1_output"][:1].tolist()
     assert calls == [(1, 8)]  # the prefill (5 tokens in bucket 8) gives the only token, no step
@@ -873,7 +873,7 @@ def test_prompts_of_three_lengths_in_one_bucket_build_one_graph(tiny, monkeypatc
     of other lengths in that bucket, each a generate() of its own, replay them: no pass through
     the model's Python, no kernel made, and each prompt gets its own logits."""
     seen = record_sampled_logits(monkeypatch)
-    monkeypatch.setattr(tiny, "compiled", None)  # no steps kept from other tests
+    monkeypatch.setattr(tiny, "_kept_jits", None, raising=False)  # no steps kept from other tests
     traced = []
     real_call = transformer.Transformer.final_stream
     monkeypatch.setattr(transformer.Transformer, "final_stream",
