@@ -546,8 +546,7 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
     if name.startswith("tinygrad"):
         import runtime
 
-        runtime.use_device()  # DEV if set, else the project's default backend
-        runtime.keep_kernels()
+        runtime.install()  # DEV if set, else the project's default backend
     steps = QUICK_TRAIN_STEPS if quick else TRAIN_STEPS
     children = {
         "tinygrad-decode": lambda: child_tinygrad_decode(folder, tokens, half=False),
@@ -944,7 +943,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if args.device:
         env["DEV"] = args.device.upper()
-    # without DEV the children run on the project's default backend (runtime.use_device)
+    # without DEV the children run on the project's default backend (runtime.install)
     print(f"bench: DEV={env.get('DEV', 'unset: the default')} BEAM={env.get('BEAM', '0')} "
           f"tokens={args.tokens} "
           f"groups={','.join(g for g in GROUPS if g in args.groups)}", file=sys.stderr)

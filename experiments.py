@@ -182,8 +182,7 @@ def main(argv=None) -> int:
     if not Path(args.data).is_file():
         print(f"error: no text at {args.data}; pass --data PATH", file=sys.stderr)
         return 2
-    runtime.keep_kernels()
-    device = runtime.use_device()
+    device = runtime.install()
     runs: dict = {}
     t0 = time.perf_counter()
     print(f"`python experiments.py{' --only ' + args.only if args.only else ''}`: "

@@ -16,7 +16,8 @@ from dataclasses import replace
 import numpy as np
 from tinygrad import Tensor
 
-from transformer import Config, Linear, Model, Transformer, captured, padding_mask, sample
+from generate import sample
+from transformer import Config, Linear, Model, Transformer, padding_mask
 
 
 class Classifier(Model):
@@ -74,11 +75,15 @@ class EncoderDecoder(Model):
 
 def encoder_decoder_maps(model: EncoderDecoder, src: Tensor, tgt: Tensor):
     """Logits (B, T, vocab) and, from the same pass, {"encoder": (B, L, H, S, S), "decoder":
-    (B, L, H, T, T), "cross": (B, L, H, T, S)}: the three kinds of attention."""
-    enc, dec = model.encoder.h, model.decoder.h
-    logits, maps = captured(lambda: model(src, tgt), [b.attn for b in enc], [b.attn for b in dec],
-                            [b.crossattention for b in dec])
-    return logits, dict(zip(("encoder", "decoder", "cross"), maps))
+    (B, L, H, T, T), "cross": (B, L, H, T, S)}: the three kinds of attention, read at their
+    hook points (encoder.blocks.{l}.attn.hook_pattern, decoder.blocks.{l}.cross_attn...)."""
+    L = model.config.n_layer
+    names = {"encoder": [f"encoder.blocks.{layer}.attn.hook_pattern" for layer in range(L)],
+             "decoder": [f"decoder.blocks.{layer}.attn.hook_pattern" for layer in range(L)],
+             "cross": [f"decoder.blocks.{layer}.cross_attn.hook_pattern" for layer in range(L)]}
+    logits, cache = model.run_with_cache((src, tgt), [n for group in names.values() for n in group])
+    return logits, {kind: Tensor.stack(*[cache[n] for n in group], dim=1)
+                    for kind, group in names.items()}
 
 
 def translate(model: EncoderDecoder, src: np.ndarray, bos: int, max_new_tokens: int) -> np.ndarray:

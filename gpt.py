@@ -29,8 +29,9 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit
 
 import flags
-from runtime import exit_now, jit_at_once, keep_kernels, on_device, use_device
-from transformer import Config, Transformer, generate, padded_length
+from generate import generate, padded_length
+from runtime import exit_now, install, jit_at_once, on_device
+from transformer import Config, Transformer
 
 # (n_layer, n_head, n_embd) from the config.json of each openai-community model on the hub
 SIZES = {
@@ -455,7 +456,8 @@ def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str |
     score = lambda: float(loss(Tensor(ids[None, :-1]), Tensor(ids[None, 1:])).item())
     try:
         written, report, _, _ = heads.ablation_report(
-            gpt, score, out, heads_spec, 2 if mean else None, "mean next-token loss", "loss",
+            gpt, score, out, heads_spec, "positions" if mean else None, "mean next-token loss",
+            "loss",
             f"{len(ids)} tokens", saved={"ids": ids.astype(np.int64)})
     except (ValueError, OSError) as e:
         raise GPTError(str(e)) from None
@@ -530,7 +532,6 @@ def main(argv=None) -> int:
                     help="--perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
     args = ap.parse_args(argv)
-    keep_kernels()
 
     def log(msg: str):
         print(msg, file=sys.stderr, flush=True)
@@ -541,7 +542,7 @@ def main(argv=None) -> int:
             log(f"weights at {fetch_weights(args.model, args.weights_dir)}")
             return 0
         try:
-            use_device(args.device)
+            install(args.device)
         except Exception as e:
             raise GPTError(f"device {args.device or os.environ.get('DEV')!r} is not usable "
                            f"here: {e}") from None

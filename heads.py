@@ -2,7 +2,7 @@
 self-contained HTML page to explore every head of a model on one sentence.
 
 Everything here works on attention probabilities already computed by the model's own forward
-pass (transformer.attention_maps), as NumPy arrays (L, H, T, T) for one sequence or
+pass (attention_maps, at the hook points), as NumPy arrays (L, H, T, T) for one sequence or
 (B, L, H, T, T) for a batch: row t of a head is where query t looked, and sums to 1.
 
 The scores follow the head taxonomy of Olsson et al. (2022), "In-context Learning and Induction
@@ -203,22 +203,35 @@ def parse_heads(spec: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
     return heads
 
 
-class KnockOut:
-    """While open, every attention layer of model multiplies its heads by a keep mask before
-    c_proj (transformer.knock_out); knock(heads) zeroes exactly those heads' masks. The masks
-    are buffers written in place, so a TinyJit'd score replays with whatever they hold now.
-    mean_over: None replaces a head by zeros, 2 by its mean over positions, 0 over the batch."""
+def knock_out(z, keep, mean: str | None = None):
+    """Head ablation at hook_z, z (B, T, H, hs), each head's output before c_proj: keep[h] = 0
+    replaces head h by zeros, or by its mean over the positions or the batch (TransformerLens's
+    zero and mean ablation); keep[h] = 1 leaves it exactly (z * 1 + 0)."""
+    keep = keep.reshape(1, 1, -1, 1)  # (1, 1, H, 1)
+    fill = 0.0 if mean is None else z.mean(MEAN_AXES[mean], keepdim=True)
+    return z * keep + fill * (1 - keep)
 
-    def __init__(self, model, mean_over: int | None = None):
+
+MEAN_AXES = {"batch": 0, "positions": 1}  # of hook_z's (B, T, H, hs)
+
+
+class KnockOut:
+    """While open, a hook at every layer's hook_z multiplies its heads by a keep mask
+    (knock_out); knock(heads) zeroes exactly those heads' masks. The masks are buffers written in
+    place, so a TinyJit'd score replays with whatever they hold now. mean: None replaces a head
+    by zeros, "positions" by its mean over the positions, "batch" over the batch."""
+
+    def __init__(self, model, mean: str | None = None):
         from tinygrad import Tensor
 
-        self.layers = [block.attn for block in model.h]
-        self.H, self.mean_over = model.config.n_head, mean_over
-        self.keeps = [Tensor.ones(self.H).contiguous().realize() for _ in self.layers]
+        L, self.H = model.config.n_layer, model.config.n_head
+        self.keeps = [Tensor.ones(self.H).contiguous().realize() for _ in range(L)]
+        knock = lambda keep: lambda z: knock_out(z, keep, mean)
+        self.hooks = model.hooks({f"blocks.{layer}.attn.hook_z": knock(keep)
+                                  for layer, keep in enumerate(self.keeps)})
 
     def __enter__(self) -> KnockOut:
-        for attn, keep in zip(self.layers, self.keeps):
-            attn.knockout = (keep, self.mean_over)
+        self.hooks.__enter__()
         return self
 
     def knock(self, heads: list[tuple[int, int]]):
@@ -230,16 +243,15 @@ class KnockOut:
             keep.assign(Tensor(values)).realize()
 
     def __exit__(self, *exc):
-        for attn in self.layers:
-            attn.knockout = None
+        return self.hooks.__exit__(*exc)
 
 
-def ablate_each_head(model, score, mean_over: int | None = None) -> tuple[float, np.ndarray]:
+def ablate_each_head(model, score, mean: str | None = None) -> tuple[float, np.ndarray]:
     """score() with no head knocked out, and score() minus that with each head knocked out
     alone, (L, H): how much the model needs each head for what score measures."""
     L, H = model.config.n_layer, model.config.n_head
     delta = np.zeros((L, H))
-    with KnockOut(model, mean_over) as ko:
+    with KnockOut(model, mean) as ko:
         base = score()
         for layer in range(L):
             for head in range(H):
@@ -249,16 +261,16 @@ def ablate_each_head(model, score, mean_over: int | None = None) -> tuple[float,
 
 
 def ablate_heads(model, score, heads: list[tuple[int, int]],
-                 mean_over: int | None = None) -> tuple[float, float]:
+                 mean: str | None = None) -> tuple[float, float]:
     """score() as it is, and with every head in heads knocked out together."""
-    with KnockOut(model, mean_over) as ko:
+    with KnockOut(model, mean) as ko:
         base = score()
         ko.knock(heads)
         return base, score()
 
 
 def ablation_report(model, score, out: Path, heads_spec: str | None = None,
-                    mean_over: int | None = None, metric: str = "loss", key: str = "loss",
+                    mean: str | None = None, metric: str = "loss", key: str = "loss",
                     title: str = "", higher_is_better: bool = False, saved: dict | None = None):
     """Knock out each head of model alone and write what it costs score() into the folder out:
     ablation.npz ({key}_delta (L, H), base_{key}, and the arrays in saved) and ablation.png;
@@ -266,16 +278,16 @@ def ablation_report(model, score, out: Path, heads_spec: str | None = None,
     -> (files written, the report to print, base score, deltas or None)."""
     import plots
 
-    kind = "zero" if mean_over is None else "mean"
+    kind = "zero" if mean is None else "mean"
     c = model.config
     if heads_spec is not None:
         chosen = parse_heads(heads_spec, c.n_layer, c.n_head)
-        base, knocked = ablate_heads(model, score, chosen, mean_over)
+        base, knocked = ablate_heads(model, score, chosen, mean)
         names = ", ".join(f"L{a}H{b}" for a, b in chosen)
         return [], (f"knocking out {names} together ({kind} ablation): {metric} {base:.4f} -> "
                     f"{knocked:.4f} ({knocked - base:+.4f})"), base, None
     folder = writable_folder(out)
-    base, delta = ablate_each_head(model, score, mean_over)
+    base, delta = ablate_each_head(model, score, mean)
     arrays = {f"{key}_delta": delta, f"base_{key}": base, **(saved or {})}
     written = [atomic_write(folder / "ablation.npz", lambda f: np.savez(f, **arrays))]
     written.append(plots.ablation(delta, folder / "ablation.png", f"{title}: {kind} ablation",
@@ -307,10 +319,12 @@ def logit_lens(model, ids: np.ndarray, k: int = 5) -> dict:
     last reading is the model's own logits, the same tensor."""
     from tinygrad import Tensor
 
-    from transformer import residual_stream
-
+    L = model.config.n_layer
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
+    names.append(f"blocks.{L - 1}.hook_resid_post")
     ids = np.asarray(ids, dtype=np.int32)
-    logits, stream = residual_stream(model, Tensor(ids[None]))
+    logits, cache = model.run_with_cache(Tensor(ids[None]), names)
+    stream = [cache[name] for name in names]  # after the embedding, then after each block
     T = len(ids)
     next_prob = np.full((len(stream), T), np.nan)
     top_ids = np.zeros((len(stream), T, k), dtype=np.int64)
@@ -488,13 +502,26 @@ def name_heads(share: np.ndarray, kind: str, what: str, where: str, bar: float =
             f"{share[layer, h]:.1%} of the time")
 
 
+def attention_maps(model, idx, logits=True):
+    """Logits (B, T, vocab) and every head's attention (B, n_layer, n_head, T, T) for ids (B, T)
+    from one pass, read at each layer's hook_pattern: what is shown is the very probabilities
+    the pass multiplied its values with. logits=False: the maps alone (None for the logits,
+    never computed)."""
+    from tinygrad import Tensor
+
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.config.n_layer)]
+    # causal, unpadded: as a prefill, block by block, which tinygrad schedules sooner
+    start = 0 if model.config.causal and model.config.pad_id is None else None
+    out, cache = model.run_with_cache(idx, names, None if logits else model.final_stream,
+                                      start_pos=start)
+    return (out if logits else None), Tensor.stack(*[cache[n] for n in names], dim=1)
+
+
 def attention_of_rows(model, rows: list[np.ndarray], length: int) -> list[np.ndarray]:
     """Every head's attention (L, H, T, T) on each row of ids (T,), from one forward pass on
     the rows padded on the right to length. Attention is causal, so no real position sees the
     padding, and each row's real rows and columns are its unpadded pass's."""
     from tinygrad import Tensor
-
-    from transformer import attention_maps
 
     batch = np.zeros((len(rows), length), dtype=np.int32)
     for b, ids in enumerate(rows):
@@ -507,9 +534,9 @@ def attention_of_rows(model, rows: list[np.ndarray], length: int) -> list[np.nda
 
 def padded_attention(model, ids: np.ndarray) -> np.ndarray:
     """Every head's attention (L, H, T, T) on ids (T,), padded on the right to its bucket
-    (transformer.prefill_bucket): texts of other lengths in the bucket run the same kernels,
+    (generate.prefill_bucket): texts of other lengths in the bucket run the same kernels,
     kept on disk, instead of generating new ones."""
-    from transformer import padded_length
+    from generate import padded_length
 
     return attention_of_rows(model, [ids], padded_length(model, len(ids)))[0]
 

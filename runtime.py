@@ -1,41 +1,38 @@
 """What tinygrad 0.14 lacks, mostly on a CPU, added from outside the model files.
 
-transformer.py is written against tinygrad's public tensor API, and takes matmul, jit_at_once
-and kept_jits from here by name. These nine pieces make the same kernels start sooner and run
-faster; none changes what the model computes (matmul's kernels add the same products in other
-orders). The CLIs install use_device, keep_kernels and exit_now, and gpt.py loads weights with
-on_device; each can go when tinygrad does the same itself. Figures from the 2-core build
-machine (bench.py; README, Results).
+The model files (transformer.py, families.py) are plain tinygrad and import nothing from here.
+The CLIs call install() once, first; nothing is installed by an import. install() chooses the
+backend and puts these pieces in place; none changes what the model computes (the kernels add
+the same products in other orders). With TINYGPT_PLAIN=1, or on a tinygrad other than the one
+they were written against (then with one note on stderr), none is installed and everything
+runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pieces".
 
+- product: the one seam into the model files. Tensor.dot and Tensor.linear (x @ W.T, q @ kᵀ,
+  att @ v) by the fastest form here: train_matmul when training, cpu_matmul where it fits, one
+  row (decoding) as four interleaved sums. Can go when tinygrad's own products are as fast.
 - keep_kernels: tinygrad caches compiled binaries on disk but generates every kernel's code
-  again in each new process. Kept, the reversal model's first step takes 2.3 s instead of 8.
-  A schedule whose kernels are all kept gets them in one step (a 512-token GPT-2 prefill's
-  lowering 0.24 -> 0.02 s). Can go when tinygrad keeps its generated programs between runs.
+  again in each new process; kept, a schedule whose kernels are all kept gets them in one step.
+  Can go when tinygrad keeps its generated programs between runs.
 - run_on_all_cores: tinygrad splits a large CPU kernel into one chunk per core, then runs the
-  chunks one after another. Run at once: reversal step 45 -> 40 ms, modular addition at
-  p=113 810 -> 480 ms. Can go when its CPU runtime runs the chunks in parallel again (its
-  threads were deleted after 0.14, PR #17866).
-- CPUGraph: TinyJit replays CPU kernels through a generic path, 30-50 us of Python each. A
-  prepared loop makes training steps 18-26 % faster. Can go when a CPU graph ships outside the
-  experimental HCQ2.
+  chunks one after another; here at once. Can go when its CPU runtime runs the chunks in
+  parallel again (its threads were deleted after 0.14, PR #17866).
+- cpu_graph: TinyJit replays CPU kernels through a generic path, tens of µs of Python each; a
+  prepared loop instead. Can go when a CPU graph ships outside the experimental HCQ2.
 - use_device: tinygrad picks OpenCL (PoCL) or clang on a CPU; LLVM code generation is the
-  fastest (demo 34 s cold / 15 s warm, against 95 / 15 and 38 / 18). Can go when tinygrad's
-  own default on a CPU is LLVM.
+  fastest. Can go when tinygrad's own default on a CPU is LLVM.
 - on_device: tinygrad copies a NumPy array into a fresh buffer of its own; on a CPU the
-  arrays are written once, on all cores, into huge pages that become the buffers (GPT-2 124M
-  loads in 0.5 s, not 1.5-1.9). Can go when Tensor(array) on a CPU takes the array's memory.
-- kept_jits: TinyJits kept from one call to the next while the buffers they read stay the same
-  (generate's prefill per bucket and decode step: a second 512-token prompt 0.8 s, not 1.9).
-  Can go when a TinyJit checks what it reads.
-- exit_now: Python's teardown frees tinygrad's graphs one object at a time, 1.2 s after every
-  run. Can go when that teardown is quick.
-- train_matmul: x Wᵀ with a backward whose CPU kernels run 2x faster than tinygrad's own (one
-  Linear of modular addition's step, 385 -> 186 ms); matmul takes it when training. Can go
-  when tinygrad's matmul backward runs at its forward's speed.
+  arrays are written once, on all cores, into huge pages that become the buffers. Can go when
+  Tensor(array) on a CPU takes the array's memory.
+- jit_at_once, kept_jits: TinyJits that capture on their first call, and are kept from one
+  call to the next while the buffers they read stay the same. Can go when TinyJit takes the
+  number of plain calls as an option and checks what it reads.
+- exit_now: Python's teardown frees tinygrad's graphs one object at a time, a second after
+  every run. Can go when that teardown is quick.
+- train_matmul: x Wᵀ with a backward whose CPU kernels run twice as fast as tinygrad's own.
+  Can go when tinygrad's matmul backward runs at its forward's speed.
 - cpu_matmul: x Wᵀ + b outside training as one hand-written kernel (C vector code compiled by
-  tinygrad's own clang compiler, run as a tinygrad program): 512x768 by 768x3072 at 186
-  GFLOP/s on both cores against tinygrad's 40 (NumPy's BLAS: 187). matmul takes it on a CPU
-  for float32. Can go when tinygrad's CPU code keeps vector arithmetic in vectors.
+  tinygrad's own clang compiler, run as a tinygrad program), at NumPy's BLAS speed. Can go when
+  tinygrad's CPU code keeps vector arithmetic in vectors.
 """
 from __future__ import annotations
 
@@ -55,13 +52,63 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from queue import SimpleQueue
+from typing import TYPE_CHECKING
 
 from tinygrad import GlobalCounters, Tensor, TinyJit
-from tinygrad.engine.jit import GraphRunner
-from tinygrad.engine.realize import get_call_arg_uops
-from tinygrad.function import function
-from tinygrad.helpers import TRAINING, diskcache_get, diskcache_put
-from tinygrad.uop.ops import Ops, UOp
+
+if TYPE_CHECKING:
+    from tinygrad.uop.ops import UOp
+
+# The tinygrad whose internals these pieces reach into; on another, install() adds none of them
+TESTED_TINYGRAD = "0.14.0"
+# tinygrad's own products, which the pieces below call (install() puts product() in their place)
+TINYGRAD_DOT, TINYGRAD_LINEAR = Tensor.dot, Tensor.linear
+INSTALLED = False  # set by install(); the pieces that a library call meets check it
+
+
+def install(device: str | None = None) -> str:
+    """Choose the backend (device: a --device flag, else DEV, else use_device's choice) and put
+    every piece in place; idempotent. TINYGPT_PLAIN=1, or a tinygrad other than TESTED_TINYGRAD
+    (one note on stderr): none, only the device flag is heeded. Returns the device's name."""
+    global INSTALLED
+    plain = os.environ.get("TINYGPT_PLAIN", "0") not in ("", "0")
+    if not plain and version("tinygrad") != TESTED_TINYGRAD:
+        print(f"note: tinygrad {version('tinygrad')}, not {TESTED_TINYGRAD}: running on tinygrad "
+              "alone, without runtime.py's faster pieces", file=sys.stderr)
+        plain = True
+    if plain:
+        from tinygrad import Device
+        from tinygrad.helpers import DEV
+
+        if device:
+            DEV.value = device.upper()
+        return f"{Device.DEFAULT} ({type(Device[Device.DEFAULT].renderer).__name__})"
+    name = use_device(device)
+    keep_kernels()
+    Tensor.dot = lambda x, w, dtype=None: (
+        TINYGRAD_DOT(x, w, dtype) if dtype is not None or x.ndim < 2 or w.ndim < 2
+        else product(x, w.transpose(-2, -1)))
+    Tensor.linear = lambda x, weight, bias=None, dtype=None: (
+        TINYGRAD_LINEAR(x, weight, bias, dtype) if dtype is not None or x.ndim < 2
+        or weight.ndim != 2 else product(x, weight.transpose(-2, -1), bias))
+    INSTALLED = True
+    return name
+
+
+def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x Wᵀ + b for x (..., in) and weight (out, in), or per entry of a batch, x (..., T, d) and
+    weight (..., S, d): what x @ W.T (and x.linear(W.T, b)) computes once installed."""
+    if weight.ndim > 2:
+        return matmul(x, weight, bias)
+    *lead, n_in = x.shape
+    n_out = weight.shape[0]
+    if math.prod(lead) == 1 and n_in % 4 == 0:
+        # One row (decoding): as 4 interleaved partial sums, not one serial chain per output, the
+        # CPU overlaps them (on OpenCL too)
+        products = x.reshape(*lead, 1, n_in // 4, 4) * weight.reshape(n_out, n_in // 4, 4)
+        y = products.sum(-2).sum(-1)  # (..., out)
+        return y if bias is None else y + bias
+    return matmul(x.reshape(-1, n_in), weight, bias).reshape(*lead, n_out)  # (..., out)
 
 
 class _KeptKernels(dict):
@@ -77,6 +124,8 @@ class _KeptKernels(dict):
                                             *rest))).hexdigest()
 
     def __contains__(self, key) -> bool:
+        from tinygrad.helpers import diskcache_get
+
         if dict.__contains__(self, key):
             return True
         try:
@@ -92,6 +141,8 @@ class _KeptKernels(dict):
         return dict.__getitem__(self, key) if key in self else default
 
     def __setitem__(self, key, program):
+        from tinygrad.helpers import diskcache_put
+
         dict.__setitem__(self, key, program)
         diskcache_put(KEPT_KERNELS_TABLE, self.disk_key(key), program)
 
@@ -118,11 +169,12 @@ def keep_kernels():
         realize.lower_and_compile = functools.partial(_swap_in_kept, realize.lower_and_compile)
 
 
-def _swap_in_kept(lower_and_compile, linear: UOp) -> UOp:
+def _swap_in_kept(lower_and_compile, linear):
     """tinygrad's lower_and_compile, but where every kernel of a schedule is generated already,
     each call gets its program in one step: tinygrad rewrites each kernel's whole graph to put
     it in, 2 ms a kernel, 0.22 s of a 512-token GPT-2 prefill's 1.6 s."""
     import tinygrad.engine.realize as realize
+    from tinygrad.uop.ops import Ops
 
     calls = {c: a for c in linear.toposort()
              if c.op is Ops.CALL and (a := realize._get_call_to_compile(c)) is not None}
@@ -212,65 +264,73 @@ def run_on_all_cores():
     CPUProgram.__call__ = call
 
 
-class CPUGraph(GraphRunner):
-    """TinyJit's replay of a run of CPU kernels as one loop over prepared calls.
+@functools.cache
+def cpu_graph():
+    """The class CPUGraph, made on first use: it subclasses tinygrad's internal GraphRunner."""
+    from tinygrad.engine.jit import GraphRunner
+    from tinygrad.engine.realize import get_call_arg_uops
+    from tinygrad.uop.ops import Ops
 
-    tinygrad 0.14 batches the kernels of a captured function into graphs on GPUs; on the CPU it
-    replays them one by one through its generic path, 30 to 50 µs of Python per kernel (resolving
-    buffers, launch sizes, arguments) besides the kernel's run: a quarter to a third of the
-    reversal model's step. Here each kernel's function and arguments are prepared once; a replay
-    writes in the buffers and variable values that change between calls, then calls the
-    functions in order (the chunks of split ones on all cores, as run_on_all_cores does).
-    Training steps 18 to 26 % faster on the 2-core build machine; every number the same to the
-    bit."""
+    class CPUGraph(GraphRunner):
+        """TinyJit's replay of a run of CPU kernels as one loop over prepared calls.
 
-    replays = 0  # calls of any CPUGraph so far (for tests)
+        tinygrad 0.14 batches the kernels of a captured function into graphs on GPUs; on the CPU
+        it replays them one by one through its generic path, tens of µs of Python per kernel
+        (resolving buffers, launch sizes, arguments) besides the kernel's run. Here each kernel's
+        function and arguments are prepared once; a replay writes in the buffers and variable
+        values that change between calls, then calls the functions in order (the chunks of split
+        ones on all cores, as run_on_all_cores does). Every number the same to the bit."""
 
-    def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
-        super().__init__(linear, input_uops)
-        self.launches = []  # per kernel: (compiled function, argument list per chunk)
-        self.patches = []  # (kernel, argument, input slot): buffers that change between calls
-        self.first_var = []  # per kernel: where its variables start among its arguments
-        zeros = {v: 0 for v in self.vars}
-        for j, ((_, program, bufs, device_vars), runtime) in enumerate(zip(self.calls,
-                                                                           self.runtimes)):
-            info = program.arg
-            kernel_bufs = [bufs[i] for i in info.globals]
-            args = [b.get_buf(b.device).va_addr for b in kernel_bufs]
-            args += [device_vars.get(v.expr, 0) for v in info.vars]
-            core = runtime.runtimevars.get("core_id")
-            n = info.launch_dims(zeros)[0][0] if core is not None else 1
-            self.launches.append((runtime.fxn, chunk_args(args, core, n)))
-            self.patches += [(j, k, slot) for p, slot in self.uop_replace[j]
-                             for k, g in enumerate(info.globals) if g == p]
-            self.first_var.append(len(kernel_bufs))
+        replays = 0  # calls of any CPUGraph so far (for tests)
 
-    def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait=False):
-        for j, k, slot in self.patches:
-            buf = input_uops[slot].buffer
-            address = ctypes.c_uint64(buf.get_buf(buf.device).va_addr)
-            for chunk in self.launches[j][1]:
-                chunk[k] = address
-        for j, i, value in self.updated_vars(var_vals):
-            for chunk in self.launches[j][1]:
-                chunk[self.first_var[j] + i] = ctypes.c_uint64(value)
-        start = time.perf_counter()
-        for fxn, chunks in self.launches:
-            _CORES.run(fxn, chunks)
-        GlobalCounters.kernel_count += len(self.launches) - 1  # tinygrad counts a graph as one
-        CPUGraph.replays += 1
-        return time.perf_counter() - start if wait else None
+        def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
+            super().__init__(linear, input_uops)
+            self.launches = []  # per kernel: (compiled function, argument list per chunk)
+            self.patches = []  # (kernel, argument, input slot): buffers that change between calls
+            self.first_var = []  # per kernel: where its variables start among its arguments
+            zeros = {v: 0 for v in self.vars}
+            for j, ((_, program, bufs, device_vars), runtime) in enumerate(zip(self.calls,
+                                                                               self.runtimes)):
+                info = program.arg
+                kernel_bufs = [bufs[i] for i in info.globals]
+                args = [b.get_buf(b.device).va_addr for b in kernel_bufs]
+                args += [device_vars.get(v.expr, 0) for v in info.vars]
+                core = runtime.runtimevars.get("core_id")
+                n = info.launch_dims(zeros)[0][0] if core is not None else 1
+                self.launches.append((runtime.fxn, chunk_args(args, core, n)))
+                self.patches += [(j, k, slot) for p, slot in self.uop_replace[j]
+                                 for k, g in enumerate(info.globals) if g == p]
+                self.first_var.append(len(kernel_bufs))
 
-    @staticmethod
-    def supports_uop(batch_devs, call: UOp) -> bool:
-        """A compiled kernel on the batch's one device, launched over a fixed number of chunks,
-        whose arguments are whole buffers (a view of a changing input would not be patched)."""
-        program = call.src[0]
-        return (program.op is Ops.PROGRAM
-                and len(GraphRunner._all_devs(batch_devs, call)) == 1
-                and all(isinstance(n, int) for n in program.arg.global_size)
-                and all(u.op in (Ops.BUFFER, Ops.PARAM) or Ops.PARAM not in {s.op for s in u.src}
-                        for u in get_call_arg_uops(call)))
+        def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait=False):
+            for j, k, slot in self.patches:
+                buf = input_uops[slot].buffer
+                address = ctypes.c_uint64(buf.get_buf(buf.device).va_addr)
+                for chunk in self.launches[j][1]:
+                    chunk[k] = address
+            for j, i, value in self.updated_vars(var_vals):
+                for chunk in self.launches[j][1]:
+                    chunk[self.first_var[j] + i] = ctypes.c_uint64(value)
+            start = time.perf_counter()
+            for fxn, chunks in self.launches:
+                _CORES.run(fxn, chunks)
+            GlobalCounters.kernel_count += len(self.launches) - 1  # tinygrad counts a graph as one
+            CPUGraph.replays += 1
+            return time.perf_counter() - start if wait else None
+
+        @staticmethod
+        def supports_uop(batch_devs, call: UOp) -> bool:
+            """A compiled kernel on the batch's one device, launched over a fixed number of chunks,
+            whose arguments are whole buffers (a view of a changing input would not be patched)."""
+            program = call.src[0]
+            return (program.op is Ops.PROGRAM
+                    and len(GraphRunner._all_devs(batch_devs, call)) == 1
+                    and all(isinstance(n, int) for n in program.arg.global_size)
+                    and all(u.op in (Ops.BUFFER, Ops.PARAM)
+                            or Ops.PARAM not in {s.op for s in u.src}
+                            for u in get_call_arg_uops(call)))
+
+    return CPUGraph
 
 
 def batch_cpu_kernels():
@@ -281,7 +341,7 @@ def batch_cpu_kernels():
 
     device = Device[Device.DEFAULT]
     if isinstance(device, CPUDevice) and type(device.renderer).__name__ != "LVPRenderer":
-        device.graph = CPUGraph
+        device.graph = cpu_graph()
 
 
 def use_device(device: str | None = None) -> str:
@@ -350,6 +410,8 @@ def exit_now(code: int | None):
     object at a time: 1.2 s after every run, 6 % of the 19 s demo. The exit handlers (tinygrad's
     device finalizers) still run and the output streams are flushed; files are all closed by then
     (checkpoints are renamed into place, the kernel cache commits each write)."""
+    if not INSTALLED:
+        sys.exit(code)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -384,7 +446,7 @@ def on_device(arrays: dict, dtype, shapes: dict) -> dict[str, Tensor]:
     from tinygrad.dtype import _from_np_dtype
     from tinygrad.runtime.ops_cpu import CPUDevice
 
-    on_cpu = isinstance(Device[Device.DEFAULT], CPUDevice)
+    on_cpu = INSTALLED and isinstance(Device[Device.DEFAULT], CPUDevice)  # else Tensor(array)
 
     def host(name: str) -> np.ndarray:
         array, shape = arrays[name], tuple(shapes[name])
@@ -420,7 +482,8 @@ def jit_at_once(fxn) -> TinyJit:
     call is a pass of tinygrad's scheduler for nothing: GPT-2's two warm-up decode steps took
     1.9 s, now 1.1. Can go when TinyJit takes the number of plain calls as an option."""
     jit = TinyJit(fxn)
-    jit.cnt = 1  # calls so far: the next one captures
+    if INSTALLED:  # else TinyJit as it is
+        jit.cnt = 1  # calls so far: the next one captures
     return jit
 
 
@@ -443,6 +506,8 @@ def kept_jits(owner, key) -> dict:
     TinyJit checks what it reads."""
     from tinygrad.nn.state import get_state_dict
 
+    if not INSTALLED:
+        return {}  # nothing kept: each call makes its own
     tensors = get_state_dict(owner)  # _Kept has no __dict__: not walked into
     Tensor.realize(*tensors.values())
     reads = {name: t.uop for name, t in tensors.items()}
@@ -463,17 +528,27 @@ def matmul_backward(grad: UOp, call: UOp) -> tuple[UOp, UOp]:
     g, x, w = (Tensor(u) for u in (grad, *call.src[1:]))
     N, n_in = x.shape
     n_out = w.shape[0]
-    dx = g @ w.T.contiguous().T  # (N, out) @ (out, in), the (out, in) view of an (in, out) copy
+    dx = TINYGRAD_DOT(g, w.T.contiguous().T)  # (N, out) @ (out, in): the view of an (in, out) copy
     k = max(d for d in range(1, 33) if N % d == 0)
     g_blocks = g.reshape(k, N // k, n_out).transpose(1, 2)  # (k, out, N/k)
-    dw = (g_blocks @ x.reshape(k, N // k, n_in)).contiguous().sum(0)  # (k, out, in) -> (out, in)
+    dw = TINYGRAD_DOT(g_blocks, x.reshape(k, N // k, n_in)).contiguous().sum(0)  # (out, in)
     return dx.uop, dw.uop
 
 
-@function(grad_fxn=matmul_backward)
 def train_matmul(x: Tensor, weight: Tensor) -> Tensor:
     """x Wᵀ for x (N, in), with the backward above."""
-    return x @ weight.T
+    return _train_matmul()(x, weight)
+
+
+@functools.cache
+def _train_matmul():
+    from tinygrad.function import function
+
+    @function(grad_fxn=matmul_backward)
+    def product(x: Tensor, weight: Tensor) -> Tensor:
+        return TINYGRAD_DOT(x, weight.T)
+
+    return product
 
 
 # x Wᵀ (+ b) for x (M, K), W (N, K), b (N,), or a batch of them: each output is a dot product
@@ -570,7 +645,7 @@ def _cpu_matmul_grads(grad: UOp, call: UOp) -> tuple:
     g = Tensor(grad)
     _, x, w, *bias = (Tensor(u) for u in call.src[1:])
     # dx (..., M, K), dW (..., N, K), db (N,)
-    grads = [g @ w, g.transpose(-2, -1) @ x] + [g.sum(0)] * len(bias)
+    grads = [TINYGRAD_DOT(g, w), TINYGRAD_DOT(g.transpose(-2, -1), x)] + [g.sum(0)] * len(bias)
     return (None, *(t.uop for t in grads))
 
 
@@ -586,7 +661,7 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     from tinygrad.dtype import AddrSpace
     from tinygrad.helpers import NUM_CPU_THREADS
     from tinygrad.renderer import Estimates
-    from tinygrad.uop.ops import KernelInfo, ProgramInfo
+    from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp
 
     *lead, M, K = x.shape
     batch, N = math.prod(lead), weight.shape[-2]
@@ -624,10 +699,12 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x Wᵀ + b for x (N, in) and weight (out, in), or per entry of a batch, x (..., T, d) and
     weight (..., S, d). By the fastest form here: train_matmul when training (2-D), cpu_matmul
     where it fits, else tinygrad's own product."""
+    from tinygrad.helpers import TRAINING
+
     if TRAINING and x.ndim == 2:
         y = train_matmul(x, weight)
     elif not TRAINING and cpu_matmul_fits(x, weight):
         return cpu_matmul(x, weight, bias)
     else:
-        y = x @ weight.transpose(-2, -1)
+        y = TINYGRAD_DOT(x, weight.transpose(-2, -1))
     return y if bias is None else y + bias

@@ -32,7 +32,9 @@ from tinygrad import Tensor, TinyJit
 
 import heads
 from families import Classifier, EncoderDecoder, encoder_decoder_maps, translate
-from transformer import Config, Transformer, attention_maps, generate
+from generate import generate
+from heads import attention_maps
+from transformer import Config, Transformer
 
 # A target id that carries no loss. Not -1: tinygrad reads ignore_index=-1 as "ignore nothing".
 IGNORE = -100

@@ -27,7 +27,7 @@ from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 import flags
 from families import Classifier, EncoderDecoder
-from runtime import exit_now, keep_kernels, use_device
+from runtime import exit_now, install
 from tasks import IGNORE
 from transformer import ABLATIONS, SIMILARITIES, Config, Transformer
 
@@ -304,7 +304,7 @@ def ablate(task, path: Path, folder: Path, heads_spec: str | None = None, mean: 
     score = getattr(task, "ablation_score", task.evaluate)
     metric = getattr(task, "ablation_metric", task.metric)
     higher = getattr(task, "ablation_higher_is_better", task.higher_is_better)
-    mean_over = 0 if mean else None
+    mean_over = "batch" if mean else None
     run = lambda: float(score(model))
     written, report, base, delta = heads.ablation_report(
         model, run, folder, heads_spec, mean_over, metric, "score", f"{task.name} model", higher,
@@ -390,7 +390,6 @@ def main(argv=None) -> int:
                                      "(default: DEV, else the fastest here)")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
     args = ap.parse_args(argv)
-    keep_kernels()
 
     def fail(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -428,7 +427,7 @@ def main(argv=None) -> int:
         if name not in ABLATIONS:
             return fail(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
     try:  # after the checks of the arguments: opening a backend takes a moment
-        device = use_device(args.device)
+        device = install(args.device)
     except Exception as e:
         return fail(f"device {args.device or os.environ.get('DEV')!r} is not usable here: {e}")
     out = args.out or Path(__file__).parent / "models" / task.name

@@ -6,26 +6,70 @@ multi-head attention, cross-attention and sinusoidal positions, and GPT-2 (Radfo
 for the pre-LayerNorm block, learned positions and weight names: gpt.py builds GPT-2 from these
 classes, so the names (wte, wpe, h, ln_1, attn.c_attn, ...) are those of OpenAI's checkpoint.
 
-Read top to bottom: attention (four similarity functions), one head, multi-head, self- and
-cross-attention with the KV cache, LayerNorm, MLP, positions, the block, the config and its
-ablations, the model, attention capture, sampling, generation. train.py is the command line:
+Read top to bottom: hook points, attention (four similarity functions), one head, multi-head,
+self- and cross-attention with the KV cache, LayerNorm, MLP, positions, the block, the config
+and its ablations, the model. GPT-2's forward pass is Transformer.__call__ and what it calls.
+Every activation a tool reads has a named hook point (TransformerLens's names):
+
+    logits, cache = model.run_with_cache(ids, ["blocks.0.attn.hook_pattern"])
+    logits = model.run_with_hooks(ids, {"blocks.1.attn.hook_z": lambda z: z * 0})
+
+generate.py samples with the KV cache; train.py is the command line:
 
     python transformer.py -v                        # learn to reverse digit strings: exact match
     python transformer.py --task shakespeare -v     # character-level tinyshakespeare: val loss
     python transformer.py --attention               # every head of the saved checkpoint, drawn
-    python transformer.py --ablate no-mask -v       # what the causal mask is for
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from tinygrad import Context, Tensor, Variable, nn
-from tinygrad.helpers import BEAM, TRAINING
+from tinygrad import Tensor, nn
+from tinygrad.helpers import TRAINING
 from tinygrad.nn.state import get_state_dict
 
-from runtime import jit_at_once, kept_jits, matmul  # TinyJits captured at once, kept; a CPU x Wᵀ
+# ------------------------------ Hook points ------------------------------------------------------
+
+
+class HookPoint:
+    """A named place in the forward pass, as TransformerLens's HookPoint: the identity until a
+    hook is added, a function that gets the activation and returns it or a replacement. Without
+    hooks it returns the very tensor it got, so the pass, its kernels and its numbers are the same.
+    Slots, not a __dict__: get_state_dict (checkpoints, optimizers) does not walk into it."""
+    __slots__ = ("fns",)
+
+    def __init__(self):
+        self.fns = []  # applied in the order they were added
+
+    def __call__(self, x: Tensor) -> Tensor:
+        for fn in self.fns:
+            x = fn(x)
+        return x
+
+
+# Attribute names as in GPT-2's checkpoint; hook names as in TransformerLens where they differ
+HOOK_NAMES = {"h": "blocks", "ln_1": "ln1", "ln_2": "ln2", "ln_f": "ln_final",
+              "crossattention": "cross_attn"}
+
+
+def hook_points(obj, prefix: str = "", found: dict | None = None) -> dict[str, HookPoint]:
+    """Every HookPoint under obj by name, e.g. "blocks.0.attn.hook_pattern"; one met again under
+    another name (a shared layer) keeps its first."""
+    found = {} if found is None else found
+    if isinstance(obj, HookPoint):
+        if all(p is not obj for p in found.values()):
+            found[prefix.rstrip(".")] = obj
+    elif isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            hook_points(x, f"{prefix}{i}.", found)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for k, v in vars(obj).items():
+            hook_points(v, f"{prefix}{HOOK_NAMES.get(k, k)}.", found)
+    return found
+
 
 # ------------------------------ Attention --------------------------------------------------------
 
@@ -43,7 +87,7 @@ def causal_mask(T: int, S, start_pos=0) -> Tensor:
 def dot_scores(q: Tensor, k: Tensor) -> Tensor:
     """qᵀk (Luong et al., 2015, "dot"): one matmul, no parameters. Its variance grows with the
     head size, so with wide heads the softmax saturates and its gradients vanish."""
-    return matmul(q, k)  # q kᵀ per head, (..., H, T, S)
+    return q @ k.transpose(-2, -1)  # (..., H, T, S)
 
 
 def scaled_scores(q: Tensor, k: Tensor) -> Tensor:
@@ -86,23 +130,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return attention_weights(q, k, mask) @ v
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x Wᵀ + b for x (..., in) and weight (out, in)."""
-    *lead, n_in = x.shape
-    n_out = weight.shape[0]
-    if math.prod(lead) == 1 and n_in % 4 == 0:
-        # One row (decoding): as 4 interleaved partial sums, not one serial chain per output,
-        # the CPU overlaps them: decoding 1.5x faster on CPU and OpenCL (8 spill registers).
-        products = x.reshape(*lead, 1, n_in // 4, 4) * weight.reshape(n_out, n_in // 4, 4)
-        y = products.sum(-2).sum(-1)  # (..., out)
-        return y if bias is None else y + bias
-    # many rows: a hand-written CPU kernel, 4.7x tinygrad's (runtime.py), or tinygrad's x @ W.T
-    return matmul(x.reshape(-1, n_in), weight, bias).reshape(*lead, n_out)  # (..., out)
+# x @ W.T, q @ kᵀ: tinygrad's products, for which runtime.install() may swap in a CPU kernel
 
 
 class Linear:
     """y = x Wᵀ + b with W stored (out, in), as in PyTorch: each output's weights lie together,
-    so decoding's matrix-vector products read memory in order, 3x faster on a CPU than GPT-2's
+    so decoding's matrix-vector products read memory in order, faster on a CPU than GPT-2's
     Conv1D layout (in, out), which gpt.py transposes once at load time."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool = True, std: float = 0.02, init=True):
@@ -112,7 +145,7 @@ class Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         # Materialize input and gradient: fused into a matmul, each output column recomputes them
-        return linear(x.contiguous(), self.weight, self.bias).contiguous_backward()
+        return x.contiguous().linear(self.weight.T, self.bias).contiguous_backward()
 
 
 class SingleHeadAttention:
@@ -129,21 +162,6 @@ class SingleHeadAttention:
         return attention(q, k, v, causal_mask(T, T))
 
 
-def knock_out(y: Tensor, keep: Tensor, mean_over: int | None = None) -> Tensor:
-    """Head ablation on y (B, H, T, hs), the heads' outputs before c_proj: keep[h] = 0 replaces a
-    head by zeros, or its mean over the positions (mean_over=2) or the batch (0), as
-    TransformerLens's zero and mean ablation; keep[h] = 1 leaves it exactly (y * 1 + 0)."""
-    keep = keep.reshape(1, -1, 1, 1)  # (1, H, 1, 1)
-    fill = 0.0 if mean_over is None else y.mean(mean_over, keepdim=True)
-    return y * keep + fill * (1 - keep)
-
-
-def split_heads(x: Tensor, n_head: int) -> Tensor:
-    """(B, T, C) -> (B, H, T, C // H): each head gets its own slice of the features."""
-    B, T, C = x.shape
-    return x.reshape(B, T, n_head, C // n_head).transpose(1, 2)  # (B, H, T, hs)
-
-
 def padding_mask(idx: Tensor, pad_id: int) -> Tensor:
     """Additive mask (B, 1, 1, S) for key ids idx (B, S): 0 for a real token, -inf for padding,
     so no query takes anything from a pad (BERT's attention_mask, PyTorch's key_padding_mask)."""
@@ -153,7 +171,9 @@ def padding_mask(idx: Tensor, pad_id: int) -> Tensor:
 
 class MultiHeadAttention:
     """What self- and cross-attention share: n_head heads attend independently, each in its own
-    slice of the features, and c_proj mixes their outputs (Vaswani et al., section 3.2.2)."""
+    slice of the features, and c_proj mixes their outputs (Vaswani et al., section 3.2.2).
+    Hook points: hook_q, hook_k, hook_v (B, T, H, hs), hook_pattern (B, H, T, S), hook_z (each
+    head's output before c_proj, B, T, H, hs)."""
 
     def __init__(self, n_embd: int, n_head: int, n_layer: int = 1, init=True,
                  similarity: str = "scaled"):
@@ -170,8 +190,13 @@ class MultiHeadAttention:
             self.w_q_add, self.w_k_add = [Tensor.normal(n_head, hs, hs, std=hs**-0.5)
                                           for _ in range(2)]
             self.v_add = Tensor.normal(n_head, hs, std=hs**-0.5)
-        self.keep_weights, self.weights = False, None  # see captured
-        self.knockout = None  # (keep (H,), mean over which axis or None): see knock_out
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_pattern, self.hook_z = HookPoint(), HookPoint()
+
+    def split_heads(self, x: Tensor, hook: HookPoint) -> Tensor:
+        """(B, T, C) -> (B, H, T, C // H): each head gets its own slice of the features."""
+        B, T, C = x.shape
+        return hook(x.reshape(B, T, self.n_head, C // self.n_head)).transpose(1, 2)  # (B, H, T, hs)
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
         """This layer's similarity of every query to every key, (B, H, T, S)."""
@@ -186,14 +211,9 @@ class MultiHeadAttention:
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q (B, H, T, hs), k and v (B, H, S, hs) -> (B, T, C): the heads' outputs, mixed."""
         B, H, T, hs = q.shape
-        att = attention_weights(q, k, mask, self.scores)  # (B, H, T, S)
-        if self.keep_weights:  # for captured: the very probabilities this pass uses
-            self.weights = att
-        y = matmul(att, v.transpose(-2, -1))  # att v = att (vᵀ)ᵀ, (B, H, T, hs)
-        if self.knockout is not None:  # head ablation (heads.py); off, the pass is unchanged
-            y = knock_out(y, *self.knockout)
-        y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, C): heads side by side again
-        return self.c_proj(y)
+        att = self.hook_pattern(attention_weights(q, k, mask, self.scores))  # (B, H, T, S)
+        z = self.hook_z((att @ v).transpose(1, 2))  # (B, T, H, hs)
+        return self.c_proj(z.reshape(B, T, H * hs))  # (B, T, C): heads side by side, mixed
 
     def share(self, other: MultiHeadAttention):
         """Use other's weights (--ablate shared-layers); the KV cache stays this layer's own."""
@@ -219,7 +239,8 @@ class CausalSelfAttention(MultiHeadAttention):
         B, T, C = x.shape
         # contiguous_backward: q, k and v's gradients written once each, not recomputed per column
         q, k, v = [t.contiguous_backward() for t in self.c_attn(x).split(C, dim=-1)]  # (B, T, C)
-        q, k, v = [split_heads(t, self.n_head) for t in (q, k, v)]  # each (B, H, T, hs)
+        q, k, v = [self.split_heads(t, hook) for t, hook in
+                   ((q, self.hook_q), (k, self.hook_k), (v, self.hook_v))]  # each (B, H, T, hs)
         if start_pos is None:
             mask = causal_mask(T, T)
         else:
@@ -258,7 +279,8 @@ class CrossAttention(MultiHeadAttention):
     def keys_values(self, memory: Tensor) -> list[Tensor]:
         """The encoder's output (B, S, C) -> keys and values, each (B, H, S, hs)."""
         B, S, C = memory.shape
-        return [split_heads(t, self.n_head) for t in self.c_attn(memory).split(C, dim=-1)]
+        k, v = self.c_attn(memory).split(C, dim=-1)  # each (B, S, C)
+        return [self.split_heads(k, self.hook_k), self.split_heads(v, self.hook_v)]
 
     def __call__(self, x: Tensor, source: tuple[Tensor, Tensor | None], start_pos=None) -> Tensor:
         """x (B, T, C); source: the encoder's output (B, S, C) and its padding_mask or None."""
@@ -271,7 +293,7 @@ class CrossAttention(MultiHeadAttention):
                 # state, not weights: kept out of checkpoints and optimizers
                 self.source_kv = [t.is_param_(False) for t in (memory, *kv)]
             _, k, v = self.source_kv
-        q = split_heads(self.q_attn(x), self.n_head)  # (B, H, T, hs)
+        q = self.split_heads(self.q_attn(x), self.hook_q)  # (B, H, T, hs)
         return self.attend(q, k, v, pad)
 
 
@@ -280,15 +302,18 @@ class CrossAttention(MultiHeadAttention):
 
 class LayerNorm:
     """Normalize each position's features to mean 0 and variance 1, then scale and shift. The
-    variance is the biased one (divide by C, not C - 1), as in Ba et al. (2016) and PyTorch."""
+    variance is the biased one (divide by C, not C - 1), as in Ba et al. (2016) and PyTorch.
+    hook_scale: each position's divisor √(var + eps), (B, T, 1), as TransformerLens's."""
 
     def __init__(self, n_embd: int, eps: float = 1e-5):
         self.weight, self.bias, self.eps = Tensor.ones(n_embd), Tensor.zeros(n_embd), eps
+        self.hook_scale = HookPoint()
 
     def __call__(self, x: Tensor) -> Tensor:
         mean = x.mean(-1, keepdim=True)
         var = ((x - mean) ** 2).mean(-1, keepdim=True)
-        return (x - mean) * (var + self.eps).rsqrt() * self.weight + self.bias
+        scale = self.hook_scale((var + self.eps).sqrt())  # (B, T, 1)
+        return (x - mean) / scale * self.weight + self.bias
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -323,7 +348,9 @@ class Block:
     each branch's input, x + f(ln(x)); post-LN (2017) the sum, ln(x + f(x)), less stable without
     warmup (Xiong et al., 2020). Config(cross=True): cross-attention between the two, the
     decoder block of the encoder-decoder (section 3.1); Config(mlp=False): attention only, where
-    Olsson et al. (2022) watch induction heads form; Config(layernorm=False): no LayerNorms."""
+    Olsson et al. (2022) watch induction heads form; Config(layernorm=False): no LayerNorms.
+    Hook points: the stream before, between and after (hook_resid_pre, hook_resid_mid,
+    hook_resid_post), and what each branch adds (hook_attn_out, hook_cross_out, hook_mlp_out)."""
 
     def __init__(self, config: Config, init=True):
         c = config
@@ -336,32 +363,42 @@ class Block:
         self.crossattention = cross
         self.ln_2 = LayerNorm(c.n_embd, c.ln_eps) if c.layernorm and c.mlp else None
         self.mlp = MLP(c.n_embd, c.n_layer, init) if c.mlp else None
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = [HookPoint()
+                                                                          for _ in range(3)]
+        self.hook_attn_out, self.hook_cross_out, self.hook_mlp_out = [HookPoint()
+                                                                      for _ in range(3)]
 
     def __call__(self, x: Tensor, start_pos=None, pad: Tensor | None = None,
                  source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """pad: an encoder batch's padding_mask; source: the encoder's output and its mask."""
-        branches = [(self.ln_1, lambda h: self.attn(h, start_pos, pad))]
+        x = self.hook_resid_pre(x)  # (B, T, C)
+        x = self.branch(x, self.ln_1, lambda h: self.hook_attn_out(self.attn(h, start_pos, pad)))
         if self.crossattention is not None:
-            branches.append((self.ln_cross_attn,
-                             lambda h: self.crossattention(h, source, start_pos)))
+            x = self.branch(x, self.ln_cross_attn, lambda h: self.hook_cross_out(
+                self.crossattention(h, source, start_pos)))
+        x = self.hook_resid_mid(x)
         if self.mlp is not None:
-            branches.append((self.ln_2, self.mlp))
-        norm = lambda ln, h: h if ln is None else ln(h)
-        for ln, f in branches:
-            if not self.residual:  # --ablate no-residual: each branch replaces the stream
-                x = f(norm(ln, x)) if self.prenorm else norm(ln, f(x))
-            elif self.prenorm:
-                x = x + f(norm(ln, x))
-            else:
-                x = norm(ln, x + f(x))
-        return x
+            x = self.branch(x, self.ln_2, lambda h: self.hook_mlp_out(self.mlp(h)))
+        return self.hook_resid_post(x)
+
+    def branch(self, x: Tensor, ln: LayerNorm | None, f) -> Tensor:
+        """One residual branch f around the stream x: x + f(ln(x)) (pre-LN), ln(x + f(x))
+        (post-LN), or without the skip (--ablate no-residual) f(ln(x)) or ln(f(x))."""
+        norm = (lambda h: h) if ln is None else ln
+        if not self.residual:  # each branch replaces the stream
+            return f(norm(x)) if self.prenorm else norm(f(x))
+        return x + f(norm(x)) if self.prenorm else norm(x + f(x))
 
     def share(self, other: Block):
-        """Use other's weights (--ablate shared-layers): a deeper network, no more parameters."""
-        self.ln_1, self.ln_2, self.mlp = other.ln_1, other.ln_2, other.mlp
+        """Use other's weights (--ablate shared-layers): a deeper network, no more parameters.
+        The LayerNorms share their weights, not themselves: each block keeps its hook points."""
+        for name in ("ln_1", "ln_2", "ln_cross_attn"):
+            if getattr(self, name) is not None:
+                mine, theirs = getattr(self, name), getattr(other, name)
+                mine.weight, mine.bias = theirs.weight, theirs.bias
+        self.mlp = other.mlp
         self.attn.share(other.attn)
         if self.crossattention is not None:
-            self.ln_cross_attn = other.ln_cross_attn
             self.crossattention.share(other.crossattention)
 
 
@@ -414,7 +451,8 @@ ABLATIONS = {
 
 
 class Model:
-    """What every model here shares: its trainable tensors by name (optimizer, checkpoints)."""
+    """What every model here shares: its trainable tensors by name (optimizer, checkpoints), and
+    its hook points by name, to read or replace any activation of a pass."""
 
     def parameters(self) -> dict[str, Tensor]:
         """name -> trainable tensor, each once: shared layers' and tied embeddings' included."""
@@ -425,17 +463,54 @@ class Model:
                 seen.add(id(v))
         return params
 
+    def hook_points(self) -> dict[str, HookPoint]:
+        return hook_points(self)
+
+    @contextmanager
+    def hooks(self, hooks: dict):
+        """While open, each hook point named in hooks applies its function, name -> fn(tensor)
+        returning the tensor or a replacement; they stack with hooks already on."""
+        points = self.hook_points()
+        unknown = [name for name in hooks if name not in points]
+        if unknown:
+            raise KeyError(f"no hook point {unknown[0]!r}; this model has e.g. "
+                           f"{', '.join(list(points)[:4])}")
+        for name, fn in hooks.items():
+            points[name].fns.append(fn)
+        try:
+            yield
+        finally:
+            for name, fn in hooks.items():
+                points[name].fns.remove(fn)
+
+    def run_with_hooks(self, inputs, hooks: dict, **kwargs) -> Tensor:
+        """self(inputs) (a tensor, or a tuple of them) with hooks (see hooks) on for this pass."""
+        with self.hooks(hooks):
+            return self(*(inputs if isinstance(inputs, tuple) else (inputs,)), **kwargs)
+
+    def run_with_cache(self, inputs, names=None, forward=None,
+                       **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+        """forward(inputs) (self's by default) and the activations at names (every hook point by
+        default), realized together: the very tensors of the pass, so keeping them adds no work."""
+        cache = {}
+        keep = lambda name: lambda x: cache.setdefault(name, x)
+        with self.hooks({name: keep(name) for name in names or self.hook_points()}):
+            out = (forward or self)(*(inputs if isinstance(inputs, tuple) else (inputs,)),
+                                    **kwargs)
+        Tensor.realize(out, *cache.values())
+        return out, cache
+
 
 class Transformer(Model):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size): GPT's family; an encoder with
     Config(causal=False). The output layer is the token embedding again (weight tying, Press &
-    Wolf 2017), as in GPT-2. init=False draws no weights, for a caller that loads them all."""
+    Wolf 2017), as in GPT-2. init=False draws no weights, for a caller that loads them all.
+    Hook points: hook_embed, hook_pos_embed, each block's (blocks.{l}.*), ln_final.hook_scale."""
 
     def __init__(self, config: Config, init=True):
         c = self.config = config
         # Rows padded to a multiple of 64 (zeros, never a target): tinygrad splits and unrolls an
-        # axis only by factors that divide it (50257 has none small); decoding's largest matmul
-        # takes half the time. nanoGPT pads too.
+        # axis only by factors that divide it (50257 has none small). nanoGPT pads too.
         rows = -(-c.vocab_size // 64) * 64
         self.wte = nn.Embedding(rows, c.n_embd)
         if init:
@@ -454,7 +529,7 @@ class Transformer(Model):
                 block.share(self.h[0])
         # pre-LN leaves the residual stream unnormalized, so one last LayerNorm precedes the output
         self.ln_f = LayerNorm(c.n_embd, c.ln_eps) if c.prenorm else None
-        self.keep_stream, self.stream = False, None  # see residual_stream
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
 
     def __call__(self, idx: Tensor, start_pos=None,
                  source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
@@ -466,34 +541,30 @@ class Transformer(Model):
         """The residual stream after the last block, (B, T, C): embeddings, then the blocks."""
         B, T = idx.shape
         first = 0 if start_pos is None else start_pos
-        # Weights may be float16 (gpt.py --half), activations stay float32: each matmul upcasts
-        # as it loads, and the rows are looked up as float32 (tinygrad 0.14 cannot compile a
-        # float16 lookup for OpenCL).
-        if TRAINING:
-            # The lookup as a product with one-hot rows, whose gradient is a fast matmul; the
-            # lookup's own is a masked sum per entry: 161 ms of a 900 ms step at p=113.
-            rows = self.wte.weight.shape[0]
-            one_hot = (idx.unsqueeze(-1) == Tensor.arange(rows)).float()  # (B, T, rows)
-            x = linear(one_hot, self.wte.weight.T)  # (B, T, C)
-        else:
-            x = self.wte.weight.float()[idx]  # (B, T, C)
+        x = self.hook_embed(self.embed(idx))  # (B, T, C)
         if self.config.positions != "none":
             table = self.wpe.weight if self.config.positions == "learned" else self.pe
-            x = x + table[first : first + T].float()  # (B, T, C) + (T, C)
+            # float(): weights may be float16 (gpt.py --half); activations stay float32
+            x = x + self.hook_pos_embed(table[first : first + T].float())  # (B, T, C) + (T, C)
         pad = None
         if self.config.pad_id is not None and start_pos is None:
             pad = padding_mask(idx, self.config.pad_id)  # (B, 1, 1, T)
-        stream = [x] if self.keep_stream else None  # see residual_stream
         for block in self.h:
             x = block(x, start_pos, pad, source)
             if start_pos is not None:
-                # Inference: each block a graph of its own, alike but for buffers, which tinygrad's
-                # schedule cache recognizes: GPT-2's first prefill 5 s instead of 7.
+                # inference: each block a graph of its own, alike but for its buffers, which
+                # tinygrad's schedule cache recognizes, so GPT-2's first prefill schedules sooner
                 x = x.realize()
-            if stream is not None:
-                stream.append(x)
-        self.stream = stream
         return x
+
+    def embed(self, idx: Tensor) -> Tensor:
+        """Token ids (B, T) -> their rows of wte, (B, T, C), as float32."""
+        if TRAINING:
+            # as a product with one-hot rows, whose gradient is one matmul; the lookup's own
+            # gradient is a masked sum per table entry, much slower (docs/speed.md)
+            one_hot = (idx.unsqueeze(-1) == Tensor.arange(self.wte.weight.shape[0])).float()
+            return one_hot @ self.wte.weight  # (B, T, rows) @ (rows, C)
+        return self.wte.weight.float()[idx]  # float32 rows: OpenCL cannot look up float16 here
 
     def encode(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> the final stream, normalized (B, T, C): what an encoder hands on."""
@@ -505,143 +576,7 @@ class Transformer(Model):
         LayerNorm, then the token embedding again as the output layer."""
         if self.ln_f is not None:
             x = self.ln_f(x)
-        return linear(x, self.wte.weight)[:, :, : self.config.vocab_size]  # (B, T, vocab_size)
-
-
-def captured(run, *groups: list[MultiHeadAttention], keep_out=True) -> tuple[Tensor, list]:
-    """run() once, every attention layer in groups keeping the probabilities it multiplies its
-    values with: run's result (None with keep_out=False, then never computed) and per group the
-    layers' (B, H, T, S) stacked on dim 1. What is shown is what was computed, with no second
-    implementation of attention; the weights are a buffer of the pass anyway, so keeping them
-    costs one copy and changes no logit."""
-    layers = [attn for group in groups for attn in group]
-    for attn in layers:
-        attn.keep_weights = True
-    try:
-        out = run()
-        maps = [Tensor.stack(*[attn.weights for attn in group], dim=1) for group in groups]
-        Tensor.realize(*([out] if keep_out else []), *maps)
-    finally:
-        for attn in layers:
-            attn.keep_weights, attn.weights = False, None
-    return (out if keep_out else None), maps
-
-
-def attention_maps(model: Transformer, idx: Tensor, logits=True) -> tuple[Tensor | None, Tensor]:
-    """Logits (B, T, vocab) and every head's attention (B, n_layer, n_head, T, T) for ids (B, T)
-    from one pass; logits=False: the maps alone (None)."""
-    # causal, unpadded: as a prefill, block by block, faster to schedule (GPT-2: 2.0 -> 1.3 s)
-    start = 0 if model.config.causal and model.config.pad_id is None else None
-    logits, (maps,) = captured(lambda: model(idx, start), [block.attn for block in model.h],
-                               keep_out=logits)
-    return logits, maps
-
-
-def residual_stream(model: Transformer, idx: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Logits (B, T, vocab) and the residual stream (B, T, C) after the embedding and after each
-    block (n_layer + 1) from one pass: model.unembed reads any of them (the logit lens)."""
-    model.keep_stream = True
-    try:
-        logits = model(idx)
-        stream = model.stream
-        Tensor.realize(logits, *stream)
-    finally:
-        model.keep_stream, model.stream = False, None
-    return logits, stream
-
-
-# ------------------------------ Sampling and generation ------------------------------------------
-
-
-def sample(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:
-    """Pick one token per row of logits (B, V). temperature 0 is greedy (argmax); otherwise the
-    logits are divided by it, top-k keeps the k likeliest, top-p the smallest set whose
-    probability reaches p (Holtzman et al., 2019), and one is drawn. In NumPy on the host: cheap
-    next to the model, and a seeded rng draws the same on every backend."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]  # (B, 1)
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, -1)
-        # keep a token if the likelier ones do not reach top_p yet (so the first always stays)
-        keep_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < top_p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, -1)
-        probs = np.where(keep, probs, 0.0)
-        probs /= probs.sum(-1, keepdims=True)
-    rng = rng if rng is not None else np.random.default_rng()
-    # inverse-CDF draw: the first token whose cumulative probability passes a uniform number.
-    # Scaling by the total (1 up to rounding) means only tokens of nonzero probability can win.
-    cdf = np.cumsum(probs, -1)
-    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
-    return (cdf <= u).sum(-1)
-
-
-def prefill_bucket(T: int, n_ctx: int, smallest: int = 8) -> int:
-    """The length a prompt of T tokens is right-padded to: the next power of two (at least
-    smallest, at most n_ctx). Each new shape is a new graph and new kernels; this way all
-    lengths share log2(n_ctx), and causal attention keeps the padding from the real positions."""
-    if not 1 <= T <= n_ctx:
-        raise ValueError(f"{T} tokens do not fit a context of {n_ctx}")
-    return min(max(smallest, 1 << (T - 1).bit_length()), n_ctx)
-
-
-def padded_length(model: Transformer, T: int) -> int:
-    """prefill_bucket for a causal model; T without the mask, where all would see the padding."""
-    return prefill_bucket(T, model.config.n_ctx) if model.config.causal else T
-
-
-def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temperature=0.0,
-             top_k=None, top_p=None, rng=None, beam=0):
-    """Yield the next token of every sequence, (B,) per step, for prompt (B, T) of token ids.
-
-    One pass (prefill, right-padded to its bucket) fills each layer's KV cache; then each step
-    feeds one token, compiled once by TinyJit with its position a symbolic Variable. Both stay
-    with the model (runtime.kept_jits), so later calls trace nothing again. A full context
-    slides: the newest half is prefilled again. beam > 0 searches the step's kernels (tinygrad's
-    BEAM of that width): minutes once per shape and device, then cached on disk."""
-    n_ctx = model.config.n_ctx
-    window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
-    B = window.shape[0]
-    pos_var = Variable("pos", 1, n_ctx - 1)
-
-    def prefill(window: np.ndarray) -> np.ndarray:
-        """The prompt (B, T), padded, into the KV cache -> the last real position's logits (B, V).
-        The padding's keys land at T and on, which each decode step writes before it reads."""
-        T = window.shape[1]
-        size = padded_length(model, T)
-        # One TinyJit per bucket, captured by its first call (which makes the KV caches). The
-        # output layer reads the last real row only (all 512 rows' logits: a fifth of a 512-token
-        # prefill); contiguous(): a view would come back at its first offset.
-        run = kept_jits(model, B).setdefault(size, jit_at_once(lambda tok, last: model.unembed(
-            model.final_stream(tok, 0).shrink((None, (last, last + 1), None)).contiguous())
-            .realize()))
-        padded = Tensor(np.pad(window, ((0, 0), (0, size - T))))  # (B, size), zeros after
-        return run(padded, Variable("last", 0, size - 1).bind(T - 1)).numpy()[:, 0]
-
-    logits = prefill(window)  # (B, V)
-    # captured on its first call: the prefill has made the KV cache, so the step creates nothing
-    decode = kept_jits(model, B).setdefault(("decode", beam), jit_at_once(
-        lambda tok, pos: model(tok, pos)[:, -1].realize()))
-    for step in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_k, top_p, rng).astype(np.int32)  # (B,)
-        yield nxt
-        if step == max_new_tokens - 1:
-            break
-        window = np.concatenate([window, nxt[:, None]], axis=1)
-        if window.shape[1] > n_ctx:
-            window = window[:, -(n_ctx // 2) :]
-            logits = prefill(window)
-        else:
-            with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone
-                logits = decode(Tensor(nxt[:, None]), pos_var.bind(window.shape[1] - 1)).numpy()
+        return (x @ self.wte.weight.T)[:, :, : self.config.vocab_size]  # (B, T, vocab_size)
 
 
 if __name__ == "__main__":

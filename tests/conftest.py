@@ -25,6 +25,12 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("DEV", "CPU")
 # GPT-2's byte-pair ranks from ../shared, so no test needs the network for the tokenizer
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "tiktoken"))
+# The tests run as the CLIs do, with runtime.py's pieces installed; TINYGPT_PLAIN=1 runs them all
+# on tinygrad alone (install() then installs nothing)
+import runtime  # noqa: E402
+
+runtime.install()
+PLAIN = not runtime.INSTALLED
 
 
 def run_main(main, *args, stdin: bytes = b"", text: bool = True) -> subprocess.CompletedProcess:

@@ -17,8 +17,9 @@ from tinygrad import Context, Tensor
 import gpt
 import heads
 import train
+from heads import knock_out
 from tasks import Reverse
-from transformer import CausalSelfAttention, knock_out
+from transformer import CausalSelfAttention
 
 FIXTURES = REPO / "tests" / "fixtures"
 TRAINED = FIXTURES / "tiny-gpt2-trained" / "model.safetensors"
@@ -61,8 +62,8 @@ def np_heads(x, w_attn, b_attn, H: int) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-@pytest.mark.parametrize("mean_over", [None, 2, 0])
-def test_knocked_out_head_is_zeros_or_its_mean_before_c_proj(mean_over):
+@pytest.mark.parametrize("mean", [None, "positions", "batch"])
+def test_knocked_out_head_is_zeros_or_its_mean_before_c_proj(mean):
     Bt, T, C, H = 3, 6, 16, 4
     rng = np.random.default_rng(5)
     w_attn, b_attn = rng.normal(0, 0.5, (3 * C, C)), rng.normal(0, 0.5, 3 * C)
@@ -71,16 +72,17 @@ def test_knocked_out_head_is_zeros_or_its_mean_before_c_proj(mean_over):
     attn = CausalSelfAttention(C, H, n_ctx=8)
     set_linear(attn.c_attn, w_attn.astype(np.float32), b_attn.astype(np.float32))
     set_linear(attn.c_proj, w_proj.astype(np.float32), b_proj.astype(np.float32))
-    attn.knockout = (Tensor([1.0, 0.0, 1.0, 0.0]), mean_over)
+    knock = lambda z: knock_out(z, Tensor([1.0, 0.0, 1.0, 0.0]), mean)  # at hook_z
+    attn.hook_z.fns.append(knock)
     got = attn(Tensor(x.astype(np.float32))).numpy()
 
     y = np_heads(x, w_attn, b_attn, H)  # (B, H, T, hs)
     for h in (1, 3):  # y[:, h] is (B, T, hs): the batch is its axis 0, the positions axis 1
-        axis = {0: 0, 2: 1}.get(mean_over)
+        axis = {"batch": 0, "positions": 1}.get(mean)
         y[:, h] = 0.0 if axis is None else y[:, h].mean(axis, keepdims=True)
     want = y.transpose(0, 2, 1, 3).reshape(Bt, T, C) @ w_proj.T + b_proj
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    attn.knockout = None
+    attn.hook_z.fns.remove(knock)
     plain = attn(Tensor(x.astype(np.float32))).numpy()
     assert np.abs(plain - got).max() > 1e-2  # the knock-out changed something
 
@@ -88,17 +90,17 @@ def test_knocked_out_head_is_zeros_or_its_mean_before_c_proj(mean_over):
 def test_a_mask_of_ones_leaves_the_pass_bit_for_bit(trained):
     ids = REF["ids"].astype(np.int32)
     plain = trained(Tensor(ids[None])).numpy()
-    with heads.KnockOut(trained, mean_over=2):
+    with heads.KnockOut(trained, mean="positions"):
         kept = trained(Tensor(ids[None])).numpy()
     np.testing.assert_array_equal(kept, plain)
-    assert all(block.attn.knockout is None for block in trained.h)  # off again after the block
+    assert all(not p.fns for p in trained.hook_points().values())  # off again after the block
 
 
 def test_knock_out_keeps_unmasked_heads_exactly():
-    y = Tensor(np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32))
-    got = knock_out(y, Tensor([1.0, 0.0, 1.0])).numpy()
-    np.testing.assert_array_equal(got[:, [0, 2]], y.numpy()[:, [0, 2]])
-    assert (got[:, 1] == 0).all()
+    z = Tensor(np.random.default_rng(0).normal(size=(2, 4, 3, 5)).astype(np.float32))  # B T H hs
+    got = knock_out(z, Tensor([1.0, 0.0, 1.0])).numpy()
+    np.testing.assert_array_equal(got[:, :, [0, 2]], z.numpy()[:, :, [0, 2]])
+    assert (got[:, :, 1] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,10 +108,10 @@ def test_knock_out_keeps_unmasked_heads_exactly():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, mean_over", [("zero", None), ("mean", 2)])
-def test_head_ablation_equals_hugging_face(trained, kind, mean_over):
+@pytest.mark.parametrize("kind, mean", [("zero", None), ("mean", "positions")])
+def test_head_ablation_equals_hugging_face(trained, kind, mean):
     ids = REF["ids"].astype(np.int32)
-    base, delta = heads.ablate_each_head(trained, loss_of(trained, ids), mean_over)
+    base, delta = heads.ablate_each_head(trained, loss_of(trained, ids), mean)
     assert base == pytest.approx(float(REF["base_loss"]), abs=1e-5)
     np.testing.assert_allclose(delta, REF[f"{kind}_loss_delta"], atol=2e-5)
     assert np.abs(REF[f"{kind}_loss_delta"]).max() > 1e-3  # the heads matter, or this proves little

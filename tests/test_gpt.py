@@ -46,7 +46,9 @@ from conftest import assert_padding_changes_nothing, run_main  # noqa: E402
 from tinygrad import Tensor, dtypes  # noqa: E402
 from tinygrad.nn.state import safe_load, safe_save  # noqa: E402
 
+import generate  # noqa: E402
 import gpt  # noqa: E402
+import heads  # noqa: E402
 import transformer  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -96,9 +98,9 @@ def logits_of(model, ids) -> np.ndarray:
 
 
 def record_sampled_logits(monkeypatch) -> list:
-    """Make transformer.sample keep a copy of the logits it is given at each step."""
+    """Make generate.sample keep a copy of the logits it is given at each step."""
     seen = []
-    real_sample = transformer.sample
+    real_sample = generate.sample
 
     def recording_sample(logits, *args, **kwargs):
         seen.append(np.array(logits, dtype=np.float64))
@@ -166,7 +168,7 @@ def test_logits_match_hugging_face(tiny, checkpoint):
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_greedy_continuation_matches_hugging_face(tiny, enc, i):
     prompt_ids = REF[f"greedy{i}_prompt"]
-    ids = list(transformer.generate(tiny, prompt_ids[None], N_GREEDY, temperature=0.0))
+    ids = list(generate.generate(tiny, prompt_ids[None], N_GREEDY, temperature=0.0))
     assert [int(t[0]) for t in ids] == REF[f"greedy{i}_output"].tolist()
 
     # The fixture's prompt 0 is the text "<|endoftext|>" (id 50256); complete() starts a new
@@ -186,7 +188,7 @@ def test_half_greedy_continuation_matches_float32_hugging_face(enc):
     half = gpt.load_gpt2("gpt2", weights=SAFETENSORS, half=True)
     assert half.h[0].mlp.c_fc.weight.dtype == dtypes.float16
     for i in range(3):
-        ids = transformer.generate(half, REF[f"greedy{i}_prompt"][None], N_GREEDY, temperature=0.0)
+        ids = generate.generate(half, REF[f"greedy{i}_prompt"][None], N_GREEDY, temperature=0.0)
         assert [int(t[0]) for t in ids] == REF[f"greedy{i}_output"].tolist(), f"prompt {i}"
 
 
@@ -204,7 +206,7 @@ def test_kv_cached_decoding_equals_full_recomputation(tiny, monkeypatch):
     seen = record_sampled_logits(monkeypatch)
     prompt = REF["greedy1_prompt"].tolist()
     steps = 30
-    new = [int(t[0]) for t in transformer.generate(tiny, np.array([prompt]), steps)]
+    new = [int(t[0]) for t in generate.generate(tiny, np.array([prompt]), steps)]
     assert len(seen) == steps
     cached = np.concatenate(seen)  # (30, V): prefill's last row, then 29 one-token steps
     # the logits that chose token i come from the position just before it
@@ -225,7 +227,7 @@ def test_generate_runs_no_forward_pass_after_the_last_token(tiny, monkeypatch):
 
     monkeypatch.setattr(transformer.Transformer, "final_stream", counting_call)
     monkeypatch.setattr(tiny, "_kept_jits", None, raising=False)  # none kept: all traced
-    out = list(transformer.generate(tiny, REF["greedy1_prompt"][None], 1))
+    out = list(generate.generate(tiny, REF["greedy1_prompt"][None], 1))
     assert [int(t[0]) for t in out] == REF["greedy1_output"][:1].tolist()
     assert calls == [(1, 8)]  # the prefill (5 tokens in bucket 8) gives the only token, no step
 
@@ -279,7 +281,7 @@ def sampled_run(tiny, steps, **sampling):
     recomputed by a full forward pass rather than taken from the run itself."""
     prompt = REF["greedy1_prompt"].tolist()
     rng = np.random.default_rng(3)
-    new = [int(t[0]) for t in transformer.generate(tiny, np.array([prompt]), steps, rng=rng,
+    new = [int(t[0]) for t in generate.generate(tiny, np.array([prompt]), steps, rng=rng,
                                                    **sampling)]
     logits = logits_of(tiny, prompt + new[:-1])[len(prompt) - 1 :].astype(np.float64)
     return np.array(new), logits
@@ -322,7 +324,7 @@ def test_sample_never_picks_a_token_top_k_removed():
 
     logits = np.zeros((1, 20))
     logits[0, :7] = 5.0
-    token = transformer.sample(logits, temperature=1.0, top_k=7, rng=LargestDraw())
+    token = generate.sample(logits, temperature=1.0, top_k=7, rng=LargestDraw())
     assert 0 <= int(token[0]) < 7
 
 
@@ -545,7 +547,7 @@ def test_window_slides_when_generation_fills_the_context(tiny, monkeypatch):
     prompt = np.random.default_rng(6).integers(0, EOT, n_ctx // 2).tolist()
     steps = 70  # the 65th token fills the context: 64 + 65 = 129 > 128
     seen = record_sampled_logits(monkeypatch)
-    new = [int(t[0]) for t in transformer.generate(tiny, np.array([prompt]), steps)]
+    new = [int(t[0]) for t in generate.generate(tiny, np.array([prompt]), steps)]
     assert len(new) == steps
     tokens = prompt + new
     # Documented policy: when full, keep the newest n_ctx // 2 tokens and go on from there.
@@ -838,12 +840,12 @@ def test_tiktoken_is_the_offline_r50k_base(enc):
 
 
 def test_prefill_buckets_are_powers_of_two_up_to_the_context():
-    buckets = [transformer.prefill_bucket(T, 1024) for T in (1, 8, 9, 14, 16, 17, 40, 513, 1024)]
+    buckets = [generate.prefill_bucket(T, 1024) for T in (1, 8, 9, 14, 16, 17, 40, 513, 1024)]
     assert buckets == [8, 8, 16, 16, 16, 32, 64, 1024, 1024]
-    assert transformer.prefill_bucket(70, 100) == 100  # a context that is no power of two
-    assert transformer.prefill_bucket(3, 7) == 7
+    assert generate.prefill_bucket(70, 100) == 100  # a context that is no power of two
+    assert generate.prefill_bucket(3, 7) == 7
     with pytest.raises(ValueError):
-        transformer.prefill_bucket(129, 128)
+        generate.prefill_bucket(129, 128)
 
 
 def test_padded_prefill_equals_the_unpadded_forward(tiny):
@@ -852,12 +854,12 @@ def test_padded_prefill_equals_the_unpadded_forward(tiny):
     rng = np.random.default_rng(7)
     for T in (1, 2, 5, 9, 13, 100):
         ids = rng.integers(0, EOT, (1, T)).astype(np.int32)
-        size = transformer.prefill_bucket(T, tiny.config.n_ctx)
+        size = generate.prefill_bucket(T, tiny.config.n_ctx)
         padded = np.zeros((1, size), dtype=np.int32)
         padded[:, :T] = ids
         plain = tiny(Tensor(ids)).numpy()
         assert_padding_changes_nothing(tiny(Tensor(padded)).numpy()[:, :T], plain, T)
-        first = next(transformer.generate(tiny, ids, 1))
+        first = next(generate.generate(tiny, ids, 1))
         assert first.tolist() == plain[:, -1].argmax(-1).tolist()
 
 
@@ -882,7 +884,7 @@ def test_prompts_of_three_lengths_in_one_bucket_build_one_graph(tiny, monkeypatc
     prompts = [rng.integers(0, EOT, (1, T)).astype(np.int32) for T in (9, 12, 15)]  # bucket 16
     made = []
     for prompt in prompts:
-        list(transformer.generate(tiny, prompt, 3))
+        list(generate.generate(tiny, prompt, 3))
         made.append(kernels_made())
     assert traced == [(1, 16), (1, 1)]  # one prefill and one decode step traced, for all three
     assert made[0] > 0 and made[1] == made[0] == made[2], made  # no kernel built after the first
@@ -900,7 +902,7 @@ def test_kept_steps_are_traced_again_for_new_weights_or_another_batch(monkeypatc
 
     def check(prompt: np.ndarray) -> np.ndarray:
         first = len(seen)
-        new = np.stack(list(transformer.generate(model, prompt, 3)), 1)  # (B, 3)
+        new = np.stack(list(generate.generate(model, prompt, 3)), 1)  # (B, 3)
         for b, row in enumerate(prompt):
             want = logits_of(model, np.concatenate([row, new[b, :-1]]))[len(row) - 1 :]
             got = np.stack([logits[b] for logits in seen[first:]])  # (3, V)
@@ -923,7 +925,7 @@ def test_decode_overwrites_the_keys_the_padding_left_in_the_cache(tiny):
     values. Each decode step writes its position before it reads it, so after 4 steps the cache
     holds exactly what an unpadded prefill of the 8 real tokens writes."""
     prompt = np.array([REF["greedy1_prompt"]], dtype=np.int32)  # 5 tokens
-    steps = transformer.generate(tiny, prompt, 4)
+    steps = generate.generate(tiny, prompt, 4)
     new = [next(steps)]
     cache = tiny.h[0].attn.cache_kv
     after_prefill = cache.numpy()[:, :, :, 5:8].copy()
@@ -965,15 +967,13 @@ def test_safetensors_reader_widens_bfloat16_exactly(tmp_path):
 def test_a_model_without_the_mask_is_never_padded(monkeypatch):
     """--ablate no-mask lets every position see every other, the padding too: its passes keep
     their length, and generate's first logits are the unpadded forward's."""
-    import heads
-
     Tensor.manual_seed(2)
     model = transformer.Transformer(transformer.Config(vocab_size=11, n_ctx=16, causal=False))
     ids = np.random.default_rng(4).integers(0, 11, (1, 5)).astype(np.int32)
-    assert transformer.padded_length(model, 5) == 5
+    assert generate.padded_length(model, 5) == 5
     want = model(Tensor(ids)).numpy()[:, -1]
     seen = record_sampled_logits(monkeypatch)
-    next(transformer.generate(model, ids, 1))
+    next(generate.generate(model, ids, 1))
     np.testing.assert_allclose(seen[0], want, rtol=0, atol=1e-6)
-    att = transformer.attention_maps(model, Tensor(ids))[1].numpy()[0]
+    att = heads.attention_maps(model, Tensor(ids))[1].numpy()[0]
     np.testing.assert_allclose(heads.padded_attention(model, ids[0]), att, rtol=0, atol=1e-6)

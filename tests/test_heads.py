@@ -29,10 +29,11 @@ from conftest import assert_padding_changes_nothing, run_main  # noqa: E402
 from test_transformer import assert_clean_error  # noqa: E402  one error line, nothing else
 from tinygrad import Tensor  # noqa: E402
 
+import generate  # noqa: E402
 import gpt  # noqa: E402
 import heads  # noqa: E402
-import transformer  # noqa: E402
-from transformer import Config, Transformer, attention_maps  # noqa: E402
+from heads import attention_maps  # noqa: E402
+from transformer import Config, Transformer  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY = FIXTURES / "tiny-gpt2" / "model.safetensors"
@@ -90,7 +91,7 @@ def assert_padded_equals_unpadded(model, lengths, seed=0):
         ids = rng.integers(0, model.config.vocab_size, T).astype(np.int32)
         logits, att = attention_maps(model, Tensor(ids[None]))
         assert_padding_changes_nothing(heads.padded_attention(model, ids)[None], att.numpy(), T)
-        size = transformer.prefill_bucket(T, model.config.n_ctx)
+        size = generate.prefill_bucket(T, model.config.n_ctx)
         padded = np.zeros((1, size), dtype=np.int32)
         padded[0, :T] = ids
         padded_logits = attention_maps(model, Tensor(padded))[0].numpy()[:, :T]
@@ -485,13 +486,13 @@ def test_induction_probe_is_kept_per_checkpoint_key(tiny, tmp_path, monkeypatch)
     """With a key the probe's scores are computed once and read back after; without, every
     call runs the probe. Read back, they are the very scores the probe computed."""
     runs = []
-    real_maps = transformer.attention_maps
+    real_maps = heads.attention_maps
 
     def counting_maps(*args, **kwargs):
         runs.append(args[1].shape)
         return real_maps(*args, **kwargs)
 
-    monkeypatch.setattr(transformer, "attention_maps", counting_maps)
+    monkeypatch.setattr(heads, "attention_maps", counting_maps)
     key = f"{tmp_path}|test"  # a new key: nothing kept yet
     first, _ = heads.probe_induction(tiny, 0, key)
     second, _ = heads.probe_induction(tiny, 0, key)
@@ -517,8 +518,8 @@ def test_a_text_rides_along_in_the_probes_pass(tiny, monkeypatch, tmp_path):
     too_long = rng.integers(0, tiny.config.vocab_size, 101).astype(np.int32)  # probe: 2 x 50
     assert heads.probe_induction(tiny, 0, text=too_long)[1] is None
     runs = []
-    real_maps = transformer.attention_maps
-    monkeypatch.setattr(transformer, "attention_maps",
+    real_maps = heads.attention_maps
+    monkeypatch.setattr(heads, "attention_maps",
                         lambda *a, **k: runs.append(a[1].shape) or real_maps(*a, **k))
     heads.inspect_model(tiny, ids, [str(i) for i in ids], tmp_path, "t")
     assert runs == [(5, 100)]  # no key: the probe runs, and the text with it

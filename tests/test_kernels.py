@@ -11,9 +11,10 @@ import numpy as np
 from tinygrad import Context, Device, GlobalCounters, Tensor
 
 import gpt
+from generate import generate
 from tasks import Reverse
 from train import make_optimizer, make_train_step
-from transformer import Transformer, generate
+from transformer import Transformer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2" / "model.safetensors"
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_transformer import assert_clean_error, cli  # noqa: E402  transformer.py, one error line
 
 import heads  # noqa: E402
+from heads import attention_maps  # noqa: E402
 from tasks import (  # noqa: E402
     IGNORE,  # noqa: E402
     Grokking,
@@ -33,7 +34,7 @@ from tasks import (  # noqa: E402
     fourier_concentration,
 )
 from train import make_optimizer, make_train_step, train  # noqa: E402
-from transformer import Config, Transformer, attention_maps  # noqa: E402
+from transformer import Config, Transformer  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from conftest import run_main  # noqa: E402
 
+from generate import generate, sample  # noqa: E402
+from heads import attention_maps  # noqa: E402
 from tasks import Shakespeare  # noqa: E402
 from train import (  # noqa: E402
     CheckpointError,
@@ -54,12 +56,8 @@ from transformer import (  # noqa: E402
     SingleHeadAttention,
     Transformer,
     attention,
-    attention_maps,
     causal_mask,
     gelu,
-    generate,
-    linear,
-    sample,
     sinusoidal_positions,
 )
 
@@ -206,8 +204,9 @@ def test_attention_matches_numpy(T, S, start_pos):
     assert np.abs(np_attention(q, k, v) - want).max() > 1e-2
 
 
-# One row takes the partial-sums path of linear (decoding), several rows the matmul; 10 inputs
-# do not split into groups of 4, so that row falls back to the matmul too.
+# x.linear(W.T, b), as Linear computes it. Installed (runtime.product), one row takes the
+# partial-sums path (decoding), several rows the matmul; 10 inputs do not split into groups of 4,
+# so that row falls back to the matmul too.
 @pytest.mark.parametrize("lead, n_in", [((1, 1), 48), ((2, 3), 48), ((1, 1), 10), ((1,), 48)])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_linear_matches_numpy(lead, n_in, dtype):
@@ -215,7 +214,7 @@ def test_linear_matches_numpy(lead, n_in, dtype):
     x = rng.normal(size=(*lead, n_in)).astype(np.float32)
     w = rng.normal(size=(24, n_in)).astype(dtype)  # (out, in); --half stores float16
     b = rng.normal(size=24).astype(np.float32)
-    got = linear(Tensor(x), Tensor(w), Tensor(b)).numpy()
+    got = Tensor(x).linear(Tensor(w).T, Tensor(b)).numpy()
     want = x.astype(np.float64) @ w.astype(np.float64).T + b
     assert got.shape == (*lead, 24) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
