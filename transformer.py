@@ -22,6 +22,7 @@ generate.py samples with the KV cache; train.py is the command line:
 """
 from __future__ import annotations
 
+import difflib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -365,8 +366,10 @@ class Block:
         self.mlp = MLP(c.n_embd, c.n_layer, init) if c.mlp else None
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = [HookPoint()
                                                                           for _ in range(3)]
-        self.hook_attn_out, self.hook_cross_out, self.hook_mlp_out = [HookPoint()
-                                                                      for _ in range(3)]
+        # a hook point for each branch there is: one that never runs would fail silently
+        self.hook_attn_out = HookPoint()
+        self.hook_cross_out = HookPoint() if c.cross else None
+        self.hook_mlp_out = HookPoint() if c.mlp else None
 
     def __call__(self, x: Tensor, start_pos=None, pad: Tensor | None = None,
                  source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
@@ -469,12 +472,14 @@ class Model:
     @contextmanager
     def hooks(self, hooks: dict):
         """While open, each hook point named in hooks applies its function, name -> fn(tensor)
-        returning the tensor or a replacement; they stack with hooks already on."""
+        returning the tensor or a replacement; they stack with hooks already on. An unknown
+        name is a KeyError, before anything runs."""
         points = self.hook_points()
         unknown = [name for name in hooks if name not in points]
         if unknown:
-            raise KeyError(f"no hook point {unknown[0]!r}; this model has e.g. "
-                           f"{', '.join(list(points)[:4])}")
+            near = difflib.get_close_matches(unknown[0], points, 3) or list(points)[:3]
+            raise KeyError(f"no hook point {unknown[0]!r} in this model (of its {len(points)}: "
+                           f"{', '.join(near)}, ...)")
         for name, fn in hooks.items():
             points[name].fns.append(fn)
         try:
@@ -483,20 +488,27 @@ class Model:
             for name, fn in hooks.items():
                 points[name].fns.remove(fn)
 
-    def run_with_hooks(self, inputs, hooks: dict, **kwargs) -> Tensor:
-        """self(inputs) (a tensor, or a tuple of them) with hooks (see hooks) on for this pass."""
-        with self.hooks(hooks):
-            return self(*(inputs if isinstance(inputs, tuple) else (inputs,)), **kwargs)
+    def run_with_hooks(self, inputs, hooks: dict, forward=None, **kwargs) -> Tensor:
+        """forward(inputs) (self's by default; inputs a tensor or a tuple of them) with hooks
+        (see hooks) on for this pass. A hook that the pass never reached is an error, never a
+        silent no-op."""
+        ran = set()
+        track = lambda name, fn: lambda x: ran.add(name) or fn(x)
+        with self.hooks({name: track(name, fn) for name, fn in hooks.items()}):
+            out = (forward or self)(*(inputs if isinstance(inputs, tuple) else (inputs,)),
+                                    **kwargs)
+        if missed := [name for name in hooks if name not in ran]:
+            raise ValueError(f"hook point {missed[0]!r} was not reached by this pass")
+        return out
 
     def run_with_cache(self, inputs, names=None, forward=None,
                        **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """forward(inputs) (self's by default) and the activations at names (every hook point by
-        default), realized together: the very tensors of the pass, so keeping them adds no work."""
+        """forward(inputs) and the activations at names (every hook point by default), realized
+        together: the very tensors of the pass, so keeping them adds no work."""
         cache = {}
         keep = lambda name: lambda x: cache.setdefault(name, x)
-        with self.hooks({name: keep(name) for name in names or self.hook_points()}):
-            out = (forward or self)(*(inputs if isinstance(inputs, tuple) else (inputs,)),
-                                    **kwargs)
+        hooks = {name: keep(name) for name in names or self.hook_points()}
+        out = self.run_with_hooks(inputs, hooks, forward, **kwargs)
         Tensor.realize(out, *cache.values())
         return out, cache
 

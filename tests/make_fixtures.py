@@ -22,6 +22,7 @@ It writes (see tests/fixtures/README.md for what each file holds):
     tests/fixtures/tiny-gpt2-trained/config.json, model.safetensors
     tests/fixtures/tiny-gpt2-trained-perplexity.npz   (alone: tests/make_fixtures.py perplexity)
     tests/fixtures/tiny-gpt2-trained-causes.npz   (alone: tests/make_fixtures.py causes)
+    tests/fixtures/tiny-gpt2-hooks.npz            (alone: tests/make_fixtures.py hooks)
     tests/fixtures/torch-transformer.npz          (alone: tests/make_fixtures.py families)
     tests/fixtures/strided.bin
     tests/fixtures/strided-legacy.bin
@@ -421,6 +422,123 @@ def causes_reference(encoder):
     return out
 
 
+# The replacements the hook tests make through both models' hooks, by hook point: each changes
+# one activation as a formula both sides can write (tests/test_hooks.py has the same list)
+HOOK_REPLACEMENTS = ("blocks.0.hook_resid_pre", "blocks.1.attn.hook_z",
+                     "blocks.0.attn.hook_pattern", "blocks.1.hook_mlp_out", "blocks.0.attn.hook_v",
+                     "ln_final.hook_scale", "blocks.1.attn.hook_q", "hook_pos_embed")
+
+
+def hooks_reference(encoder):
+    """Every hook point of the two GPT-2 fixtures (the trained one, and the random one whose
+    biases and LayerNorms are not 0 and 1) on CAUSES_TEXT, read by forward hooks on Hugging
+    Face's modules, and the logits (at the columns `cols`) after each of HOOK_REPLACEMENTS made
+    through the same kind of hook. A LayerNorm's scale, which no module returns, is computed
+    from the input Hugging Face's LayerNorm gets: sqrt(biased variance + eps)."""
+    ids = encoder.encode(CAUSES_TEXT)
+    rng = np.random.default_rng(SEED)
+    cols = np.unique(np.concatenate([ids, rng.choice(50257, 400, replace=False)]))
+    out = {"ids": np.array(ids, dtype=np.int64), "cols": cols}
+    for tag, folder in (("trained", TRAINED_DIR), ("random", MODEL_DIR)):
+        model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+        out.update({f"{tag}.{k}": v for k, v in hook_readings(model, ids, cols).items()})
+    return out
+
+
+def hook_readings(model, ids, cols) -> dict:
+    """hooks_reference for one model: name -> activation, "logits", "replaced.NAME"."""
+    c = model.config
+    H, hs, T, C = c.n_head, c.n_embd // c.n_head, len(ids), c.n_embd
+    seen, replace = {}, set()
+
+    def keep(name, value):
+        seen[name] = value.detach().double().numpy().copy()
+
+    def scale_of(h, eps):
+        return (h.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+
+    def on_input(name, module, fn=None):
+        def hook(mod, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if name in replace and fn is not None:
+                h = fn(h)
+            keep(name, h)
+            if name.endswith("hook_input"):  # a LayerNorm's input: its scale
+                keep(name.replace("hook_input", "hook_scale"), scale_of(h, mod.eps))
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def on_output(name, module, fn=None):
+        def hook(mod, args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            if name in replace and fn is not None:
+                y = fn(y)
+            keep(name, y)
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+        module.register_forward_hook(hook)
+
+    def uniform_causal(p):
+        return torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None] + 0 * p
+
+    def z_head_1_from_2(h):
+        z = h.reshape(1, T, H, hs).clone()
+        z[:, 2:, 1] = 0.0
+        return z.reshape(1, T, H * hs)
+
+    def qkv(layer):
+        def hook(mod, args, y):
+            y = y.clone()
+            if f"blocks.{layer}.attn.hook_v" in replace:
+                y[..., 2 * C :] *= 2
+            if f"blocks.{layer}.attn.hook_q" in replace:
+                y[..., :C] *= 3
+            for i, part in enumerate("qkv"):
+                keep(f"blocks.{layer}.attn.hook_{part}",
+                     y[..., i * C : (i + 1) * C].reshape(1, T, H, hs))
+            return y
+        return hook
+
+    def ln_f_scaled(mod, args, output):
+        (h,) = args
+        if "ln_final.hook_scale" in replace:
+            mean = h.mean(-1, keepdim=True)
+            output = (h - mean) / (2 * scale_of(h, mod.eps)) * mod.weight + mod.bias
+        return output
+
+    t = model.transformer
+    on_output("hook_embed", t.wte)
+    on_output("hook_pos_embed", t.wpe, lambda p: p * 0)
+    for layer, block in enumerate(t.h):
+        # the path that applies attn_dropout (identity in eval) to the probabilities, so a hook
+        # there reads and replaces them; in float32 the same softmax(q kᵀ / √d + mask)
+        block.attn.reorder_and_upcast_attn = True
+        on_input(f"blocks.{layer}.hook_resid_pre", block, lambda h: h * 0.5 + 0.25)
+        on_input(f"blocks.{layer}.ln1.hook_input", block.ln_1)
+        block.attn.c_attn.register_forward_hook(qkv(layer))
+        on_output(f"blocks.{layer}.attn.hook_pattern", block.attn.attn_dropout, uniform_causal)
+        on_input(f"blocks.{layer}.attn.hook_z", block.attn.c_proj, z_head_1_from_2)
+        on_output(f"blocks.{layer}.hook_attn_out", block.attn)
+        on_input(f"blocks.{layer}.hook_resid_mid", block.ln_2)
+        on_input(f"blocks.{layer}.ln2.hook_input", block.ln_2)
+        on_output(f"blocks.{layer}.hook_mlp_out", block.mlp, lambda y: -y)
+        on_output(f"blocks.{layer}.hook_resid_post", block)
+    on_input("ln_final.hook_input", t.ln_f)
+    t.ln_f.register_forward_hook(ln_f_scaled)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = {"logits": model(x).logits[0].double().numpy()[:, cols]}
+    for name, value in seen.items():
+        if "hook_input" not in name:
+            value = value.reshape(1, T, H, hs) if name.endswith(("_q", "_k", "_v", "_z")) else value
+            out[name] = value[0] if name == "hook_pos_embed" else value  # (T, C), as ours
+    for name in HOOK_REPLACEMENTS:
+        replace.clear()
+        replace.add(name)
+        with torch.no_grad():
+            out[f"replaced.{name}"] = model(x).logits[0].double().numpy()[:, cols]
+    return out
+
+
 def strided_tensors():
     """Tensors whose storage layout is not one plain contiguous block, plus every dtype we read."""
     generator = torch.Generator().manual_seed(SEED)
@@ -529,6 +647,7 @@ def main():
     np.savez(FIXTURES / "tiny-gpt2-trained-perplexity.npz", **perplexity)
     save_strided_fixtures()
     np.savez(FIXTURES / "tiny-gpt2-trained-causes.npz", **causes_reference(encoder))
+    np.savez_compressed(FIXTURES / "tiny-gpt2-hooks.npz", **hooks_reference(encoder))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for path in sorted(FIXTURES.rglob("*")):
         if path.is_file():
@@ -545,6 +664,10 @@ if __name__ == "__main__":
         trained = GPT2LMHeadModel.from_pretrained(TRAINED_DIR).eval()
         reference = perplexity_reference(trained, tiktoken.get_encoding("r50k_base"))
         np.savez(FIXTURES / "tiny-gpt2-trained-perplexity.npz", **reference)
+    elif sys.argv[1:] == ["hooks"]:  # only the hook points' references, from the committed
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # fixtures
+        reference = hooks_reference(tiktoken.get_encoding("r50k_base"))
+        np.savez_compressed(FIXTURES / "tiny-gpt2-hooks.npz", **reference)
     elif sys.argv[1:] == ["causes"]:  # only the ablation and lens references, from the committed
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
         reference = causes_reference(tiktoken.get_encoding("r50k_base"))
