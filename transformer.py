@@ -6,10 +6,10 @@ multi-head attention, cross-attention and sinusoidal positions, and GPT-2 (Radfo
 for the pre-LayerNorm block, learned positions and weight names: gpt.py builds GPT-2 from these
 classes, so the names (wte, wpe, h, ln_1, attn.c_attn, ...) are those of OpenAI's checkpoint.
 
-Read top to bottom: hook points, attention (four similarity functions), one head, multi-head,
-self- and cross-attention with the KV cache, LayerNorm, MLP, positions, the block, the config
-and its ablations, the model. GPT-2's forward pass is Transformer.__call__ and what it calls.
-Every activation a tool reads has a named hook point (TransformerLens's names):
+Read top to bottom: attention (four similarity functions), one head, multi-head, self- and
+cross-attention with the KV cache, LayerNorm, MLP, positions, the block, the config and its
+ablations, the model. GPT-2's forward pass is Transformer.__call__ and what it calls. Every
+activation a tool reads has a named hook point (TransformerLens's names; hooks.py):
 
     logits, cache = model.run_with_cache(ids, ["blocks.0.attn.hook_pattern"])
     logits = model.run_with_hooks(ids, {"blocks.1.attn.hook_z": lambda z: z * 0})
@@ -22,9 +22,7 @@ generate.py samples with the KV cache; train.py is the command line:
 """
 from __future__ import annotations
 
-import difflib
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,52 +30,13 @@ from tinygrad import Tensor, nn
 from tinygrad.helpers import TRAINING
 from tinygrad.nn.state import get_state_dict
 
-# ------------------------------ Hook points ------------------------------------------------------
-
-
-class HookPoint:
-    """A named place in the forward pass, as TransformerLens's HookPoint: the identity until a
-    hook is added, a function that gets the activation and returns it or a replacement. Without
-    hooks it returns the very tensor it got, so the pass, its kernels and its numbers are the same.
-    Slots, not a __dict__: get_state_dict (checkpoints, optimizers) does not walk into it."""
-    __slots__ = ("fns",)
-
-    def __init__(self):
-        self.fns = []  # applied in the order they were added
-
-    def __call__(self, x: Tensor) -> Tensor:
-        for fn in self.fns:
-            x = fn(x)
-        return x
-
-
-# Attribute names as in GPT-2's checkpoint; hook names as in TransformerLens where they differ
-HOOK_NAMES = {"h": "blocks", "ln_1": "ln1", "ln_2": "ln2", "ln_f": "ln_final",
-              "crossattention": "cross_attn"}
-
-
-def hook_points(obj, prefix: str = "", found: dict | None = None) -> dict[str, HookPoint]:
-    """Every HookPoint under obj by name, e.g. "blocks.0.attn.hook_pattern"; one met again under
-    another name (a shared layer) keeps its first."""
-    found = {} if found is None else found
-    if isinstance(obj, HookPoint):
-        if all(p is not obj for p in found.values()):
-            found[prefix.rstrip(".")] = obj
-    elif isinstance(obj, (list, tuple)):
-        for i, x in enumerate(obj):
-            hook_points(x, f"{prefix}{i}.", found)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        for k, v in vars(obj).items():
-            hook_points(v, f"{prefix}{HOOK_NAMES.get(k, k)}.", found)
-    return found
-
+from hooks import Hooked, HookPoint  # HookPoint: the identity, until a hook reads or replaces
 
 # ------------------------------ Attention --------------------------------------------------------
 
 
 def causal_mask(T: int, S, start_pos=0) -> Tensor:
-    """Additive mask (T, S): 0 where query t (at position start_pos + t) may look at key s, -inf
-    where s is in its future."""
+    """Additive mask (T, S): 0 where query t (at start_pos + t) may see key s, -inf after."""
     return Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
 
 
@@ -116,9 +75,8 @@ SIMILARITIES = ("scaled", "dot", "general", "additive")
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None,
                       similarity=scaled_scores) -> Tensor:
-    """softmax(similarity(q, k) + mask) for q (..., T, d) and k (..., S, d)  ->  (..., T, S).
-    Row t says how much query t takes from each key: it sums to 1, and the mask zeroes the
-    future."""
+    """softmax(similarity(q, k) + mask), q (..., T, d), k (..., S, d) -> (..., T, S). Row t says
+    how much query t takes from each key: it sums to 1, and the mask zeroes the future."""
     scores = similarity(q, k)  # (..., T, S)
     if mask is not None:
         scores = scores + mask
@@ -164,8 +122,8 @@ class SingleHeadAttention:
 
 
 def padding_mask(idx: Tensor, pad_id: int) -> Tensor:
-    """Additive mask (B, 1, 1, S) for key ids idx (B, S): 0 for a real token, -inf for padding,
-    so no query takes anything from a pad (BERT's attention_mask, PyTorch's key_padding_mask)."""
+    """Additive mask (B, 1, 1, S) for key ids idx (B, S): -inf at padding, so no query takes
+    anything from a pad (BERT's attention_mask, PyTorch's key_padding_mask)."""
     B, S = idx.shape
     return (idx == pad_id).where(float("-inf"), 0.0).reshape(B, 1, 1, S)  # (B, 1, 1, S)
 
@@ -453,9 +411,9 @@ ABLATIONS = {
 }
 
 
-class Model:
+class Model(Hooked):
     """What every model here shares: its trainable tensors by name (optimizer, checkpoints), and
-    its hook points by name, to read or replace any activation of a pass."""
+    its hook points by name (hooks.py: run_with_hooks, run_with_cache)."""
 
     def parameters(self) -> dict[str, Tensor]:
         """name -> trainable tensor, each once: shared layers' and tied embeddings' included."""
@@ -465,52 +423,6 @@ class Model:
                 params[k] = v
                 seen.add(id(v))
         return params
-
-    def hook_points(self) -> dict[str, HookPoint]:
-        return hook_points(self)
-
-    @contextmanager
-    def hooks(self, hooks: dict):
-        """While open, each hook point named in hooks applies its function, name -> fn(tensor)
-        returning the tensor or a replacement; they stack with hooks already on. An unknown
-        name is a KeyError, before anything runs."""
-        points = self.hook_points()
-        unknown = [name for name in hooks if name not in points]
-        if unknown:
-            near = difflib.get_close_matches(unknown[0], points, 3) or list(points)[:3]
-            raise KeyError(f"no hook point {unknown[0]!r} in this model (of its {len(points)}: "
-                           f"{', '.join(near)}, ...)")
-        for name, fn in hooks.items():
-            points[name].fns.append(fn)
-        try:
-            yield
-        finally:
-            for name, fn in hooks.items():
-                points[name].fns.remove(fn)
-
-    def run_with_hooks(self, inputs, hooks: dict, forward=None, **kwargs) -> Tensor:
-        """forward(inputs) (self's by default; inputs a tensor or a tuple of them) with hooks
-        (see hooks) on for this pass. A hook that the pass never reached is an error, never a
-        silent no-op."""
-        ran = set()
-        track = lambda name, fn: lambda x: ran.add(name) or fn(x)
-        with self.hooks({name: track(name, fn) for name, fn in hooks.items()}):
-            out = (forward or self)(*(inputs if isinstance(inputs, tuple) else (inputs,)),
-                                    **kwargs)
-        if missed := [name for name in hooks if name not in ran]:
-            raise ValueError(f"hook point {missed[0]!r} was not reached by this pass")
-        return out
-
-    def run_with_cache(self, inputs, names=None, forward=None,
-                       **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """forward(inputs) and the activations at names (every hook point by default), realized
-        together: the very tensors of the pass, so keeping them adds no work."""
-        cache = {}
-        keep = lambda name: lambda x: cache.setdefault(name, x)
-        hooks = {name: keep(name) for name in names or self.hook_points()}
-        out = self.run_with_hooks(inputs, hooks, forward, **kwargs)
-        Tensor.realize(out, *cache.values())
-        return out, cache
 
 
 class Transformer(Model):
@@ -534,7 +446,6 @@ class Transformer(Model):
                 self.wpe.weight = Tensor.normal(c.n_ctx, c.n_embd, std=0.01 * c.embd_scale)
         elif c.positions == "sinusoidal":
             self.pe = sinusoidal_positions(c.n_ctx, c.n_embd).is_param_(False)  # a constant
-        # positions "none" (--ablate no-positions): attention alone cannot tell where a token is
         self.h = [Block(c, init and (i == 0 or not c.shared_layers)) for i in range(c.n_layer)]
         if c.shared_layers:
             for block in self.h[1:]:
@@ -551,13 +462,7 @@ class Transformer(Model):
 
     def final_stream(self, idx: Tensor, start_pos=None, source=None) -> Tensor:
         """The residual stream after the last block, (B, T, C): embeddings, then the blocks."""
-        B, T = idx.shape
-        first = 0 if start_pos is None else start_pos
-        x = self.hook_embed(self.embed(idx))  # (B, T, C)
-        if self.config.positions != "none":
-            table = self.wpe.weight if self.config.positions == "learned" else self.pe
-            # float(): weights may be float16 (gpt.py --half); activations stay float32
-            x = x + self.hook_pos_embed(table[first : first + T].float())  # (B, T, C) + (T, C)
+        x = self.embed(idx, 0 if start_pos is None else start_pos)  # (B, T, C)
         pad = None
         if self.config.pad_id is not None and start_pos is None:
             pad = padding_mask(idx, self.config.pad_id)  # (B, 1, 1, T)
@@ -569,14 +474,22 @@ class Transformer(Model):
                 x = x.realize()
         return x
 
-    def embed(self, idx: Tensor) -> Tensor:
-        """Token ids (B, T) -> their rows of wte, (B, T, C), as float32."""
+    def embed(self, idx: Tensor, first=0) -> Tensor:
+        """Token ids (B, T) at positions first, first + 1, ... -> the stream they start, (B, T, C):
+        each token's row of wte plus its position's, as float32 (weights may be float16)."""
+        B, T = idx.shape
         if TRAINING:
             # as a product with one-hot rows, whose gradient is one matmul; the lookup's own
             # gradient is a masked sum per table entry, much slower (docs/speed.md)
             one_hot = (idx.unsqueeze(-1) == Tensor.arange(self.wte.weight.shape[0])).float()
-            return one_hot @ self.wte.weight  # (B, T, rows) @ (rows, C)
-        return self.wte.weight.float()[idx]  # float32 rows: OpenCL cannot look up float16 here
+            x = one_hot @ self.wte.weight  # (B, T, rows) @ (rows, C)
+        else:
+            x = self.wte.weight.float()[idx]  # float32 rows: OpenCL cannot look up float16 here
+        x = self.hook_embed(x)  # (B, T, C)
+        if self.config.positions == "none":  # --ablate no-positions: no way to tell where
+            return x
+        table = self.wpe.weight if self.config.positions == "learned" else self.pe
+        return x + self.hook_pos_embed(table[first : first + T].float())  # + (T, C)
 
     def encode(self, idx: Tensor) -> Tensor:
         """Token ids (B, T) -> the final stream, normalized (B, T, C): what an encoder hands on."""

@@ -120,7 +120,7 @@ def test_texts_of_three_lengths_in_one_bucket_build_one_set_of_kernels(tiny):
 
 def test_capture_is_off_after_the_call(tiny):
     attention_maps(tiny, Tensor(ATT_REF["len17_ids"].astype(np.int32)))
-    assert all(not b.attn.keep_weights and b.attn.weights is None for b in tiny.h)
+    assert all(not point.fns for point in tiny.hook_points().values())
 
 
 def test_queries_of_zero_attend_uniformly():
