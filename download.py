@@ -35,6 +35,9 @@ from pathlib import Path
 
 import requests
 
+import flags
+from flags import UserError
+
 # Before retry number n we sleep min(BACKOFF_BASE * n, BACKOFF_CAP) seconds.
 # Module-level so that tests can set it to 0 and stay fast.
 BACKOFF_BASE = 0.5
@@ -64,8 +67,9 @@ UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 BASE_HEADERS = {"Accept-Encoding": "identity"}
 
 
-class DownloadError(Exception):
-    """A download that did not succeed; the message is one line meant for a human."""
+# A download that did not succeed is the project's one user error, its message one line for a
+# human. DownloadError is its name here, which callers (tasks.py) still import.
+DownloadError = UserError
 
 
 class _RetryableError(Exception):
@@ -368,18 +372,27 @@ def _clock(seconds):
     return f"{minutes}:{seconds:02d}"
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Download one file, verified and resumable.")
-    parser.add_argument("url")
-    parser.add_argument("dest", type=Path)
-    parser.add_argument("--sha256", help="expected sha256 (overrides what the server says)")
-    args = parser.parse_args()
-    try:
-        path = download(args.url, args.dest, sha256=args.sha256)
-    except DownloadError as err:
-        print(err, file=sys.stderr)
-        return 1
-    print(path)
+def sha256_hex(text: str) -> str:
+    """--sha256: 64 hexadecimal digits, read where argparse reads the flag."""
+    if not SHA256_HEX.fullmatch(text.lower()):
+        raise argparse.ArgumentTypeError(f"expected 64 hexadecimal digits, got {text!r}")
+    return text.lower()
+
+
+def main(argv=None) -> int:
+    """The command line; every way it ends is flags.run's (a failed download: one `error:`
+    line and exit status 2)."""
+    return flags.run(command, argv)
+
+
+def command(argv=None) -> int:
+    parser = flags.Parser(description="Download one file, verified and resumable.")
+    parser.add_argument("url", help="what to fetch, e.g. a Hugging Face resolve URL")
+    parser.add_argument("dest", type=Path, help="where the verified file goes")
+    parser.add_argument("--sha256", type=sha256_hex,
+                        help="expected sha256 (overrides what the server says)")
+    args = parser.parse_args(argv)
+    print(download(args.url, args.dest, sha256=args.sha256))
     return 0
 
 

@@ -40,12 +40,22 @@ def run(main, argv=None) -> int:
         return 0
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names every flag's default, but not "None" (the flag's help says what happens
+    without it) nor a switch's False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one line (no usage block) and exits with USER_ERROR, and
     --help shows every flag's default."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsHelp)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

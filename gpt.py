@@ -29,6 +29,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit
 
 import flags
+from flags import UserError
 from runtime import exit_now, jit_at_once, keep_kernels, on_device, use_device
 from transformer import Config, Transformer, generate, padded_length
 
@@ -43,13 +44,9 @@ EOT = 50256  # <|endoftext|>: separates documents in GPT-2's training data
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
-class GPTError(Exception):
-    """A problem the user can fix; main() prints it as one line."""
-
-
 def gpt2_config(model: str) -> Config:
     if model not in SIZES:
-        raise GPTError(f"unknown model {model!r}; choose one of {', '.join(SIZES)}")
+        raise UserError(f"unknown model {model!r}; choose one of {', '.join(SIZES)}")
     n_layer, n_head, n_embd = SIZES[model]
     return Config(vocab_size=50257, n_ctx=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 
@@ -77,15 +74,15 @@ def weights_url(model: str) -> str:
 
 def fetch_weights(model: str, weights_dir: Path) -> Path:
     """Path of the verified checkpoint, downloading it on first use (see download.py)."""
-    from download import DownloadError, download
+    from download import download
 
     dest = weights_dir / model / "model.safetensors"
     try:
         # on a terminal, a progress bar; in a pipe or a log, only the one-line outcome
         return download(weights_url(model), dest, progress=sys.stderr.isatty())
-    except DownloadError as e:
-        raise GPTError(f"{e}. Fetch it when online (python gpt.py --model {model} --download), "
-                       f"or pass a local checkpoint with --weights FILE") from None
+    except UserError as e:
+        raise UserError(f"{e}. Fetch it when online (python gpt.py --model {model} --download), "
+                        f"or pass a local checkpoint with --weights FILE") from None
 
 
 # safetensors dtype names -> NumPy's; BF16 has no NumPy dtype and is widened to float32 on read
@@ -124,7 +121,7 @@ def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
     """Tensors of a safetensors file (memory-mapped, read lazily) or a PyTorch pytorch_model.bin,
     as NumPy arrays."""
     if not path.is_file():
-        raise GPTError(f"no such checkpoint file: {path}")
+        raise UserError(f"no such checkpoint file: {path}")
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:2] == b"PK" or path.suffix in (".bin", ".pt", ".pth"):
@@ -133,11 +130,11 @@ def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
         try:
             return load_pytorch_bin(path)
         except Exception as e:  # the loader's own errors already say what is wrong
-            raise GPTError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+            raise UserError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
     try:
         return read_safetensors(path)
     except Exception:
-        raise GPTError(f"{path} is not a safetensors or PyTorch checkpoint") from None
+        raise UserError(f"{path} is not a safetensors or PyTorch checkpoint") from None
 
 
 # GPT-2 was written in TensorFlow, and its Conv1D layers store weights as (in, out);
@@ -179,7 +176,7 @@ def map_checkpoint(ckpt: dict[str, np.ndarray], model: Transformer) -> dict[str,
     if bad_dtype:
         problems.append(f"not floating point {', '.join(bad_dtype[:4])}")
     if problems:
-        raise GPTError("checkpoint does not fit the model: " + "; ".join(problems))
+        raise UserError("checkpoint does not fit the model: " + "; ".join(problems))
     return mapped
 
 
@@ -191,7 +188,7 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
     try:
         config = config_from_hf(path.parent / "config.json", config)
     except (OSError, ValueError, KeyError) as e:
-        raise GPTError(f"cannot read {path.parent / 'config.json'}: {e}") from None
+        raise UserError(f"cannot read {path.parent / 'config.json'}: {e}") from None
     gpt = Transformer(config, init=False)
     dtype = np.float16 if half else np.float32
     params = gpt.parameters()
@@ -224,7 +221,7 @@ def tokenizer():
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:
-        raise GPTError(f"cannot load GPT-2's tokenizer (tiktoken r50k_base): {e}") from None
+        raise UserError(f"cannot load GPT-2's tokenizer (tiktoken r50k_base): {e}") from None
 
 
 def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperature=0.0,
@@ -303,7 +300,7 @@ def windows(n_tokens: int, n_ctx: int, stride: int) -> list[Window]:
     which is the window's scored tokens only where nothing is masked (the first window, or no
     overlap); an overlapping window weighs one token less than it scores."""
     if not 1 <= stride <= n_ctx:
-        raise GPTError(f"--stride must be between 1 and the context, {n_ctx}; got {stride}")
+        raise UserError(f"--stride must be between 1 and the context, {n_ctx}; got {stride}")
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + n_ctx, n_tokens)
@@ -327,8 +324,8 @@ def token_losses(gpt: Transformer, ids, stride: int, progress=None
     after a window never reaches it."""
     ids = np.asarray(ids, dtype=np.int32)
     if len(ids) < 2:
-        raise GPTError(f"perplexity needs at least 2 tokens (the first has nothing to predict "
-                       f"it), got {len(ids)}")
+        raise UserError(f"perplexity needs at least 2 tokens (the first has nothing to predict "
+                        f"it), got {len(ids)}")
     n_ctx = gpt.config.n_ctx
     plan = windows(len(ids), n_ctx, stride)
     jits: dict[int, TinyJit] = {}
@@ -382,9 +379,9 @@ def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise GPTError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path}: {e}") from None
     if not text:
-        raise GPTError(f"{path} is empty: there is nothing to score")
+        raise UserError(f"{path} is empty: there is nothing to score")
     # "<|endoftext|>" in a text is the document separator, as in GPT-2's training data
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     _, losses, weights = token_losses(gpt, ids, stride, progress_bar("perplexity"))
@@ -413,10 +410,10 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
 
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     if not ids:
-        raise GPTError("--attention needs some text to look at")
+        raise UserError("--attention needs some text to look at")
     if len(ids) > gpt.config.n_ctx:
-        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most "
-                       f"{gpt.config.n_ctx}")
+        raise UserError(f"the text has {len(ids)} tokens; the model sees at most "
+                        f"{gpt.config.n_ctx}")
     try:
         key = None
         if weights is not None and weights.is_file():
@@ -426,7 +423,7 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
         written, report = heads.inspect_model(gpt, np.array(ids), token_labels(enc, ids), out,
                                               title, tokens, layer, head, probe_key=key)
     except (ValueError, OSError) as e:
-        raise GPTError(str(e)) from None
+        raise UserError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
     print(report)
 
@@ -435,10 +432,10 @@ def text_ids(enc, text: str, flag: str, n_ctx: int) -> np.ndarray:
     """The tokens of a text to look inside: at least two (one to predict), at most the context."""
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     if len(ids) < 2:
-        raise GPTError(f"{flag} needs a text of at least 2 tokens (the next token of one is what "
-                       f"is scored), got {len(ids)}")
+        raise UserError(f"{flag} needs a text of at least 2 tokens (the next token of one is what "
+                        f"is scored), got {len(ids)}")
     if len(ids) > n_ctx:
-        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most {n_ctx}")
+        raise UserError(f"the text has {len(ids)} tokens; the model sees at most {n_ctx}")
     return np.array(ids, dtype=np.int32)
 
 
@@ -458,7 +455,7 @@ def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str |
             gpt, score, out, heads_spec, 2 if mean else None, "mean next-token loss", "loss",
             f"{len(ids)} tokens", saved={"ids": ids.astype(np.int64)})
     except (ValueError, OSError) as e:
-        raise GPTError(str(e)) from None
+        raise UserError(str(e)) from None
     if written:
         log(f"wrote {', '.join(str(p) for p in written)}")
     print(report)
@@ -477,12 +474,19 @@ def logit_lens(gpt: Transformer, enc, text: str, out: Path, tokens: str | None =
         lens = heads.logit_lens(gpt, ids)
         written = heads.write_lens(out, lens, labels, decode, "logit lens", window)
     except (ValueError, OSError) as e:
-        raise GPTError(str(e)) from None
+        raise UserError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
     print(heads.lens_report(lens, labels, decode))
 
 
 def main(argv=None) -> int:
+    """The command line. Every way it ends is flags.run's: a user's mistake is one `error:` line
+    and exit status 2, Ctrl-C one line and 130, a reader that closes the pipe early (`| head`)
+    a quiet 0."""
+    return flags.run(command, argv)
+
+
+def command(argv=None) -> int:
     ap = flags.Parser(description="Generate text with OpenAI's GPT-2 on tinygrad.")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read stdin if it is not a tty)")
@@ -543,19 +547,19 @@ def main(argv=None) -> int:
         try:
             use_device(args.device)
         except Exception as e:
-            raise GPTError(f"device {args.device or os.environ.get('DEV')!r} is not usable "
-                           f"here: {e}") from None
+            raise UserError(f"device {args.device or os.environ.get('DEV')!r} is not usable "
+                            f"here: {e}") from None
         views = {"--layer": args.layer, "--head": args.head}
         for flag, value in views.items():
             if value is not None and args.attention is None:
-                raise GPTError(f"{flag} goes with --attention TEXT")
+                raise UserError(f"{flag} goes with --attention TEXT")
         if args.tokens is not None and args.attention is None and args.logit_lens is None:
-            raise GPTError("--tokens goes with --attention TEXT or --logit-lens TEXT")
+            raise UserError("--tokens goes with --attention TEXT or --logit-lens TEXT")
         if args.stride is not None and args.perplexity is None:
-            raise GPTError("--stride goes with --perplexity FILE")
+            raise UserError("--stride goes with --perplexity FILE")
         for flag, value in (("--heads", args.heads), ("--mean", args.mean or None)):
             if value is not None and args.head_ablation is None:
-                raise GPTError(f"{flag} goes with --head-ablation TEXT")
+                raise UserError(f"{flag} goes with --head-ablation TEXT")
         looks = (args.attention, args.perplexity, args.head_ablation, args.logit_lens)
         if any(v is not None for v in looks):
             enc = tokenizer()
@@ -582,7 +586,7 @@ def main(argv=None) -> int:
             try:
                 prompt = args.file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise GPTError(f"cannot read prompt file {args.file}: {e}") from None
+                raise UserError(f"cannot read prompt file {args.file}: {e}") from None
         else:
             prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
         enc = tokenizer()
@@ -612,20 +616,13 @@ def main(argv=None) -> int:
                 f"token); JIT warm-up: {st['warmup_steps']} step in {st['warmup_s']:.2f}s")
             log(f"decode: {st['decode_steps']} steps in {st['decode_s']:.2f}s "
                 f"({st['decode_steps'] / max(st['decode_s'], 1e-9):.1f} tok/s)")
-    except GPTError as e:
-        log(f"error: {e}")
-        return 1
     except RuntimeError as e:
         if not args.half:
             raise
         # a backend where tinygrad cannot compile float16 kernels
         first_line = str(e).splitlines()[0][:120]
-        log(f"error: --half failed on {Device.DEFAULT}: tinygrad could not compile a float16 "
-            f"kernel ({first_line}); run without --half")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+        raise UserError(f"--half failed on {Device.DEFAULT}: tinygrad could not compile a "
+                        f"float16 kernel ({first_line}); run without --half") from None
     return 0
 
 

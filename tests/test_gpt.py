@@ -46,6 +46,7 @@ from conftest import assert_padding_changes_nothing, run_main  # noqa: E402
 from tinygrad import Tensor, dtypes  # noqa: E402
 from tinygrad.nn.state import safe_load, safe_save  # noqa: E402
 
+import flags  # noqa: E402
 import gpt  # noqa: E402
 import transformer  # noqa: E402
 
@@ -454,7 +455,7 @@ def tiny_model():
 
 
 def mapping_error(ckpt) -> str:
-    with pytest.raises(gpt.GPTError) as caught:
+    with pytest.raises(flags.UserError) as caught:
         gpt.map_checkpoint(ckpt, tiny_model())
     message = str(caught.value)
     assert "\n" not in message
@@ -725,7 +726,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, case):
         monkeypatch.setenv("HF_ENDPOINT", CLOSED_ENDPOINT)
         done = run_main(gpt.main, *args, text=False)
     err = done.stderr.decode()
-    assert done.returncode != 0
+    assert done.returncode == flags.USER_ERROR  # 2, as argparse's own errors
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert named.format(**paths) in err
@@ -737,7 +738,7 @@ def test_cli_offline_without_weights_fails_cleanly(cli_runs):
     # terminal) the download shows no progress, so the one line is all there is.
     done = cli_runs["offline"].result()
     err = done.stderr.decode()
-    assert done.returncode != 0
+    assert done.returncode == flags.USER_ERROR
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert CLOSED_ENDPOINT in err

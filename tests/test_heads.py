@@ -387,7 +387,7 @@ def test_windows_are_the_guides():
     assert scored == list(range(1, 1281))
     scored = {t for w in gpt.windows(1281, 64, 64) for t in range(w.first, w.end)}
     assert scored == set(range(1, 1281)) - set(range(64, 1281, 64))
-    with pytest.raises(gpt.GPTError, match="--stride"):
+    with pytest.raises(gpt.UserError, match="--stride"):  # flags.UserError
         gpt.windows(100, 64, 65)
 
 
