@@ -733,6 +733,31 @@ def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, case):
     assert done.stdout == b""
 
 
+TRAINED = FIXTURES / "tiny-gpt2-trained" / "model.safetensors"
+
+
+def test_cli_into_a_pipe_closed_early_ends_quietly():
+    # `python gpt.py ... | head -2`: the prompt's two lines reach the reader, which then closes
+    # the pipe while the model loads; every later write finds no reader (EPIPE). That ends the
+    # run quietly, with status 0, as `cat big | head` does, not with a BrokenPipeError traceback.
+    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0", "TIKTOKEN_CACHE_DIR": str(TIKTOKEN_DIR),
+           "HF_ENDPOINT": CLOSED_ENDPOINT}
+    prompt = b"one\ntwo\nthree\n"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "gpt.py"), "--weights", TRAINED,
+                             "-n", "40", "-t", "0", "--ignore-eos"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    proc.stdin.write(prompt)
+    proc.stdin.close()
+    assert [proc.stdout.readline() for _ in range(2)] == [b"one\n", b"two\n"]
+    proc.stdout.close()  # head -2 exits
+    try:
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 0, err
+    finally:
+        proc.kill()
+    assert err == "", err
+
+
 def test_cli_offline_without_weights_fails_cleanly(cli_runs):
     # Regression: the download's retry notes once came before the error line. In a pipe (not a
     # terminal) the download shows no progress, so the one line is all there is.
