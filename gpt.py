@@ -221,7 +221,14 @@ def tokenizer():
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:
-        raise UserError(f"cannot load GPT-2's tokenizer (tiktoken r50k_base): {e}") from None
+        # offline, tiktoken's download fails (requests' errors are OSErrors): name the fix
+        why = f"not cached, and its download failed: {type(e).__name__}"
+        if not isinstance(e, OSError):
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "unset: a temporary folder")
+        raise UserError(f"cannot load GPT-2's tokenizer, tiktoken's r50k_base ({why}); set "
+                        f"TIKTOKEN_CACHE_DIR (now {cache}) to a folder that holds it, or run "
+                        f"once online") from None
 
 
 def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperature=0.0,

@@ -851,6 +851,23 @@ def test_fetch_weights_downloads_once_then_the_cli_uses_the_cache(hub, tmp_path)
     assert len(hub.requests) == before
 
 
+def test_cli_without_the_tokenizer_names_tiktoken_cache_dir(tmp_path):
+    # A fresh clone offline: tiktoken finds no r50k_base in an empty cache and tries to download
+    # it. A proxy on a closed local port makes that fail at once, with or without a network.
+    empty = tmp_path / "tiktoken"
+    empty.mkdir()
+    closed = "http://127.0.0.1:9"
+    done = run_cli(*TINY_ARGS, "-p", PROMPT, "-n", "1", timeout=120,
+                   env={"TIKTOKEN_CACHE_DIR": str(empty), "HTTPS_PROXY": closed,
+                        "https_proxy": closed, "HTTP_PROXY": closed, "http_proxy": closed})
+    err = done.stderr.decode()
+    assert done.returncode == flags.USER_ERROR, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    assert "TIKTOKEN_CACHE_DIR" in err and str(empty) in err
+    assert list(empty.iterdir()) == []
+
+
 def test_tiktoken_is_the_offline_r50k_base(enc):
     # guards the setup every test above relies on: the cached ranks, not a download
     assert enc.name == "r50k_base" and enc.n_vocab == 50257
