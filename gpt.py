@@ -180,19 +180,54 @@ def map_checkpoint(ckpt: dict[str, np.ndarray], model: Transformer) -> dict[str,
     return mapped
 
 
+def shape_words(n_layer: int, n_embd: int, n_head: int | None = None) -> str:
+    heads = f"{n_head} heads, " if n_head is not None else ""
+    return f"{n_layer} layers, {heads}{n_embd} dims"
+
+
+def check_named_model(model: str, config: Config, from_json: bool, ckpt: dict, path: Path):
+    """A model the user named (--model) must be the checkpoint's: its shape as config.json
+    beside it says, or else as its tensors say (the number of blocks, the embedding's width).
+    Otherwise the checkpoint's own shape would silently win over the name."""
+    n_layer, n_head, n_embd = SIZES[model]
+    if from_json:
+        found = (config.n_layer, config.n_head, config.n_embd)
+        if found == (n_layer, n_head, n_embd):
+            return
+        theirs = f"{shape_words(found[0], found[2], found[1])}, from its config.json"
+    else:
+        names = [k.removeprefix("transformer.") for k in ckpt]
+        blocks = {int(k.split(".")[1]) for k in names if k.startswith("h.")}
+        wte = ckpt.get("wte.weight", ckpt.get("transformer.wte.weight"))
+        if wte is None or wte.ndim != 2:
+            return  # not GPT-2's layout at all: map_checkpoint names what is missing
+        found = (max(blocks, default=-1) + 1, wte.shape[1])
+        if found == (n_layer, n_embd):
+            return
+        theirs = f"{shape_words(*found)}, from its tensors"
+    raise UserError(f"--model {model} ({shape_words(n_layer, n_embd, n_head)}) does not match "
+                    f"{path} ({theirs}); leave out --model to use the checkpoint's own shape")
+
+
 def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Path = WEIGHTS_DIR,
-              half: bool = False) -> Transformer:
-    """Build GPT-2 and fill it with a checkpoint: `weights` if given, else the hub's, cached."""
+              half: bool = False, named: bool = False) -> Transformer:
+    """Build GPT-2 and fill it with a checkpoint: `weights` if given, else the hub's, cached.
+    The checkpoint's shape comes from the config.json beside it, if there is one, else from
+    model; named=True (the user chose model) refuses a checkpoint of another shape."""
     config = gpt2_config(model)
     path = Path(weights) if weights is not None else fetch_weights(model, weights_dir)
+    json_path = path.parent / "config.json"
     try:
-        config = config_from_hf(path.parent / "config.json", config)
+        config = config_from_hf(json_path, config)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read {path.parent / 'config.json'}: {e}") from None
+        raise UserError(f"cannot read {json_path}: {e}") from None
+    ckpt = read_checkpoint(path)
+    if named:
+        check_named_model(model, config, json_path.exists(), ckpt, path)
     gpt = Transformer(config, init=False)
     dtype = np.float16 if half else np.float32
     params = gpt.parameters()
-    arrays = map_checkpoint(read_checkpoint(path), gpt)
+    arrays = map_checkpoint(ckpt, gpt)
     # The transposes, casts and the vocabulary's padding happen in NumPy, in the one pass that
     # fills the device buffer (on_device): as tinygrad kernels they were scheduled, and their code
     # generated, in every new process (GPT-2 124M loaded in 6.0 s, now 0.5 s; docs/speed.md).
@@ -506,7 +541,9 @@ def command(argv=None) -> int:
                      help="knock out each head alone: what it costs the loss on TEXT (--out)")
     src.add_argument("--logit-lens", metavar="TEXT",
                      help="read TEXT's residual stream after each block through the unembedding")
-    ap.add_argument("--model", default="gpt2", help=f"one of {', '.join(SIZES)} (default gpt2)")
+    ap.add_argument("--model", choices=SIZES, metavar="NAME",
+                    help=f"GPT-2's size: {', '.join(SIZES)} (default: gpt2, or with --weights "
+                         "the checkpoint's own shape; named, the checkpoint must have it)")
     ap.add_argument("-n", "--max-new-tokens", type=flags.natural, default=100)
     ap.add_argument("-t", "--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
     ap.add_argument("--top-k", type=flags.count, default=None)
@@ -547,9 +584,10 @@ def command(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        gpt2_config(args.model)  # an unknown name fails here, before anything is fetched
+        named = args.model is not None  # else the checkpoint's own shape, and gpt2's to fetch
+        model = args.model or "gpt2"
         if args.download:
-            log(f"weights at {fetch_weights(args.model, args.weights_dir)}")
+            log(f"weights at {fetch_weights(model, args.weights_dir)}")
             return 0
         try:
             use_device(args.device)
@@ -570,7 +608,7 @@ def command(argv=None) -> int:
         looks = (args.attention, args.perplexity, args.head_ablation, args.logit_lens)
         if any(v is not None for v in looks):
             enc = tokenizer()
-            gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
+            gpt = load_gpt2(model, args.weights, args.weights_dir, args.half, named)
             if args.head_ablation is not None:
                 head_ablation(gpt, enc, args.head_ablation, args.out, args.heads, args.mean, log)
             elif args.logit_lens is not None:
@@ -580,10 +618,10 @@ def command(argv=None) -> int:
                 nll, n = perplexity_of_file(gpt, enc, args.perplexity, stride)
                 print(f"perplexity={math.exp(nll):.4f} nll={nll:.6f} tokens={n}")
             else:
-                title = f"{args.model}{' (--half)' if args.half else ''}"
+                title = f"{model}{' (--half)' if args.half else ''}"
                 if args.weights is not None:
                     title = f"{args.weights.parent.name}/{args.weights.name}"
-                weights = args.weights or args.weights_dir / args.model / "model.safetensors"
+                weights = args.weights or args.weights_dir / model / "model.safetensors"
                 show_attention(gpt, enc, args.attention, args.out, args.layer, args.head,
                                args.tokens, title, log, weights)
             return 0
@@ -600,7 +638,7 @@ def command(argv=None) -> int:
         if args.beam:
             log(f"note: --beam {args.beam} times kernel variants for the decode step; the first "
                 "run of a model size on a device takes minutes, later runs reuse tinygrad's cache")
-        gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
+        gpt = load_gpt2(model, args.weights, args.weights_dir, args.half, named)
         out = sys.stdout.buffer
         stream_first = args.num_samples == 1
         out.write(prompt.encode())

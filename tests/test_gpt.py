@@ -525,6 +525,43 @@ def test_mapper_names_weights_of_a_layer_the_model_lacks():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("beside", ["config.json", "no config.json"])
+def test_a_named_model_that_contradicts_the_checkpoint_is_one_error_line(tmp_path, beside):
+    # --model gpt2-xl with the tiny checkpoint once ran the tiny model, as config.json says
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    shutil.copy(SAFETENSORS, folder)
+    if beside == "config.json":
+        shutil.copy(TINY_DIR / "config.json", folder)
+    done = run_main(gpt.main, "--model", "gpt2-xl", "--weights", folder / "model.safetensors",
+                    "-p", PROMPT, "-n", "1")
+    err = done.stderr
+    assert done.returncode == flags.USER_ERROR and done.stdout == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    # both shapes, named: gpt2-xl's from gpt.SIZES' source (the hub's config.json) and the fixture's
+    assert "gpt2-xl (48 layers, 25 heads, 1600 dims)" in err
+    tiny = json.loads((TINY_DIR / "config.json").read_text())
+    assert f"{tiny['n_layer']} layers" in err and f"{tiny['n_embd']} dims" in err
+    assert str(folder / "model.safetensors") in err
+
+
+def test_a_named_model_that_fits_the_checkpoint_passes():
+    # gpt2's shape from its tensors: 12 blocks and a 768-wide embedding (zero-copy stand-ins)
+    ckpt = {"wte.weight": np.broadcast_to(np.float32(0), (50257, 768)),
+            **{f"h.{i}.ln_1.weight": np.zeros(768, np.float32) for i in range(12)}}
+    gpt.check_named_model("gpt2", gpt.gpt2_config("gpt2"), False, ckpt, Path("x"))
+    with pytest.raises(flags.UserError, match=r"gpt2-medium .*\(12 layers, 768 dims"):
+        gpt.check_named_model("gpt2-medium", gpt.gpt2_config("gpt2"), False, ckpt, Path("x"))
+    # and from a config.json: the named size's own
+    gpt.check_named_model("gpt2-large", gpt.gpt2_config("gpt2-large"), True, {}, Path("x"))
+
+
+def test_without_model_the_checkpoint_decides(tiny):
+    done = run_main(gpt.main, *TINY_ARGS, "-p", PROMPT, *GREEDY_ARGS, text=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == EXPECTED_STDOUT
+
+
 def test_prompt_longer_than_the_context(tiny, enc, monkeypatch):
     n_ctx = tiny.config.n_ctx
     prompt = enc.decode(np.random.default_rng(5).integers(0, EOT, 200).tolist())
