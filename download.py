@@ -8,7 +8,9 @@ file's sha256 and byte size. This module
 2. asks for the sha256 and size with a HEAD request that does not follow the redirect,
 3. streams the body into `<dest>.incomplete`, resuming a cut transfer with a Range request,
 4. retries network hiccups and server errors a few times with a short pause,
-5. checks size and sha256, and only then renames the file to `dest`.
+5. checks size and sha256, and only then renames the file to `dest`,
+6. after a failure leaves only what a next try can resume: the partial file's bytes, if it got
+   any; else no empty file and none of the folders it made for `dest`.
 
 Use it from Python:
 
@@ -97,21 +99,46 @@ def download(
     if dest.exists():
         # Nothing but a verified file is ever renamed to `dest`, so this one is good.
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     partial = dest.with_name(dest.name + ".incomplete")
-
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with requests.Session() as session:
             want_sha256, want_size, digest = _fetch_with_retries(
                 session, url, partial, timeout, retries, progress, sha256, size
             )
+        _verify(partial, digest, want_sha256, want_size, url)
+        os.replace(partial, dest)
     except requests.RequestException as err:
         # Problems no retry can fix, such as a malformed URL or a redirect loop.
+        _leave_only_resumable(partial, created)
         raise DownloadError(f"download failed: {err} for {url}") from None
-
-    _verify(partial, digest, want_sha256, want_size, url)
-    os.replace(partial, dest)
+    except OSError as err:  # our side: a folder that cannot be made, a full disk
+        _leave_only_resumable(partial, created)
+        raise DownloadError(f"cannot write {err.filename or partial}: "
+                            f"{err.strerror or err}") from None
+    except BaseException as err:  # DownloadError, Ctrl-C
+        kept = _leave_only_resumable(partial, created)
+        if kept and isinstance(err, DownloadError):
+            raise DownloadError(f"{err}; {kept / MB:.1f} MB kept in {partial} for the next try "
+                                "to resume") from None
+        raise
     return dest
+
+
+def _leave_only_resumable(partial: Path, created: list[Path]) -> int:
+    """After a failure, keep only what a next try can use: the bytes of `partial`, if any,
+    which it resumes after. An empty partial file goes, and so do the folders this download
+    made (`created`, deepest first) once nothing is left in them. Returns the bytes kept."""
+    kept = partial.stat().st_size if partial.exists() else 0
+    if not kept:
+        partial.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()  # only an empty folder: anything else in it stays
+            except OSError:
+                break
+    return kept
 
 
 def _fetch_with_retries(session, url, partial, timeout, retries, progress, sha256, size):

@@ -406,3 +406,51 @@ def test_command_line_prints_the_verified_path(hub, tmp_path, capsys):
     assert dl.main([hub.url(), str(dest), "--sha256", BODY_SHA256.upper()]) == 0
     assert capsys.readouterr().out.strip() == str(dest)
     assert dest.read_bytes() == BODY
+
+
+# Port 9 ("discard") on the loopback interface has no listener: a connection is refused at once.
+CLOSED_URL = "http://127.0.0.1:9/openai-community/gpt2/resolve/main/model.safetensors"
+
+
+@pytest.mark.parametrize("failure", ["404", "connection refused"])
+def test_a_failed_download_leaves_no_folder_it_made(hub, tmp_path, failure):
+    # a fresh clone offline: `gpt.py` once left an empty weights/gpt2/ behind
+    hub.resolve_status = 404
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    dest = tmp_path / "kept" / "weights" / "gpt2" / "model.safetensors"
+    url = hub.url() if failure == "404" else CLOSED_URL
+    with pytest.raises(UserError):
+        dl.download(url, dest, progress=False, retries=1)
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+def test_ctrl_c_before_any_byte_leaves_nothing(hub, tmp_path, monkeypatch):
+    def no_chunk_then_ctrl_c(self, chunk_size=1, decode_unicode=False):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(requests.Response, "iter_content", no_chunk_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dl.download(hub.url(), tmp_path / "weights" / "model.safetensors", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_download_keeps_received_bytes_to_resume_and_says_so(hub, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(dl, "CHUNK_SIZE", 50_000)
+    hub.cut_after = 100_000
+    dest = tmp_path / "weights" / "model.safetensors"
+    real_send = dl._send
+    calls = []
+
+    def cut_then_gone(session, method, url, *args, **kwargs):
+        calls.append(method)
+        if len(calls) > 2:  # the HEAD, the GET that is cut: then the file is gone
+            hub.resolve_status = 404
+        return real_send(session, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(dl, "_send", cut_then_gone)
+    with pytest.raises(UserError, match="0.1 MB kept in .*model.safetensors.incomplete"):
+        dl.download(hub.url(), dest, progress=False)
+    partial = dest.with_name("model.safetensors.incomplete")
+    assert partial.read_bytes() == BODY[:100_000]

@@ -804,10 +804,8 @@ def test_cli_offline_without_weights_fails_cleanly(cli_runs):
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert CLOSED_ENDPOINT in err
-    # a failed download leaves nothing that looks finished, at most a partial file to resume
-    leftovers = [p for p in cli_runs["empty_weights"].rglob("*") if p.is_file()]
-    assert all(p.name.endswith(".incomplete") for p in leftovers), leftovers
-    assert len(err.strip().splitlines()) == 1, err
+    # a download that got no byte leaves nothing: no empty weights/gpt2/, no empty partial file
+    assert list(cli_runs["empty_weights"].iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -903,6 +901,15 @@ def test_cli_without_the_tokenizer_names_tiktoken_cache_dir(tmp_path):
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert "TIKTOKEN_CACHE_DIR" in err and str(empty) in err
     assert list(empty.iterdir()) == []
+
+
+def test_fetch_weights_offline_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_ENDPOINT)
+    monkeypatch.setattr("download.BACKOFF_BASE", 0.0)
+    weights_dir = tmp_path / "weights"
+    with pytest.raises(flags.UserError, match="--weights FILE"):
+        gpt.fetch_weights("gpt2", weights_dir)
+    assert not weights_dir.exists()
 
 
 def test_tiktoken_is_the_offline_r50k_base(enc):
