@@ -436,11 +436,11 @@ def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[
 
 
 def token_labels(enc, ids) -> list[str]:
-    """Each token's own text; a token that ends inside a UTF-8 character shows as U+FFFD."""
+    """Each token's own text, made readable (heads.readable): a piece of a UTF-8 character, as
+    GPT-2's byte-level BPE makes of an emoji or a CJK character, shows as its bytes, \\xe7\\x8c."""
     from heads import readable
 
-    return [readable(enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace"))
-            for i in ids]
+    return [readable(enc.decode_single_token_bytes(int(i))) for i in ids]
 
 
 def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head=None,
@@ -509,7 +509,7 @@ def logit_lens(gpt: Transformer, enc, text: str, out: Path, tokens: str | None =
 
     ids = text_ids(enc, text, "--logit-lens", gpt.config.n_ctx)
     labels = token_labels(enc, ids)
-    decode = lambda i: enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace")
+    decode = lambda i: enc.decode_single_token_bytes(int(i))  # bytes: heads.readable shows them
     try:
         window = heads.parse_window(tokens, len(ids))
         heads.writable_folder(out)

@@ -154,8 +154,15 @@ def top_lines(scores: dict, k: int = 3) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def readable(piece: str) -> str:
-    """A token as a reader can see it: GPT-2's leading space as ·, a newline as ↵, a tab as ⇥."""
+def readable(piece: str | bytes) -> str:
+    """A token as a reader can see it: GPT-2's leading space as ·, a newline as ↵, a tab as ⇥.
+
+    Given a token's bytes, the bytes that are no whole UTF-8 character show as escapes, \\xf0:
+    GPT-2's byte-level BPE splits an emoji or a CJK character over two or three tokens, and as
+    U+FFFD every such piece looked the same. Escapes keep one label per token (a map has a row
+    per token, so pieces cannot be merged) and say which bytes each piece holds."""
+    if isinstance(piece, bytes):
+        piece = piece.decode("utf-8", "backslashreplace")
     shown = piece.replace(" ", "·").replace("\n", "↵").replace("\r", "␍").replace("\t", "⇥")
     return shown or "∅"
 

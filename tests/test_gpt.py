@@ -19,6 +19,7 @@ import inspect
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -910,6 +911,43 @@ def test_fetch_weights_offline_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(flags.UserError, match="--weights FILE"):
         gpt.fetch_weights("gpt2", weights_dir)
     assert not weights_dir.exists()
+
+
+# 🐍 and 😀 are four UTF-8 bytes, 猫 and 語 three: GPT-2's BPE cuts each into byte pieces
+SPLIT_TEXT = "I love 🐍 and 猫, 日本語 😀!"
+SHOWN = {"·": " ", "↵": "\n", "␍": "\r", "⇥": "\t"}  # heads.readable's substitutions
+
+
+def label_bytes(label: str) -> bytes:
+    """Undo heads.readable: its symbols back to whitespace, its \\xNN escapes back to bytes."""
+    text = "".join(SHOWN.get(c, c) for c in label)
+    parts = re.split(r"\\x([0-9a-f]{2})", text)  # text, hex, text, hex, ..., text
+    return b"".join(bytes.fromhex(p) if i % 2 else p.encode() for i, p in enumerate(parts))
+
+
+def test_labels_of_emoji_and_cjk_pieces_spell_the_original_bytes(enc):
+    ids = enc.encode(SPLIT_TEXT)
+    labels = gpt.token_labels(enc, ids)
+    assert len(labels) == len(ids)
+    assert not any("\ufffd" in label for label in labels), labels
+    assert sum("\\x" in label for label in labels) >= 6, labels  # pieces, not whole characters
+    assert b"".join(label_bytes(label) for label in labels) == SPLIT_TEXT.encode()
+    # and each label is its own token's bytes, tiktoken's oracle
+    assert [label_bytes(label) for label in labels] == [enc.decode_single_token_bytes(i)
+                                                         for i in ids]
+
+
+def test_logit_lens_and_attention_page_show_pieces_as_bytes(tiny, tmp_path):
+    lens = run_main(gpt.main, *TINY_ARGS, "--logit-lens", SPLIT_TEXT, "--out", tmp_path)
+    assert lens.returncode == 0, lens.stderr
+    # the table's input and next-token columns: 🐍's first piece, then its second
+    assert "\ufffd" not in lens.stdout and "·\\xf0\\x9f -> \\x90:" in lens.stdout, lens.stdout
+    done = run_main(gpt.main, *TINY_ARGS, "--attention", SPLIT_TEXT, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "attention.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
+    assert "\ufffd" not in "".join(data["tokens"])
+    assert b"".join(label_bytes(t) for t in data["tokens"]) == SPLIT_TEXT.encode()
 
 
 def test_tiktoken_is_the_offline_r50k_base(enc):

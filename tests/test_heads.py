@@ -523,3 +523,13 @@ def test_a_text_rides_along_in_the_probes_pass(tiny, monkeypatch, tmp_path):
     heads.inspect_model(tiny, ids, [str(i) for i in ids], tmp_path, "t")
     assert runs == [(5, 100)]  # no key: the probe runs, and the text with it
     assert (tmp_path / "heads.png").is_file()
+
+
+def test_a_piece_of_a_character_is_labelled_by_its_bytes():
+    # GPT-2's byte-level BPE splits 🐍 (f0 9f 90 8d) into " \xf0\x9f", "\x90", "\x8d": as text
+    # each piece was U+FFFD, all alike; as escapes each says which bytes it holds
+    assert heads.readable(b" \xf0\x9f") == "·\\xf0\\x9f"
+    assert heads.readable(b"\x90") == "\\x90"
+    assert heads.readable("caf\u00e9".encode()) == "café"  # whole characters stay themselves
+    assert heads.readable(b"\n") == "↵" and heads.readable(b"") == "∅"
+    assert heads.distinct([heads.readable(b"\x90"), heads.readable(b"\x8d")]) == ["\\x90", "\\x8d"]
