@@ -28,7 +28,6 @@ Tests: .venv/bin/python -m pytest -q tests/test_download.py
 
 import argparse
 import hashlib
-import math
 import os
 import re
 import sys
@@ -49,9 +48,6 @@ BACKOFF_CAP = 4.0
 # small because a connection cut in the middle of a read loses that whole read: requests
 # raises instead of returning the partial chunk, and the next attempt fetches it again.
 CHUNK_SIZE = 64 * 1024
-
-# A terminal cannot usefully show more than ~10 updates a second; more just costs time.
-REDRAW_SECONDS = 0.1
 
 MB = 1_000_000
 
@@ -237,7 +233,8 @@ def _fetch_once(session, url, partial, timeout, want_size, progress):
         total = want_size if want_size is not None else end
         bar = None
         if progress:
-            bar = _ProgressBar(partial.name.removesuffix(".incomplete"), total, offset)
+            name = partial.name.removesuffix(".incomplete")
+            bar = flags.Progress(name, total, "MB", MB, start=offset)
         done = _stream(response, partial, mode, hasher, offset, timeout, bar)
 
     if end is not None and done < end:
@@ -348,55 +345,6 @@ def _verify(partial, digest, want_sha256, want_size, url):
         raise DownloadError(
             f"sha256 check failed: expected {want_sha256[:12]}..., got {digest[:12]}... for {url}"
         )
-
-
-class _ProgressBar:
-    """One line on stderr: MB done/total, percent, rate and time left, redrawn with \\r."""
-
-    def __init__(self, name, total, start_bytes):
-        self.name = name
-        self.total = total
-        self.start_bytes = start_bytes
-        self.started = time.monotonic()
-        self.last_draw = -math.inf
-        self.width = 0
-
-    def update(self, done):
-        now = time.monotonic()
-        if now - self.last_draw >= REDRAW_SECONDS:
-            self.last_draw = now
-            self._draw(done, now)
-
-    def finish(self, done):
-        self._draw(done, time.monotonic())
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    def _draw(self, done, now):
-        # Rate counts only this run's bytes; resumed bytes arrived at some other time.
-        elapsed = max(now - self.started, 1e-9)
-        rate = (done - self.start_bytes) / elapsed
-        if self.total:
-            percent = 100 * done / self.total
-            seconds_left = (self.total - done) / rate if rate > 0 else math.inf
-            text = (
-                f"{self.name}: {done / MB:.1f}/{self.total / MB:.1f} MB {percent:5.1f}%"
-                f"  {rate / MB:.1f} MB/s  ETA {_clock(seconds_left)}"
-            )
-        else:
-            text = f"{self.name}: {done / MB:.1f} MB  {rate / MB:.1f} MB/s"
-        # Pad to the widest line so far, so a shorter line fully covers the previous one.
-        self.width = max(self.width, len(text))
-        sys.stderr.write("\r" + text.ljust(self.width))
-        sys.stderr.flush()
-
-
-def _clock(seconds):
-    """Format a duration as m:ss, or --:-- when it is unknown."""
-    if not math.isfinite(seconds):
-        return "--:--"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes}:{seconds:02d}"
 
 
 def sha256_hex(text: str) -> str:

@@ -12,6 +12,8 @@ import argparse
 import math
 import os
 import sys
+import time
+from pathlib import Path
 
 USER_ERROR = 2  # the exit status of every user error, as argparse's own
 INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT (128 + 2)
@@ -85,3 +87,72 @@ natural = number(int, 0, what="a whole number >= 0")  # seeds, indices, token bu
 positive = number(float, 0, above=True, what="a finite number > 0")  # learning rates, factors
 nonnegative = number(float, 0, what="a finite number >= 0")  # penalties, temperatures
 probability = number(float, 0, 1, above=True, what="a number in (0, 1]")  # top-p
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside path, then rename it into place: an
+    interrupted run leaves the old file or none, never half a file. Returns path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class Progress:
+    """One line on stderr, redrawn with \\r: label, a bar, done/total in unit, percent, rate and
+    time left (without a total: done and rate). update() redraws at most every REDRAW seconds,
+    as a terminal cannot show more; finish() draws the last state and ends the line. scale
+    divides what is shown (1e6: bytes as MB); start is what was done before (a resumed
+    download), left out of the rate."""
+
+    REDRAW = 0.1
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "", scale: float = 1,
+                 start: int = 0):
+        self.clock = time.monotonic
+        self.label, self.total, self.unit, self.scale, self.start = label, total, unit, scale, start
+        self.started, self.last_draw, self.width = self.clock(), -math.inf, 0
+
+    def update(self, done: int, total: int | None = None):
+        """Redraw if REDRAW seconds have passed; total, if given, sets the total; done == total
+        finishes the line (so update alone can be a loop's progress callback)."""
+        self.total = total if total is not None else self.total
+        if done == self.total:
+            self.finish(done)
+        elif self.last_draw is not None and self.clock() - self.last_draw >= self.REDRAW:
+            self.draw(done)
+
+    def finish(self, done: int):
+        if self.last_draw is None:
+            return  # finished already: the line is ended
+        self.draw(done)
+        self.last_draw = None
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def draw(self, done: int):
+        now = self.clock()
+        self.last_draw = now
+        rate = (done - self.start) / max(now - self.started, 1e-9)
+        digits = 0 if self.scale == 1 else 1
+        show = lambda n: f"{n / self.scale:.{digits}f}"
+        speed = f"{rate / self.scale:.1f} {self.unit}/s".strip()
+        if self.total:
+            filled = min(20, 20 * done // self.total)
+            left = (self.total - done) / rate if rate > 0 else math.inf
+            clock = "--:--" if not math.isfinite(left) else "{}:{:02d}".format(
+                *divmod(round(left), 60))
+            text = (f"{self.label}: [{'#' * filled}{'.' * (20 - filled)}] {show(done)}/"
+                    f"{show(self.total)} {self.unit} {100 * done / self.total:5.1f}%  {speed}  "
+                    f"ETA {clock}")
+        else:
+            text = f"{self.label}: {show(done)} {self.unit}  {speed}"
+        # padded to the widest line so far: a shorter line covers all of the one before
+        self.width = max(self.width, len(text))
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()

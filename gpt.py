@@ -400,20 +400,9 @@ def perplexity_nll(losses: np.ndarray, weights: np.ndarray) -> float:
 
 
 def progress_bar(label: str):
-    """A one-line progress bar on stderr, redrawn with \\r; silent when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    t0 = time.perf_counter()
-
-    def draw(done: int, total: int):
-        filled = 30 * done // total
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
-                         f"windows {time.perf_counter() - t0:.0f}s")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return draw
+    """token_losses' progress(done, total) as flags.Progress's bar on stderr; None (silent)
+    when stderr is not a terminal."""
+    return flags.Progress(label, unit="windows").update if sys.stderr.isatty() else None
 
 
 def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[float, int]:

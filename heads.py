@@ -20,10 +20,11 @@ Row 0 can only look at itself, so it is left out of every score but induction.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from flags import atomic_write  # the project's one temporary-file-then-rename
 
 
 def batched(att: np.ndarray) -> np.ndarray:
@@ -404,18 +405,6 @@ def writable_folder(out: Path) -> Path:
     except OSError as e:
         raise OSError(f"cannot write into {out}: {e.strerror or e}") from None
     return out
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call write(file) on a temporary file beside path, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def check_head(layer, head, n_layer: int, n_head: int) -> tuple[int, int] | None:

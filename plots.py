@@ -9,12 +9,13 @@ renamed, so an interrupted run never leaves half a PNG.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
+from flags import atomic_write
 
 
 def subplots(*grid, figsize, layout=None, **kw):
@@ -28,14 +29,8 @@ def subplots(*grid, figsize, layout=None, **kw):
 def save(fig, path: Path, dpi: int = 100) -> Path:
     """Write fig as a PNG under a temporary name, then rename it into place. A title over all
     panels (the command of a training run) also goes into the file's Title field."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Title": fig.get_suptitle() or None})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(
+        f, dpi=dpi, format="png", metadata={"Title": fig.get_suptitle() or None}))
 
 
 # ---------------------------------------------------------------------------------------------

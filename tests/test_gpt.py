@@ -1102,3 +1102,40 @@ def test_a_model_without_the_mask_is_never_padded(monkeypatch):
     np.testing.assert_allclose(seen[0], want, rtol=0, atol=1e-6)
     att = transformer.attention_maps(model, Tensor(ids))[1].numpy()[0]
     np.testing.assert_allclose(heads.padded_attention(model, ids[0]), att, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# One progress bar (flags.Progress), one temporary-file-then-rename (flags.atomic_write)
+# ---------------------------------------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_perplexity_progress_is_the_shared_bar_on_a_terminal(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    draw = gpt.progress_bar("perplexity")
+    assert isinstance(draw.__self__, flags.Progress)  # the bar download.py draws too
+    for done in range(1, 5):
+        draw(done, 4)
+    lines = terminal.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 2  # one line, ended once
+    last = lines[0].split("\r")[-1]
+    assert last.startswith("perplexity: [" + "#" * 20 + "] 4/4 windows 100.0%"), last
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe: no bar at all
+    assert gpt.progress_bar("perplexity") is None
+
+
+def test_a_figure_that_fails_to_save_leaves_the_old_file(tmp_path):
+    import plots
+
+    path = tmp_path / "heads.png"
+    path.write_bytes(b"the old picture")
+    broken = SimpleNamespace(get_suptitle=lambda: "", savefig=lambda f, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        plots.save(broken, path)
+    assert path.read_bytes() == b"the old picture"
+    assert [p.name for p in tmp_path.iterdir()] == ["heads.png"]
