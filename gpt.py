@@ -517,8 +517,9 @@ def main(argv=None) -> int:
     return flags.run(command, argv)
 
 
-def command(argv=None) -> int:
-    ap = flags.Parser(description="Generate text with OpenAI's GPT-2 on tinygrad.")
+def parser() -> flags.Parser:
+    ap = flags.Parser(description="Generate text with OpenAI's GPT-2 on tinygrad, or look "
+                                  "inside it (attention, perplexity, ablation, logit lens).")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read stdin if it is not a tty)")
     src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
@@ -532,17 +533,26 @@ def command(argv=None) -> int:
                      help="read TEXT's residual stream after each block through the unembedding")
     ap.add_argument("--model", choices=SIZES, metavar="NAME",
                     help=f"GPT-2's size: {', '.join(SIZES)} (default: gpt2, or with --weights "
-                         "the checkpoint's own shape; named, the checkpoint must have it)")
-    ap.add_argument("-n", "--max-new-tokens", type=flags.natural, default=100)
-    ap.add_argument("-t", "--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
-    ap.add_argument("--top-k", type=flags.count, default=None)
-    ap.add_argument("--top-p", type=flags.probability, default=None,
-                    help="nucleus sampling, in (0, 1]")
-    ap.add_argument("--seed", type=flags.natural, default=None, help="make sampling reproducible")
-    ap.add_argument("--num-samples", type=flags.count, default=1)
+                         "the checkpoint's own shape; given, the checkpoint must have it)")
+    ap.add_argument("-n", "--max-new-tokens", type=flags.natural, default=100, metavar="N",
+                    help="tokens to generate")
+    ap.add_argument("-t", "--temperature", type=flags.nonnegative, default=0.8, metavar="T",
+                    help="sampling temperature; 0 = greedy")
+    ap.add_argument("--top-k", type=flags.count, metavar="K",
+                    help="sample among the K likeliest tokens only (default: all)")
+    ap.add_argument("--top-p", type=flags.probability, metavar="P",
+                    help="nucleus sampling: the likeliest tokens of total probability P, in "
+                         "(0, 1] (default: all)")
+    ap.add_argument("--seed", type=flags.natural,
+                    help="make sampling reproducible (default: a fresh seed each run)")
+    ap.add_argument("--num-samples", type=flags.count, default=1, metavar="N",
+                    help="continuations of the prompt, generated as one batch")
     ap.add_argument("--ignore-eos", action="store_true", help="go on past <|endoftext|>")
-    ap.add_argument("--weights", type=Path, help="local model.safetensors or pytorch_model.bin")
-    ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="download cache")
+    ap.add_argument("--weights", type=Path, metavar="FILE",
+                    help="local model.safetensors or pytorch_model.bin, a config.json beside it "
+                         "giving its shape (default: the hub's, for --model)")
+    ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, metavar="DIR",
+                    help="where downloaded weights are kept")
     ap.add_argument("--download", action="store_true", help="only fetch the weights, then exit")
     ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... "
                                      "(default: DEV, else the fastest here)")
@@ -551,22 +561,27 @@ def command(argv=None) -> int:
     ap.add_argument("--timing", action="store_true", help="print prefill and decode speed")
     ap.add_argument("--beam", type=flags.natural, default=0, metavar="N",
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
-                         "decoding after a one-time search of minutes, cached on disk")
-    ap.add_argument("--out", type=Path, default=Path("attention"),
-                    help="folder for the files of --attention, --head-ablation and --logit-lens "
-                         "(default attention/)")
+                         "decoding after a one-time search of minutes, cached on disk; 0: none")
+    ap.add_argument("--out", type=Path, default=Path("attention"), metavar="DIR",
+                    help="folder for the files of --attention, --head-ablation and --logit-lens")
     ap.add_argument("--layer", type=flags.natural,
-                    help="with --head: also draw this one head large")
-    ap.add_argument("--head", type=flags.natural, help="with --layer: the head to draw large")
-    ap.add_argument("--tokens", metavar="A:B", help="show only tokens A to B of a long text")
+                    help="with --attention and --head: also draw this one head large")
+    ap.add_argument("--head", type=flags.natural,
+                    help="with --attention and --layer: the head to draw large")
+    ap.add_argument("--tokens", metavar="A:B",
+                    help="show only tokens A to B of a long text (default: all)")
     ap.add_argument("--heads", metavar="L.H,...",
                     help="with --head-ablation: knock out these heads together, print one result")
     ap.add_argument("--mean", action="store_true",
                     help="with --head-ablation: replace a head by its mean over positions, not 0")
-    ap.add_argument("--stride", type=flags.count,
-                    help="--perplexity: tokens between window starts (default: half the "
+    ap.add_argument("--stride", type=flags.count, metavar="N",
+                    help="with --perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def command(argv=None) -> int:
+    args = parser().parse_args(argv)
     keep_kernels()
 
     def log(msg: str):
