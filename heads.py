@@ -383,7 +383,7 @@ def write_views(out: Path, att: np.ndarray, ids: np.ndarray, labels: list[str], 
     written = [atomic_write(out / "attention.npz", lambda f: np.savez(
         f, attention=att.astype(np.float32), ids=np.asarray(ids, dtype=np.int64),
         **{f"score_{k}": v for k, v in scores.items()}))]
-    written.append(plots.all_heads(shown, out / "heads.png", title))
+    written.append(plots.all_heads(shown, out / "heads.png", title, names))
     written.append(plots.head_scores(scores, out / "scores.png", title))
     page = html_page(shown, names, title, first=a)
     written.append(atomic_write(out / "attention.html", lambda f: f.write(page.encode())))
