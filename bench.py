@@ -63,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+import flags
+
 GROUPS = ("decode", "half", "beam", "prefill", "lab", "train", "demo", "bandwidth")
 GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
 PROMPT_TOKENS = 16  # the short prompt before decoding
@@ -125,8 +127,9 @@ TTFT_TARGET_S = 10.0  # time to first token of GPT-2 124M on a warm kernel cache
 BOUND_TARGET = 60.0  # tinygrad decode should reach this % of the memory-bandwidth bound
 
 
-class BenchError(Exception):
-    """A problem with the arguments or the machine; main() prints it as one line."""
+class ChildFailed(Exception):
+    """A timed process of the lab group failed: its row says so, the other rows still stand.
+    (A user's mistake, a bad flag, is argparse's error: flags.Parser, exit status 2.)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,14 +615,14 @@ print(sys.argv[2] + enc.decode(out[0, ids.shape[1]:].tolist()))
 
 
 def wall(cmd: list[str], env: dict) -> tuple[float, str]:
-    """Wall seconds of one whole process, and its stderr; raises BenchError if it fails."""
+    """Wall seconds of one whole process, and its stderr; raises ChildFailed if it fails."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
                           cwd=Path(__file__).parent)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        raise BenchError(f"{' '.join(cmd[1:3])} failed: {why}")
+        raise ChildFailed(f"{' '.join(cmd[1:3])} failed: {why}")
     return seconds, proc.stderr
 
 
@@ -899,11 +902,28 @@ def machine_info(results: dict, env: dict) -> dict:
     }
 
 
+def group_set(text: str) -> set[str]:
+    """--only: comma-separated names from GROUPS, read where argparse reads the flag."""
+    chosen = {g.strip() for g in text.split(",")}
+    unknown = sorted(chosen - set(GROUPS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown group {', '.join(unknown)}; choose from "
+                                         f"{', '.join(GROUPS)}")
+    return chosen
+
+
+# --tokens: speed is timed from token STEADY_FROM on, and the prompt and the tokens share GPT-2's
+# 1024-token context
+TOKENS = flags.number(int, STEADY_FROM + 2, 1024 - PROMPT_TOKENS,
+                      what=f"a whole number from {STEADY_FROM + 2} to {1024 - PROMPT_TOKENS}")
+
+
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help=f"comma-separated groups from: {', '.join(GROUPS)}")
-    ap.add_argument("--tokens", type=int, help=f"decode N tokens (default {DEFAULT_TOKENS}, "
-                                               f"{QUICK_TOKENS} with --quick)")
+    ap = flags.Parser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", type=group_set, default=",".join(GROUPS), metavar="GROUP,...",
+                    help="the groups to run, comma-separated")
+    ap.add_argument("--tokens", type=TOKENS, help=f"decode N tokens (default {DEFAULT_TOKENS}, "
+                                                  f"{QUICK_TOKENS} with --quick)")
     ap.add_argument("--device", help="tinygrad backend for the children (sets DEV): CPU, CL, ...")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, steps and repeats")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
@@ -914,27 +934,18 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.tokens is None:
         args.tokens = QUICK_TOKENS if args.quick else DEFAULT_TOKENS
-    if args.tokens < STEADY_FROM + 2:
-        raise BenchError(f"--tokens must be at least {STEADY_FROM + 2} (speed is timed from token "
-                         f"{STEADY_FROM} on), got {args.tokens}")
-    if PROMPT_TOKENS + args.tokens > 1024:
-        raise BenchError(f"--tokens {args.tokens} does not fit GPT-2's 1024-token context after a "
-                         f"{PROMPT_TOKENS}-token prompt")
-    groups = set(GROUPS) if args.only is None else {g.strip() for g in args.only.split(",")}
-    unknown = sorted(groups - set(GROUPS))
-    if unknown:
-        raise BenchError(f"--only: unknown group {', '.join(unknown)}; choose from "
-                         f"{', '.join(GROUPS)}")
-    args.groups = groups
+    args.groups = args.only
     return args
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Every way it ends is flags.run's: a bad flag one `error:` line and exit status 2, Ctrl-C
+    130; a benchmark that failed is 1 (its row says why)."""
+    return flags.run(bench, argv)
+
+
+def bench(argv=None) -> int:
+    args = parse_args(argv)
     if args.child:
         print(json.dumps(run_child(args.child, args.checkpoint, args.tokens, args.quick)),
               flush=True)
@@ -969,7 +980,7 @@ def main(argv=None) -> int:
             args.torch_ok = torch_ok
             try:
                 results["lab"] = time_lab(env, args)
-            except BenchError as e:
+            except ChildFailed as e:
                 results["lab"] = {"error": str(e)}
     if "demo" in args.groups:
         results["demo"] = time_demo(env)

@@ -8,7 +8,9 @@ file's sha256 and byte size. This module
 2. asks for the sha256 and size with a HEAD request that does not follow the redirect,
 3. streams the body into `<dest>.incomplete`, resuming a cut transfer with a Range request,
 4. retries network hiccups and server errors a few times with a short pause,
-5. checks size and sha256, and only then renames the file to `dest`.
+5. checks size and sha256, and only then renames the file to `dest`,
+6. after a failure leaves only what a next try can resume: the partial file's bytes, if it got
+   any; else no empty file and none of the folders it made for `dest`.
 
 Use it from Python:
 
@@ -26,7 +28,6 @@ Tests: .venv/bin/python -m pytest -q tests/test_download.py
 
 import argparse
 import hashlib
-import math
 import os
 import re
 import sys
@@ -34,6 +35,9 @@ import time
 from pathlib import Path
 
 import requests
+
+import flags
+from flags import UserError
 
 # Before retry number n we sleep min(BACKOFF_BASE * n, BACKOFF_CAP) seconds.
 # Module-level so that tests can set it to 0 and stay fast.
@@ -44,9 +48,6 @@ BACKOFF_CAP = 4.0
 # small because a connection cut in the middle of a read loses that whole read: requests
 # raises instead of returning the partial chunk, and the next attempt fetches it again.
 CHUNK_SIZE = 64 * 1024
-
-# A terminal cannot usefully show more than ~10 updates a second; more just costs time.
-REDRAW_SECONDS = 0.1
 
 MB = 1_000_000
 
@@ -64,8 +65,9 @@ UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 BASE_HEADERS = {"Accept-Encoding": "identity"}
 
 
-class DownloadError(Exception):
-    """A download that did not succeed; the message is one line meant for a human."""
+# A download that did not succeed is the project's one user error, its message one line for a
+# human. DownloadError is its name here, which callers (tasks.py) still import.
+DownloadError = UserError
 
 
 class _RetryableError(Exception):
@@ -93,21 +95,46 @@ def download(
     if dest.exists():
         # Nothing but a verified file is ever renamed to `dest`, so this one is good.
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     partial = dest.with_name(dest.name + ".incomplete")
-
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with requests.Session() as session:
             want_sha256, want_size, digest = _fetch_with_retries(
                 session, url, partial, timeout, retries, progress, sha256, size
             )
+        _verify(partial, digest, want_sha256, want_size, url)
+        os.replace(partial, dest)
     except requests.RequestException as err:
         # Problems no retry can fix, such as a malformed URL or a redirect loop.
+        _leave_only_resumable(partial, created)
         raise DownloadError(f"download failed: {err} for {url}") from None
-
-    _verify(partial, digest, want_sha256, want_size, url)
-    os.replace(partial, dest)
+    except OSError as err:  # our side: a folder that cannot be made, a full disk
+        _leave_only_resumable(partial, created)
+        raise DownloadError(f"cannot write {err.filename or partial}: "
+                            f"{err.strerror or err}") from None
+    except BaseException as err:  # DownloadError, Ctrl-C
+        kept = _leave_only_resumable(partial, created)
+        if kept and isinstance(err, DownloadError):
+            raise DownloadError(f"{err}; {kept / MB:.1f} MB kept in {partial} for the next try "
+                                "to resume") from None
+        raise
     return dest
+
+
+def _leave_only_resumable(partial: Path, created: list[Path]) -> int:
+    """After a failure, keep only what a next try can use: the bytes of `partial`, if any,
+    which it resumes after. An empty partial file goes, and so do the folders this download
+    made (`created`, deepest first) once nothing is left in them. Returns the bytes kept."""
+    kept = partial.stat().st_size if partial.exists() else 0
+    if not kept:
+        partial.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()  # only an empty folder: anything else in it stays
+            except OSError:
+                break
+    return kept
 
 
 def _fetch_with_retries(session, url, partial, timeout, retries, progress, sha256, size):
@@ -206,7 +233,8 @@ def _fetch_once(session, url, partial, timeout, want_size, progress):
         total = want_size if want_size is not None else end
         bar = None
         if progress:
-            bar = _ProgressBar(partial.name.removesuffix(".incomplete"), total, offset)
+            name = partial.name.removesuffix(".incomplete")
+            bar = flags.Progress(name, total, "MB", MB, start=offset)
         done = _stream(response, partial, mode, hasher, offset, timeout, bar)
 
     if end is not None and done < end:
@@ -319,67 +347,27 @@ def _verify(partial, digest, want_sha256, want_size, url):
         )
 
 
-class _ProgressBar:
-    """One line on stderr: MB done/total, percent, rate and time left, redrawn with \\r."""
-
-    def __init__(self, name, total, start_bytes):
-        self.name = name
-        self.total = total
-        self.start_bytes = start_bytes
-        self.started = time.monotonic()
-        self.last_draw = -math.inf
-        self.width = 0
-
-    def update(self, done):
-        now = time.monotonic()
-        if now - self.last_draw >= REDRAW_SECONDS:
-            self.last_draw = now
-            self._draw(done, now)
-
-    def finish(self, done):
-        self._draw(done, time.monotonic())
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    def _draw(self, done, now):
-        # Rate counts only this run's bytes; resumed bytes arrived at some other time.
-        elapsed = max(now - self.started, 1e-9)
-        rate = (done - self.start_bytes) / elapsed
-        if self.total:
-            percent = 100 * done / self.total
-            seconds_left = (self.total - done) / rate if rate > 0 else math.inf
-            text = (
-                f"{self.name}: {done / MB:.1f}/{self.total / MB:.1f} MB {percent:5.1f}%"
-                f"  {rate / MB:.1f} MB/s  ETA {_clock(seconds_left)}"
-            )
-        else:
-            text = f"{self.name}: {done / MB:.1f} MB  {rate / MB:.1f} MB/s"
-        # Pad to the widest line so far, so a shorter line fully covers the previous one.
-        self.width = max(self.width, len(text))
-        sys.stderr.write("\r" + text.ljust(self.width))
-        sys.stderr.flush()
+def sha256_hex(text: str) -> str:
+    """--sha256: 64 hexadecimal digits, read where argparse reads the flag."""
+    if not SHA256_HEX.fullmatch(text.lower()):
+        raise argparse.ArgumentTypeError(f"expected 64 hexadecimal digits, got {text!r}")
+    return text.lower()
 
 
-def _clock(seconds):
-    """Format a duration as m:ss, or --:-- when it is unknown."""
-    if not math.isfinite(seconds):
-        return "--:--"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes}:{seconds:02d}"
+def main(argv=None) -> int:
+    """The command line; every way it ends is flags.run's (a failed download: one `error:`
+    line and exit status 2)."""
+    return flags.run(command, argv)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Download one file, verified and resumable.")
-    parser.add_argument("url")
-    parser.add_argument("dest", type=Path)
-    parser.add_argument("--sha256", help="expected sha256 (overrides what the server says)")
-    args = parser.parse_args()
-    try:
-        path = download(args.url, args.dest, sha256=args.sha256)
-    except DownloadError as err:
-        print(err, file=sys.stderr)
-        return 1
-    print(path)
+def command(argv=None) -> int:
+    parser = flags.Parser(description="Download one file, verified and resumable.")
+    parser.add_argument("url", help="what to fetch, e.g. a Hugging Face resolve URL")
+    parser.add_argument("dest", type=Path, help="where the verified file goes")
+    parser.add_argument("--sha256", type=sha256_hex,
+                        help="expected sha256 (overrides what the server says)")
+    args = parser.parse_args(argv)
+    print(download(args.url, args.dest, sha256=args.sha256))
     return 0
 
 

@@ -12,6 +12,8 @@ import argparse
 import math
 import os
 import sys
+import time
+from pathlib import Path
 
 USER_ERROR = 2  # the exit status of every user error, as argparse's own
 INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT (128 + 2)
@@ -40,12 +42,22 @@ def run(main, argv=None) -> int:
         return 0
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names every flag's default, but not "None" (the flag's help says what happens
+    without it) nor a switch's False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one line (no usage block) and exits with USER_ERROR, and
     --help shows every flag's default."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsHelp)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -75,3 +87,72 @@ natural = number(int, 0, what="a whole number >= 0")  # seeds, indices, token bu
 positive = number(float, 0, above=True, what="a finite number > 0")  # learning rates, factors
 nonnegative = number(float, 0, what="a finite number >= 0")  # penalties, temperatures
 probability = number(float, 0, 1, above=True, what="a number in (0, 1]")  # top-p
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside path, then rename it into place: an
+    interrupted run leaves the old file or none, never half a file. Returns path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class Progress:
+    """One line on stderr, redrawn with \\r: label, a bar, done/total in unit, percent, rate and
+    time left (without a total: done and rate). update() redraws at most every REDRAW seconds,
+    as a terminal cannot show more; finish() draws the last state and ends the line. scale
+    divides what is shown (1e6: bytes as MB); start is what was done before (a resumed
+    download), left out of the rate."""
+
+    REDRAW = 0.1
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "", scale: float = 1,
+                 start: int = 0):
+        self.clock = time.monotonic
+        self.label, self.total, self.unit, self.scale, self.start = label, total, unit, scale, start
+        self.started, self.last_draw, self.width = self.clock(), -math.inf, 0
+
+    def update(self, done: int, total: int | None = None):
+        """Redraw if REDRAW seconds have passed; total, if given, sets the total; done == total
+        finishes the line (so update alone can be a loop's progress callback)."""
+        self.total = total if total is not None else self.total
+        if done == self.total:
+            self.finish(done)
+        elif self.last_draw is not None and self.clock() - self.last_draw >= self.REDRAW:
+            self.draw(done)
+
+    def finish(self, done: int):
+        if self.last_draw is None:
+            return  # finished already: the line is ended
+        self.draw(done)
+        self.last_draw = None
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def draw(self, done: int):
+        now = self.clock()
+        self.last_draw = now
+        rate = (done - self.start) / max(now - self.started, 1e-9)
+        digits = 0 if self.scale == 1 else 1
+        show = lambda n: f"{n / self.scale:.{digits}f}"
+        speed = f"{rate / self.scale:.1f} {self.unit}/s".strip()
+        if self.total:
+            filled = min(20, 20 * done // self.total)
+            left = (self.total - done) / rate if rate > 0 else math.inf
+            clock = "--:--" if not math.isfinite(left) else "{}:{:02d}".format(
+                *divmod(round(left), 60))
+            text = (f"{self.label}: [{'#' * filled}{'.' * (20 - filled)}] {show(done)}/"
+                    f"{show(self.total)} {self.unit} {100 * done / self.total:5.1f}%  {speed}  "
+                    f"ETA {clock}")
+        else:
+            text = f"{self.label}: {show(done)} {self.unit}  {speed}"
+        # padded to the widest line so far: a shorter line covers all of the one before
+        self.width = max(self.width, len(text))
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()

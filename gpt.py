@@ -29,6 +29,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit
 
 import flags
+from flags import UserError
 from generate import generate, padded_length
 from runtime import exit_now, install, jit_at_once, on_device
 from transformer import Config, Transformer
@@ -44,13 +45,9 @@ EOT = 50256  # <|endoftext|>: separates documents in GPT-2's training data
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
-class GPTError(Exception):
-    """A problem the user can fix; main() prints it as one line."""
-
-
 def gpt2_config(model: str) -> Config:
     if model not in SIZES:
-        raise GPTError(f"unknown model {model!r}; choose one of {', '.join(SIZES)}")
+        raise UserError(f"unknown model {model!r}; choose one of {', '.join(SIZES)}")
     n_layer, n_head, n_embd = SIZES[model]
     return Config(vocab_size=50257, n_ctx=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
 
@@ -78,15 +75,15 @@ def weights_url(model: str) -> str:
 
 def fetch_weights(model: str, weights_dir: Path) -> Path:
     """Path of the verified checkpoint, downloading it on first use (see download.py)."""
-    from download import DownloadError, download
+    from download import download
 
     dest = weights_dir / model / "model.safetensors"
     try:
         # on a terminal, a progress bar; in a pipe or a log, only the one-line outcome
         return download(weights_url(model), dest, progress=sys.stderr.isatty())
-    except DownloadError as e:
-        raise GPTError(f"{e}. Fetch it when online (python gpt.py --model {model} --download), "
-                       f"or pass a local checkpoint with --weights FILE") from None
+    except UserError as e:
+        raise UserError(f"{e}. Fetch it when online (python gpt.py --model {model} --download), "
+                        f"or pass a local checkpoint with --weights FILE") from None
 
 
 # safetensors dtype names -> NumPy's; BF16 has no NumPy dtype and is widened to float32 on read
@@ -125,7 +122,7 @@ def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
     """Tensors of a safetensors file (memory-mapped, read lazily) or a PyTorch pytorch_model.bin,
     as NumPy arrays."""
     if not path.is_file():
-        raise GPTError(f"no such checkpoint file: {path}")
+        raise UserError(f"no such checkpoint file: {path}")
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:2] == b"PK" or path.suffix in (".bin", ".pt", ".pth"):
@@ -134,11 +131,11 @@ def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
         try:
             return load_pytorch_bin(path)
         except Exception as e:  # the loader's own errors already say what is wrong
-            raise GPTError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+            raise UserError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
     try:
         return read_safetensors(path)
     except Exception:
-        raise GPTError(f"{path} is not a safetensors or PyTorch checkpoint") from None
+        raise UserError(f"{path} is not a safetensors or PyTorch checkpoint") from None
 
 
 # GPT-2 was written in TensorFlow, and its Conv1D layers store weights as (in, out);
@@ -180,23 +177,58 @@ def map_checkpoint(ckpt: dict[str, np.ndarray], model: Transformer) -> dict[str,
     if bad_dtype:
         problems.append(f"not floating point {', '.join(bad_dtype[:4])}")
     if problems:
-        raise GPTError("checkpoint does not fit the model: " + "; ".join(problems))
+        raise UserError("checkpoint does not fit the model: " + "; ".join(problems))
     return mapped
 
 
+def shape_words(n_layer: int, n_embd: int, n_head: int | None = None) -> str:
+    heads = f"{n_head} heads, " if n_head is not None else ""
+    return f"{n_layer} layers, {heads}{n_embd} dims"
+
+
+def check_named_model(model: str, config: Config, from_json: bool, ckpt: dict, path: Path):
+    """A model the user named (--model) must be the checkpoint's: its shape as config.json
+    beside it says, or else as its tensors say (the number of blocks, the embedding's width).
+    Otherwise the checkpoint's own shape would silently win over the name."""
+    n_layer, n_head, n_embd = SIZES[model]
+    if from_json:
+        found = (config.n_layer, config.n_head, config.n_embd)
+        if found == (n_layer, n_head, n_embd):
+            return
+        theirs = f"{shape_words(found[0], found[2], found[1])}, from its config.json"
+    else:
+        names = [k.removeprefix("transformer.") for k in ckpt]
+        blocks = {int(k.split(".")[1]) for k in names if k.startswith("h.")}
+        wte = ckpt.get("wte.weight", ckpt.get("transformer.wte.weight"))
+        if wte is None or wte.ndim != 2:
+            return  # not GPT-2's layout at all: map_checkpoint names what is missing
+        found = (max(blocks, default=-1) + 1, wte.shape[1])
+        if found == (n_layer, n_embd):
+            return
+        theirs = f"{shape_words(*found)}, from its tensors"
+    raise UserError(f"--model {model} ({shape_words(n_layer, n_embd, n_head)}) does not match "
+                    f"{path} ({theirs}); leave out --model to use the checkpoint's own shape")
+
+
 def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Path = WEIGHTS_DIR,
-              half: bool = False) -> Transformer:
-    """Build GPT-2 and fill it with a checkpoint: `weights` if given, else the hub's, cached."""
+              half: bool = False, named: bool = False) -> Transformer:
+    """Build GPT-2 and fill it with a checkpoint: `weights` if given, else the hub's, cached.
+    The checkpoint's shape comes from the config.json beside it, if there is one, else from
+    model; named=True (the user chose model) refuses a checkpoint of another shape."""
     config = gpt2_config(model)
     path = Path(weights) if weights is not None else fetch_weights(model, weights_dir)
+    json_path = path.parent / "config.json"
     try:
-        config = config_from_hf(path.parent / "config.json", config)
+        config = config_from_hf(json_path, config)
     except (OSError, ValueError, KeyError) as e:
-        raise GPTError(f"cannot read {path.parent / 'config.json'}: {e}") from None
+        raise UserError(f"cannot read {json_path}: {e}") from None
+    ckpt = read_checkpoint(path)
+    if named:
+        check_named_model(model, config, json_path.exists(), ckpt, path)
     gpt = Transformer(config, init=False)
     dtype = np.float16 if half else np.float32
     params = gpt.parameters()
-    arrays = map_checkpoint(read_checkpoint(path), gpt)
+    arrays = map_checkpoint(ckpt, gpt)
     # The transposes, casts and the vocabulary's padding happen in NumPy, in the one pass that
     # fills the device buffer (on_device): as tinygrad kernels they were scheduled, and their code
     # generated, in every new process (GPT-2 124M loaded in 6.0 s, now 0.5 s; docs/speed.md).
@@ -225,7 +257,14 @@ def tokenizer():
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:
-        raise GPTError(f"cannot load GPT-2's tokenizer (tiktoken r50k_base): {e}") from None
+        # offline, tiktoken's download fails (requests' errors are OSErrors): name the fix
+        why = f"not cached, and its download failed: {type(e).__name__}"
+        if not isinstance(e, OSError):
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "unset: a temporary folder")
+        raise UserError(f"cannot load GPT-2's tokenizer, tiktoken's r50k_base ({why}); set "
+                        f"TIKTOKEN_CACHE_DIR (now {cache}) to a folder that holds it, or run "
+                        f"once online") from None
 
 
 def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperature=0.0,
@@ -304,7 +343,7 @@ def windows(n_tokens: int, n_ctx: int, stride: int) -> list[Window]:
     which is the window's scored tokens only where nothing is masked (the first window, or no
     overlap); an overlapping window weighs one token less than it scores."""
     if not 1 <= stride <= n_ctx:
-        raise GPTError(f"--stride must be between 1 and the context, {n_ctx}; got {stride}")
+        raise UserError(f"--stride must be between 1 and the context, {n_ctx}; got {stride}")
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + n_ctx, n_tokens)
@@ -328,8 +367,8 @@ def token_losses(gpt: Transformer, ids, stride: int, progress=None
     after a window never reaches it."""
     ids = np.asarray(ids, dtype=np.int32)
     if len(ids) < 2:
-        raise GPTError(f"perplexity needs at least 2 tokens (the first has nothing to predict "
-                       f"it), got {len(ids)}")
+        raise UserError(f"perplexity needs at least 2 tokens (the first has nothing to predict "
+                        f"it), got {len(ids)}")
     n_ctx = gpt.config.n_ctx
     plan = windows(len(ids), n_ctx, stride)
     jits: dict[int, TinyJit] = {}
@@ -362,20 +401,9 @@ def perplexity_nll(losses: np.ndarray, weights: np.ndarray) -> float:
 
 
 def progress_bar(label: str):
-    """A one-line progress bar on stderr, redrawn with \\r; silent when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    t0 = time.perf_counter()
-
-    def draw(done: int, total: int):
-        filled = 30 * done // total
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
-                         f"windows {time.perf_counter() - t0:.0f}s")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return draw
+    """token_losses' progress(done, total) as flags.Progress's bar on stderr; None (silent)
+    when stderr is not a terminal."""
+    return flags.Progress(label, unit="windows").update if sys.stderr.isatty() else None
 
 
 def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[float, int]:
@@ -383,9 +411,9 @@ def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise GPTError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path}: {e}") from None
     if not text:
-        raise GPTError(f"{path} is empty: there is nothing to score")
+        raise UserError(f"{path} is empty: there is nothing to score")
     # "<|endoftext|>" in a text is the document separator, as in GPT-2's training data
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     _, losses, weights = token_losses(gpt, ids, stride, progress_bar("perplexity"))
@@ -398,11 +426,11 @@ def perplexity_of_file(gpt: Transformer, enc, path: Path, stride: int) -> tuple[
 
 
 def token_labels(enc, ids) -> list[str]:
-    """Each token's own text; a token that ends inside a UTF-8 character shows as U+FFFD."""
+    """Each token's own text, made readable (heads.readable): a piece of a UTF-8 character, as
+    GPT-2's byte-level BPE makes of an emoji or a CJK character, shows as its bytes, \\xe7\\x8c."""
     from heads import readable
 
-    return [readable(enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace"))
-            for i in ids]
+    return [readable(enc.decode_single_token_bytes(int(i))) for i in ids]
 
 
 def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head=None,
@@ -414,10 +442,10 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
 
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     if not ids:
-        raise GPTError("--attention needs some text to look at")
+        raise UserError("--attention needs some text to look at")
     if len(ids) > gpt.config.n_ctx:
-        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most "
-                       f"{gpt.config.n_ctx}")
+        raise UserError(f"the text has {len(ids)} tokens; the model sees at most "
+                        f"{gpt.config.n_ctx}")
     try:
         key = None
         if weights is not None and weights.is_file():
@@ -427,7 +455,7 @@ def show_attention(gpt: Transformer, enc, text: str, out: Path, layer=None, head
         written, report = heads.inspect_model(gpt, np.array(ids), token_labels(enc, ids), out,
                                               title, tokens, layer, head, probe_key=key)
     except (ValueError, OSError) as e:
-        raise GPTError(str(e)) from None
+        raise UserError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
     print(report)
 
@@ -436,10 +464,10 @@ def text_ids(enc, text: str, flag: str, n_ctx: int) -> np.ndarray:
     """The tokens of a text to look inside: at least two (one to predict), at most the context."""
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     if len(ids) < 2:
-        raise GPTError(f"{flag} needs a text of at least 2 tokens (the next token of one is what "
-                       f"is scored), got {len(ids)}")
+        raise UserError(f"{flag} needs a text of at least 2 tokens (the next token of one is what "
+                        f"is scored), got {len(ids)}")
     if len(ids) > n_ctx:
-        raise GPTError(f"the text has {len(ids)} tokens; the model sees at most {n_ctx}")
+        raise UserError(f"the text has {len(ids)} tokens; the model sees at most {n_ctx}")
     return np.array(ids, dtype=np.int32)
 
 
@@ -460,7 +488,7 @@ def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str |
             "loss",
             f"{len(ids)} tokens", saved={"ids": ids.astype(np.int64)})
     except (ValueError, OSError) as e:
-        raise GPTError(str(e)) from None
+        raise UserError(str(e)) from None
     if written:
         log(f"wrote {', '.join(str(p) for p in written)}")
     print(report)
@@ -472,20 +500,28 @@ def logit_lens(gpt: Transformer, enc, text: str, out: Path, tokens: str | None =
 
     ids = text_ids(enc, text, "--logit-lens", gpt.config.n_ctx)
     labels = token_labels(enc, ids)
-    decode = lambda i: enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace")
+    decode = lambda i: enc.decode_single_token_bytes(int(i))  # bytes: heads.readable shows them
     try:
         window = heads.parse_window(tokens, len(ids))
         heads.writable_folder(out)
         lens = heads.logit_lens(gpt, ids)
         written = heads.write_lens(out, lens, labels, decode, "logit lens", window)
     except (ValueError, OSError) as e:
-        raise GPTError(str(e)) from None
+        raise UserError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
     print(heads.lens_report(lens, labels, decode))
 
 
 def main(argv=None) -> int:
-    ap = flags.Parser(description="Generate text with OpenAI's GPT-2 on tinygrad.")
+    """The command line. Every way it ends is flags.run's: a user's mistake is one `error:` line
+    and exit status 2, Ctrl-C one line and 130, a reader that closes the pipe early (`| head`)
+    a quiet 0."""
+    return flags.run(command, argv)
+
+
+def parser() -> flags.Parser:
+    ap = flags.Parser(description="Generate text with OpenAI's GPT-2 on tinygrad, or look "
+                                  "inside it (attention, perplexity, ablation, logit lens).")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the prompt (default: read stdin if it is not a tty)")
     src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
@@ -497,17 +533,28 @@ def main(argv=None) -> int:
                      help="knock out each head alone: what it costs the loss on TEXT (--out)")
     src.add_argument("--logit-lens", metavar="TEXT",
                      help="read TEXT's residual stream after each block through the unembedding")
-    ap.add_argument("--model", default="gpt2", help=f"one of {', '.join(SIZES)} (default gpt2)")
-    ap.add_argument("-n", "--max-new-tokens", type=flags.natural, default=100)
-    ap.add_argument("-t", "--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
-    ap.add_argument("--top-k", type=flags.count, default=None)
-    ap.add_argument("--top-p", type=flags.probability, default=None,
-                    help="nucleus sampling, in (0, 1]")
-    ap.add_argument("--seed", type=flags.natural, default=None, help="make sampling reproducible")
-    ap.add_argument("--num-samples", type=flags.count, default=1)
+    ap.add_argument("--model", choices=SIZES, metavar="NAME",
+                    help=f"GPT-2's size: {', '.join(SIZES)} (default: gpt2, or with --weights "
+                         "the checkpoint's own shape; given, the checkpoint must have it)")
+    ap.add_argument("-n", "--max-new-tokens", type=flags.natural, default=100, metavar="N",
+                    help="tokens to generate")
+    ap.add_argument("-t", "--temperature", type=flags.nonnegative, default=0.8, metavar="T",
+                    help="sampling temperature; 0 = greedy")
+    ap.add_argument("--top-k", type=flags.count, metavar="K",
+                    help="sample among the K likeliest tokens only (default: all)")
+    ap.add_argument("--top-p", type=flags.probability, metavar="P",
+                    help="nucleus sampling: the likeliest tokens of total probability P, in "
+                         "(0, 1] (default: all)")
+    ap.add_argument("--seed", type=flags.natural,
+                    help="make sampling reproducible (default: a fresh seed each run)")
+    ap.add_argument("--num-samples", type=flags.count, default=1, metavar="N",
+                    help="continuations of the prompt, generated as one batch")
     ap.add_argument("--ignore-eos", action="store_true", help="go on past <|endoftext|>")
-    ap.add_argument("--weights", type=Path, help="local model.safetensors or pytorch_model.bin")
-    ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="download cache")
+    ap.add_argument("--weights", type=Path, metavar="FILE",
+                    help="local model.safetensors or pytorch_model.bin, a config.json beside it "
+                         "giving its shape (default: the hub's, for --model)")
+    ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, metavar="DIR",
+                    help="where downloaded weights are kept")
     ap.add_argument("--download", action="store_true", help="only fetch the weights, then exit")
     ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... "
                                      "(default: DEV, else the fastest here)")
@@ -516,51 +563,57 @@ def main(argv=None) -> int:
     ap.add_argument("--timing", action="store_true", help="print prefill and decode speed")
     ap.add_argument("--beam", type=flags.natural, default=0, metavar="N",
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
-                         "decoding after a one-time search of minutes, cached on disk")
-    ap.add_argument("--out", type=Path, default=Path("attention"),
-                    help="folder for the files of --attention, --head-ablation and --logit-lens "
-                         "(default attention/)")
+                         "decoding after a one-time search of minutes, cached on disk; 0: none")
+    ap.add_argument("--out", type=Path, default=Path("attention"), metavar="DIR",
+                    help="folder for the files of --attention, --head-ablation and --logit-lens")
     ap.add_argument("--layer", type=flags.natural,
-                    help="with --head: also draw this one head large")
-    ap.add_argument("--head", type=flags.natural, help="with --layer: the head to draw large")
-    ap.add_argument("--tokens", metavar="A:B", help="show only tokens A to B of a long text")
+                    help="with --attention and --head: also draw this one head large")
+    ap.add_argument("--head", type=flags.natural,
+                    help="with --attention and --layer: the head to draw large")
+    ap.add_argument("--tokens", metavar="A:B",
+                    help="show only tokens A to B of a long text (default: all)")
     ap.add_argument("--heads", metavar="L.H,...",
                     help="with --head-ablation: knock out these heads together, print one result")
     ap.add_argument("--mean", action="store_true",
                     help="with --head-ablation: replace a head by its mean over positions, not 0")
-    ap.add_argument("--stride", type=flags.count,
-                    help="--perplexity: tokens between window starts (default: half the "
+    ap.add_argument("--stride", type=flags.count, metavar="N",
+                    help="with --perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def command(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     def log(msg: str):
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        gpt2_config(args.model)  # an unknown name fails here, before anything is fetched
+        named = args.model is not None  # else the checkpoint's own shape, and gpt2's to fetch
+        model = args.model or "gpt2"
         if args.download:
-            log(f"weights at {fetch_weights(args.model, args.weights_dir)}")
+            log(f"weights at {fetch_weights(model, args.weights_dir)}")
             return 0
         try:
             install(args.device)
         except Exception as e:
-            raise GPTError(f"device {args.device or os.environ.get('DEV')!r} is not usable "
-                           f"here: {e}") from None
+            raise UserError(f"device {args.device or os.environ.get('DEV')!r} is not usable "
+                            f"here: {e}") from None
         views = {"--layer": args.layer, "--head": args.head}
         for flag, value in views.items():
             if value is not None and args.attention is None:
-                raise GPTError(f"{flag} goes with --attention TEXT")
+                raise UserError(f"{flag} goes with --attention TEXT")
         if args.tokens is not None and args.attention is None and args.logit_lens is None:
-            raise GPTError("--tokens goes with --attention TEXT or --logit-lens TEXT")
+            raise UserError("--tokens goes with --attention TEXT or --logit-lens TEXT")
         if args.stride is not None and args.perplexity is None:
-            raise GPTError("--stride goes with --perplexity FILE")
+            raise UserError("--stride goes with --perplexity FILE")
         for flag, value in (("--heads", args.heads), ("--mean", args.mean or None)):
             if value is not None and args.head_ablation is None:
-                raise GPTError(f"{flag} goes with --head-ablation TEXT")
+                raise UserError(f"{flag} goes with --head-ablation TEXT")
         looks = (args.attention, args.perplexity, args.head_ablation, args.logit_lens)
         if any(v is not None for v in looks):
             enc = tokenizer()
-            gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
+            gpt = load_gpt2(model, args.weights, args.weights_dir, args.half, named)
             if args.head_ablation is not None:
                 head_ablation(gpt, enc, args.head_ablation, args.out, args.heads, args.mean, log)
             elif args.logit_lens is not None:
@@ -570,10 +623,10 @@ def main(argv=None) -> int:
                 nll, n = perplexity_of_file(gpt, enc, args.perplexity, stride)
                 print(f"perplexity={math.exp(nll):.4f} nll={nll:.6f} tokens={n}")
             else:
-                title = f"{args.model}{' (--half)' if args.half else ''}"
+                title = f"{model}{' (--half)' if args.half else ''}"
                 if args.weights is not None:
                     title = f"{args.weights.parent.name}/{args.weights.name}"
-                weights = args.weights or args.weights_dir / args.model / "model.safetensors"
+                weights = args.weights or args.weights_dir / model / "model.safetensors"
                 show_attention(gpt, enc, args.attention, args.out, args.layer, args.head,
                                args.tokens, title, log, weights)
             return 0
@@ -583,14 +636,14 @@ def main(argv=None) -> int:
             try:
                 prompt = args.file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise GPTError(f"cannot read prompt file {args.file}: {e}") from None
+                raise UserError(f"cannot read prompt file {args.file}: {e}") from None
         else:
             prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
         enc = tokenizer()
         if args.beam:
             log(f"note: --beam {args.beam} times kernel variants for the decode step; the first "
                 "run of a model size on a device takes minutes, later runs reuse tinygrad's cache")
-        gpt = load_gpt2(args.model, args.weights, args.weights_dir, args.half)
+        gpt = load_gpt2(model, args.weights, args.weights_dir, args.half, named)
         out = sys.stdout.buffer
         stream_first = args.num_samples == 1
         out.write(prompt.encode())
@@ -613,20 +666,13 @@ def main(argv=None) -> int:
                 f"token); JIT warm-up: {st['warmup_steps']} step in {st['warmup_s']:.2f}s")
             log(f"decode: {st['decode_steps']} steps in {st['decode_s']:.2f}s "
                 f"({st['decode_steps'] / max(st['decode_s'], 1e-9):.1f} tok/s)")
-    except GPTError as e:
-        log(f"error: {e}")
-        return 1
     except RuntimeError as e:
         if not args.half:
             raise
         # a backend where tinygrad cannot compile float16 kernels
         first_line = str(e).splitlines()[0][:120]
-        log(f"error: --half failed on {Device.DEFAULT}: tinygrad could not compile a float16 "
-            f"kernel ({first_line}); run without --half")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+        raise UserError(f"--half failed on {Device.DEFAULT}: tinygrad could not compile a "
+                        f"float16 kernel ({first_line}); run without --half") from None
     return 0
 
 

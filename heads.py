@@ -20,10 +20,11 @@ Row 0 can only look at itself, so it is left out of every score but induction.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from flags import atomic_write  # the project's one temporary-file-then-rename
 
 
 def batched(att: np.ndarray) -> np.ndarray:
@@ -154,8 +155,15 @@ def top_lines(scores: dict, k: int = 3) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def readable(piece: str) -> str:
-    """A token as a reader can see it: GPT-2's leading space as ·, a newline as ↵, a tab as ⇥."""
+def readable(piece: str | bytes) -> str:
+    """A token as a reader can see it: GPT-2's leading space as ·, a newline as ↵, a tab as ⇥.
+
+    Given a token's bytes, the bytes that are no whole UTF-8 character show as escapes, \\xf0:
+    GPT-2's byte-level BPE splits an emoji or a CJK character over two or three tokens, and as
+    U+FFFD every such piece looked the same. Escapes keep one label per token (a map has a row
+    per token, so pieces cannot be merged) and say which bytes each piece holds."""
+    if isinstance(piece, bytes):
+        piece = piece.decode("utf-8", "backslashreplace")
     shown = piece.replace(" ", "·").replace("\n", "↵").replace("\r", "␍").replace("\t", "⇥")
     return shown or "∅"
 
@@ -389,7 +397,7 @@ def write_views(out: Path, att: np.ndarray, ids: np.ndarray, labels: list[str], 
     written = [atomic_write(out / "attention.npz", lambda f: np.savez(
         f, attention=att.astype(np.float32), ids=np.asarray(ids, dtype=np.int64),
         **{f"score_{k}": v for k, v in scores.items()}))]
-    written.append(plots.all_heads(shown, out / "heads.png", title))
+    written.append(plots.all_heads(shown, out / "heads.png", title, names))
     written.append(plots.head_scores(scores, out / "scores.png", title))
     page = html_page(shown, names, title, first=a)
     written.append(atomic_write(out / "attention.html", lambda f: f.write(page.encode())))
@@ -411,18 +419,6 @@ def writable_folder(out: Path) -> Path:
     except OSError as e:
         raise OSError(f"cannot write into {out}: {e.strerror or e}") from None
     return out
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call write(file) on a temporary file beside path, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def check_head(layer, head, n_layer: int, n_head: int) -> tuple[int, int] | None:

@@ -9,12 +9,13 @@ renamed, so an interrupted run never leaves half a PNG.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
+from flags import atomic_write
 
 
 def subplots(*grid, figsize, layout=None, **kw):
@@ -28,14 +29,8 @@ def subplots(*grid, figsize, layout=None, **kw):
 def save(fig, path: Path, dpi: int = 100) -> Path:
     """Write fig as a PNG under a temporary name, then rename it into place. A title over all
     panels (the command of a training run) also goes into the file's Title field."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Title": fig.get_suptitle() or None})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(
+        f, dpi=dpi, format="png", metadata={"Title": fig.get_suptitle() or None}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,12 +49,17 @@ def tick_labels(ax, labels: list[str], max_labels: int = 64):
     ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
 
 
+def mosaic_gap(T: int, S: int) -> int:
+    """The grey gap between a mosaic's (T, S) panels, in cells."""
+    return max(1, max(T, S) // 8)
+
+
 def mosaic(ax, att, fontsize: int = 9):
     """att (L, H, T, S) into ax as one image: a (T, S) panel per head, layers as rows and heads
     as columns, grey gaps between, on the colour scale [0, 1]. One image instead of one axes per
     head: GPT-2's 144 panels take under a second instead of 16 s of matplotlib."""
     L, H, T, S = att.shape
-    gap = max(1, max(T, S) // 8)
+    gap = mosaic_gap(T, S)
     image = np.full((L * (T + gap) - gap, H * (S + gap) - gap), np.nan)  # NaN: the gaps
     for layer in range(L):
         for head in range(H):
@@ -77,13 +77,41 @@ def mosaic(ax, att, fontsize: int = 9):
     return shown
 
 
-def all_heads(att, path: Path, title: str = "") -> Path:
+# heads.png names the tokens on its maps' axes up to this many: beyond, a panel of 1.3 inches
+# has no room for them (heads.py's report and the page name every token)
+MOSAIC_LABELS = 20
+
+
+def token_axes(ax, labels: list[str], L: int, H: int, gap: int):
+    """Name the tokens of a mosaic's panels: keys under each panel of the bottom row, queries
+    left of each panel of the left column. The layer names move to the right side."""
+    T = len(labels)
+    fontsize = 6 if T > 10 else 7
+    keys = ax.secondary_xaxis("bottom")
+    keys.set_xticks([h * (T + gap) + k for h in range(H) for k in range(T)], labels * H,
+                    rotation=90, fontsize=fontsize)
+    queries = ax.secondary_yaxis("left")
+    queries.set_yticks([layer * (T + gap) + q for layer in range(L) for q in range(T)],
+                       labels * L, fontsize=fontsize)
+    for side in (keys, queries):
+        side.tick_params(length=0, pad=1)
+        side.spines[:].set_visible(False)
+    ax.yaxis.tick_right()
+
+
+def all_heads(att, path: Path, title: str = "", labels: list[str] | None = None) -> Path:
     """att (L, H, T, T): every head as a small heatmap (mosaic), all on one colour scale [0, 1]
-    so heads compare."""
-    L, H = att.shape[:2]
+    so heads compare; with labels (one per token) and at most MOSAIC_LABELS tokens, the maps'
+    axes name them."""
+    L, H, T = att.shape[:3]
     size = 1.3 if L * H > 16 else 2.0
-    fig, ax = subplots(figsize=(size * H + 1.2, size * L + 0.8), layout="constrained")
+    named = labels is not None and T <= MOSAIC_LABELS
+    grow = 0.6 if named else 0  # room for the token names under and left of the maps
+    fig, ax = subplots(figsize=(size * H + 1.2 + grow, size * L + 0.8 + grow),
+                       layout="constrained")
     image = mosaic(ax, att)
+    if named:
+        token_axes(ax, labels, L, H, mosaic_gap(T, T))
     fig.colorbar(image, ax=ax, shrink=0.6, label="attention")
     fig.supxlabel("each map: a row per query (first token at top), a column per key", fontsize=9)
     if title:

@@ -37,8 +37,12 @@ import struct
 import sys
 import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
+
+import flags
+from flags import UserError
 
 # torch/serialization.py: MAGIC_NUMBER and PROTOCOL_VERSION open every legacy-format file,
 # each pickled with protocol 2. Comparing the first bytes recognises the format without
@@ -63,11 +67,15 @@ STORAGE_DTYPES = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+# Both are the project's one user error (flags.UserError), so a command line prints either as
+# one `error:` line. They stay two classes because a caller must be able to tell a refused
+# pickle (a file that tried to run code: possibly an attack) from a merely damaged one; the
+# tests do, to prove the payload was stopped by the allow-list and not by some parse error.
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """The checkpoint's pickle asks for a function or class that is not on the allow-list."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """The file is not a PyTorch checkpoint, or it is damaged."""
 
 
@@ -311,19 +319,24 @@ def load_pytorch_bin(path):
     return weights
 
 
-def main(argv):
-    if len(argv) != 2:
-        print("usage: python torchbin.py path/to/pytorch_model.bin", file=sys.stderr)
-        return 2
+def main(argv=None) -> int:
+    """List a checkpoint's tensors; every way it ends is flags.run's (a file that is not a
+    readable checkpoint: one `error:` line and exit status 2)."""
+    return flags.run(command, argv)
+
+
+def command(argv=None) -> int:
+    parser = flags.Parser(description="List the tensors of a PyTorch checkpoint, read safely.")
+    parser.add_argument("path", type=Path, help="a pytorch_model.bin (zip or legacy format)")
+    args = parser.parse_args(argv)
     try:
-        weights = load_pytorch_bin(argv[1])
-    except (OSError, ValueError, UnsafeCheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        weights = load_pytorch_bin(args.path)
+    except OSError as error:
+        raise UserError(f"cannot read {args.path}: {error.strerror or error}") from None
     for name, array in weights.items():
         print(f"{name:40s} {array.dtype!s:8s} {array.shape}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

@@ -21,6 +21,7 @@ import pytest
 import requests
 
 import download as dl
+from flags import UserError
 
 RESOLVE_PATH = "/openai-community/tiny/resolve/main/model.safetensors"
 BLOB_PATH = "/cdn/blob"
@@ -249,7 +250,7 @@ def test_corrupted_body_fails_sha256_and_leaves_nothing(hub, tmp_path, etag_head
     hub.etag_header = etag_header
     hub.corrupt = True
     dest = tmp_path / "model.safetensors"
-    with pytest.raises(dl.DownloadError, match="sha256") as caught:
+    with pytest.raises(UserError, match="sha256") as caught:
         dl.download(hub.url(), dest, progress=False)
     assert BODY_SHA256[:12] in str(caught.value)
     assert not dest.exists()
@@ -259,7 +260,7 @@ def test_corrupted_body_fails_sha256_and_leaves_nothing(hub, tmp_path, etag_head
 def test_wrong_linked_size_fails_size_check(hub, tmp_path):
     hub.linked_size = len(BODY) + 1
     dest = tmp_path / "model.safetensors"
-    with pytest.raises(dl.DownloadError, match="size") as caught:
+    with pytest.raises(UserError, match="size") as caught:
         dl.download(hub.url(), dest, progress=False)
     assert f"expected {len(BODY) + 1} bytes, got {len(BODY)}" in str(caught.value)
     assert not dest.exists()
@@ -273,14 +274,14 @@ def test_explicit_size_and_sha256_override_headers(hub, tmp_path):
     assert dest.read_bytes() == BODY
 
     other = tmp_path / "other.safetensors"
-    with pytest.raises(dl.DownloadError, match="sha256 check failed: expected 000000000000"):
+    with pytest.raises(UserError, match="sha256 check failed: expected 000000000000"):
         dl.download(hub.url(), other, progress=False, size=len(BODY), sha256="0" * 64)
     assert not other.exists()
 
 
 def test_404_fails_at_once_without_retries(hub, tmp_path):
     hub.resolve_status = 404
-    with pytest.raises(dl.DownloadError) as caught:
+    with pytest.raises(UserError) as caught:
         dl.download(hub.url(), tmp_path / "model.safetensors", progress=False, retries=4)
     message = str(caught.value)
     assert "404" in message
@@ -302,7 +303,7 @@ def test_stall_past_timeout_fails_after_retries(hub, tmp_path, where):
     hub.stall = where
     dest = tmp_path / "model.safetensors"
     started = time.monotonic()
-    with pytest.raises(dl.DownloadError, match="after 3 attempts .*timed out"):
+    with pytest.raises(UserError, match="after 3 attempts .*timed out"):
         dl.download(hub.url(), dest, progress=False, timeout=0.5, retries=2)
     elapsed = time.monotonic() - started
     # Three waits of 0.5 s each plus request overhead; a missing timeout would take 15 s.
@@ -379,3 +380,77 @@ def test_interrupt_leaves_partial_and_next_run_resumes(hub, tmp_path, monkeypatc
     dl.download(hub.url(), dest, progress=False)
     assert dest.read_bytes() == BODY
     assert hub.blob_ranges() == [None, "bytes=50000-"]
+
+
+def test_command_line_failure_is_one_error_line_and_status_2(hub, tmp_path, capsys):
+    hub.resolve_status = 404
+    dest = tmp_path / "model.safetensors"
+    assert dl.main([hub.url(), str(dest)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "404" in lines[0]
+    assert captured.out == "" and not dest.exists()
+
+
+def test_command_line_refuses_a_malformed_sha256_before_any_request(hub, tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        dl.main([hub.url(), str(tmp_path / "x"), "--sha256", "abc"])
+    assert caught.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--sha256" in lines[0] and "'abc'" in lines[0]
+    assert hub.requests == []
+
+
+def test_command_line_prints_the_verified_path(hub, tmp_path, capsys):
+    dest = tmp_path / "model.safetensors"
+    assert dl.main([hub.url(), str(dest), "--sha256", BODY_SHA256.upper()]) == 0
+    assert capsys.readouterr().out.strip() == str(dest)
+    assert dest.read_bytes() == BODY
+
+
+# Port 9 ("discard") on the loopback interface has no listener: a connection is refused at once.
+CLOSED_URL = "http://127.0.0.1:9/openai-community/gpt2/resolve/main/model.safetensors"
+
+
+@pytest.mark.parametrize("failure", ["404", "connection refused"])
+def test_a_failed_download_leaves_no_folder_it_made(hub, tmp_path, failure):
+    # a fresh clone offline: `gpt.py` once left an empty weights/gpt2/ behind
+    hub.resolve_status = 404
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    dest = tmp_path / "kept" / "weights" / "gpt2" / "model.safetensors"
+    url = hub.url() if failure == "404" else CLOSED_URL
+    with pytest.raises(UserError):
+        dl.download(url, dest, progress=False, retries=1)
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+def test_ctrl_c_before_any_byte_leaves_nothing(hub, tmp_path, monkeypatch):
+    def no_chunk_then_ctrl_c(self, chunk_size=1, decode_unicode=False):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(requests.Response, "iter_content", no_chunk_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dl.download(hub.url(), tmp_path / "weights" / "model.safetensors", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_download_keeps_received_bytes_to_resume_and_says_so(hub, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(dl, "CHUNK_SIZE", 50_000)
+    hub.cut_after = 100_000
+    dest = tmp_path / "weights" / "model.safetensors"
+    real_send = dl._send
+    calls = []
+
+    def cut_then_gone(session, method, url, *args, **kwargs):
+        calls.append(method)
+        if len(calls) > 2:  # the HEAD, the GET that is cut: then the file is gone
+            hub.resolve_status = 404
+        return real_send(session, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(dl, "_send", cut_then_gone)
+    with pytest.raises(UserError, match="0.1 MB kept in .*model.safetensors.incomplete"):
+        dl.download(hub.url(), dest, progress=False)
+    partial = dest.with_name("model.safetensors.incomplete")
+    assert partial.read_bytes() == BODY[:100_000]

@@ -19,6 +19,7 @@ import inspect
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from conftest import assert_padding_changes_nothing, run_main  # noqa: E402
 from tinygrad import Tensor, dtypes  # noqa: E402
 from tinygrad.nn.state import safe_load, safe_save  # noqa: E402
 
+import flags  # noqa: E402
 import generate  # noqa: E402
 import gpt  # noqa: E402
 import heads  # noqa: E402
@@ -336,7 +338,7 @@ FAKE_MODEL = SimpleNamespace(config=SimpleNamespace(n_ctx=128))
 
 
 class ScriptedGenerate:
-    """Stands in for transformer.generate: yields the given tokens, one (B,) row per step, and
+    """Stands in for generate.generate: yields the given tokens, one (B,) row per step, and
     counts how many steps the caller pulled."""
 
     def __init__(self, rows):
@@ -456,7 +458,7 @@ def tiny_model():
 
 
 def mapping_error(ckpt) -> str:
-    with pytest.raises(gpt.GPTError) as caught:
+    with pytest.raises(flags.UserError) as caught:
         gpt.map_checkpoint(ckpt, tiny_model())
     message = str(caught.value)
     assert "\n" not in message
@@ -524,6 +526,43 @@ def test_mapper_names_weights_of_a_layer_the_model_lacks():
 # ---------------------------------------------------------------------------------------------
 # The context window
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beside", ["config.json", "no config.json"])
+def test_a_named_model_that_contradicts_the_checkpoint_is_one_error_line(tmp_path, beside):
+    # --model gpt2-xl with the tiny checkpoint once ran the tiny model, as config.json says
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    shutil.copy(SAFETENSORS, folder)
+    if beside == "config.json":
+        shutil.copy(TINY_DIR / "config.json", folder)
+    done = run_main(gpt.main, "--model", "gpt2-xl", "--weights", folder / "model.safetensors",
+                    "-p", PROMPT, "-n", "1")
+    err = done.stderr
+    assert done.returncode == flags.USER_ERROR and done.stdout == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    # both shapes, named: gpt2-xl's from gpt.SIZES' source (the hub's config.json) and the fixture's
+    assert "gpt2-xl (48 layers, 25 heads, 1600 dims)" in err
+    tiny = json.loads((TINY_DIR / "config.json").read_text())
+    assert f"{tiny['n_layer']} layers" in err and f"{tiny['n_embd']} dims" in err
+    assert str(folder / "model.safetensors") in err
+
+
+def test_a_named_model_that_fits_the_checkpoint_passes():
+    # gpt2's shape from its tensors: 12 blocks and a 768-wide embedding (zero-copy stand-ins)
+    ckpt = {"wte.weight": np.broadcast_to(np.float32(0), (50257, 768)),
+            **{f"h.{i}.ln_1.weight": np.zeros(768, np.float32) for i in range(12)}}
+    gpt.check_named_model("gpt2", gpt.gpt2_config("gpt2"), False, ckpt, Path("x"))
+    with pytest.raises(flags.UserError, match=r"gpt2-medium .*\(12 layers, 768 dims"):
+        gpt.check_named_model("gpt2-medium", gpt.gpt2_config("gpt2"), False, ckpt, Path("x"))
+    # and from a config.json: the named size's own
+    gpt.check_named_model("gpt2-large", gpt.gpt2_config("gpt2-large"), True, {}, Path("x"))
+
+
+def test_without_model_the_checkpoint_decides(tiny):
+    done = run_main(gpt.main, *TINY_ARGS, "-p", PROMPT, *GREEDY_ARGS, text=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == EXPECTED_STDOUT
 
 
 def test_prompt_longer_than_the_context(tiny, enc, monkeypatch):
@@ -727,11 +766,36 @@ def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, case):
         monkeypatch.setenv("HF_ENDPOINT", CLOSED_ENDPOINT)
         done = run_main(gpt.main, *args, text=False)
     err = done.stderr.decode()
-    assert done.returncode != 0
+    assert done.returncode == flags.USER_ERROR  # 2, as argparse's own errors
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert named.format(**paths) in err
     assert done.stdout == b""
+
+
+TRAINED = FIXTURES / "tiny-gpt2-trained" / "model.safetensors"
+
+
+def test_cli_into_a_pipe_closed_early_ends_quietly():
+    # `python gpt.py ... | head -2`: the prompt's two lines reach the reader, which then closes
+    # the pipe while the model loads; every later write finds no reader (EPIPE). That ends the
+    # run quietly, with status 0, as `cat big | head` does, not with a BrokenPipeError traceback.
+    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0", "TIKTOKEN_CACHE_DIR": str(TIKTOKEN_DIR),
+           "HF_ENDPOINT": CLOSED_ENDPOINT}
+    prompt = b"one\ntwo\nthree\n"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "gpt.py"), "--weights", TRAINED,
+                             "-n", "40", "-t", "0", "--ignore-eos"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    proc.stdin.write(prompt)
+    proc.stdin.close()
+    assert [proc.stdout.readline() for _ in range(2)] == [b"one\n", b"two\n"]
+    proc.stdout.close()  # head -2 exits
+    try:
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 0, err
+    finally:
+        proc.kill()
+    assert err == "", err
 
 
 def test_cli_offline_without_weights_fails_cleanly(cli_runs):
@@ -739,14 +803,12 @@ def test_cli_offline_without_weights_fails_cleanly(cli_runs):
     # terminal) the download shows no progress, so the one line is all there is.
     done = cli_runs["offline"].result()
     err = done.stderr.decode()
-    assert done.returncode != 0
+    assert done.returncode == flags.USER_ERROR
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert CLOSED_ENDPOINT in err
-    # a failed download leaves nothing that looks finished, at most a partial file to resume
-    leftovers = [p for p in cli_runs["empty_weights"].rglob("*") if p.is_file()]
-    assert all(p.name.endswith(".incomplete") for p in leftovers), leftovers
-    assert len(err.strip().splitlines()) == 1, err
+    # a download that got no byte leaves nothing: no empty weights/gpt2/, no empty partial file
+    assert list(cli_runs["empty_weights"].iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,6 +887,69 @@ def test_fetch_weights_downloads_once_then_the_cli_uses_the_cache(hub, tmp_path)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == EXPECTED_STDOUT
     assert len(hub.requests) == before
+
+
+def test_cli_without_the_tokenizer_names_tiktoken_cache_dir(tmp_path):
+    # A fresh clone offline: tiktoken finds no r50k_base in an empty cache and tries to download
+    # it. A proxy on a closed local port makes that fail at once, with or without a network.
+    empty = tmp_path / "tiktoken"
+    empty.mkdir()
+    closed = "http://127.0.0.1:9"
+    done = run_cli(*TINY_ARGS, "-p", PROMPT, "-n", "1", timeout=120,
+                   env={"TIKTOKEN_CACHE_DIR": str(empty), "HTTPS_PROXY": closed,
+                        "https_proxy": closed, "HTTP_PROXY": closed, "http_proxy": closed})
+    err = done.stderr.decode()
+    assert done.returncode == flags.USER_ERROR, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    assert "TIKTOKEN_CACHE_DIR" in err and str(empty) in err
+    assert list(empty.iterdir()) == []
+
+
+def test_fetch_weights_offline_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_ENDPOINT)
+    monkeypatch.setattr("download.BACKOFF_BASE", 0.0)
+    weights_dir = tmp_path / "weights"
+    with pytest.raises(flags.UserError, match="--weights FILE"):
+        gpt.fetch_weights("gpt2", weights_dir)
+    assert not weights_dir.exists()
+
+
+# 🐍 and 😀 are four UTF-8 bytes, 猫 and 語 three: GPT-2's BPE cuts each into byte pieces
+SPLIT_TEXT = "I love 🐍 and 猫, 日本語 😀!"
+SHOWN = {"·": " ", "↵": "\n", "␍": "\r", "⇥": "\t"}  # heads.readable's substitutions
+
+
+def label_bytes(label: str) -> bytes:
+    """Undo heads.readable: its symbols back to whitespace, its \\xNN escapes back to bytes."""
+    text = "".join(SHOWN.get(c, c) for c in label)
+    parts = re.split(r"\\x([0-9a-f]{2})", text)  # text, hex, text, hex, ..., text
+    return b"".join(bytes.fromhex(p) if i % 2 else p.encode() for i, p in enumerate(parts))
+
+
+def test_labels_of_emoji_and_cjk_pieces_spell_the_original_bytes(enc):
+    ids = enc.encode(SPLIT_TEXT)
+    labels = gpt.token_labels(enc, ids)
+    assert len(labels) == len(ids)
+    assert not any("\ufffd" in label for label in labels), labels
+    assert sum("\\x" in label for label in labels) >= 6, labels  # pieces, not whole characters
+    assert b"".join(label_bytes(label) for label in labels) == SPLIT_TEXT.encode()
+    # and each label is its own token's bytes, tiktoken's oracle
+    assert [label_bytes(label) for label in labels] == [enc.decode_single_token_bytes(i)
+                                                         for i in ids]
+
+
+def test_logit_lens_and_attention_page_show_pieces_as_bytes(tiny, tmp_path):
+    lens = run_main(gpt.main, *TINY_ARGS, "--logit-lens", SPLIT_TEXT, "--out", tmp_path)
+    assert lens.returncode == 0, lens.stderr
+    # the table's input and next-token columns: 🐍's first piece, then its second
+    assert "\ufffd" not in lens.stdout and "·\\xf0\\x9f -> \\x90:" in lens.stdout, lens.stdout
+    done = run_main(gpt.main, *TINY_ARGS, "--attention", SPLIT_TEXT, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "attention.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
+    assert "\ufffd" not in "".join(data["tokens"])
+    assert b"".join(label_bytes(t) for t in data["tokens"]) == SPLIT_TEXT.encode()
 
 
 def test_tiktoken_is_the_offline_r50k_base(enc):
@@ -977,3 +1102,59 @@ def test_a_model_without_the_mask_is_never_padded(monkeypatch):
     np.testing.assert_allclose(seen[0], want, rtol=0, atol=1e-6)
     att = heads.attention_maps(model, Tensor(ids))[1].numpy()[0]
     np.testing.assert_allclose(heads.padded_attention(model, ids[0]), att, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# One progress bar (flags.Progress), one temporary-file-then-rename (flags.atomic_write)
+# ---------------------------------------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_perplexity_progress_is_the_shared_bar_on_a_terminal(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    draw = gpt.progress_bar("perplexity")
+    assert isinstance(draw.__self__, flags.Progress)  # the bar download.py draws too
+    for done in range(1, 5):
+        draw(done, 4)
+    lines = terminal.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 2  # one line, ended once
+    last = lines[0].split("\r")[-1]
+    assert last.startswith("perplexity: [" + "#" * 20 + "] 4/4 windows 100.0%"), last
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe: no bar at all
+    assert gpt.progress_bar("perplexity") is None
+
+
+def test_a_figure_that_fails_to_save_leaves_the_old_file(tmp_path):
+    import plots
+
+    path = tmp_path / "heads.png"
+    path.write_bytes(b"the old picture")
+    broken = SimpleNamespace(get_suptitle=lambda: "", savefig=lambda f, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        plots.save(broken, path)
+    assert path.read_bytes() == b"the old picture"
+    assert [p.name for p in tmp_path.iterdir()] == ["heads.png"]
+
+
+def test_help_names_every_default():
+    done = run_main(gpt.main, "--help")
+    assert done.returncode == 0 and done.stderr == ""
+    shown = " ".join(done.stdout.split())  # argparse wraps lines
+    actions = [a for a in gpt.parser()._actions if a.help and a.dest != "help"]
+    # what to do (-p, --attention, ...) and the one head or heads to look at default to nothing
+    nothing = {"prompt", "file", "attention", "perplexity", "head_ablation", "logit_lens",
+               "layer", "head", "heads"}
+    for action in actions:
+        help_text = " ".join(action.help.split())
+        if action.default is not None and action.default is not False:  # (0 == False)
+            assert f"{help_text} (default: {action.default})" in shown, action.dest
+        elif action.nargs != 0 and action.dest not in nothing:  # a value, without a default
+            assert "(default: " in help_text, action.dest
+    assert len(actions) == 28
+    assert "(default: None)" not in shown and "(default: False)" not in shown
+    assert "tokens to generate (default: 100)" in shown

@@ -388,7 +388,7 @@ def test_windows_are_the_guides():
     assert scored == list(range(1, 1281))
     scored = {t for w in gpt.windows(1281, 64, 64) for t in range(w.first, w.end)}
     assert scored == set(range(1, 1281)) - set(range(64, 1281, 64))
-    with pytest.raises(gpt.GPTError, match="--stride"):
+    with pytest.raises(gpt.UserError, match="--stride"):  # flags.UserError
         gpt.windows(100, 64, 65)
 
 
@@ -524,3 +524,69 @@ def test_a_text_rides_along_in_the_probes_pass(tiny, monkeypatch, tmp_path):
     heads.inspect_model(tiny, ids, [str(i) for i in ids], tmp_path, "t")
     assert runs == [(5, 100)]  # no key: the probe runs, and the text with it
     assert (tmp_path / "heads.png").is_file()
+
+
+def test_a_piece_of_a_character_is_labelled_by_its_bytes():
+    # GPT-2's byte-level BPE splits 🐍 (f0 9f 90 8d) into " \xf0\x9f", "\x90", "\x8d": as text
+    # each piece was U+FFFD, all alike; as escapes each says which bytes it holds
+    assert heads.readable(b" \xf0\x9f") == "·\\xf0\\x9f"
+    assert heads.readable(b"\x90") == "\\x90"
+    assert heads.readable("caf\u00e9".encode()) == "café"  # whole characters stay themselves
+    assert heads.readable(b"\n") == "↵" and heads.readable(b"") == "∅"
+    assert heads.distinct([heads.readable(b"\x90"), heads.readable(b"\x8d")]) == ["\\x90", "\\x8d"]
+
+
+def mosaic_figure(monkeypatch, att, labels):
+    """The Figure plots.all_heads draws (plots.save hands it over instead of writing it)."""
+    import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save", lambda fig, path, dpi=100: drawn.append(fig) or path)
+    plots.all_heads(att, Path("unused.png"), "t", labels)
+    return drawn[0]
+
+
+def test_heads_png_names_the_tokens_on_its_maps_axes(monkeypatch):
+    L, H, T = 2, 3, 5
+    labels = ["The", "·cat", "·sat", "·\\xf0\\x9f", "\\x90"]
+    fig = mosaic_figure(monkeypatch, np.zeros((L, H, T, T)), labels)
+    ax = fig.axes[0]
+    gap = 1  # plots.mosaic_gap(5, 5)
+    assert len(ax.child_axes) == 2  # matplotlib's secondary axes: keys below, queries left
+    x_axis = next(s for s in ax.child_axes if s._orientation == "x")
+    y_axis = next(s for s in ax.child_axes if s._orientation == "y")
+    # under each head of the bottom row, and left of each layer of the left column, every token
+    assert [t.get_text() for t in x_axis.get_xticklabels()] == labels * H
+    assert [t.get_text() for t in y_axis.get_yticklabels()] == labels * L
+    assert list(x_axis.get_xticks()) == [h * (T + gap) + k for h in range(H) for k in range(T)]
+    assert list(y_axis.get_yticks()) == [r * (T + gap) + q for r in range(L) for q in range(T)]
+    # the head and layer names stay: heads on top, layers now on the right
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["head 0", "head 1", "head 2"]
+    assert ax.yaxis.get_ticks_position() == "right"
+
+
+def test_heads_png_of_a_long_text_leaves_tokens_unnamed(monkeypatch):
+    import plots
+
+    T = plots.MOSAIC_LABELS + 1
+    fig = mosaic_figure(monkeypatch, np.zeros((1, 2, T, T)), [f"t{i}" for i in range(T)])
+    assert fig.axes[0].child_axes == []
+
+
+@pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
+                    reason="no chromium here (apt-get install chromium); CI installs it")
+def test_page_names_the_large_maps_rows_and_columns_by_token(views, tmp_path):
+    out, _ = views
+    run = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+         (out / "attention.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tokens = page_json((out / "attention.html").read_text())["tokens"]
+    for side in ("rows", "cols"):
+        box = re.search(rf'<div id="{side}">(.*?</div>)</div>', run.stdout, re.S)
+        assert box, side  # the script filled it: one name per token
+        names = re.findall(r'<div class="axis"[^>]*>([^<]*)</div>', box.group(1))
+        assert names == tokens, (side, names)

@@ -288,7 +288,26 @@ def test_bfloat16_upcast_is_exact():
 def test_command_line_reports_one_line_error(tmp_path, capsys):
     path = tmp_path / "junk.bin"
     path.write_bytes(b"junk")
-    assert torchbin.main(["torchbin.py", str(path)]) == 1
+    assert torchbin.main([str(path)]) == 2
     error_lines = capsys.readouterr().err.strip().splitlines()
     assert len(error_lines) == 1
     assert error_lines[0].startswith("error: ") and "not a PyTorch checkpoint" in error_lines[0]
+
+
+def test_command_line_refuses_a_malicious_file_in_one_line_with_status_2(tmp_path, capsys):
+    # the refusal is the project's one user error: one line, exit status 2, and nothing ran
+    marker = tmp_path / "ran"
+    checkpoint = tmp_path / "evil.bin"
+    write_zip_checkpoint(checkpoint, malicious_pickle(marker, protocol=2))
+    assert torchbin.main([str(checkpoint)]) == 2
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: ")
+    assert "system" in error_lines[0]
+    assert not marker.exists()
+
+
+def test_command_line_names_a_missing_file(tmp_path, capsys):
+    missing = tmp_path / "nowhere.bin"
+    assert torchbin.main([str(missing)]) == 2
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1 and str(missing) in error_lines[0]
