@@ -32,7 +32,9 @@ from test_transformer import (  # noqa: E402
     randomize,
 )
 
-from tasks import Reverse, Words  # noqa: E402
+import flags  # noqa: E402
+from flags import UserError  # noqa: E402
+from tasks import Reverse, Shakespeare, Words  # noqa: E402
 from train import load_checkpoint, make_optimizer, save_checkpoint, train  # noqa: E402
 from train import main as train_main  # noqa: E402
 from transformer import (  # noqa: E402
@@ -356,3 +358,15 @@ def test_cli_words_refuses_a_text_too_short(tmp_path, text, fragment):
     data = tmp_path / "tiny.txt"
     data.write_text(text)
     assert_clean_error(cli("--task", "words", "--data", str(data)), fragment)
+
+
+@pytest.mark.parametrize("task", [Shakespeare, Words])
+def test_a_text_that_cannot_be_read_is_the_one_user_error(tmp_path, task):
+    """tasks.DataError is gone: a dataset's problems are flags.UserError, which every CLI prints
+    as one line with exit status 2 (flags.run)."""
+    with pytest.raises(UserError, match="nothing-here"):
+        task(data=str(tmp_path / "nothing-here.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        task(data=str(tmp_path / "empty.txt"))
+    assert flags.run(lambda argv: task(data=str(tmp_path / "empty.txt"))) == flags.USER_ERROR

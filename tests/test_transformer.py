@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from conftest import run_main  # noqa: E402
 
+from flags import USER_ERROR, UserError  # noqa: E402
 from tasks import Shakespeare  # noqa: E402
 from train import (  # noqa: E402
-    CheckpointError,
     learning_rate,
     load_checkpoint,
     make_optimizer,
@@ -672,7 +672,7 @@ def test_checkpoint_config_mismatch_names_the_key(tmp_path, model, change, key):
     meta = json.loads(checkpoint_file(path, ".json").read_text())
     meta["config"].update(change)
     checkpoint_file(path, ".json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=re.escape(key)):
+    with pytest.raises(UserError, match=re.escape(key)):
         load_checkpoint(path)
 
 
@@ -686,8 +686,8 @@ def test_checkpoint_names_with_dots_do_not_collide(tmp_path, model):
     assert (tmp_path / "run.2.json").exists() and (tmp_path / "run.2.safetensors").exists()
 
 
-def test_checkpoint_missing_raises_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError, match="nothing-here"):
+def test_checkpoint_missing_raises_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="nothing-here"):
         load_checkpoint(tmp_path / "nothing-here")
 
 
@@ -789,7 +789,9 @@ def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
     (["--similarity", "cosine"], ["cosine", "additive"]),
 ])
 def test_cli_bad_arguments(args, fragments):
-    assert_clean_error(cli(*args), *fragments)
+    run = cli(*args)
+    assert_clean_error(run, *fragments)
+    assert run.returncode == USER_ERROR
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--sample"])
