@@ -14,10 +14,13 @@ model learns and how it is judged comes from a task (tasks.py); the loop does no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -107,10 +110,31 @@ def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
     return step
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C back until the block is done, then deliver it: what the block writes is whole.
+    Only the main thread may set a signal handler; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # Python's own handler: KeyboardInterrupt, here
+    elif caught and previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
+
+
 def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
     """Weights + optimizer state in one safetensors file, config and progress in JSON beside it.
 
-    Both are written under temporary names, then renamed: a crash never leaves half a checkpoint."""
+    Both are written under temporary names, then renamed, with Ctrl-C held back until both are in
+    place: an interrupted or failed save leaves the old checkpoint whole (or none), never half a
+    checkpoint or a mix of two, and no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = dict(model.parameters())
     for i, o in enumerate(opt.optimizers):
@@ -119,11 +143,16 @@ def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
         tensors[f"optim.{i}.b1_t"], tensors[f"optim.{i}.b2_t"] = o.b1_t, o.b2_t
     weights_path, meta_path = checkpoint_files(path)
     tmp_weights, tmp_meta = Path(f"{weights_path}.tmp"), Path(f"{meta_path}.tmp")
-    safe_save(tensors, str(tmp_weights))
     meta = {**meta, "model": type(model).__name__, "config": asdict(model.config)}
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_weights, weights_path)
-    os.replace(tmp_meta, meta_path)
+    with interrupts_held():
+        try:
+            safe_save(tensors, str(tmp_weights))
+            tmp_meta.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp_weights, weights_path)
+            os.replace(tmp_meta, meta_path)
+        finally:  # after a failure (a full disk): the old checkpoint stays, its stand-ins go
+            tmp_weights.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
 
 
 def checkpoint_files(path: Path) -> tuple[Path, Path]:

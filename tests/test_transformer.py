@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -686,6 +687,49 @@ def test_checkpoint_names_with_dots_do_not_collide(tmp_path, model):
     assert (tmp_path / "run.2.json").exists() and (tmp_path / "run.2.safetensors").exists()
 
 
+def saved_step(path: Path) -> int:
+    return json.loads(checkpoint_file(path, ".json").read_text())["step"]
+
+
+def test_ctrl_c_during_a_save_waits_for_the_whole_checkpoint(tmp_path, model, monkeypatch):
+    """Ctrl-C arrives while the weights are written: the save goes on to put both files in place
+    (step 2, loadable), then the interrupt is raised; no temporary file is left."""
+    import train
+
+    path, opt = tmp_path / "ckpt", make_optimizer(model, 1e-3)
+    save_checkpoint(path, model, opt, {"task": "reverse", "step": 1})
+    write = train.safe_save
+
+    def interrupted(tensors, name):
+        write(tensors, name)
+        signal.raise_signal(signal.SIGINT)  # as a Ctrl-C in the terminal would
+
+    monkeypatch.setattr(train, "safe_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, opt, {"task": "reverse", "step": 2})
+    assert saved_step(path) == 2 and load_checkpoint(path)[2]["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, model, monkeypatch):
+    """A save that fails half-way (a full disk) leaves the old checkpoint and no temporary file."""
+    import train
+
+    path, opt = tmp_path / "ckpt", make_optimizer(model, 1e-3)
+    save_checkpoint(path, model, opt, {"task": "reverse", "step": 1})
+
+    def disk_full(tensors, name):
+        Path(name).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "safe_save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, model, opt, {"task": "reverse", "step": 2})
+    assert saved_step(path) == 1 and load_checkpoint(path)[2]["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+
+
 def test_checkpoint_missing_raises_a_user_error(tmp_path):
     with pytest.raises(UserError, match="nothing-here"):
         load_checkpoint(tmp_path / "nothing-here")
@@ -758,6 +802,33 @@ def test_cli_attention_of_a_checkpoint(cli_checkpoint, tmp_path):
     assert lines[0].split()[:3] == ["layer", "head", "previous"] and len(lines) > 2 + 5 + 17
     assert lines[-1].startswith("mirror heads")
     assert "layer 0, head 1: row = query (attending), column = key" in lines
+
+
+def test_cli_ctrl_c_while_training_is_one_line_and_130(tmp_path):
+    """Ctrl-C in the middle of `transformer.py -v`: one line `interrupted` on stderr, exit status
+    130 (128 + SIGINT, as a shell reports it), no traceback, and nothing in the checkpoint's
+    folder (the loop saves at the end only, and that save is whole or not at all)."""
+    out = tmp_path / "models" / "rev"
+    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "transformer.py", "--task", "reverse", "--steps",
+                             "1000000", *TINY, "--out", str(out), "-v"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # each step line comes as it is printed (unbuffered)
+            seen.append(line)
+            if line.startswith("step"):  # training is under way: past the compile, in the loop
+                break
+        assert seen and seen[-1].startswith("step"), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err + rest
+    assert err.splitlines() == ["interrupted"], err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
 def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
