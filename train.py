@@ -406,8 +406,7 @@ def command(args) -> int:
     log(f"device {device}")
     try:
         if args.sample:
-            model, _, meta = load_checkpoint(out)
-            print(task.show(model))
+            print(task.show(loaded(task, out), args.seed))  # a task that samples draws with it
             return 0
         if args.attention is not None:
             folder = Path(args.attention or Path("attention") / task.name)
@@ -451,7 +450,7 @@ def command(args) -> int:
             log(f"wrote {task.plot(args.plot or out.with_name(out.name + '.png'), run)}")
     except (ValueError, OSError) as e:  # a config that cannot be, a file that cannot be written
         raise UserError(str(e)) from None
-    log("samples:\n" + task.show(result["model"]))
+    log("samples:\n" + task.show(result["model"], args.seed))
     check = task.mask_check(result["model"])
     if check is not None:
         log(check)
@@ -472,7 +471,9 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="reverse", choices=TASKS, help="what to learn (tasks.py)")
     ap.add_argument("--steps", type=flags.count, help="training steps (default: the task's budget)")
     ap.add_argument("--lr", type=flags.positive, help="peak learning rate (default: the task's)")
-    ap.add_argument("--seed", type=flags.natural, default=0)
+    ap.add_argument("--seed", type=flags.natural, default=0,
+                    help="seeds the weights, the batches, and the text a task samples "
+                         "(shakespeare, words; the others decode greedily)")
     ap.add_argument("--data", help="local text file for a task that reads one (default: download)")
     ap.add_argument("--out", type=Path, help="checkpoint path, no suffix (default: models/TASK)")
     ap.add_argument("--resume", action="store_true", help="continue training from --out")

@@ -778,6 +778,31 @@ def test_cli_sample_decodes_from_the_checkpoint(cli_checkpoint):
         assert re.match(r"^\d{8}>\d{8}  (ok|WRONG)$", line), line
 
 
+def test_cli_sample_draws_with_the_seed(tmp_path):
+    """--sample --seed N: shakespeare samples at temperature 0.8, so the seed picks the text. The
+    same seed draws the same text, another seed another, and each is generate()'s draw with
+    numpy's generator seeded N (here, not through the CLI) from the saved model."""
+    data = tmp_path / "text.txt"
+    data.write_text("To be, or not to be, that is the question:\n" * 20)
+    task = Shakespeare(data=str(data))
+    Tensor.manual_seed(0)
+    model = Transformer(replace(task.config, n_layer=1, n_head=2, n_embd=16))  # untrained: random
+    out = tmp_path / "chars"
+    save_checkpoint(out, model, make_optimizer(model, 1e-3), {"task": "shakespeare", "step": 0})
+    said = {}
+    for seed in (7, 8, 7):
+        run = cli("--task", "shakespeare", "--data", str(data), "--sample", "--seed", str(seed),
+                  "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        assert said.setdefault(seed, run.stdout) == run.stdout  # the same seed, the same text
+    assert said[7] != said[8]
+    prompt = np.array([[task.chars.index("\n")]])
+    for seed, text in said.items():
+        ids = np.concatenate(list(generate(model, prompt, 200, temperature=0.8,
+                                           rng=np.random.default_rng(seed))))
+        assert text == "".join(task.chars[i] for i in ids) + "\n"
+
+
 def test_cli_resume_continues_to_more_steps(cli_checkpoint, tmp_path):
     out = copy_checkpoint(cli_checkpoint, tmp_path)
     run = cli("--task", "reverse", "--resume", "--steps", "2", "--out", str(out), "-v")
