@@ -463,25 +463,45 @@ def command(args) -> int:
     return 0
 
 
+class ShownDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows each flag's default, except None, False and []: those mean "not given",
+    and the flag's help says in words what that does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
     """`python transformer.py ARGS` -> its exit status. The flags are read here, and what they ask
     for runs through flags.run: a mistake of the user's is one `error:` line and status 2, Ctrl-C
     one `interrupted` line and 130."""
-    ap = flags.Parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", default="reverse", choices=TASKS, help="what to learn (tasks.py)")
-    ap.add_argument("--steps", type=flags.count, help="training steps (default: the task's budget)")
-    ap.add_argument("--lr", type=flags.positive, help="peak learning rate (default: the task's)")
-    ap.add_argument("--seed", type=flags.natural, default=0,
+    ap = flags.Parser(description=__doc__.split("\n\n")[0], formatter_class=ShownDefaults)
+    ap.add_argument("--task", default="reverse", choices=TASKS, metavar="NAME",
+                    help=f"what to learn: {', '.join(TASKS)} (tasks.py)")
+    ap.add_argument("--steps", type=flags.count, metavar="N",
+                    help="training steps (not given: the task's budget)")
+    ap.add_argument("--lr", type=flags.positive, metavar="X",
+                    help="peak learning rate (not given: the task's)")
+    ap.add_argument("--seed", type=flags.natural, default=0, metavar="N",
                     help="seeds the weights, the batches, and the text a task samples "
                          "(shakespeare, words; the others decode greedily)")
-    ap.add_argument("--data", help="local text file for a task that reads one (default: download)")
-    ap.add_argument("--out", type=Path, help="checkpoint path, no suffix (default: models/TASK)")
+    ap.add_argument("--data", metavar="PATH",
+                    help="a local text for a task that reads one (not given: download it once)")
+    ap.add_argument("--out", type=Path, metavar="PATH",
+                    help="checkpoint path without suffix (not given: models/TASK)")
     ap.add_argument("--resume", action="store_true", help="continue training from --out")
     ap.add_argument("--sample", action="store_true", help="generate from the saved checkpoint")
-    ap.add_argument("--n-layer", type=flags.count)
-    ap.add_argument("--n-head", type=flags.count)
-    ap.add_argument("--n-embd", type=flags.count)
-    ap.add_argument("--positions", choices=["learned", "sinusoidal"])
+    ap.add_argument("--n-layer", type=flags.count, metavar="N",
+                    help="blocks (not given: the task's)")
+    ap.add_argument("--n-head", type=flags.count, metavar="N",
+                    help="attention heads per block (not given: the task's)")
+    ap.add_argument("--n-embd", type=flags.count, metavar="N",
+                    help="width of the residual stream, a multiple of --n-head "
+                         "(not given: the task's)")
+    ap.add_argument("--positions", choices=["learned", "sinusoidal"],
+                    help="positional encoding (not given: the task's, learned for all)")
     ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
     ap.add_argument("--arch", choices=["encoder", "decoder"],
                     help="--task classify: read both directions and pool (encoder, the default) "
@@ -489,19 +509,19 @@ def main(argv=None) -> int:
     ap.add_argument("--ablate", action="append", default=[], type=ablation_names, metavar="NAME",
                     help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
     ap.add_argument("--similarity", default="scaled", choices=SIMILARITIES,
-                    help="how a query scores a key (default scaled)")
+                    help="how a query scores a key")
     ap.add_argument("--attention", nargs="?", const="", metavar="DIR",
                     help="draw every head of the saved checkpoint on a held-out example, score "
-                         "the heads (files in DIR, default attention/TASK)")
-    ap.add_argument("--layer", type=flags.natural,
+                         "the heads (files in DIR; DIR not given: attention/TASK)")
+    ap.add_argument("--layer", type=flags.natural, metavar="L",
                     help="with --attention and --head: one head, large")
-    ap.add_argument("--head", type=flags.natural,
+    ap.add_argument("--head", type=flags.natural, metavar="H",
                     help="with --attention and --layer: one head, large")
     ap.add_argument("--tokens", metavar="A:B",
                     help="with --attention or --logit-lens: show tokens A to B only")
     ap.add_argument("--head-ablation", nargs="?", const="", metavar="DIR",
                     help="knock out each head of the saved checkpoint alone and report what it "
-                         "costs the task's score on held-out data (files in DIR, default "
+                         "costs the task's score on held-out data (files in DIR; DIR not given: "
                          "attention/TASK)")
     ap.add_argument("--heads", metavar="L.H,...",
                     help="with --head-ablation: knock out these heads together, print one result")
@@ -509,18 +529,22 @@ def main(argv=None) -> int:
                     help="with --head-ablation: replace a head by its mean over the batch, not 0")
     ap.add_argument("--logit-lens", nargs="?", const="", metavar="DIR",
                     help="read the checkpoint's residual stream after each block through the "
-                         "unembedding, on a held-out example (files in DIR)")
+                         "unembedding, on a held-out example (files in DIR; DIR not given: "
+                         "attention/TASK)")
     ap.add_argument("--weight-decay", type=flags.nonnegative, metavar="X",
-                    help="AdamW weight decay on matrices and embeddings (default: the task's)")
+                    help="AdamW weight decay on matrices and embeddings (not given: the task's)")
     ap.add_argument("--l2", type=flags.nonnegative, metavar="X",
                     help="add X times each weight to its gradient, an L2 penalty as in "
-                         "torch.optim.Adam (default: the task's, 0 for most)")
+                         "torch.optim.Adam (not given: the task's, 0 for most)")
     ap.add_argument("--grokfast", nargs="?", const=2.0, type=flags.positive, metavar="LAMBDA",
-                    help="amplify the slow part of the gradient by LAMBDA (default 2; EMA 0.98)")
-    ap.add_argument("--plot", type=Path, help="where a task with curves draws them "
-                    "(default: the checkpoint path with .png)")
-    ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... "
-                                     "(default: DEV, else the fastest here)")
+                    help="amplify the slow part of the gradient by LAMBDA (LAMBDA not given: 2; "
+                         "EMA 0.98)")
+    ap.add_argument("--plot", type=Path, metavar="PATH",
+                    help="where a task with curves draws them (not given: the checkpoint path "
+                         "with .png)")
+    ap.add_argument("--device", metavar="NAME",
+                    help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... (not given: DEV, "
+                         "else the fastest here)")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
     return flags.run(command, ap.parse_args(argv))
 

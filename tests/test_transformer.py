@@ -856,6 +856,34 @@ def test_cli_ctrl_c_while_training_is_one_line_and_130(tmp_path):
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+def help_entries(text: str) -> dict[str, str]:
+    """--help's options, each flag (its first name) -> its help text on one line."""
+    entries, flag = {}, None
+    for line in text.split("options:\n", 1)[1].splitlines():
+        named = re.match(r"^  (-[-\w]+)(?:,? [^ ]+)*(?: {2,}(.*))?$", line)
+        if named:
+            flag = named.group(1)
+            entries[flag] = named.group(2) or ""
+        elif flag and line.startswith(" " * 10):
+            entries[flag] = (entries[flag] + " " + line.strip()).strip()
+    return entries
+
+
+def test_cli_help_says_what_every_flag_does_and_its_default():
+    """Every flag has help, every real default is shown (argparse's, through flags.Parser), and
+    none says "(default: None)" or "(default: False)": not given is said in words."""
+    run = cli("--help")
+    assert run.returncode == 0, run.stderr
+    entries = help_entries(run.stdout)
+    assert len(entries) == 31, sorted(entries)  # -h and the 30 flags of train.main
+    assert [flag for flag, text in entries.items() if not text] == []
+    for flag, default in (("--task", "reverse"), ("--seed", "0"), ("--similarity", "scaled")):
+        assert entries[flag].endswith(f"(default: {default})"), entries[flag]
+    for noise in ("(default: None)", "(default: False)", "(default: [])"):
+        assert noise not in run.stdout
+    assert "not given: models/TASK" in entries["--out"]
+
+
 def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
     assert run.returncode != 0
     assert "Traceback" not in run.stderr + run.stdout
