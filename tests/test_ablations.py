@@ -6,6 +6,7 @@ reversal's mask check, each against a NumPy oracle written here or in test_trans
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_main, small_reversal_config  # noqa: E402
 from test_transformer import (  # noqa: E402
     assert_clean_error,
+    help_entries,
     np_block,
     np_causal_mask,
     np_gelu_tanh,
@@ -370,3 +372,37 @@ def test_a_text_that_cannot_be_read_is_the_one_user_error(tmp_path, task):
     with pytest.raises(UserError, match="empty"):
         task(data=str(tmp_path / "empty.txt"))
     assert flags.run(lambda argv: task(data=str(tmp_path / "empty.txt"))) == flags.USER_ERROR
+
+
+def test_experiments_help_and_a_default_plot_that_overwrites_no_tracked_file():
+    """experiments.py once drew into docs/experiments.png, a tracked file, unless told otherwise.
+    Its default now lies where git ignores it (asked of git itself), its --help shows it, and
+    every flag says what it does without "(default: None)"."""
+    import experiments
+
+    run = run_main(experiments.main, "--help")
+    assert run.returncode == 0, run.stderr
+    entries = help_entries(run.stdout)
+    assert sorted(entries) == ["--data", "--only", "--plot", "-h"]
+    assert all(entries.values()) and "(default: None)" not in run.stdout
+    plot = Path(re.search(r"\(default: (\S+)\)$", entries["--plot"]).group(1))
+    assert plot.name == "experiments.png" and "docs" not in plot.parts
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: cannot ask git what it tracks")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(plot)], cwd=REPO)
+    assert ignored.returncode == 0, f"{plot} is not ignored by git"
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "docs/experiments.png"],
+                             cwd=REPO, capture_output=True)
+    assert tracked.returncode == 0  # the check can fail: the old default is tracked
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--only", "mask,lasers"], "lasers"),
+    (["--data", "/nonexistent/shakespeare.txt"], "/nonexistent"),
+])
+def test_experiments_bad_input_is_one_line(args, fragment):
+    import experiments
+
+    run = run_main(experiments.main, *args)
+    assert_clean_error(run, fragment)
+    assert run.returncode == flags.USER_ERROR
