@@ -176,11 +176,11 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
     if set(weights) != set(expected):
         missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
         raise UserError(f"checkpoint {path} does not fit its config: "
-                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+                        f"missing {missing[:3]}, unexpected {extra[:3]}")
     for k, v in expected.items():
         if v.shape != weights[k].shape:
             raise UserError(f"checkpoint {path}: {k} has shape {weights[k].shape}, "
-                                  f"expected {v.shape}")
+                            f"expected {v.shape}")
     for k, v in expected.items():
         v.replace(weights[k].to(v.device)).realize()
     opt = None
@@ -222,7 +222,7 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
             task.history = meta.get("history", [])
         if meta.get("task") != task.name:
             raise UserError(f"checkpoint {out} is for task {meta.get('task')!r}, "
-                                  f"not {task.name!r}")
+                            f"not {task.name!r}")
         start = meta["step"]
         rng = np.random.default_rng([seed, start])  # fresh batches, not a replay of the first ones
         log(f"resumed {out} at step {start}")
@@ -288,7 +288,7 @@ def loaded(task, path: Path):
     model, _, meta = load_checkpoint(path)
     if meta.get("task") != task.name:
         raise UserError(f"checkpoint {path} is for task {meta.get('task')!r}, "
-                              f"not {task.name!r}")
+                        f"not {task.name!r}")
     return model
 
 
