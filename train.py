@@ -197,7 +197,7 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
                 o.b2_t.assign(tensors[f"optim.{i}.b2_t"].to(o.b2_t.device)).realize()
         except KeyError as e:
             raise UserError(f"checkpoint {path} has no optimizer state {e} to resume "
-                                  "from") from None
+                            "from") from None
     return model, opt, meta
 
 
