@@ -65,11 +65,6 @@ UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 BASE_HEADERS = {"Accept-Encoding": "identity"}
 
 
-# A download that did not succeed is the project's one user error, its message one line for a
-# human. DownloadError is its name here, which callers (tasks.py) still import.
-DownloadError = UserError
-
-
 class _RetryableError(Exception):
     """A failure that may go away on a second try: network trouble or an overloaded server."""
 
@@ -84,7 +79,7 @@ def download(
     sha256: str | None = None,
     size: int | None = None,
 ) -> Path:
-    """Download `url` to `dest` and return `dest`; raise DownloadError if that is impossible.
+    """Download `url` to `dest` and return `dest`; raise UserError if that is impossible.
 
     `timeout` bounds each wait for the server (connecting, or the gap between two reads), not
     the whole transfer. `sha256` and `size` override what the server reports about the file.
@@ -108,15 +103,15 @@ def download(
     except requests.RequestException as err:
         # Problems no retry can fix, such as a malformed URL or a redirect loop.
         _leave_only_resumable(partial, created)
-        raise DownloadError(f"download failed: {err} for {url}") from None
+        raise UserError(f"download failed: {err} for {url}") from None
     except OSError as err:  # our side: a folder that cannot be made, a full disk
         _leave_only_resumable(partial, created)
-        raise DownloadError(f"cannot write {err.filename or partial}: "
+        raise UserError(f"cannot write {err.filename or partial}: "
                             f"{err.strerror or err}") from None
-    except BaseException as err:  # DownloadError, Ctrl-C
+    except BaseException as err:  # UserError, Ctrl-C
         kept = _leave_only_resumable(partial, created)
-        if kept and isinstance(err, DownloadError):
-            raise DownloadError(f"{err}; {kept / MB:.1f} MB kept in {partial} for the next try "
+        if kept and isinstance(err, UserError):
+            raise UserError(f"{err}; {kept / MB:.1f} MB kept in {partial} for the next try "
                                 "to resume") from None
         raise
     return dest
@@ -158,7 +153,7 @@ def _fetch_with_retries(session, url, partial, timeout, retries, progress, sha25
             if progress and attempt < retries:
                 name = partial.name.removesuffix(".incomplete")
                 print(f"{name}: {reason}, retry {attempt + 1} of {retries}", file=sys.stderr)
-    raise DownloadError(f"download failed after {retries + 1} attempts for {url}: {reason}")
+    raise UserError(f"download failed after {retries + 1} attempts for {url}: {reason}")
 
 
 def _remote_metadata(session, url, timeout):
@@ -268,7 +263,7 @@ def _get(session, url, offset, timeout):
 
 
 def _send(session, method, url, timeout, headers, follow_redirects):
-    """Send one request; sort failures into retryable (_RetryableError) and final (DownloadError).
+    """Send one request; sort failures into retryable (_RetryableError) and final (UserError).
 
     416 comes back to the caller: it answers a Range request and is handled there.
     """
@@ -291,7 +286,7 @@ def _send(session, method, url, timeout, headers, follow_redirects):
     if status >= 400 and status != 416:
         response.close()
         # A missing file or a refused permission will not change if we ask again.
-        raise DownloadError(f"download failed: {status} {response.reason} for {url}")
+        raise UserError(f"download failed: {status} {response.reason} for {url}")
     return response
 
 
@@ -333,16 +328,16 @@ def _hash_file(path):
 
 
 def _verify(partial, digest, want_sha256, want_size, url):
-    """Raise DownloadError (and delete `partial`) unless size and sha256 match what we expect."""
+    """Raise UserError (and delete `partial`) unless size and sha256 match what we expect."""
     got_size = partial.stat().st_size
     if want_size is not None and got_size != want_size:
         partial.unlink()
-        raise DownloadError(
+        raise UserError(
             f"size check failed: expected {want_size} bytes, got {got_size} for {url}"
         )
     if want_sha256 is not None and digest != want_sha256:
         partial.unlink()
-        raise DownloadError(
+        raise UserError(
             f"sha256 check failed: expected {want_sha256[:12]}..., got {digest[:12]}... for {url}"
         )
 

@@ -2,8 +2,9 @@
 (Transformers), answered by experiment on transformer.py: each comparison trains the same small
 model with one thing changed, at a fixed budget and seed, and reports the held-out numbers.
 
-    python experiments.py                        # everything: a markdown table, a PNG of curves
+    python experiments.py                        # everything: markdown tables, a PNG of curves
     python experiments.py --only mask,positions  # some of them
+    python experiments.py --plot docs/experiments.png   # the curves that QUESTIONS.md shows
 
 What it runs (QUESTIONS.md reads the answers out of its output):
     similarity  the four similarity functions of attention on char-level Shakespeare
@@ -15,6 +16,7 @@ What it runs (QUESTIONS.md reads the answers out of its output):
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
 
+import flags
 import runtime
 from tasks import Reverse, Shakespeare
 from train import train
@@ -162,30 +165,31 @@ def parallel(data: str, runs: dict) -> list[str]:
 GROUPS = ("similarity", "shared", "residual", "mask", "positions", "parallel")
 
 
-def main(argv=None) -> int:
-    import argparse
+def experiment_names(text: str) -> list[str]:
+    """An argparse type: comma-separated names of GROUPS."""
+    groups = [g.strip() for g in text.split(",") if g.strip()]
+    for group in groups:
+        if group not in GROUPS:
+            raise argparse.ArgumentTypeError(f"unknown experiment {group!r}; choose from "
+                                             f"{', '.join(GROUPS)}")
+    return groups
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help=f"comma-separated: {', '.join(GROUPS)} (default: all)")
-    ap.add_argument("--data", default=str(Path(__file__).parent.parent / "shared" / "data" /
-                                          "tinyshakespeare.txt"),
-                    help="tinyshakespeare (default ../shared/data/tinyshakespeare.txt)")
-    ap.add_argument("--plot", type=Path, default=Path("docs/experiments.png"))
-    ap.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
-    args = ap.parse_args(argv)
-    groups = [g.strip() for g in args.only.split(",")] if args.only else list(GROUPS)
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        print(f"error: unknown experiment {unknown[0]!r}; choose from {', '.join(GROUPS)}",
-              file=sys.stderr)
-        return 2
-    if not Path(args.data).is_file():
-        print(f"error: no text at {args.data}; pass --data PATH", file=sys.stderr)
-        return 2
+
+def existing_file(text: str) -> str:
+    """An argparse type: the path of a file that is there."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no text at {text}; pass --data PATH")
+    return text
+
+
+def experiments(args) -> int:
+    """Run the comparisons args.only names, print their tables, draw their curves."""
+    groups = args.only or list(GROUPS)
     device = runtime.install()
     runs: dict = {}
     t0 = time.perf_counter()
-    print(f"`python experiments.py{' --only ' + args.only if args.only else ''}`: "
+    only = f" --only {','.join(args.only)}" if args.only else ""
+    print(f"`python experiments.py{only}`: "
           f"{os.cpu_count()} cores ({platform.machine()}), tinygrad on {device}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     for group in groups:
@@ -212,5 +216,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """`python experiments.py ARGS` -> its exit status, through flags.run: a mistake of the
+    user's is one `error:` line and status 2, Ctrl-C one `interrupted` line and 130."""
+    ap = flags.Parser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", type=experiment_names, metavar="NAME,...",
+                    help=f"comma-separated, of {', '.join(GROUPS)} (not given: all of them)")
+    ap.add_argument("--data", type=existing_file, metavar="PATH",
+                    default=str(Path(__file__).parent.parent / "shared" / "data" /
+                                "tinyshakespeare.txt"), help="a copy of tinyshakespeare")
+    # beside the checkpoints (untracked), not docs/experiments.png: a run must not overwrite a
+    # tracked file unless told to
+    ap.add_argument("--plot", type=Path, metavar="PATH",
+                    default=Path(__file__).parent / "models" / "experiments.png",
+                    help="where the learning curves go (the picture in QUESTIONS.md is drawn "
+                         "with --plot docs/experiments.png)")
+    return flags.run(experiments, ap.parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(flags.run(main))

@@ -43,12 +43,12 @@ def run(main, argv=None) -> int:
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """--help names every flag's default, but not "None" (the flag's help says what happens
-    without it) nor a switch's False."""
+    """--help names every flag's default, but not None, False or [] (they mean "not given", and
+    the flag's help says in words what happens then)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
         return super()._get_help_string(action)
 
 

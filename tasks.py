@@ -1,8 +1,9 @@
 """Tasks for transformer.py's training loop: what to learn, and how to tell it was learned.
 
-A task gives the loop its data and its judge. The loop (train.train) only needs from a task:
-name, config, steps, batch_size, lr, eval_every, batch(rng, B), evaluate(model, quick), show(model),
-metric, chance, and learned(score). A new task plugs in by providing those and an entry in TASKS.
+A task gives the loop its data and its judge. What the loop (train.train) and the command line
+(train.main) read from a task is declared once, in Task, with the defaults of everything a task
+may leave out; every task here derives from it. A new task plugs in by deriving from Task, setting
+what Task says it must, and adding an entry to TASKS.
 
     python transformer.py --task reverse -v       # reverse digit strings: exact match
     python transformer.py --task shakespeare -v   # character-level tinyshakespeare: val loss
@@ -13,15 +14,13 @@ metric, chance, and learned(score). A new task plugs in by providing those and a
     python transformer.py --task translate -v     # an encoder-decoder reverses digit strings
 
 A task's architecture (default transformer.Transformer) is the class the loop builds, and its
-batch's x may be a tuple of the model's inputs: (source, target) for an EncoderDecoder.
-
-A task may also record curves: observe(model, step) is called every eval_every steps, its history
-is kept with the checkpoint, plot(path, run) draws it after training (plots.py; run names the
-run in the title), and result_fields()
-adds the task's own fields to the last stdout line.
+batch's x may be a tuple of the model's inputs: (source, target) for an EncoderDecoder. A task
+may also record curves: observe(model, step) is called every eval_every steps, its history is
+kept with the checkpoint, and plot(path, run) draws it after training (plots.py).
 """
 from __future__ import annotations
 
+import abc
 import math
 import re
 from dataclasses import replace
@@ -32,12 +31,119 @@ from tinygrad import Tensor, TinyJit
 
 import heads
 from families import Classifier, EncoderDecoder, encoder_decoder_maps, translate
+from flags import UserError
 from generate import generate
 from heads import attention_maps
 from transformer import Config, Transformer
 
 # A target id that carries no loss. Not -1: tinygrad reads ignore_index=-1 as "ignore nothing".
 IGNORE = -100
+
+
+class Task(abc.ABC):
+    """What the training loop and the command line read from a task, each with its default.
+
+    A task sets the attributes without a default and the abstract methods; everything else is
+    optional, and a default that returns None means "not offered": the loop checks for None."""
+
+    # Every task sets these.
+    name: str  # the --task name; checkpoints record it
+    metric: str  # what evaluate scores, as the result line names it
+    higher_is_better: bool  # the metric's direction
+    steps: int  # the training budget when --steps is not given
+    batch_size: int  # sequences per training step
+    lr: float  # the peak learning rate when --lr is not given
+    eval_every: int  # steps between evaluations (and calls of observe)
+    config: Config  # the model the task's data fits: n_ctx and vocab_size must match
+    chance: float  # the score of a guess, for the verdict line
+
+    # The loop's defaults, for a task that says nothing.
+    reads_data = False  # True: the constructor takes data= (--data PATH, else a download)
+    architecture: type = Transformer  # the model class the loop builds
+    weight_decay = 0.1  # AdamW's, on matrices and embeddings (train.make_optimizer)
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW's b1, b2
+    clip: float | None = 1.0  # the gradient's global norm is clipped to this; None: never
+    l2 = 0.0  # an L2 penalty added to the gradient (train.make_train_step)
+    warmup: int | None = None  # steps of linear warmup; None: the loop's (a tenth, at most 100)
+    constant_lr = False  # True: flat after warmup; False: cosine decay to a tenth
+    history: list[dict] | None = None  # a list: curves saved with the checkpoint, resumed with it
+    draws_curves = False  # True: plot(path, run) draws the history after training (--plot)
+
+    @abc.abstractmethod
+    def batch(self, rng: np.random.Generator, B: int) -> tuple:
+        """(x, y) of B training sequences drawn with rng; x may be a tuple of the model's inputs,
+        and a target of IGNORE carries no loss."""
+
+    @abc.abstractmethod
+    def evaluate(self, model, quick: bool = False) -> float:
+        """The score on held-out data; quick=True may score a part of it, for progress lines."""
+
+    @abc.abstractmethod
+    def learned(self, score: float) -> bool:
+        """The verdict: did a model with this score learn the task?"""
+
+    @abc.abstractmethod
+    def show(self, model, seed: int = 0) -> str:
+        """A few held-out answers of the model, as text; a task that samples draws with seed."""
+
+    def observe(self, model, step: int) -> str | None:
+        """Called every eval_every steps and at the last: record a point of the curves and
+        return the progress line; None: the loop prints its own quick evaluation."""
+        return None
+
+    def plot(self, path: Path, run: str = "") -> Path | None:
+        """Draw the history into path (run names the command in the title); see draws_curves."""
+        return None
+
+    def baselines(self) -> str | None:
+        """Scores of simple models to compare with, printed before training; None: none."""
+        return None
+
+    def mask_check(self, model) -> str | None:
+        """A line on what the causal mask lets the model see, printed after training."""
+        return None
+
+    def result_fields(self) -> str:
+        """The task's own fields (name=value ...) appended to the result line."""
+        return ""
+
+    def example(self) -> tuple[np.ndarray, list[str]] | None:
+        """A held-out input and a label per token, for --attention and --logit-lens; None: the
+        task has none to offer."""
+        return None
+
+    def token(self, i: int) -> str:
+        """Token id i as a label in the pictures."""
+        return str(int(i))
+
+    def inspect(self, model, folder: Path) -> tuple[list[Path], str] | None:
+        """Draw the model's attention into folder itself -> (files written, report); None: the
+        loop draws it with heads.inspect_model on example()."""
+        return None
+
+    def explain(self, model) -> str | None:
+        """What the task reads from the model's heads, printed after --attention."""
+        return None
+
+    def ablation_score(self, model) -> float:
+        """The score that --head-ablation watches as heads are knocked out: evaluate's."""
+        return self.evaluate(model)
+
+    @property
+    def ablation_metric(self) -> str:
+        """The name of ablation_score's score (a task that scores otherwise names its own)."""
+        return self.metric
+
+    @property
+    def ablation_higher_is_better(self) -> bool:
+        """ablation_score's direction."""
+        return self.higher_is_better
+
+    def ablation_reading(self, model, base: float, delta: np.ndarray, knock) -> str | None:
+        """What the knock-outs say about the task's circuit: base is the score with every head,
+        delta (L, H) the change when each head alone is knocked out, knock(heads) the score with
+        a list of (layer, head) knocked out together. None: nothing to read."""
+        return None
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -48,7 +154,7 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
 
 
-class Reverse:
+class Reverse(Task):
     """Read n digits and '>', then write the same digits backwards: "3141>1413".
 
     Held out: every digit string whose hash falls in one class (a tenth of them) is kept out of
@@ -156,7 +262,7 @@ class Reverse:
                 f"{base + delta[mirror]:.2f}; the next most important head, L{nxt[0]}H{nxt[1]}, "
                 f"costs {cost:+.2f}: {'agrees' if agrees else 'does NOT agree'} with the map")
 
-    def show(self, model: Transformer, n: int = 4) -> str:
+    def show(self, model: Transformer, seed: int = 0, n: int = 4) -> str:
         got = self.answer(model, self.test[:n])
         lines = []
         for d, g in zip(self.test[:n], got):
@@ -165,11 +271,7 @@ class Reverse:
         return "\n".join(lines)
 
 
-class DataError(Exception):
-    pass
-
-
-class Shakespeare:
+class Shakespeare(Task):
     """Character-level language model of tinyshakespeare (Karpathy's char-rnn corpus).
 
     The model sees 64 characters and predicts each next one; the score is the mean cross-entropy
@@ -186,9 +288,9 @@ class Shakespeare:
         text = self.load(data)
         # the held-out tenth must hold at least one whole window of 64 characters and its target
         if not text:
-            raise DataError(f"dataset {data or 'tinyshakespeare'} is empty")
+            raise UserError(f"dataset {data or 'tinyshakespeare'} is empty")
         if len(text) < 10 * 65:
-            raise DataError(f"dataset {data} is too short: {len(text)} characters; it needs at "
+            raise UserError(f"dataset {data} is too short: {len(text)} characters; it needs at "
                             f"least {10 * 65}, so that its last tenth holds a window of 64")
         self.chars = sorted(set(text))
         lookup = {ch: i for i, ch in enumerate(self.chars)}
@@ -209,18 +311,18 @@ class Shakespeare:
         if path is None:
             cache = Path(__file__).parent / "data" / cls.cache_name
             if not cache.exists():
-                from download import DownloadError, download
+                from download import download
 
                 try:
                     download(cls.url, cache)
-                except DownloadError as e:
-                    raise DataError(f"could not fetch {cls.url} ({e}); "
+                except UserError as e:
+                    raise UserError(f"could not fetch {cls.url} ({e}); "
                                     "pass a local copy with --data PATH") from None
             path = str(cache)
         try:
             return Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read dataset {path}: {e}") from None
+            raise UserError(f"cannot read dataset {path}: {e}") from None
 
     def bigram_loss(self) -> float:
         """Val loss of next-char counts from the training text (add-one smoothed): a bar to pass."""
@@ -259,8 +361,8 @@ class Shakespeare:
         losses = [self.loss_of[1](Tensor(x[i]), Tensor(y[i])).item() for i in picked]
         return float(np.mean(losses))
 
-    def show(self, model: Transformer, n: int = 200) -> str:
-        rng = np.random.default_rng(0)
+    def show(self, model: Transformer, seed: int = 0, n: int = 200) -> str:
+        rng = np.random.default_rng(seed)  # --seed
         prompt = np.array([[self.chars.index("\n")]])
         out = np.concatenate(list(generate(model, prompt, n, temperature=0.8, rng=rng)))
         return "".join(self.chars[i] for i in out)
@@ -306,11 +408,11 @@ class Words(Shakespeare):
     def __init__(self, data: str | None = None):
         text = self.load(data)
         if not text:
-            raise DataError(f"dataset {data or self.cache_name} is empty")
+            raise UserError(f"dataset {data or self.cache_name} is empty")
         pieces = self.split(text)
         split = int(0.9 * len(pieces))
         if len(pieces) - split < 65:
-            raise DataError(f"dataset {data} is too short: {len(pieces)} words and spaces; its "
+            raise UserError(f"dataset {data} is too short: {len(pieces)} words and spaces; its "
                             "last tenth must hold a window of 64 and its target")
         counts: dict[str, int] = {}
         for piece in pieces[:split]:
@@ -344,8 +446,8 @@ class Words(Shakespeare):
         p = weight * p_bigram + (1 - weight) * unigram[self.val[1:]]
         return float(-np.log(unigram[self.val]).mean()), float(-np.log(p).mean())
 
-    def show(self, model: Transformer, n: int = 80) -> str:
-        rng = np.random.default_rng(0)
+    def show(self, model: Transformer, seed: int = 0, n: int = 80) -> str:
+        rng = np.random.default_rng(seed)  # --seed
         prompt = np.array([[self.words.index("\n") if "\n" in self.words else 0]])
         out = np.concatenate(list(generate(model, prompt, n, temperature=0.8, rng=rng)))
         return "".join(self.words[i] for i in out)
@@ -381,7 +483,7 @@ def fourier_concentration(embedding: np.ndarray, top: int = 4) -> float:
     return float(strongest.sum() / max(energy.sum(), 1e-30))
 
 
-class Grokking:
+class Grokking(Task):
     """(a + b) mod p from the tokens "a b =": memorize first, generalize much later.
 
     Power et al. (2022), "Grokking: Generalization Beyond Overfitting on Small Algorithmic
@@ -401,6 +503,7 @@ class Grokking:
     # Weight decay is what makes it generalize at all; b2 = 0.98 and a flat learning rate after a
     # short warmup follow Nanda et al.
     weight_decay, betas, warmup, constant_lr = 1.0, (0.9, 0.98), 10, True
+    draws_curves = True  # accuracy, loss, weight norm and Fourier concentration over the steps
 
     def __init__(self, p: int = 59, train_fraction: float = 0.35, n_embd: int = 64, seed: int = 0,
                  n_layer: int = 1, batch_size: int | None = None):
@@ -475,7 +578,7 @@ class Grokking:
     def learned(self, score: float) -> bool:
         return score >= 0.95  # it generalized to sums it never saw
 
-    def show(self, model: Transformer, n: int = 4) -> str:
+    def show(self, model: Transformer, seed: int = 0, n: int = 4) -> str:
         pick = self.test_ids[:: max(1, len(self.test_ids) // n)][:n]
         got = model(Tensor(self.x_all[pick]))[:, -1].argmax(-1).numpy()
         return "\n".join(f"{a} + {b} = {g} (mod {self.p})  {'ok' if g == c else 'WRONG'}"
@@ -508,7 +611,7 @@ class SlowGrokking(Grokking):
         self.config = replace(self.config, embd_scale=50.0)
 
 
-class Induction:
+class Induction(Task):
     """Induction heads (Olsson et al., 2022, "In-context Learning and Induction Heads").
 
     Each sequence is a segment of R random tokens (R from 6 to 16, drawn without repeats from a
@@ -528,6 +631,7 @@ class Induction:
 
     name, metric, higher_is_better = "induction", "induction_score", True
     steps, batch_size, lr, eval_every = 1500, 64, 3e-3, 25
+    draws_curves = True  # the losses and the best heads' scores over the steps
 
     def __init__(self, vocab: int = 100, n_ctx: int = 32, lengths: tuple[int, int] = (6, 16),
                  seed: int = 0):
@@ -630,7 +734,7 @@ class Induction:
     def token(self, i: int) -> str:
         return str(i)
 
-    def show(self, model: Transformer) -> str:
+    def show(self, model: Transformer, seed: int = 0) -> str:
         s = self.scores(model)
         prompt, T = self.x[:1], self.x.shape[1]
         got = model(Tensor(prompt)).argmax(-1).numpy()[0]
@@ -657,7 +761,7 @@ class Induction:
                                       names=(f"{layer}.{head}", f"0.{prev}"), run=run)
 
 
-class Palindromes:
+class Palindromes(Task):
     """Is this string of digits a palindrome? An encoder classifies it (families.Classifier).
 
     Half the strings are palindromes; the other half are palindromes with one digit changed, so
@@ -734,7 +838,7 @@ class Palindromes:
     def token(self, i: int) -> str:
         return str(i)
 
-    def show(self, model: Classifier, n: int = 4) -> str:
+    def show(self, model: Classifier, seed: int = 0, n: int = 4) -> str:
         x, y = self.test[0][:n], self.test[1][:n]
         lines = []
         for d, label, got in zip(x, y, self.predict(model, x)):
@@ -744,7 +848,7 @@ class Palindromes:
         return "\n".join(lines)
 
 
-class Translate:
+class Translate(Task):
     """Reverse a digit string of 3 to 8 digits, as a translation: an encoder-decoder
     (families.EncoderDecoder) reads the source, padded to 8, and writes the target.
 
@@ -868,7 +972,7 @@ class Translate:
                  "copied:\n" + "\n".join(rows)
         return [path, folder / "attention.npz"], report
 
-    def show(self, model: EncoderDecoder, n: int = 4) -> str:
+    def show(self, model: EncoderDecoder, seed: int = 0, n: int = 4) -> str:
         got, want = self.answer(model, self.test[:n]), self.targets(self.test[:n])
         lines = []
         for src, g, w in zip(self.test[:n], got, want):

@@ -13,10 +13,14 @@ model learns and how it is judged comes from a task (tasks.py); the loop does no
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,8 +31,9 @@ from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 import flags
 from families import Classifier, EncoderDecoder
+from flags import UserError
 from runtime import exit_now, install
-from tasks import IGNORE
+from tasks import IGNORE, TASKS
 from transformer import ABLATIONS, SIMILARITIES, Config, Transformer
 
 # what a checkpoint can hold, by the name saved in its JSON (Transformer when it names none)
@@ -105,10 +110,31 @@ def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
     return step
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C back until the block is done, then deliver it: what the block writes is whole.
+    Only the main thread may set a signal handler; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # Python's own handler: KeyboardInterrupt, here
+    elif caught and previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
+
+
 def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
     """Weights + optimizer state in one safetensors file, config and progress in JSON beside it.
 
-    Both are written under temporary names, then renamed: a crash never leaves half a checkpoint."""
+    Both are written under temporary names, then renamed, with Ctrl-C held back until both are in
+    place: an interrupted or failed save leaves the old checkpoint whole (or none), never half a
+    checkpoint or a mix of two, and no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = dict(model.parameters())
     for i, o in enumerate(opt.optimizers):
@@ -117,11 +143,16 @@ def save_checkpoint(path: Path, model: Transformer, opt, meta: dict):
         tensors[f"optim.{i}.b1_t"], tensors[f"optim.{i}.b2_t"] = o.b1_t, o.b2_t
     weights_path, meta_path = checkpoint_files(path)
     tmp_weights, tmp_meta = Path(f"{weights_path}.tmp"), Path(f"{meta_path}.tmp")
-    safe_save(tensors, str(tmp_weights))
     meta = {**meta, "model": type(model).__name__, "config": asdict(model.config)}
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_weights, weights_path)
-    os.replace(tmp_meta, meta_path)
+    with interrupts_held():
+        try:
+            safe_save(tensors, str(tmp_weights))
+            tmp_meta.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp_weights, weights_path)
+            os.replace(tmp_meta, meta_path)
+        finally:  # after a failure (a full disk): the old checkpoint stays, its stand-ins go
+            tmp_weights.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
 
 
 def checkpoint_files(path: Path) -> tuple[Path, Path]:
@@ -129,12 +160,8 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
-class CheckpointError(Exception):
-    pass
-
-
 def load_checkpoint(path: Path, opt_lr: float | None = None):
-    """-> (model, optimizer or None, meta). Raises CheckpointError with a one-line reason."""
+    """-> (model, optimizer or None, meta). Raises UserError with a one-line reason."""
     weights_path, meta_path = checkpoint_files(path)
     try:
         meta = json.loads(meta_path.read_text())
@@ -142,24 +169,24 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
         architecture = MODELS[meta.get("model", "Transformer")]
         tensors = safe_load(str(weights_path))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
     model = architecture(config, init=False)  # every weight comes from the file
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     expected = model.parameters()
     if set(weights) != set(expected):
         missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        raise CheckpointError(f"checkpoint {path} does not fit its config: "
-                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+        raise UserError(f"checkpoint {path} does not fit its config: "
+                        f"missing {missing[:3]}, unexpected {extra[:3]}")
     for k, v in expected.items():
         if v.shape != weights[k].shape:
-            raise CheckpointError(f"checkpoint {path}: {k} has shape {weights[k].shape}, "
-                                  f"expected {v.shape}")
+            raise UserError(f"checkpoint {path}: {k} has shape {weights[k].shape}, "
+                            f"expected {v.shape}")
     for k, v in expected.items():
         v.replace(weights[k].to(v.device)).realize()
     opt = None
     if opt_lr is not None:
         if not isinstance(meta.get("step"), int):
-            raise CheckpointError(f"checkpoint {path} does not say which step it reached")
+            raise UserError(f"checkpoint {path} does not say which step it reached")
         opt = make_optimizer(model, opt_lr)
         try:
             for i, o in enumerate(opt.optimizers):
@@ -169,8 +196,8 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
                 o.b1_t.assign(tensors[f"optim.{i}.b1_t"].to(o.b1_t.device)).realize()
                 o.b2_t.assign(tensors[f"optim.{i}.b2_t"].to(o.b2_t.device)).realize()
         except KeyError as e:
-            raise CheckpointError(f"checkpoint {path} has no optimizer state {e} to resume "
-                                  "from") from None
+            raise UserError(f"checkpoint {path} has no optimizer state {e} to resume "
+                            "from") from None
     return model, opt, meta
 
 
@@ -179,29 +206,23 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
           log=print, grokfast: tuple[float, float] | None = None) -> dict:
     """Train a model on task, evaluate it on held-out data as it goes, and return the final scores.
 
-    The loop only needs from a task: config, batch(rng, B), evaluate(model, quick), show(model), the
-    metric's name and direction, and its chance level; a new task plugs in by providing those.
-    Its architecture (default Transformer) is the model class; batch's x may be a tuple of the
-    model's inputs.
-    Optional: weight_decay, betas, warmup, constant_lr (a flat learning rate after warmup), l2 and
-    clip (see make_train_step) for the optimizer; observe(model, step), called every eval_every
-    steps to record curves, returns the progress line; a list `history` is saved with the
-    checkpoint and restored on resume."""
+    What the loop reads from the task is declared in tasks.Task: its data (batch), its judge
+    (evaluate), its model (config, architecture), its optimizer's settings (weight_decay, betas,
+    warmup, constant_lr, l2, clip), and its curves (observe, called every eval_every steps; a
+    history list, saved with the checkpoint and restored on resume)."""
     steps = steps if steps is not None else task.steps
     Tensor.manual_seed(seed)
     rng = np.random.default_rng(seed)
     start = 0
-    weight_decay, betas = getattr(task, "weight_decay", 0.1), getattr(task, "betas", (0.9, 0.99))
-    observe = getattr(task, "observe", None)
     if resume:
         model, opt, meta = load_checkpoint(out, opt_lr=task.lr)
-        for o, decay in zip(opt.optimizers, (weight_decay, 0.0)):  # the task's, not the defaults
-            o.wd, (o.b1, o.b2) = decay, betas
-        if hasattr(task, "history"):
+        for o, decay in zip(opt.optimizers, (task.weight_decay, 0.0)):  # the task's, not defaults
+            o.wd, (o.b1, o.b2) = decay, task.betas
+        if task.history is not None:
             task.history = meta.get("history", [])
         if meta.get("task") != task.name:
-            raise CheckpointError(f"checkpoint {out} is for task {meta.get('task')!r}, "
-                                  f"not {task.name!r}")
+            raise UserError(f"checkpoint {out} is for task {meta.get('task')!r}, "
+                            f"not {task.name!r}")
         start = meta["step"]
         rng = np.random.default_rng([seed, start])  # fresh batches, not a replay of the first ones
         log(f"resumed {out} at step {start}")
@@ -212,23 +233,21 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
             raise ValueError(f"the task's data has n_ctx={data_shape[0]} and vocab_size="
                              f"{data_shape[1]}; the model has n_ctx={config.n_ctx} and "
                              f"vocab_size={config.vocab_size}")
-        model = getattr(task, "architecture", Transformer)(config)
-        opt = make_optimizer(model, task.lr, weight_decay, betas)
+        model = task.architecture(config)
+        opt = make_optimizer(model, task.lr, task.weight_decay, task.betas)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters().values())
     log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, "
         f"{c.n_head} heads, {c.n_embd} dims, context {c.n_ctx}; "
         f"{steps} steps of batch {task.batch_size}")
-    step_fn = make_train_step(model, opt, getattr(task, "clip", 1.0), grokfast,
-                              getattr(task, "l2", 0.0))
-    warmup = getattr(task, "warmup", max(1, min(100, steps // 10)))
-    constant_lr = getattr(task, "constant_lr", False)
+    step_fn = make_train_step(model, opt, task.clip, grokfast, task.l2)
+    warmup = task.warmup if task.warmup is not None else max(1, min(100, steps // 10))
     tokens_per_step = task.batch_size * c.n_ctx
     t0 = time.perf_counter()
     for step in range(start, steps):
         x, y = task.batch(rng, task.batch_size)
         x = tuple(Tensor(a) for a in x) if isinstance(x, tuple) else Tensor(x)
-        if constant_lr:
+        if task.constant_lr:
             lr = task.lr * min(1.0, (step + 1) / warmup)
         else:
             lr = learning_rate(step, task.lr, steps, warmup)
@@ -242,17 +261,17 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
             log(f"step {done:5d}/{steps}  loss {loss.item():.4f}  lr {lr:.2e}  "
                 f"grad-norm {norm.item():.2f}  {rate * tokens_per_step:,.0f} tok/s  "
                 f"ETA {(steps - done) / rate:.0f}s")
-        if observe is not None and (done % task.eval_every == 0 or done == steps):
-            line = observe(model, done)
-            if verbose:
+        if done % task.eval_every == 0 or done == steps:
+            line = task.observe(model, done)  # None: the task records no curves
+            if line is None and verbose and done != steps:  # the final evaluation follows
+                line = f"eval  step {done}: {task.metric} {task.evaluate(model, quick=True):.4f}"
+            if verbose and line is not None:
                 log(line)
-        elif verbose and done % task.eval_every == 0 and done != steps:
-            log(f"eval  step {done}: {task.metric} {task.evaluate(model, quick=True):.4f}")
     elapsed = time.perf_counter() - t0
     score = task.evaluate(model)
     if out is not None:
         meta = {"task": task.name, "step": steps, "seed": seed}
-        if hasattr(task, "history"):
+        if task.history is not None:
             meta["history"] = task.history
         save_checkpoint(out, model, opt, meta)
         log(f"saved {checkpoint_files(out)[0]}")
@@ -268,9 +287,17 @@ def loaded(task, path: Path):
     """The model saved at path, checked to be task's."""
     model, _, meta = load_checkpoint(path)
     if meta.get("task") != task.name:
-        raise CheckpointError(f"checkpoint {path} is for task {meta.get('task')!r}, "
-                              f"not {task.name!r}")
+        raise UserError(f"checkpoint {path} is for task {meta.get('task')!r}, "
+                        f"not {task.name!r}")
     return model
+
+
+def example_of(task) -> tuple[np.ndarray, list[str]]:
+    """The task's held-out example to draw or read, or a one-line reason why there is none."""
+    example = task.example()
+    if example is None:
+        raise UserError(f"task {task.name!r} has no example text to read the model on")
+    return example
 
 
 def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens=None):
@@ -279,17 +306,18 @@ def show_attention(task, path: Path, folder: Path, layer=None, head=None, tokens
     import heads
 
     model = loaded(task, path)
-    if hasattr(task, "inspect"):  # a model of its own kind: the task draws it
-        written, report = task.inspect(model, folder)
-    else:
-        ids, labels = task.example()
+    drawn = task.inspect(model, folder)  # a model of its own kind: the task draws it
+    if drawn is None:
+        ids, labels = example_of(task)
         encoder = getattr(model, "encoder", model)  # a Classifier's heads are its encoder's
-        written, report = heads.inspect_model(encoder, ids, labels, folder, f"{task.name} model",
-                                              tokens, layer, head)
+        drawn = heads.inspect_model(encoder, ids, labels, folder, f"{task.name} model", tokens,
+                                    layer, head)
+    written, report = drawn
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     print(report)
-    if hasattr(task, "explain"):
-        print(task.explain(model))
+    explained = task.explain(model)
+    if explained is not None:
+        print(explained)
 
 
 
@@ -301,30 +329,28 @@ def ablate(task, path: Path, folder: Path, heads_spec: str | None = None, mean: 
     import heads
 
     model = loaded(task, path)
-    score = getattr(task, "ablation_score", task.evaluate)
-    metric = getattr(task, "ablation_metric", task.metric)
-    higher = getattr(task, "ablation_higher_is_better", task.higher_is_better)
+    metric = task.ablation_metric
     mean_over = "batch" if mean else None
-    run = lambda: float(score(model))
+    run = lambda: float(task.ablation_score(model))
     written, report, base, delta = heads.ablation_report(
-        model, run, folder, heads_spec, mean_over, metric, "score", f"{task.name} model", higher,
-        saved={"metric": metric})
+        model, run, folder, heads_spec, mean_over, metric, "score", f"{task.name} model",
+        task.ablation_higher_is_better, saved={"metric": metric})
     if written:
         print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     print(report)
-    if delta is not None and hasattr(task, "ablation_reading"):
+    if delta is not None:
         knock = lambda hs: heads.ablate_heads(model, run, hs, mean_over)[1]
-        print(task.ablation_reading(model, base, delta, knock))
+        reading = task.ablation_reading(model, base, delta, knock)
+        if reading is not None:
+            print(reading)
 
 
 def lens(task, path: Path, folder: Path, tokens: str | None = None):
     """The logit lens of the checkpoint on the task's held-out example (heads.logit_lens)."""
     import heads
 
-    if not hasattr(task, "example"):
-        raise ValueError(f"task {task.name!r} has no example text to read the lens on")
+    ids, labels = example_of(task)
     model = loaded(task, path)
-    ids, labels = task.example()
     window = heads.parse_window(tokens, len(ids))
     reading = heads.logit_lens(model, ids)
     written = heads.write_lens(folder, reading, labels, task.token, f"{task.name} model: logit "
@@ -333,77 +359,23 @@ def lens(task, path: Path, folder: Path, tokens: str | None = None):
     print(heads.lens_report(reading, labels, task.token))
 
 
-def main(argv=None) -> int:
-    from tasks import TASKS, DataError
+def ablation_names(text: str) -> list[str]:
+    """An argparse type: comma-separated names of transformer.ABLATIONS."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in ABLATIONS:
+            raise argparse.ArgumentTypeError(f"unknown ablation {name!r}; choose from "
+                                             f"{', '.join(ABLATIONS)}")
+    return names
 
-    ap = flags.Parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", default="reverse", help=f"one of {', '.join(TASKS)}")
-    ap.add_argument("--steps", type=flags.count, help="training steps (default: the task's budget)")
-    ap.add_argument("--lr", type=flags.positive, help="peak learning rate (default: the task's)")
-    ap.add_argument("--seed", type=flags.natural, default=0)
-    ap.add_argument("--data", help="local text file for a task that reads one (default: download)")
-    ap.add_argument("--out", type=Path, help="checkpoint path, no suffix (default: models/TASK)")
-    ap.add_argument("--resume", action="store_true", help="continue training from --out")
-    ap.add_argument("--sample", action="store_true", help="generate from the saved checkpoint")
-    ap.add_argument("--n-layer", type=flags.count)
-    ap.add_argument("--n-head", type=flags.count)
-    ap.add_argument("--n-embd", type=flags.count)
-    ap.add_argument("--positions", choices=["learned", "sinusoidal"])
-    ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
-    ap.add_argument("--arch", choices=["encoder", "decoder"],
-                    help="--task classify: read both directions and pool (encoder, the default) "
-                         "or causally and read the last token (decoder)")
-    ap.add_argument("--ablate", action="append", default=[], metavar="NAME",
-                    help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
-    ap.add_argument("--similarity", default="scaled", choices=SIMILARITIES,
-                    help="how a query scores a key (default scaled)")
-    ap.add_argument("--attention", nargs="?", const="", metavar="DIR",
-                    help="draw every head of the saved checkpoint on a held-out example, score "
-                         "the heads (files in DIR, default attention/TASK)")
-    ap.add_argument("--layer", type=flags.natural,
-                    help="with --attention and --head: one head, large")
-    ap.add_argument("--head", type=flags.natural,
-                    help="with --attention and --layer: one head, large")
-    ap.add_argument("--tokens", metavar="A:B",
-                    help="with --attention or --logit-lens: show tokens A to B only")
-    ap.add_argument("--head-ablation", nargs="?", const="", metavar="DIR",
-                    help="knock out each head of the saved checkpoint alone and report what it "
-                         "costs the task's score on held-out data (files in DIR, default "
-                         "attention/TASK)")
-    ap.add_argument("--heads", metavar="L.H,...",
-                    help="with --head-ablation: knock out these heads together, print one result")
-    ap.add_argument("--mean", action="store_true",
-                    help="with --head-ablation: replace a head by its mean over the batch, not 0")
-    ap.add_argument("--logit-lens", nargs="?", const="", metavar="DIR",
-                    help="read the checkpoint's residual stream after each block through the "
-                         "unembedding, on a held-out example (files in DIR)")
-    ap.add_argument("--weight-decay", type=flags.nonnegative, metavar="X",
-                    help="AdamW weight decay on matrices and embeddings (default: the task's)")
-    ap.add_argument("--l2", type=flags.nonnegative, metavar="X",
-                    help="add X times each weight to its gradient, an L2 penalty as in "
-                         "torch.optim.Adam (default: the task's, 0 for most)")
-    ap.add_argument("--grokfast", nargs="?", const=2.0, type=flags.positive, metavar="LAMBDA",
-                    help="amplify the slow part of the gradient by LAMBDA (default 2; EMA 0.98)")
-    ap.add_argument("--plot", type=Path, help="where a task with curves draws them "
-                    "(default: the checkpoint path with .png)")
-    ap.add_argument("--device", help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... "
-                                     "(default: DEV, else the fastest here)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
-    args = ap.parse_args(argv)
 
-    def fail(msg: str) -> int:
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-
-    if args.task not in TASKS:
-        return fail(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
-    reads_data = getattr(TASKS[args.task], "reads_data", False)
+def command(args) -> int:
+    """What the flags ask for: train a model, or read the saved one (--sample, --attention,
+    --head-ablation, --logit-lens). Raises UserError for a mistake of the user's."""
+    reads_data = TASKS[args.task].reads_data
     if args.data is not None and not reads_data:
-        return fail(f"--data is for tasks that read a text; task {args.task!r} makes its own")
-    try:
-        task = TASKS[args.task](data=args.data) if reads_data else TASKS[args.task]()
-    except DataError as e:
-        return fail(str(e))
+        raise UserError(f"--data is for tasks that read a text; task {args.task!r} makes its own")
+    task = TASKS[args.task](data=args.data) if reads_data else TASKS[args.task]()
     if args.lr is not None:
         task.lr = args.lr
     if args.weight_decay is not None:
@@ -412,31 +384,28 @@ def main(argv=None) -> int:
         task.l2 = args.l2
     # Lee et al.'s EMA for modular arithmetic, and the amplification asked for
     grokfast = None if args.grokfast is None else (0.98, args.grokfast)
-    if args.plot is not None and not hasattr(task, "plot"):
-        return fail(f"--plot is for tasks that record curves; task {args.task!r} draws none")
+    if args.plot is not None and not task.draws_curves:
+        raise UserError(f"--plot is for tasks that record curves; task {args.task!r} draws none")
     if args.arch is not None and args.task != "classify":
-        return fail("--arch goes with --task classify")
-    if getattr(task, "architecture", Transformer) is not Transformer:
+        raise UserError("--arch goes with --task classify")
+    if task.architecture is not Transformer:
         for flag, value in (("--head-ablation", args.head_ablation),
                             ("--logit-lens", args.logit_lens)):
             if value is not None:
-                return fail(f"{flag} reads a decoder-only model; task {args.task!r} trains a "
-                            f"{task.architecture.__name__}")
-    ablations = [name.strip() for arg in args.ablate for name in arg.split(",") if name.strip()]
-    for name in ablations:
-        if name not in ABLATIONS:
-            return fail(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+                raise UserError(f"{flag} reads a decoder-only model; task {args.task!r} trains "
+                                f"a {task.architecture.__name__}")
+    ablations = [name for names in args.ablate for name in names]
     try:  # after the checks of the arguments: opening a backend takes a moment
         device = install(args.device)
     except Exception as e:
-        return fail(f"device {args.device or os.environ.get('DEV')!r} is not usable here: {e}")
+        name = args.device or os.environ.get("DEV")
+        raise UserError(f"device {name!r} is not usable here: {e}") from None
     out = args.out or Path(__file__).parent / "models" / task.name
     log = print if args.verbose else (lambda *a, **k: None)
     log(f"device {device}")
     try:
         if args.sample:
-            model, _, meta = load_checkpoint(out)
-            print(task.show(model))
+            print(task.show(loaded(task, out), args.seed))  # a task that samples draws with it
             return 0
         if args.attention is not None:
             folder = Path(args.attention or Path("attention") / task.name)
@@ -451,7 +420,7 @@ def main(argv=None) -> int:
             return 0
         for flag, value in (("--heads", args.heads), ("--mean", args.mean or None)):
             if value is not None:
-                return fail(f"{flag} goes with --head-ablation")
+                raise UserError(f"{flag} goes with --head-ablation")
         overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head),
                                        ("n_embd", args.n_embd), ("positions", args.positions))
                      if v is not None}
@@ -463,11 +432,12 @@ def main(argv=None) -> int:
             overrides.update(ABLATIONS[name])
         overrides["similarity"] = args.similarity
         config = replace(task.config, **overrides)
-        if args.verbose and hasattr(task, "baselines"):
-            log(f"baselines: {task.baselines()}")
+        baselines = task.baselines()
+        if baselines is not None:
+            log(f"baselines: {baselines}")
         result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log,
                        grokfast)
-        if hasattr(task, "plot"):
+        if task.draws_curves:
             # the figure names its run by the flags that change what is learned
             run = f"python transformer.py --task {args.task} --seed {args.seed}"
             grokfast_flag = None if args.grokfast is None else f"{args.grokfast:g}"
@@ -477,24 +447,101 @@ def main(argv=None) -> int:
                 if value not in (None, ""):
                     run += f" {flag} {value}"
             log(f"wrote {task.plot(args.plot or out.with_name(out.name + '.png'), run)}")
-    except (CheckpointError, ValueError, OSError) as e:
-        return fail(str(e))
-    log("samples:\n" + task.show(result["model"]))
-    if hasattr(task, "mask_check"):
-        log(task.mask_check(result["model"]))
+    except (ValueError, OSError) as e:  # a config that cannot be, a file that cannot be written
+        raise UserError(str(e)) from None
+    log("samples:\n" + task.show(result["model"], args.seed))
+    check = task.mask_check(result["model"])
+    if check is not None:
+        log(check)
     ok = verdict(task, result["score"])
     log(f"verdict: {task.metric} {result['score']:.4f} against chance {task.chance:.4g}: "
         f"{'learned' if ok else 'did NOT learn'}")
-    extra = task.result_fields() if hasattr(task, "result_fields") else ""
+    extra = task.result_fields()
     print(f"result: task={task.name} {task.metric}={result['score']:.4f} chance={task.chance:.4g} "
           f"steps={result['steps']} time={result['time']:.1f}s" + (f" {extra}" if extra else ""))
     return 0
 
 
+def main(argv=None) -> int:
+    """`python transformer.py ARGS` -> its exit status. The flags are read here, and what they ask
+    for runs through flags.run: a mistake of the user's is one `error:` line and status 2, Ctrl-C
+    one `interrupted` line and 130."""
+    ap = flags.Parser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="reverse", choices=TASKS, metavar="NAME",
+                    help=f"what to learn: {', '.join(TASKS)} (tasks.py)")
+    ap.add_argument("--steps", type=flags.count, metavar="N",
+                    help="training steps (not given: the task's budget)")
+    ap.add_argument("--lr", type=flags.positive, metavar="X",
+                    help="peak learning rate (not given: the task's)")
+    ap.add_argument("--seed", type=flags.natural, default=0, metavar="N",
+                    help="seeds the weights, the batches, and the text a task samples "
+                         "(shakespeare, words; the others decode greedily)")
+    ap.add_argument("--data", metavar="PATH",
+                    help="a local text for a task that reads one (not given: download it once)")
+    ap.add_argument("--out", type=Path, metavar="PATH",
+                    help="checkpoint path without suffix (not given: models/TASK)")
+    ap.add_argument("--resume", action="store_true", help="continue training from --out")
+    ap.add_argument("--sample", action="store_true", help="generate from the saved checkpoint")
+    ap.add_argument("--n-layer", type=flags.count, metavar="N",
+                    help="blocks (not given: the task's)")
+    ap.add_argument("--n-head", type=flags.count, metavar="N",
+                    help="attention heads per block (not given: the task's)")
+    ap.add_argument("--n-embd", type=flags.count, metavar="N",
+                    help="width of the residual stream, a multiple of --n-head "
+                         "(not given: the task's)")
+    ap.add_argument("--positions", choices=["learned", "sinusoidal"],
+                    help="positional encoding (not given: the task's, learned for all)")
+    ap.add_argument("--post-ln", action="store_true", help="post-LN blocks as in the 2017 paper")
+    ap.add_argument("--arch", choices=["encoder", "decoder"],
+                    help="--task classify: read both directions and pool (encoder, the default) "
+                         "or causally and read the last token (decoder)")
+    ap.add_argument("--ablate", action="append", default=[], type=ablation_names, metavar="NAME",
+                    help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
+    ap.add_argument("--similarity", default="scaled", choices=SIMILARITIES,
+                    help="how a query scores a key")
+    ap.add_argument("--attention", nargs="?", const="", metavar="DIR",
+                    help="draw every head of the saved checkpoint on a held-out example, score "
+                         "the heads (files in DIR; DIR not given: attention/TASK)")
+    ap.add_argument("--layer", type=flags.natural, metavar="L",
+                    help="with --attention and --head: one head, large")
+    ap.add_argument("--head", type=flags.natural, metavar="H",
+                    help="with --attention and --layer: one head, large")
+    ap.add_argument("--tokens", metavar="A:B",
+                    help="with --attention or --logit-lens: show tokens A to B only")
+    ap.add_argument("--head-ablation", nargs="?", const="", metavar="DIR",
+                    help="knock out each head of the saved checkpoint alone and report what it "
+                         "costs the task's score on held-out data (files in DIR; DIR not given: "
+                         "attention/TASK)")
+    ap.add_argument("--heads", metavar="L.H,...",
+                    help="with --head-ablation: knock out these heads together, print one result")
+    ap.add_argument("--mean", action="store_true",
+                    help="with --head-ablation: replace a head by its mean over the batch, not 0")
+    ap.add_argument("--logit-lens", nargs="?", const="", metavar="DIR",
+                    help="read the checkpoint's residual stream after each block through the "
+                         "unembedding, on a held-out example (files in DIR; DIR not given: "
+                         "attention/TASK)")
+    ap.add_argument("--weight-decay", type=flags.nonnegative, metavar="X",
+                    help="AdamW weight decay on matrices and embeddings (not given: the task's)")
+    ap.add_argument("--l2", type=flags.nonnegative, metavar="X",
+                    help="add X times each weight to its gradient, an L2 penalty as in "
+                         "torch.optim.Adam (not given: the task's, 0 for most)")
+    ap.add_argument("--grokfast", nargs="?", const=2.0, type=flags.positive, metavar="LAMBDA",
+                    help="amplify the slow part of the gradient by LAMBDA (LAMBDA not given: 2; "
+                         "EMA 0.98)")
+    ap.add_argument("--plot", type=Path, metavar="PATH",
+                    help="where a task with curves draws them (not given: the checkpoint path "
+                         "with .png)")
+    ap.add_argument("--device", metavar="NAME",
+                    help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... (not given: DEV, "
+                         "else the fastest here)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="progress, evals and samples")
+    return flags.run(command, ap.parse_args(argv))
+
 
 def cli():
-    """`python transformer.py ...` and `python train.py ...` both end here."""
-    exit_now(main())
+    """`python transformer.py ...` and `python train.py ...` both end here (flags.run again: a
+    Ctrl-C while the flags are read is one line too)."""
+    exit_now(flags.run(main))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ reversal's mask check, each against a NumPy oracle written here or in test_trans
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_main, small_reversal_config  # noqa: E402
 from test_transformer import (  # noqa: E402
     assert_clean_error,
+    help_entries,
     np_block,
     np_causal_mask,
     np_gelu_tanh,
@@ -32,7 +34,9 @@ from test_transformer import (  # noqa: E402
     randomize,
 )
 
-from tasks import Reverse, Words  # noqa: E402
+import flags  # noqa: E402
+from flags import UserError  # noqa: E402
+from tasks import Reverse, Shakespeare, Words  # noqa: E402
 from train import load_checkpoint, make_optimizer, save_checkpoint, train  # noqa: E402
 from train import main as train_main  # noqa: E402
 from transformer import (  # noqa: E402
@@ -356,3 +360,49 @@ def test_cli_words_refuses_a_text_too_short(tmp_path, text, fragment):
     data = tmp_path / "tiny.txt"
     data.write_text(text)
     assert_clean_error(cli("--task", "words", "--data", str(data)), fragment)
+
+
+@pytest.mark.parametrize("task", [Shakespeare, Words])
+def test_a_text_that_cannot_be_read_is_the_one_user_error(tmp_path, task):
+    """tasks.DataError is gone: a dataset's problems are flags.UserError, which every CLI prints
+    as one line with exit status 2 (flags.run)."""
+    with pytest.raises(UserError, match="nothing-here"):
+        task(data=str(tmp_path / "nothing-here.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        task(data=str(tmp_path / "empty.txt"))
+    assert flags.run(lambda argv: task(data=str(tmp_path / "empty.txt"))) == flags.USER_ERROR
+
+
+def test_experiments_help_and_a_default_plot_that_overwrites_no_tracked_file():
+    """experiments.py once drew into docs/experiments.png, a tracked file, unless told otherwise.
+    Its default now lies where git ignores it (asked of git itself), its --help shows it, and
+    every flag says what it does without "(default: None)"."""
+    import experiments
+
+    run = run_main(experiments.main, "--help")
+    assert run.returncode == 0, run.stderr
+    entries = help_entries(run.stdout)
+    assert sorted(entries) == ["--data", "--only", "--plot", "-h"]
+    assert all(entries.values()) and "(default: None)" not in run.stdout
+    plot = Path(re.search(r"\(default: (\S+)\)$", entries["--plot"]).group(1))
+    assert plot.name == "experiments.png" and "docs" not in plot.parts
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: cannot ask git what it tracks")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(plot)], cwd=REPO)
+    assert ignored.returncode == 0, f"{plot} is not ignored by git"
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "docs/experiments.png"],
+                             cwd=REPO, capture_output=True)
+    assert tracked.returncode == 0  # the check can fail: the old default is tracked
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--only", "mask,lasers"], "lasers"),
+    (["--data", "/nonexistent/shakespeare.txt"], "/nonexistent"),
+])
+def test_experiments_bad_input_is_one_line(args, fragment):
+    import experiments
+
+    run = run_main(experiments.main, *args)
+    assert_clean_error(run, fragment)
+    assert run.returncode == flags.USER_ERROR

@@ -7,6 +7,7 @@ Every new model shape costs tinygrad tens of seconds to compile on two cores, so
 tiny and shared, and only two tests train.
 """
 
+import ast
 import json
 import math
 import re
@@ -28,9 +29,11 @@ import heads  # noqa: E402
 from heads import attention_maps  # noqa: E402
 from tasks import (  # noqa: E402
     IGNORE,  # noqa: E402
+    TASKS,
     Grokking,
     Induction,
     SlowGrokking,
+    Task,
     fourier_concentration,
 )
 from train import make_optimizer, make_train_step, train  # noqa: E402
@@ -42,6 +45,94 @@ def compile_in_process():
     """Lower kernels in this process, not tinygrad's worker pool (see tests/test_transformer.py)."""
     with Context(PARALLEL=0):
         yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The declared task interface (tasks.Task)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_from_tasks(source: str) -> tuple[set[str], list[str]]:
+    """The attributes a file reads from a name `task` (or from TASKS[...]), and every
+    getattr/hasattr call on one, from its syntax tree."""
+    tree = ast.parse(source)
+    is_task = lambda node: ((isinstance(node, ast.Name) and node.id == "task")
+                            or (isinstance(node, ast.Subscript)
+                                and isinstance(node.value, ast.Name) and node.value.id == "TASKS"))
+    read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_task(n.value)}
+    probes = [ast.unparse(n) for n in ast.walk(tree)
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+              and n.func.id in ("getattr", "hasattr") and n.args and is_task(n.args[0])]
+    return read, probes
+
+
+def test_train_reads_only_what_task_declares():
+    """train.py once probed tasks with 19 getattr/hasattr calls; now every attribute it reads is
+    declared on Task (an annotation or a default), and it probes none."""
+    read, probes = read_from_tasks((REPO / "train.py").read_text())
+    declared = set(dir(Task)) | set(Task.__annotations__)
+    assert read, "the parse found no task.X at all"
+    assert read <= declared, sorted(read - declared)
+    assert probes == []
+    # and the check can fail: an undeclared read and a probe are both found
+    read, probes = read_from_tasks("task.colour\nhasattr(task, 'plot')\n")
+    assert read == {"colour"} and probes == ["hasattr(task, 'plot')"]
+
+
+def test_every_task_derives_from_task_and_states_what_task_requires(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 100)
+    required = [a for a in Task.__annotations__ if a not in vars(Task)]  # those with no default
+    assert {"name", "config", "chance", "batch_size"} <= set(required)
+    for name, cls in TASKS.items():
+        assert issubclass(cls, Task), name
+        task = cls(data=str(text)) if cls.reads_data else cls()  # abstract methods left: TypeError
+        missing = [a for a in required if not hasattr(task, a)]
+        assert missing == [], (name, missing)
+        assert task.name == name
+    # a task that leaves out a required method cannot be made
+    class NoJudge(Task):
+        def batch(self, rng, B):
+            return None
+
+    with pytest.raises(TypeError, match="evaluate"):
+        NoJudge()
+
+
+class Copy(Task):
+    """The least a task states: copy the previous token. Everything else is Task's default."""
+
+    name, metric, higher_is_better = "copy", "accuracy", True
+    steps, batch_size, lr, eval_every = 2, 3, 1e-2, 1
+    config = Config(vocab_size=5, n_ctx=4, n_layer=1, n_head=2, n_embd=8, mlp=False)
+    chance = 0.2
+
+    def batch(self, rng, B):
+        x = rng.integers(0, 5, (B, 4)).astype(np.int32)
+        return x, np.roll(x, 1, axis=1)
+
+    def evaluate(self, model, quick=False):
+        x, y = self.batch(np.random.default_rng(1), 8)
+        return float((model(Tensor(x)).argmax(-1).numpy() == y).mean())
+
+    def learned(self, score):
+        return score > 0.9
+
+    def show(self, model, seed=0):
+        return "copy"
+
+
+def test_a_task_with_only_the_required_members_trains_on_the_defaults(tmp_path):
+    """The loop fills in Task's defaults: it prints its own quick evaluation where observe offers
+    none, and saves no history with the checkpoint."""
+    lines = []
+    task = Copy()
+    result = train(task, seed=0, out=tmp_path / "copy", verbose=True, log=lines.append)
+    assert result["steps"] == 2 and 0 <= result["score"] <= 1
+    evals = [line for line in lines if line.startswith("eval")]
+    assert len(evals) == 1 and re.fullmatch(r"eval  step 1: accuracy [0-9.]+", evals[0]), lines
+    meta = json.loads((tmp_path / "copy.json").read_text())
+    assert "history" not in meta and meta["task"] == "copy"
 
 
 # ---------------------------------------------------------------------------------------------

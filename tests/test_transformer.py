@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -36,11 +37,11 @@ sys.path.insert(0, str(REPO))
 
 from conftest import run_main  # noqa: E402
 
+from flags import USER_ERROR, UserError  # noqa: E402
 from generate import generate, sample  # noqa: E402
 from heads import attention_maps  # noqa: E402
 from tasks import Shakespeare  # noqa: E402
 from train import (  # noqa: E402
-    CheckpointError,
     learning_rate,
     load_checkpoint,
     make_optimizer,
@@ -671,7 +672,7 @@ def test_checkpoint_config_mismatch_names_the_key(tmp_path, model, change, key):
     meta = json.loads(checkpoint_file(path, ".json").read_text())
     meta["config"].update(change)
     checkpoint_file(path, ".json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=re.escape(key)):
+    with pytest.raises(UserError, match=re.escape(key)):
         load_checkpoint(path)
 
 
@@ -685,8 +686,51 @@ def test_checkpoint_names_with_dots_do_not_collide(tmp_path, model):
     assert (tmp_path / "run.2.json").exists() and (tmp_path / "run.2.safetensors").exists()
 
 
-def test_checkpoint_missing_raises_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError, match="nothing-here"):
+def saved_step(path: Path) -> int:
+    return json.loads(checkpoint_file(path, ".json").read_text())["step"]
+
+
+def test_ctrl_c_during_a_save_waits_for_the_whole_checkpoint(tmp_path, model, monkeypatch):
+    """Ctrl-C arrives while the weights are written: the save goes on to put both files in place
+    (step 2, loadable), then the interrupt is raised; no temporary file is left."""
+    import train
+
+    path, opt = tmp_path / "ckpt", make_optimizer(model, 1e-3)
+    save_checkpoint(path, model, opt, {"task": "reverse", "step": 1})
+    write = train.safe_save
+
+    def interrupted(tensors, name):
+        write(tensors, name)
+        signal.raise_signal(signal.SIGINT)  # as a Ctrl-C in the terminal would
+
+    monkeypatch.setattr(train, "safe_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, opt, {"task": "reverse", "step": 2})
+    assert saved_step(path) == 2 and load_checkpoint(path)[2]["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, model, monkeypatch):
+    """A save that fails half-way (a full disk) leaves the old checkpoint and no temporary file."""
+    import train
+
+    path, opt = tmp_path / "ckpt", make_optimizer(model, 1e-3)
+    save_checkpoint(path, model, opt, {"task": "reverse", "step": 1})
+
+    def disk_full(tensors, name):
+        Path(name).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "safe_save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, model, opt, {"task": "reverse", "step": 2})
+    assert saved_step(path) == 1 and load_checkpoint(path)[2]["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+
+
+def test_checkpoint_missing_raises_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="nothing-here"):
         load_checkpoint(tmp_path / "nothing-here")
 
 
@@ -733,6 +777,31 @@ def test_cli_sample_decodes_from_the_checkpoint(cli_checkpoint):
         assert re.match(r"^\d{8}>\d{8}  (ok|WRONG)$", line), line
 
 
+def test_cli_sample_draws_with_the_seed(tmp_path):
+    """--sample --seed N: shakespeare samples at temperature 0.8, so the seed picks the text. The
+    same seed draws the same text, another seed another, and each is generate()'s draw with
+    numpy's generator seeded N (here, not through the CLI) from the saved model."""
+    data = tmp_path / "text.txt"
+    data.write_text("To be, or not to be, that is the question:\n" * 20)
+    task = Shakespeare(data=str(data))
+    Tensor.manual_seed(0)
+    model = Transformer(replace(task.config, n_layer=1, n_head=2, n_embd=16))  # untrained: random
+    out = tmp_path / "chars"
+    save_checkpoint(out, model, make_optimizer(model, 1e-3), {"task": "shakespeare", "step": 0})
+    said = {}
+    for seed in (7, 8, 7):
+        run = cli("--task", "shakespeare", "--data", str(data), "--sample", "--seed", str(seed),
+                  "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        assert said.setdefault(seed, run.stdout) == run.stdout  # the same seed, the same text
+    assert said[7] != said[8]
+    prompt = np.array([[task.chars.index("\n")]])
+    for seed, text in said.items():
+        ids = np.concatenate(list(generate(model, prompt, 200, temperature=0.8,
+                                           rng=np.random.default_rng(seed))))
+        assert text == "".join(task.chars[i] for i in ids) + "\n"
+
+
 def test_cli_resume_continues_to_more_steps(cli_checkpoint, tmp_path):
     out = copy_checkpoint(cli_checkpoint, tmp_path)
     run = cli("--task", "reverse", "--resume", "--steps", "2", "--out", str(out), "-v")
@@ -757,6 +826,61 @@ def test_cli_attention_of_a_checkpoint(cli_checkpoint, tmp_path):
     assert lines[0].split()[:3] == ["layer", "head", "previous"] and len(lines) > 2 + 5 + 17
     assert lines[-1].startswith("mirror heads")
     assert "layer 0, head 1: row = query (attending), column = key" in lines
+
+
+def test_cli_ctrl_c_while_training_is_one_line_and_130(tmp_path):
+    """Ctrl-C in the middle of `transformer.py -v`: one line `interrupted` on stderr, exit status
+    130 (128 + SIGINT, as a shell reports it), no traceback, and nothing in the checkpoint's
+    folder (the loop saves at the end only, and that save is whole or not at all)."""
+    out = tmp_path / "models" / "rev"
+    env = {**os.environ, "DEV": "CPU", "PARALLEL": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "transformer.py", "--task", "reverse", "--steps",
+                             "1000000", *TINY, "--out", str(out), "-v"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # each step line comes as it is printed (unbuffered)
+            seen.append(line)
+            if line.startswith("step"):  # training is under way: past the compile, in the loop
+                break
+        assert seen and seen[-1].startswith("step"), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err + rest
+    assert err.splitlines() == ["interrupted"], err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """--help's options, each flag (its first name) -> its help text on one line."""
+    entries, flag = {}, None
+    for line in text.split("options:\n", 1)[1].splitlines():
+        named = re.match(r"^  (-[-\w]+)(?:,? [^ ]+)*(?: {2,}(.*))?$", line)
+        if named:
+            flag = named.group(1)
+            entries[flag] = named.group(2) or ""
+        elif flag and line.startswith(" " * 10):
+            entries[flag] = (entries[flag] + " " + line.strip()).strip()
+    return entries
+
+
+def test_cli_help_says_what_every_flag_does_and_its_default():
+    """Every flag has help, every real default is shown (argparse's, through flags.Parser), and
+    none says "(default: None)" or "(default: False)": not given is said in words."""
+    run = cli("--help")
+    assert run.returncode == 0, run.stderr
+    entries = help_entries(run.stdout)
+    assert len(entries) == 31, sorted(entries)  # -h and the 30 flags of train.main
+    assert [flag for flag, text in entries.items() if not text] == []
+    for flag, default in (("--task", "reverse"), ("--seed", "0"), ("--similarity", "scaled")):
+        assert entries[flag].endswith(f"(default: {default})"), entries[flag]
+    for noise in ("(default: None)", "(default: False)", "(default: [])"):
+        assert noise not in run.stdout
+    assert "not given: models/TASK" in entries["--out"]
 
 
 def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
@@ -788,7 +912,9 @@ def assert_clean_error(run: subprocess.CompletedProcess, *fragments: str):
     (["--similarity", "cosine"], ["cosine", "additive"]),
 ])
 def test_cli_bad_arguments(args, fragments):
-    assert_clean_error(cli(*args), *fragments)
+    run = cli(*args)
+    assert_clean_error(run, *fragments)
+    assert run.returncode == USER_ERROR
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--sample"])
