@@ -162,3 +162,22 @@ def test_encoder_decoder_hook_points_read_and_replace():
     a, b = (m.run_with_hooks((s, tgt), cut).numpy() for s in src)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert np.abs(m(src[0], tgt).numpy() - m(src[1], tgt).numpy()).max() > 1e-3
+
+
+def test_the_notebook_example_in_docs_runs(monkeypatch):
+    # docs/lab.md's example as written, on a random GPT-2 of 124M's depth and heads (narrower)
+    import re
+
+    text = (REPO / "docs" / "lab.md").read_text()
+    code = re.search(r"## Hook points.*?```python\n(.*?)```", text, re.S).group(1)
+    Tensor.manual_seed(7)
+    small = Transformer(Config(vocab_size=50257, n_ctx=64, n_layer=12, n_head=12, n_embd=48))
+    monkeypatch.setattr(gpt, "load_gpt2", lambda *a, **k: small)
+    scope = {}
+    exec(code, scope)
+    T = len(gpt.tokenizer().encode("When Mary and John went to the store, John gave a drink to"))
+    assert scope["cache"]["blocks.9.attn.hook_pattern"].shape == (1, 12, T, T)
+    ablated, plain = scope["ablated"].numpy(), scope["logits"].numpy()
+    assert np.abs(ablated - plain).max() > 0  # knocking out 9.6 moved the logits
+    with small.hooks({"blocks.9.attn.hook_z": scope["knock_out_head_6"]}):
+        np.testing.assert_array_equal(small(scope["ids"]).numpy(), ablated)
