@@ -108,7 +108,7 @@ def record_sampled_logits(monkeypatch) -> list:
         seen.append(np.array(logits, dtype=np.float64))
         return real_sample(logits, *args, **kwargs)
 
-    monkeypatch.setattr(transformer, "sample", recording_sample)
+    monkeypatch.setattr(generate, "sample", recording_sample)
     return seen
 
 
