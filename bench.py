@@ -236,7 +236,7 @@ def load_gpt2_tinygrad(folder: Path, half: bool):
 def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) -> dict:
     from tinygrad import Device, GlobalCounters, Tensor, Variable
 
-    from transformer import generate
+    from generate import generate
 
     t_start = time.perf_counter()
     model = load_gpt2_tinygrad(folder, half)
@@ -267,7 +267,7 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
 
 def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
 
-    from transformer import generate
+    from generate import generate
 
     model = load_gpt2_tinygrad(folder, half)
     # generation's own prefill, which gives the first token; PyTorch's peer keeps one row of

@@ -29,9 +29,10 @@ from tinygrad import Tensor
 
 import flags
 import runtime
+from generate import generate
 from tasks import Reverse, Shakespeare
 from train import train
-from transformer import ABLATIONS, SIMILARITIES, Transformer, generate
+from transformer import ABLATIONS, SIMILARITIES, Transformer
 
 STEPS = 300  # every Shakespeare run: 300 steps of 12 x 64 characters
 EVERY = 50  # a quick held-out evaluation every 50 steps draws the curves
