@@ -85,14 +85,23 @@ def install(device: str | None = None) -> str:
         return f"{Device.DEFAULT} ({type(Device[Device.DEFAULT].renderer).__name__})"
     name = use_device(device)
     keep_kernels()
-    Tensor.dot = lambda x, w, dtype=None: (
-        TINYGRAD_DOT(x, w, dtype) if dtype is not None or x.ndim < 2 or w.ndim < 2
-        else product(x, w.transpose(-2, -1)))
-    Tensor.linear = lambda x, weight, bias=None, dtype=None: (
-        TINYGRAD_LINEAR(x, weight, bias, dtype) if dtype is not None or x.ndim < 2
-        or weight.ndim != 2 else product(x, weight.transpose(-2, -1), bias))
+    Tensor.dot, Tensor.linear = _dot, _linear  # the seam (transformer.py names it)
     INSTALLED = True
     return name
+
+
+def _dot(x: Tensor, w: Tensor, dtype=None) -> Tensor:
+    """Tensor.dot (x @ w) once installed: matrices by product, anything else by tinygrad."""
+    if dtype is not None or x.ndim < 2 or w.ndim < 2:
+        return TINYGRAD_DOT(x, w, dtype)
+    return product(x, w.transpose(-2, -1))
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, dtype=None) -> Tensor:
+    """Tensor.linear (x @ weight + bias, weight (in, out)) once installed, likewise."""
+    if dtype is not None or x.ndim < 2 or weight.ndim != 2:
+        return TINYGRAD_LINEAR(x, weight, bias, dtype)
+    return product(x, weight.transpose(-2, -1), bias)
 
 
 def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
