@@ -166,16 +166,6 @@ def parallel(data: str, runs: dict) -> list[str]:
 GROUPS = ("similarity", "shared", "residual", "mask", "positions", "parallel")
 
 
-def experiment_names(text: str) -> list[str]:
-    """An argparse type: comma-separated names of GROUPS."""
-    groups = [g.strip() for g in text.split(",") if g.strip()]
-    for group in groups:
-        if group not in GROUPS:
-            raise argparse.ArgumentTypeError(f"unknown experiment {group!r}; choose from "
-                                             f"{', '.join(GROUPS)}")
-    return groups
-
-
 def existing_file(text: str) -> str:
     """An argparse type: the path of a file that is there."""
     if not Path(text).is_file():
@@ -221,7 +211,7 @@ def main(argv=None) -> int:
     """`python experiments.py ARGS` -> its exit status, through flags.run: a mistake of the
     user's is one `error:` line and status 2, Ctrl-C one `interrupted` line and 130."""
     ap = flags.Parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", type=experiment_names, metavar="NAME,...",
+    ap.add_argument("--only", type=flags.names(GROUPS, "experiment"), metavar="NAME,...",
                     help=f"comma-separated, of {', '.join(GROUPS)} (not given: all of them)")
     ap.add_argument("--data", type=existing_file, metavar="PATH",
                     default=str(Path(__file__).parent.parent / "shared" / "data" /

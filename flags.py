@@ -156,3 +156,18 @@ class Progress:
         self.width = max(self.width, len(text))
         sys.stderr.write("\r" + text.ljust(self.width))
         sys.stderr.flush()
+
+
+def names(choices, what: str):
+    """An argparse type: comma-separated names, each one of choices, e.g. "no-mask,no-residual"
+    for --ablate. An unknown one is argparse's error for that flag, naming the choices."""
+
+    def parse(text: str) -> list[str]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        for name in chosen:
+            if name not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from "
+                                                 f"{', '.join(choices)}")
+        return chosen
+
+    return parse

@@ -13,7 +13,6 @@ model learns and how it is judged comes from a task (tasks.py); the loop does no
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -359,16 +358,6 @@ def lens(task, path: Path, folder: Path, tokens: str | None = None):
     print(heads.lens_report(reading, labels, task.token))
 
 
-def ablation_names(text: str) -> list[str]:
-    """An argparse type: comma-separated names of transformer.ABLATIONS."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    for name in names:
-        if name not in ABLATIONS:
-            raise argparse.ArgumentTypeError(f"unknown ablation {name!r}; choose from "
-                                             f"{', '.join(ABLATIONS)}")
-    return names
-
-
 def command(args) -> int:
     """What the flags ask for: train a model, or read the saved one (--sample, --attention,
     --head-ablation, --logit-lens). Raises UserError for a mistake of the user's."""
@@ -495,7 +484,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", choices=["encoder", "decoder"],
                     help="--task classify: read both directions and pool (encoder, the default) "
                          "or causally and read the last token (decoder)")
-    ap.add_argument("--ablate", action="append", default=[], type=ablation_names, metavar="NAME",
+    ap.add_argument("--ablate", action="append", default=[], metavar="NAME",
+                    type=flags.names(ABLATIONS, "ablation"),
                     help=f"take a part away: {', '.join(ABLATIONS)} (repeat or comma-separate)")
     ap.add_argument("--similarity", default="scaled", choices=SIMILARITIES,
                     help="how a query scores a key")
