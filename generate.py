@@ -70,7 +70,7 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     feeds one token, compiled once by TinyJit with its position a symbolic Variable. Both stay
     with the model (runtime.kept_jits), so later calls trace nothing again. A full context
     slides: the newest half is prefilled again. beam > 0 searches the step's kernels (tinygrad's
-    BEAM of that width): minutes once per shape and device, then cached on disk."""
+    BEAM of that width): a long search once per shape and device, then cached on disk."""
     n_ctx = model.config.n_ctx
     window = np.asarray(prompt, dtype=np.int32)[:, -n_ctx:]  # (B, T): a longer prompt keeps its end
     B = window.shape[0]
@@ -82,8 +82,9 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
         T = window.shape[1]
         size = padded_length(model, T)
         # One TinyJit per bucket, captured by its first call (which makes the KV caches). The
-        # output layer reads the last real row only (all 512 rows' logits: a fifth of a 512-token
-        # prefill); contiguous(): a view would come back at its first offset.
+        # output layer reads the last real row only (the other rows' logits, each a product with
+        # the whole output layer, would be thrown away; docs/speed.md); contiguous(): a view
+        # would come back at its first offset.
         run = kept_jits(model, B).setdefault(size, jit_at_once(lambda tok, last: model.unembed(
             model.final_stream(tok, 0).shrink((None, (last, last + 1), None)).contiguous())
             .realize()))

@@ -231,7 +231,7 @@ def load_gpt2(model: str = "gpt2", weights: Path | None = None, weights_dir: Pat
     arrays = map_checkpoint(ckpt, gpt)
     # The transposes, casts and the vocabulary's padding happen in NumPy, in the one pass that
     # fills the device buffer (on_device): as tinygrad kernels they were scheduled, and their code
-    # generated, in every new process (GPT-2 124M loaded in 6.0 s, now 0.5 s; docs/speed.md).
+    # generated, in every new process (what that cost: docs/speed.md, "Loading in NumPy").
     # Each weight is then a buffer in the model's layout: nothing is read from the file later.
     tensors = on_device(arrays, dtype, {name: params[name].shape for name in arrays})
     by_block: dict[str, list[Tensor]] = {}

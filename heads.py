@@ -549,8 +549,9 @@ def probe_induction(model, seed: int = 0, key: str | None = None,
 
     text: ids (T,) whose attention the caller wants too. When the probe runs and the text fits
     its rows, the text is a fifth row of the probe's pass, padded on the right (causal models):
-    one pass instead of two, GPT-2's first --attention on a checkpoint 0.9 s sooner. Returns the
-    scores and the text's attention (L, H, T, T), or None where it was not computed."""
+    one pass instead of two: on a new checkpoint, GPT-2's --attention does not schedule and run
+    a pass for the text alone (docs/speed.md). Returns the scores and the text's attention
+    (L, H, T, T), or None where it was not computed."""
     from tinygrad.helpers import diskcache_get, diskcache_put
 
     if key is not None:

@@ -20,7 +20,7 @@ from flags import atomic_write
 
 def subplots(*grid, figsize, layout=None, **kw):
     """A figure of its own and its axes, as plt.subplots makes them, without pyplot: its import
-    (a third of a second) and its table of open windows do nothing for a file. savefig draws
+    (its cost: docs/speed.md) and its table of open windows do nothing for a file. savefig draws
     with Agg, off-screen."""
     fig = Figure(figsize=figsize, layout=layout)
     return fig, fig.subplots(*grid, **kw)
@@ -57,7 +57,8 @@ def mosaic_gap(T: int, S: int) -> int:
 def mosaic(ax, att, fontsize: int = 9):
     """att (L, H, T, S) into ax as one image: a (T, S) panel per head, layers as rows and heads
     as columns, grey gaps between, on the colour scale [0, 1]. One image instead of one axes per
-    head: GPT-2's 144 panels take under a second instead of 16 s of matplotlib."""
+    head: matplotlib lays out, ticks and draws each axes on its own, 144 times for GPT-2
+    (docs/speed.md, "The figures")."""
     L, H, T, S = att.shape
     gap = mosaic_gap(T, S)
     image = np.full((L * (T + gap) - gap, H * (S + gap) - gap), np.nan)  # NaN: the gaps
@@ -171,8 +172,8 @@ def layer_head_axes(ax, values, fmt: str, dark):
 def head_scores(scores: dict, path: Path, title: str = "") -> Path:
     """One layers x heads heatmap per score (name -> (L, H) array), each with its colour bar and
     each value written in its cell when the grid is small enough to read. Laid out by hand, in
-    inches: a layout engine measures every tick label first (GPT-2's five panels: 0.85 s, now
-    0.4)."""
+    inches: a layout engine measures every tick label first, a pass the hand layout does without
+    (docs/speed.md, "The figures")."""
     n = len(scores)
     L, H = next(iter(scores.values())).shape
     w, h = max(1.4, 0.3 * H), max(1.2, 0.3 * L)  # one heatmap, in inches

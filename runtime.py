@@ -16,8 +16,9 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
 - run_on_all_cores: tinygrad splits a large CPU kernel into one chunk per core, then runs the
   chunks one after another; here at once. Can go when its CPU runtime runs the chunks in
   parallel again (its threads were deleted after 0.14, PR #17866).
-- cpu_graph: TinyJit replays CPU kernels through a generic path, tens of µs of Python each; a
-  prepared loop instead. Can go when a CPU graph ships outside the experimental HCQ2.
+- cpu_graph: TinyJit replays CPU kernels through a generic path that resolves each kernel's
+  buffers and arguments again in Python; a prepared loop instead. Can go when a CPU graph ships
+  outside the experimental HCQ2.
 - use_device: tinygrad picks OpenCL (PoCL) or clang on a CPU; LLVM code generation is the
   fastest. Can go when tinygrad's own default on a CPU is LLVM.
 - on_device: tinygrad copies a NumPy array into a fresh buffer of its own; on a CPU the
@@ -26,13 +27,14 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
 - jit_at_once, kept_jits: TinyJits that capture on their first call, and are kept from one
   call to the next while the buffers they read stay the same. Can go when TinyJit takes the
   number of plain calls as an option and checks what it reads.
-- exit_now: Python's teardown frees tinygrad's graphs one object at a time, a second after
-  every run. Can go when that teardown is quick.
-- train_matmul: x Wᵀ with a backward whose CPU kernels run twice as fast as tinygrad's own.
+- exit_now: Python's teardown frees tinygrad's graphs one object at a time after every run,
+  when nothing is left to use them. Can go when that teardown is quick.
+- train_matmul: x Wᵀ with a backward whose CPU kernels read memory in order and split the long
+  sums, where tinygrad's own read W across memory and sum all rows in one chain.
   Can go when tinygrad's matmul backward runs at its forward's speed.
 - cpu_matmul: x Wᵀ + b outside training as one hand-written kernel (C vector code compiled by
-  tinygrad's own clang compiler, run as a tinygrad program), at NumPy's BLAS speed. Can go when
-  tinygrad's CPU code keeps vector arithmetic in vectors.
+  tinygrad's own clang compiler, run as a tinygrad program) that keeps vector arithmetic in
+  vectors, as a BLAS does. Can go when tinygrad's CPU code does so too.
 """
 from __future__ import annotations
 
@@ -165,9 +167,9 @@ def keep_kernels():
     binaries (~/.cache/tinygrad/cache.db; CACHELEVEL=0 turns both off).
 
     tinygrad 0.14 caches compiled binaries between runs, but regenerates every kernel's code in
-    each new process: 201 kernels took 17 s of `transformer.py -v`'s 38 s on one core. Read back
-    from disk, the reversal model's first step took 2.3 s instead of 8 on clang. Idempotent; the
-    CLIs and bench.py call it, a library user may."""
+    each new process, which was much of a short run's time (docs/speed.md, "The runtime pieces").
+    Read back from disk, a kernel seen in an earlier process costs a lookup, not its code
+    generation again. Idempotent; the CLIs and bench.py call it, a library user may."""
     import tinygrad.codegen
     import tinygrad.engine.realize
 
@@ -180,8 +182,9 @@ def keep_kernels():
 
 def _swap_in_kept(lower_and_compile, linear):
     """tinygrad's lower_and_compile, but where every kernel of a schedule is generated already,
-    each call gets its program in one step: tinygrad rewrites each kernel's whole graph to put
-    it in, 2 ms a kernel, 0.22 s of a 512-token GPT-2 prefill's 1.6 s."""
+    each call gets its program in one step, without tinygrad's rewrite of each kernel's whole
+    graph to put it in, which is paid per kernel each time a schedule is lowered
+    (docs/speed.md)."""
     import tinygrad.engine.realize as realize
     from tinygrad.uop.ops import Ops
 
@@ -250,9 +253,8 @@ def run_on_all_cores():
     per core, told apart by a `core_id` argument, then calls the chunks one after another on
     one thread. Here chunk 0 runs on the calling thread and the others on helper threads at the
     same time: ctypes lets go of Python's lock while compiled code runs. The chunks write
-    disjoint outputs, so results are bit for bit the same. Training steps on the 2-core build
-    machine (bench.py): 45 -> 40 ms for the reversal model, 810 -> 480 ms for modular addition
-    at p=113. Idempotent; use_device calls it."""
+    disjoint outputs, so results are bit for bit the same. What it buys each training step:
+    docs/speed.md, "Both cores". Idempotent; use_device calls it."""
     from tinygrad.runtime.ops_cpu import CPUProgram
 
     serial = CPUProgram.__call__
@@ -284,8 +286,8 @@ def cpu_graph():
         """TinyJit's replay of a run of CPU kernels as one loop over prepared calls.
 
         tinygrad 0.14 batches the kernels of a captured function into graphs on GPUs; on the CPU
-        it replays them one by one through its generic path, tens of µs of Python per kernel
-        (resolving buffers, launch sizes, arguments) besides the kernel's run. Here each kernel's
+        it replays them one by one through its generic path, which resolves each kernel's
+        buffers, launch sizes and arguments again in Python besides running it. Here each kernel's
         function and arguments are prepared once; a replay writes in the buffers and variable
         values that change between calls, then calls the functions in order (the chunks of split
         ones on all cores, as run_on_all_cores does). Every number the same to the bit."""
@@ -359,10 +361,9 @@ def use_device(device: str | None = None) -> str:
 
     tinygrad picks a GPU backend when there is one, else OpenCL, else the CPU with clang. On a CPU
     (no GPU backend, or OpenCL served by PoCL on the CPU) this picks the CPU with LLVM code
-    generation when libLLVM is installed (setup.sh does): `transformer.py -v` takes 34 s on an
-    empty kernel cache and 15 s on a warm one on the 2-core build machine, against 95 s and 15 s
-    through PoCL and 38 s and 18 s with clang, and its training steps are the fastest of the
-    three (README, Backends). DEV=CL or --device CL picks PoCL. On a CPU backend it also runs
+    generation when libLLVM is installed (setup.sh does): PoCL compiles each new kernel slowly,
+    and LLVM's code ran the demo and every training step measured sooner than clang's
+    (docs/speed.md, Backends). DEV=CL or --device CL picks PoCL. On a CPU backend it also runs
     kernels on all cores and replays TinyJit's kernels through CPUGraph."""
     from tinygrad import Device
     from tinygrad.helpers import DEV
@@ -371,7 +372,7 @@ def use_device(device: str | None = None) -> str:
         DEV.value = device.upper()
     elif not os.environ.get("DEV"):
         # Without a GPU's device file no GPU backend can open, so tinygrad's own search (it opens
-        # each backend in turn, 0.4 s here, then PoCL) would end on the CPU anyway
+        # each backend in turn, then PoCL, which takes a while) would end on the CPU anyway
         on_cpu = not gpu_device_files()
         if not on_cpu:
             auto = Device.DEFAULT
@@ -416,9 +417,10 @@ def llvm_available() -> bool:
 
 def exit_now(code: int | None):
     """End a CLI process without Python's teardown, which frees tinygrad's graphs and caches one
-    object at a time: 1.2 s after every run, 6 % of the 19 s demo. The exit handlers (tinygrad's
-    device finalizers) still run and the output streams are flushed; files are all closed by then
-    (checkpoints are renamed into place, the kernel cache commits each write)."""
+    object at a time, work for nothing once the process ends (its cost: docs/speed.md). The exit
+    handlers (tinygrad's device finalizers) still run and the output streams are flushed; files
+    are all closed by then (checkpoints are renamed into place, the kernel cache commits each
+    write)."""
     if not INSTALLED:
         sys.exit(code)
     atexit._run_exitfuncs()
@@ -429,8 +431,8 @@ def exit_now(code: int | None):
 
 def host_memory(nbytes: int):
     """nbytes of zeroed, page-aligned host memory. On Linux it asks for huge pages
-    (MADV_HUGEPAGE): the kernel then maps 2 MiB at a time, not 4 KiB, and the first writes to
-    fresh memory, which paid a page fault per 4 KiB, cost a fifth (500 MB: 1.35 -> 0.27 s)."""
+    (MADV_HUGEPAGE): the kernel then maps 2 MiB at a time, not 4 KiB, so the first writes to
+    fresh memory take one page fault per 2 MiB instead of one per 4 KiB (docs/speed.md)."""
     import mmap
 
     memory = mmap.mmap(-1, max(nbytes, 1))
@@ -447,9 +449,9 @@ def on_device(arrays: dict, dtype, shapes: dict) -> dict[str, Tensor]:
     tinygrad 0.14's Tensor(array) copies an array into a fresh buffer of its own. On a CPU
     device each array is written instead (cast, transposed, padded) into zeroed host memory that
     becomes the buffer itself and lives as long as the buffer does, the copies on all cores at
-    once (NumPy lets go of Python's lock while it copies). GPT-2 124M: 1.5-1.9 s -> 0.5 s.
-    Elsewhere each is copied to the device as before. Can go when Tensor(array) on a CPU takes
-    the array's memory as it is."""
+    once (NumPy lets go of Python's lock while it copies): one write per weight, not two, and
+    no kernel to schedule (GPT-2 124M's loading: docs/speed.md). Elsewhere each is copied to the
+    device as before. Can go when Tensor(array) on a CPU takes the array's memory as it is."""
     import numpy as np
     from tinygrad import Device
     from tinygrad.dtype import _from_np_dtype
@@ -488,8 +490,9 @@ def jit_at_once(fxn) -> TinyJit:
     captures it on the second call, in case the first creates buffers (a KV cache, optimizer
     state); for one that creates none, or only buffers that live tensors hold (TinyJit 0.14
     keeps those out of its memory plan: a prefill's KV caches, which the model holds), the plain
-    call is a pass of tinygrad's scheduler for nothing: GPT-2's two warm-up decode steps took
-    1.9 s, now 1.1. Can go when TinyJit takes the number of plain calls as an option."""
+    call is a pass of tinygrad's scheduler for nothing before the capture (what it cost GPT-2's
+    decode warm-up: docs/speed.md). Can go when TinyJit takes the number of plain calls as an
+    option."""
     jit = TinyJit(fxn)
     if INSTALLED:  # else TinyJit as it is
         jit.cnt = 1  # calls so far: the next one captures
@@ -530,10 +533,11 @@ def kept_jits(owner, key) -> dict:
 def matmul_backward(grad: UOp, call: UOp) -> tuple[UOp, UOp]:
     """The gradients of y = x Wᵀ (x (N, in), W (out, in)), written so that tinygrad 0.14 makes
     fast CPU kernels of them. Its own backward reads W across memory for dx, and reduces dW over
-    all N rows in one long sum: on this CPU 12 and 7 GFLOP/s against the forward's 31.
-    - dx = g W reads W through a transposed copy, so each of its sums runs along memory: 31.
-    - dW = gᵀ x as up to 32 partial sums over blocks of rows, stored, then added: 17.
-    One Linear of modular addition's step at p=113 (11,490 rows, 512 -> 128): 385 ms -> 186 ms."""
+    all N rows in one long sum, a serial chain per output: both run well below the forward.
+    - dx = g W reads W through a transposed copy, so each of its sums runs along memory.
+    - dW = gᵀ x as up to 32 partial sums over blocks of rows, stored, then added: each block's
+      sum is shorter, and the blocks are independent work for the cores.
+    What each bought: docs/speed.md, "Linear's backward for training"."""
     g, x, w = (Tensor(u) for u in (grad, *call.src[1:]))
     N, n_in = x.shape
     n_out = w.shape[0]
@@ -662,10 +666,11 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x Wᵀ (+ b) for x (M, K) and weight (N, K), or x (..., M, K) and weight (..., N, K)
     entry by entry (attention's q kᵀ per head), as one hand-written kernel, split over the
     cores by entries or rows. tinygrad 0.14's CPU code splits vector arithmetic into single
-    lanes: its 512x768 by 768x3072 product runs at 11 GFLOP/s on one core and 40 on two of the
-    2-core build machine; this kernel at 95 and 186 (NumPy's BLAS: 187). Compiled with
-    tinygrad's own clang compiler (its disk cache keeps it), loaded as a tinygrad program, so
-    TinyJit and CPUGraph replay it like any other kernel."""
+    lanes, so a product loads 4 floats at a time and multiplies them one by one; this kernel
+    keeps tiles of 8-lane sums in registers (its speed against tinygrad's and NumPy's BLAS:
+    docs/speed.md, "A hand-written matmul kernel"). Compiled with tinygrad's own clang compiler
+    (its disk cache keeps it), loaded as a tinygrad program, so TinyJit and CPUGraph replay it
+    like any other kernel."""
     from tinygrad import Device, dtypes
     from tinygrad.dtype import AddrSpace
     from tinygrad.helpers import NUM_CPU_THREADS
@@ -675,7 +680,8 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     *lead, M, K = x.shape
     batch, N = math.prod(lead), weight.shape[-2]
     flops = 2 * batch * M * N * K
-    # a chunk handed to a helper thread costs ~55 µs; below ~2 MFLOP one core is sooner
+    # handing a chunk to a helper thread and back has a fixed cost (docs/speed.md, Training):
+    # below 2 MFLOP it outweighs the work it shares, so one core runs the whole product
     cores = min(NUM_CPU_THREADS.value, max(batch, -(-M // 3))) if flops >= 1 << 21 else 1
     name = f"matmul_{batch}_{M}_{N}_{K}" + ("_bias" if bias is not None else "")
     source = MATMUL_C.substitute(

@@ -353,8 +353,8 @@ class Shakespeare(Task):
         x = self.val[: n * T].reshape(-1, chunk, T)  # (chunks, chunk, T)
         y = self.val[1 : n * T + 1].reshape(-1, chunk, T)  # x shifted by one character
         if self.loss_of is None or self.loss_of[0] is not model:
-            # compiled once per model: a replay costs 0.45 s a chunk where a plain call costs 1.1
-            # (n_ctx 16, 32 dims, 2-core build machine), and 27 chunks make the whole val text
+            # compiled once per model: every chunk has one shape, so a replay skips the scheduling
+            # in Python that a plain call pays again for each chunk (docs/speed.md, Training)
             loss = lambda x, y: model(x).sparse_categorical_crossentropy(y).realize()
             self.loss_of = (model, TinyJit(loss))
         picked = range(0, len(x), 4 if quick else 1)

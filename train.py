@@ -74,7 +74,8 @@ def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
     (Loshchilov & Hutter, 2019). clip=None leaves the gradient's norm alone."""
     params = opt.params
     # Realize the initial weights and optimizer state first: left lazy, their random initialization
-    # joins the first step's graph, and scheduling it took 3x longer (76 s against 25 s on 2 cores).
+    # joins the first step's graph, and scheduling that larger graph took several times longer
+    # (docs/speed.md, Training).
     Tensor.realize(*get_state_dict(opt).values())
     if grokfast is not None:
         alpha, lamb = grokfast

@@ -98,7 +98,8 @@ class Linear:
     Conv1D layout (in, out), which gpt.py transposes once at load time."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool = True, std: float = 0.02, init=True):
-        # init=False: unset, for a caller that loads them (GPT-2's random draws cost a second)
+        # init=False: unset, for a caller that loads them (drawing GPT-2's random weights only to
+        # overwrite them takes time; docs/speed.md)
         self.weight = Tensor.normal(n_out, n_in, std=std) if init else Tensor.empty(n_out, n_in)
         self.bias = Tensor.zeros(n_out) if bias else None
 
