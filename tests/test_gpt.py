@@ -43,7 +43,7 @@ TIKTOKEN_DIR = ROOT.parent / "shared" / "tiktoken"
 os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_DIR)
 
 import tiktoken  # noqa: E402  (after TIKTOKEN_CACHE_DIR on purpose)
-from conftest import assert_padding_changes_nothing, run_main  # noqa: E402
+from conftest import PLAIN, assert_padding_changes_nothing, run_main  # noqa: E402
 from tinygrad import Tensor, dtypes  # noqa: E402
 from tinygrad.nn.state import safe_load, safe_save  # noqa: E402
 
@@ -995,6 +995,8 @@ def kernels_made() -> int:
     return len(tinygrad.engine.realize.to_program_cache)
 
 
+@pytest.mark.skipif(PLAIN, reason="runtime.kept_jits keeps the steps; TINYGPT_PLAIN=1 "
+                    "installs no runtime piece")
 def test_prompts_of_three_lengths_in_one_bucket_build_one_graph(tiny, monkeypatch):
     """The first prompt of a bucket traces the prefill and the decode step once; two more prompts
     of other lengths in that bucket, each a generate() of its own, replay them: no pass through
