@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flags import atomic_write  # the project's one temporary-file-then-rename
+from flags import UserError, atomic_write  # one user error; one temporary file, then rename
 
 
 def batched(att: np.ndarray) -> np.ndarray:
@@ -184,9 +184,9 @@ def parse_window(spec: str | None, T: int) -> tuple[int, int]:
             raise ValueError
         a, b, _ = slice(*(int(p) if p.strip() else None for p in parts)).indices(T)
     except ValueError:
-        raise ValueError(f"--tokens {spec!r}: expected A:B, e.g. 0:40") from None
+        raise UserError(f"--tokens {spec!r}: expected A:B, e.g. 0:40") from None
     if a >= b:
-        raise ValueError(f"--tokens {spec!r} selects no token of the {T}")
+        raise UserError(f"--tokens {spec!r} selects no token of the {T}")
     return a, b
 
 
@@ -202,9 +202,9 @@ def parse_heads(spec: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
         try:
             layer, head = (int(n) for n in part.strip().split("."))
         except ValueError:
-            raise ValueError(f"--heads {spec!r}: expected LAYER.HEAD,..., e.g. 0.2,1.3") from None
+            raise UserError(f"--heads {spec!r}: expected LAYER.HEAD,..., e.g. 0.2,1.3") from None
         if not (0 <= layer < n_layer and 0 <= head < n_head):
-            raise ValueError(f"--heads: no head {layer}.{head}: the model has layers "
+            raise UserError(f"--heads: no head {layer}.{head}: the model has layers "
                              f"0-{n_layer - 1} and heads 0-{n_head - 1}")
         if (layer, head) not in heads:
             heads.append((layer, head))
@@ -424,9 +424,9 @@ def writable_folder(out: Path) -> Path:
 def check_head(layer, head, n_layer: int, n_head: int) -> tuple[int, int] | None:
     """--layer and --head, both or neither, within the model -> (layer, head) or None."""
     if (layer is None) != (head is None):
-        raise ValueError("--layer and --head go together: name one head, e.g. --layer 1 --head 0")
+        raise UserError("--layer and --head go together: name one head, e.g. --layer 1 --head 0")
     if layer is not None and not (0 <= layer < n_layer and 0 <= head < n_head):
-        raise ValueError(f"no head {layer}.{head}: the model has layers 0-{n_layer - 1} and "
+        raise UserError(f"no head {layer}.{head}: the model has layers 0-{n_layer - 1} and "
                          f"heads 0-{n_head - 1}")
     return None if layer is None else (layer, head)
 

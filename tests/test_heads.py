@@ -194,7 +194,7 @@ def test_top_heads_and_the_window():
     assert heads.parse_window(":-3", 10) == (0, 7)
     assert heads.parse_window("4:", 10) == (4, 10)
     for bad in ("5:2", "x:3", "3", "1:2:3", "20:30"):
-        with pytest.raises(ValueError, match="--tokens"):
+        with pytest.raises(heads.UserError, match="--tokens"):
             heads.parse_window(bad, 10)
 
 
