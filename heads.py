@@ -580,7 +580,7 @@ def inspect_model(model, ids: np.ndarray, labels: list[str], out: Path, title: s
     out; tokens is --tokens' window "A:B", layer and head name one head to draw large. The
     induction score needs its own input (probe_induction; probe_key: see there).
     Returns the files written and the report to print (see report). Bad arguments raise
-    ValueError, an unwritable folder OSError, both before any work."""
+    UserError, an unwritable folder OSError, both before any work."""
     chosen = check_head(layer, head, model.config.n_layer, model.config.n_head)
     window = parse_window(tokens, len(ids))
     writable_folder(out)
