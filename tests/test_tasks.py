@@ -398,8 +398,17 @@ def test_l2_penalty_enters_adam_as_numpy_adam_says():
                  for a, mi, vi in zip(w, m, v)]
             _, norm = step(Tensor(x), Tensor(y), Tensor([lr]))
             assert norm.item() == pytest.approx(np.sqrt(sum(np.sum(a ** 2) for a in g)), rel=1e-4)
-            for got, want in zip(opt.params, w):
-                np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-5)
+            for param, want in zip(opt.params, w):
+                got, want = param.numpy(), want.copy()
+                if param is model.h[0].attn.c_attn.bias:
+                    # The key bias's gradient is 0 in exact arithmetic (q·b_k shifts a whole row
+                    # of scores, which softmax ignores): what arrives is float noise, which Adam
+                    # scales up to a step of up to lr whichever way the noise fell. The penalty
+                    # still pulls it; only the noise's share is not comparable.
+                    keys = slice(8, 16)
+                    assert np.abs(got[keys] - want[keys]).max() <= 2 * lr * t
+                    got[keys] = want[keys] = 0.0
+                np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
 # ---------------------------------------------------------------------------------------------
