@@ -23,6 +23,8 @@ It writes (see tests/fixtures/README.md for what each file holds):
     tests/fixtures/tiny-gpt2-trained-perplexity.npz   (alone: tests/make_fixtures.py perplexity)
     tests/fixtures/tiny-gpt2-trained-causes.npz   (alone: tests/make_fixtures.py causes)
     tests/fixtures/tiny-gpt2-hooks.npz            (alone: tests/make_fixtures.py hooks)
+    tests/fixtures/tiny-gpt2-narrow/config.json, model.safetensors   (with the next one)
+    tests/fixtures/tiny-gpt2-patching.npz         (alone: tests/make_fixtures.py patching)
     tests/fixtures/torch-transformer.npz          (alone: tests/make_fixtures.py families)
     tests/fixtures/strided.bin
     tests/fixtures/strided-legacy.bin
@@ -56,7 +58,7 @@ SAMPLED_COLUMNS = 256
 MIN_GREEDY_MARGIN = 1e-3
 
 
-def make_config(n_positions=128):
+def make_config(n_positions=128, n_embd=16, n_layer=2, n_head=2):
     # n_ctx and architectures are not needed by transformers, but the official gpt2 config.json
     # has them, and a loader may read n_ctx.
     return GPT2Config(
@@ -64,9 +66,9 @@ def make_config(n_positions=128):
         n_ctx=n_positions,
         vocab_size=50257,
         n_positions=n_positions,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
         activation_function="gelu_new",
         layer_norm_epsilon=1e-5,
         # The eager attention path is the plain softmax(QK^T)V that a from-scratch model mirrors.
@@ -539,6 +541,194 @@ def hook_readings(model, ids, cols) -> dict:
     return out
 
 
+# A third GPT-2 of another shape, random like tiny-gpt2 (biases and LayerNorm parameters far from
+# 0 and 1): 3 layers of 3 heads of 4 dimensions, context 32. Code that mixes up the layer, head
+# or head-size axes can pass on the other two fixtures' 2 x 2 x 8, not on this one.
+NARROW_DIR = FIXTURES / "tiny-gpt2-narrow"
+NARROW_SHAPE = dict(n_positions=32, n_embd=12, n_layer=3, n_head=3)
+
+
+def save_narrow_model():
+    """Build, save and check the narrow fixture: its files must load back into Hugging Face's
+    GPT2LMHeadModel and give bit for bit the logits of the model that wrote them."""
+    model = GPT2LMHeadModel(make_config(**NARROW_SHAPE))
+    randomize_weights(model)
+    model.eval()
+    save_model_files(model, NARROW_DIR, pytorch_bin=False)
+    reloaded = GPT2LMHeadModel.from_pretrained(NARROW_DIR, attn_implementation="eager").eval()
+    ids = torch.arange(0, 50257, 1571)[None, :32]  # 32 ids across the vocabulary: the context
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+# The indirect-object text of Wang et al. (2022), a clean and a corrupted run that differ in one
+# token, and the logit difference between the two names that the patching experiments measure
+PATCH_CLEAN = "When John and Mary went to the store, Mary gave a drink to"
+PATCH_CORRUPT = "When John and Mary went to the store, John gave a drink to"
+PATCH_ANSWER, PATCH_WRONG = " John", " Mary"
+
+
+def patching_reference(encoder):
+    """Activation patching, attribution patching and direct logit attribution on the trained and
+    the narrow fixture, by Hugging Face's model and hooks on its modules (patching_readings)."""
+    clean, corrupt = encoder.encode(PATCH_CLEAN), encoder.encode(PATCH_CORRUPT)
+    assert len(clean) == len(corrupt), (clean, corrupt)
+    answer, wrong = encoder.encode(PATCH_ANSWER), encoder.encode(PATCH_WRONG)
+    assert len(answer) == 1 and len(wrong) == 1, (answer, wrong)
+    out = {
+        "clean_ids": np.array(clean, dtype=np.int64),
+        "corrupt_ids": np.array(corrupt, dtype=np.int64),
+        "answer": np.array(answer[0], dtype=np.int64),
+        "wrong": np.array(wrong[0], dtype=np.int64),
+    }
+    for tag, folder in (("trained", TRAINED_DIR), ("narrow", NARROW_DIR)):
+        model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+        readings = patching_readings(model, clean, corrupt, answer[0], wrong[0])
+        out.update({f"{tag}.{k}": v for k, v in readings.items()})
+    return out
+
+
+def patching_readings(model, clean, corrupt, answer, wrong) -> dict:
+    """patching_reference for one model. Every activation goes through one function, `site`,
+    called by a hook at its place: it writes in the patch when there is one for that place, and
+    keeps the activation (with its gradient retained when the run records one).
+
+    The places, as (kind, layer): "resid_pre" the block's input (a forward pre-hook on the
+    block), "attn_out" and "mlp_out" the outputs of attn (the first of its tuple) and mlp, "z"
+    c_proj's input, the heads' outputs side by side (1, T, n_head * hs); and, read for the direct
+    logit attribution only, ("embed", 0), ("pos_embed", 0) and ("final", 0), ln_f's input."""
+    c = model.config
+    L, H, hs, T = c.n_layer, c.n_head, c.n_embd // c.n_head, len(clean)
+    seen = {}  # (kind, layer) -> the activation (1, T, width) of the latest run
+    patch = None  # or (kind, layer, positions, columns, source): write source there
+
+    def site(kind, layer, value):
+        if patch is not None and patch[:2] == (kind, layer):
+            _, _, positions, columns, source = patch
+            value = value.clone()
+            value[0, positions, columns] = source[0, positions, columns]
+        if value.requires_grad:  # the run with autograd, for the attribution
+            value.retain_grad()
+        seen[kind, layer] = value
+        return value
+
+    def block_input(layer):
+        # transformers 5.25 passes a block its hidden states as the first positional argument;
+        # read them from the keywords too in case a version passes them by name
+        def hook(mod, args, kwargs):
+            if args:
+                return (site("resid_pre", layer, args[0]), *args[1:]), kwargs
+            h = site("resid_pre", layer, kwargs["hidden_states"])
+            return args, {**kwargs, "hidden_states": h}
+        return hook
+
+    def first_input(kind, layer):
+        return lambda mod, args: (site(kind, layer, args[0]), *args[1:])
+
+    def output(kind, layer):
+        def hook(mod, args, y):
+            if isinstance(y, tuple):  # attn returns (output, attention weights)
+                return (site(kind, layer, y[0]), *y[1:])
+            return site(kind, layer, y)
+        return hook
+
+    t = model.transformer
+    t.wte.register_forward_hook(output("embed", 0))
+    t.wpe.register_forward_hook(output("pos_embed", 0))
+    for layer, block in enumerate(t.h):
+        block.register_forward_pre_hook(block_input(layer), with_kwargs=True)
+        block.attn.register_forward_hook(output("attn_out", layer))
+        block.attn.c_proj.register_forward_pre_hook(first_input("z", layer))
+        block.mlp.register_forward_hook(output("mlp_out", layer))
+    t.ln_f.register_forward_pre_hook(first_input("final", 0))
+
+    def logit_diff(logits):  # the metric, in float64
+        return logits[0, -1, answer].double() - logits[0, -1, wrong].double()
+
+    def patched(place=None):
+        """The corrupt run's logit difference with the patch `place` from the clean run."""
+        nonlocal patch
+        patch = None if place is None else (*place, acts[place[:2]])
+        with torch.no_grad():
+            diff = float(logit_diff(model(torch.tensor([corrupt])).logits))
+        patch = None
+        return diff
+
+    with torch.no_grad():
+        clean_diff = float(logit_diff(model(torch.tensor([clean])).logits))
+    acts = {place: value.detach().clone() for place, value in seen.items()}  # the clean run's
+    out = {"clean_logit_diff": np.array(clean_diff), "corrupt_logit_diff": np.array(patched())}
+
+    # Activation patching: one clean activation in the corrupt run, at one place per cell.
+    everything = slice(None)
+    for kind in ("resid_pre", "attn_out", "mlp_out"):  # one position, all of the features
+        out[kind] = np.array([[patched((kind, layer, p, everything)) for p in range(T)]
+                              for layer in range(L)])
+    head = [slice(h * hs, (h + 1) * hs) for h in range(H)]  # head h's columns of z
+    out["z"] = np.array([[patched(("z", layer, everything, head[h])) for h in range(H)]
+                         for layer in range(L)])  # one head at every position
+    out["z_pos_heads"] = np.array([[L - 1, 0], [0, H - 1]], dtype=np.int64)
+    out["z_pos"] = np.array([[patched(("z", layer, p, head[h])) for p in range(T)]
+                             for layer, h in out["z_pos_heads"]])  # one head at one position
+
+    # Attribution patching (Nanda 2023): the first-order Taylor estimate of every cell above,
+    # (clean - corrupt) times the gradient of the corrupt run's logit difference, summed over
+    # the features; from one clean run (acts), one corrupt run and one backward pass.
+    with torch.enable_grad():
+        logit_diff(model(torch.tensor([corrupt])).logits).backward()
+    model.zero_grad(set_to_none=True)
+
+    def attribution(kind, layer):  # (T, width) in float64
+        value = seen[kind, layer]
+        change = acts[kind, layer][0].double() - value.detach()[0].double()
+        return change * value.grad[0].double()
+
+    for kind in ("resid_pre", "attn_out", "mlp_out"):
+        out[f"attr.{kind}"] = np.array([attribution(kind, layer).sum(-1).numpy()
+                                        for layer in range(L)])
+    out["attr.z"] = np.array([attribution("z", layer).reshape(T, H, hs).sum((0, 2)).numpy()
+                              for layer in range(L)])
+
+    # Direct logit attribution of the clean run, with ln_f's scale frozen at its value there
+    # (TransformerLens's convention): a component c at the last position adds
+    # ((c - mean(c)) / scale) . (ln_f.weight * (W_U[answer] - W_U[wrong])). The sum of all of
+    # them is the logit difference, exactly: pre-LN GPT-2's last residual is their sum.
+    w_u = t.wte.weight.detach().double()  # the tied unembedding's rows
+    d = w_u[answer] - w_u[wrong]
+    x_final = acts["final", 0][0, -1].double()
+    scale = (x_final.var(unbiased=False) + t.ln_f.eps).sqrt()
+    direction = t.ln_f.weight.detach().double() * d
+
+    def dla(vector):
+        vector = vector.double()
+        return float((vector - vector.mean()) / scale @ direction)
+
+    out["dla.embed"] = np.array(dla(acts["embed", 0][0, -1]))
+    out["dla.pos_embed"] = np.array(dla(acts["pos_embed", 0][0, -1]))
+    # head h alone through c_proj, whose Conv1D weight is (in, out): z_h @ W[h's rows], no bias
+    out["dla.heads"] = np.array([[
+        dla(acts["z", layer][0, -1, head[h]] @ block.attn.c_proj.weight.detach()[head[h]])
+        for h in range(H)] for layer, block in enumerate(t.h)])
+    out["dla.mlp"] = np.array([dla(acts["mlp_out", layer][0, -1]) for layer in range(L)])
+    out["dla.biases"] = np.array(sum(dla(block.attn.c_proj.bias.detach()) for block in t.h)
+                                 + float(t.ln_f.bias.detach().double() @ d))
+    out["dla.logit_diff"] = np.array(clean_diff)
+    total = (out["dla.embed"] + out["dla.pos_embed"] + out["dla.heads"].sum()
+             + out["dla.mlp"].sum() + out["dla.biases"])
+    assert abs(total - clean_diff) < 1e-4, (total, clean_diff)
+
+    # Positions before the first differing token see the same tokens in both runs: patching
+    # there changes nothing and its estimate is 0. Patching layer 0's input at the differing
+    # token makes the whole corrupt input the clean one, so it gives the clean difference.
+    first = next(p for p in range(T) if clean[p] != corrupt[p])
+    for kind in ("resid_pre", "attn_out", "mlp_out"):
+        assert np.allclose(out[kind][:, :first], out["corrupt_logit_diff"], rtol=0, atol=1e-6)
+        assert np.allclose(out[f"attr.{kind}"][:, :first], 0.0, rtol=0, atol=1e-6)
+    assert np.allclose(out["z_pos"][:, :first], out["corrupt_logit_diff"], rtol=0, atol=1e-6)
+    assert abs(out["resid_pre"][0, first] - clean_diff) < 1e-5
+    return out
+
+
 def strided_tensors():
     """Tensors whose storage layout is not one plain contiguous block, plus every dtype we read."""
     generator = torch.Generator().manual_seed(SEED)
@@ -648,6 +838,8 @@ def main():
     save_strided_fixtures()
     np.savez(FIXTURES / "tiny-gpt2-trained-causes.npz", **causes_reference(encoder))
     np.savez_compressed(FIXTURES / "tiny-gpt2-hooks.npz", **hooks_reference(encoder))
+    save_narrow_model()
+    np.savez(FIXTURES / "tiny-gpt2-patching.npz", **patching_reference(encoder))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for path in sorted(FIXTURES.rglob("*")):
         if path.is_file():
@@ -668,6 +860,14 @@ if __name__ == "__main__":
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # fixtures
         reference = hooks_reference(tiktoken.get_encoding("r50k_base"))
         np.savez_compressed(FIXTURES / "tiny-gpt2-hooks.npz", **reference)
+    elif sys.argv[1:] == ["patching"]:  # only the patching references (and the narrow model,
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # when missing)
+        if not (NARROW_DIR / "model.safetensors").exists():
+            save_narrow_model()
+        reference = patching_reference(tiktoken.get_encoding("r50k_base"))
+        np.savez(FIXTURES / "tiny-gpt2-patching.npz", **reference)
+        for key, value in reference.items():
+            print(f"{key:28s} {value.shape}")
     elif sys.argv[1:] == ["causes"]:  # only the ablation and lens references, from the committed
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
         reference = causes_reference(tiktoken.get_encoding("r50k_base"))
