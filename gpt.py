@@ -512,6 +512,63 @@ def logit_lens(gpt: Transformer, enc, text: str, out: Path, tokens: str | None =
     print(heads.lens_report(lens, labels, decode))
 
 
+def one_token(enc, text: str, flag: str) -> int:
+    """The id of text, which must be exactly one token of GPT-2's vocabulary."""
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"})
+    if len(ids) != 1:
+        pieces = " + ".join(repr(enc.decode([i])) for i in ids) or "no token"
+        raise UserError(f"{flag} {text!r} must be one token; it is {pieces} (a leading space "
+                        "is part of a word's token: ' Mary')")
+    return ids[0]
+
+
+def trace(gpt: Transformer, enc, clean: str, corrupt: str, answer: str, wrong: str, out: Path,
+          heads_spec: str | None = None, threshold: float = 0.1, log=print):
+    """Activation patching and attribution patching of clean into corrupt (patching.py):
+    patching.npz, attribution.npz and a picture per grid into out, the grids on stdout."""
+    import heads
+    import patching
+
+    clean_ids, corrupt_ids = (np.array(enc.encode(t, allowed_special={"<|endoftext|>"}),
+                                       dtype=np.int32) for t in (clean, corrupt))
+    a, w = one_token(enc, answer, "--answer"), one_token(enc, wrong, "--wrong")
+    chosen = [] if heads_spec is None else heads.parse_heads(heads_spec, gpt.config.n_layer,
+                                                              gpt.config.n_head)
+    patching.check_pair(gpt, clean_ids, corrupt_ids)
+    labels = token_labels(enc, corrupt_ids)
+    try:
+        heads.writable_folder(out)
+        exact = patching.activation_patching(gpt, clean_ids, corrupt_ids, a, w, chosen)
+        estimate = patching.attribution_patching(gpt, clean_ids, corrupt_ids, a, w)
+        written = patching.write_patching(out, exact, estimate, labels,
+                                          f"{len(clean_ids)} tokens")
+    except OSError as e:
+        raise UserError(str(e)) from None
+    log(f"wrote {', '.join(str(p) for p in written)}")
+    print(patching.patching_report(exact, estimate, labels, threshold, chosen))
+
+
+def attribute(gpt: Transformer, enc, text: str, answer: str, wrong: str, out: Path, log=print):
+    """Direct logit attribution of text's last position (patching.py): dla.npz and dla.png into
+    out, the largest parts and their sum on stdout."""
+    import heads
+    import patching
+
+    ids = np.array(enc.encode(text, allowed_special={"<|endoftext|>"}), dtype=np.int32)
+    a, w = one_token(enc, answer, "--answer"), one_token(enc, wrong, "--wrong")
+    if len(ids) > gpt.config.n_ctx:
+        raise UserError(f"the text has {len(ids)} tokens; the model sees at most "
+                        f"{gpt.config.n_ctx}")
+    try:
+        heads.writable_folder(out)
+        parts = patching.direct_logit_attribution(gpt, ids, a, w)
+        written = patching.write_dla(out, parts, f"{len(ids)} tokens: {answer!r} vs {wrong!r}")
+    except OSError as e:
+        raise UserError(str(e)) from None
+    log(f"wrote {', '.join(str(p) for p in written)}")
+    print(patching.dla_report(parts))
+
+
 def main(argv=None) -> int:
     """The command line. Every way it ends is flags.run's: a user's mistake is one `error:` line
     and exit status 2, Ctrl-C one line and 130, a reader that closes the pipe early (`| head`)
@@ -533,6 +590,12 @@ def parser() -> flags.Parser:
                      help="knock out each head alone: what it costs the loss on TEXT (--out)")
     src.add_argument("--logit-lens", metavar="TEXT",
                      help="read TEXT's residual stream after each block through the unembedding")
+    src.add_argument("--patch", metavar="CLEAN",
+                     help="patch each activation of the CLEAN text's run into --corrupt's, and "
+                          "estimate it by attribution patching: --answer vs --wrong (--out)")
+    src.add_argument("--dla", metavar="TEXT",
+                     help="direct logit attribution: what each head, MLP and embedding writes "
+                          "toward --answer against --wrong at TEXT's last position (--out)")
     ap.add_argument("--model", choices=SIZES, metavar="NAME",
                     help=f"GPT-2's size: {', '.join(SIZES)} (default: gpt2, or with --weights "
                          "the checkpoint's own shape; given, the checkpoint must have it)")
@@ -565,7 +628,8 @@ def parser() -> flags.Parser:
                     help="search kernel variants for the decode step (tinygrad BEAM=N): faster "
                          "decoding after a one-time search of minutes, cached on disk; 0: none")
     ap.add_argument("--out", type=Path, default=Path("attention"), metavar="DIR",
-                    help="folder for the files of --attention, --head-ablation and --logit-lens")
+                    help="folder for the files of --attention, --head-ablation, --logit-lens, "
+                         "--patch and --dla")
     ap.add_argument("--layer", type=flags.natural,
                     help="with --attention and --head: also draw this one head large")
     ap.add_argument("--head", type=flags.natural,
@@ -574,6 +638,15 @@ def parser() -> flags.Parser:
                     help="show only tokens A to B of a long text (default: all)")
     ap.add_argument("--heads", metavar="L.H,...",
                     help="with --head-ablation: knock out these heads together, print one result")
+    ap.add_argument("--corrupt", metavar="TEXT",
+                    help="with --patch: the corrupted text, as many tokens as the clean one")
+    ap.add_argument("--answer", metavar="TOKEN",
+                    help="with --patch and --dla: the answer, text that is exactly one token")
+    ap.add_argument("--wrong", metavar="TOKEN",
+                    help="with --patch and --dla: the wrong answer, exactly one token")
+    ap.add_argument("--threshold", type=flags.positive, default=0.1, metavar="X",
+                    help="with --patch: name the cells where attribution patching is off by more "
+                         "than X of the clean logit difference")
     ap.add_argument("--mean", action="store_true",
                     help="with --head-ablation: replace a head by its mean over positions, not 0")
     ap.add_argument("--stride", type=flags.count, metavar="N",
@@ -607,10 +680,21 @@ def command(argv=None) -> int:
             raise UserError("--tokens goes with --attention TEXT or --logit-lens TEXT")
         if args.stride is not None and args.perplexity is None:
             raise UserError("--stride goes with --perplexity FILE")
-        for flag, value in (("--heads", args.heads), ("--mean", args.mean or None)):
-            if value is not None and args.head_ablation is None:
-                raise UserError(f"{flag} goes with --head-ablation TEXT")
-        looks = (args.attention, args.perplexity, args.head_ablation, args.logit_lens)
+        if args.heads is not None and args.head_ablation is None and args.patch is None:
+            raise UserError("--heads goes with --head-ablation TEXT or --patch CLEAN")
+        if args.mean and args.head_ablation is None:
+            raise UserError("--mean goes with --head-ablation TEXT")
+        if args.corrupt is not None and args.patch is None:
+            raise UserError("--corrupt goes with --patch CLEAN")
+        for flag, value in (("--answer", args.answer), ("--wrong", args.wrong)):
+            if value is not None and args.patch is None and args.dla is None:
+                raise UserError(f"{flag} goes with --patch CLEAN or --dla TEXT")
+            if value is None and (args.patch is not None or args.dla is not None):
+                raise UserError(f"--patch and --dla need {flag} TOKEN")
+        if args.patch is not None and args.corrupt is None:
+            raise UserError("--patch CLEAN needs --corrupt TEXT")
+        looks = (args.attention, args.perplexity, args.head_ablation, args.logit_lens,
+                 args.patch, args.dla)
         if any(v is not None for v in looks):
             enc = tokenizer()
             gpt = load_gpt2(model, args.weights, args.weights_dir, args.half, named)
@@ -618,6 +702,11 @@ def command(argv=None) -> int:
                 head_ablation(gpt, enc, args.head_ablation, args.out, args.heads, args.mean, log)
             elif args.logit_lens is not None:
                 logit_lens(gpt, enc, args.logit_lens, args.out, args.tokens, log)
+            elif args.patch is not None:
+                trace(gpt, enc, args.patch, args.corrupt, args.answer, args.wrong, args.out,
+                      args.heads, args.threshold, log)
+            elif args.dla is not None:
+                attribute(gpt, enc, args.dla, args.answer, args.wrong, args.out, log)
             elif args.perplexity is not None:
                 stride = gpt.config.n_ctx // 2 if args.stride is None else args.stride
                 nll, n = perplexity_of_file(gpt, enc, args.perplexity, stride)

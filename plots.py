@@ -228,6 +228,54 @@ def logit_lens(prob, top1: list[list[str]], labels: list[str], path: Path, title
     return save(fig, path)
 
 
+def patching_grid(share, rows: list[str], columns: list[str], path: Path, title: str,
+                  xlabel: str) -> Path:
+    """share (R, K): the share of the clean logit difference each patch brought back (0: the
+    corrupted run, 1: the clean one) on a diverging scale centred at 0, rows (layers) by
+    columns (tokens or heads), each labelled, the values in the cells when they fit."""
+    R, K = share.shape
+    top = max(1.0, float(np.nanmax(np.abs(share))))
+    fig, ax = subplots(figsize=(max(4.2, 0.5 * K + 2.6), max(2.5, 0.36 * R + 1.8)),
+                       layout="constrained")
+    image = ax.imshow(share, cmap="RdBu", vmin=-top, vmax=top, aspect="auto")
+    if R * K <= 400:
+        for (r, k), v in np.ndenumerate(share):
+            ax.text(k, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(v) > 0.6 * top else "black")
+    ax.set_xticks(range(K), columns, rotation=90 if K > 12 or xlabel == "token" else 0,
+                  fontsize=7)
+    ax.set_yticks(range(R), rows, fontsize=7)
+    ax.set_xlabel(xlabel)
+    fig.colorbar(image, ax=ax, shrink=0.9, label="recovered (0: corrupted, 1: clean)")
+    ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
+def logit_attribution(parts: dict, path: Path, title: str) -> Path:
+    """Direct logit attribution: each head's share of the logit difference as a layers x heads
+    heatmap centred at 0, and the embeddings, each MLP and the biases as bars beside it."""
+    heads = parts["heads"]
+    names = ["embed", "pos_embed", *[f"mlp {i}" for i in range(len(parts["mlp"]))], "biases"]
+    values = [parts["embed"], parts["pos_embed"], *parts["mlp"], parts["biases"]]
+    top = max(1e-9, float(np.abs(heads).max()), *map(abs, values))
+    L, H = heads.shape
+    fig, (left, right) = subplots(1, 2, figsize=(max(7.5, 0.45 * H + 6), max(3, 0.4 * L + 1.8)),
+                                  layout="constrained")
+    image = left.imshow(heads, cmap="RdBu", vmin=-top, vmax=top, aspect="auto")
+    layer_head_axes(left, heads, "{:+.2f}", lambda v: abs(v) > 0.6 * top)
+    left.set_title("each head, through c_proj", fontsize=9)
+    fig.colorbar(image, ax=left, shrink=0.9, label="logit difference")
+    right.barh(range(len(values)), values, color=["#b2182b" if v < 0 else "#2166ac"
+                                                  for v in values])
+    right.set_yticks(range(len(values)), names, fontsize=7)
+    right.invert_yaxis()
+    right.axvline(0, color="black", linewidth=0.6)
+    right.set_xlabel("logit difference")
+    right.set_title(f"the rest (all add up to {parts['logit_diff']:+.3f})", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
 def experiment_curves(panels: dict, path: Path) -> Path:
     """One panel per comparison of experiments.py: {title: {label: [(step, val loss), ...]}}."""
     fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False,

@@ -1,0 +1,125 @@
+"""Activation patching, attribution patching and direct logit attribution (patching.py) against
+Hugging Face: the same patches made through forward hooks on its GPT-2 modules, the gradient by
+PyTorch's autograd, the decomposition from its activations (tests/make_fixtures.py,
+patching_reference), on the trained tiny GPT-2 and a random one of another shape whose biases
+and LayerNorm parameters are far from 0 and 1. And the checks that need no reference: a patch
+of a run's own activations changes nothing, a full patch is the clean run, the estimate is exact
+where the model is linear, the parts add up.
+"""
+import numpy as np
+import pytest
+from conftest import REPO
+from tinygrad import Tensor
+
+import gpt
+import patching
+from flags import UserError
+from transformer import Config, Transformer
+
+FIXTURES = REPO / "tests" / "fixtures"
+REF = np.load(FIXTURES / "tiny-gpt2-patching.npz")
+CLEAN, CORRUPT = REF["clean_ids"].astype(np.int32), REF["corrupt_ids"].astype(np.int32)
+ANSWER, WRONG = int(REF["answer"]), int(REF["wrong"])
+CHECKPOINTS = {"trained": FIXTURES / "tiny-gpt2-trained" / "model.safetensors",
+               "narrow": FIXTURES / "tiny-gpt2-narrow" / "model.safetensors"}
+TOL = 1e-5  # of the values' scale (at least 1)
+
+
+def assert_close(got, want, what: str):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, Hugging Face's {want.shape}"
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert err <= TOL * scale, f"{what}: {err:.2e} from Hugging Face's (scale {scale:.3g})"
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def model(request):
+    return request.param, gpt.load_gpt2("gpt2", CHECKPOINTS[request.param])
+
+
+def test_activation_patching_equals_hugging_face(model):
+    tag, m = model
+    heads = [tuple(h) for h in REF[f"{tag}.z_pos_heads"]]
+    got = patching.activation_patching(m, CLEAN, CORRUPT, ANSWER, WRONG, heads)
+    for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre", "attn_out", "mlp_out",
+                "z", "z_pos"):
+        assert_close(got[key], REF[f"{tag}.{key}"], key)
+    # the grids move: at layer 0 the position where the texts differ carries the answer
+    T = len(CLEAN)
+    differ = np.flatnonzero(CLEAN != CORRUPT)
+    same = np.setdiff1d(np.arange(T), differ)
+    np.testing.assert_allclose(got["resid_pre"][0, same], got["corrupt_logit_diff"], atol=1e-5)
+    assert abs(got["resid_pre"][0, differ[0]] - got["corrupt_logit_diff"]) > 1e-3
+
+
+def test_attribution_patching_equals_hugging_face(model):
+    tag, m = model
+    got = patching.attribution_patching(m, CLEAN, CORRUPT, ANSWER, WRONG)
+    for key in ("resid_pre", "attn_out", "mlp_out", "z"):
+        assert_close(got[key], REF[f"{tag}.attr.{key}"], f"attribution {key}")
+
+
+def test_direct_logit_attribution_equals_hugging_face_and_adds_up(model):
+    tag, m = model
+    got = patching.direct_logit_attribution(m, CLEAN, ANSWER, WRONG)
+    for key in ("embed", "pos_embed", "heads", "mlp", "biases", "logit_diff"):
+        assert_close(got[key], REF[f"{tag}.dla.{key}"], f"dla {key}")
+    total = got["embed"] + got["pos_embed"] + got["heads"].sum() + got["mlp"].sum() + got["biases"]
+    assert abs(total - got["logit_diff"]) <= 1e-4, (total, got["logit_diff"])
+
+
+def test_patching_a_run_with_its_own_activations_changes_nothing(model):
+    # every cell is bit for bit the same batch with nothing patched (the same kernels, a mask of
+    # no position), and within float32 rounding the plain run's difference
+    _, m = model
+    T = len(CORRUPT)
+    own = patching.activation_patching(m, CORRUPT, CORRUPT, ANSWER, WRONG)
+    nowhere = Tensor(np.zeros((T, T, 1), dtype=bool))
+    for kind, point in patching.POSITION_GRIDS.items():
+        for layer in range(m.config.n_layer):
+            name = f"blocks.{layer}.{point}"
+            unpatched = patching.patch(m, CORRUPT, CORRUPT, ANSWER, WRONG, name, nowhere)[1:]
+            assert (own[kind][layer] == unpatched).all(), name
+        np.testing.assert_allclose(own[kind], own["corrupt_logit_diff"], rtol=0, atol=1e-6)
+
+
+def test_patching_every_position_at_layer_0_is_the_clean_run(model):
+    _, m = model
+    everywhere = Tensor(np.ones((1, len(CLEAN), 1), dtype=bool))
+    clean, full = patching.patch(m, CLEAN, CORRUPT, ANSWER, WRONG, "blocks.0.hook_resid_pre",
+                                 everywhere)
+    assert full == clean  # to the bit: the clean row of the same batch
+    want = patching.logit_diff(m(Tensor(CLEAN[None])), ANSWER, WRONG).item()
+    assert abs(full - want) <= 1e-6
+
+
+def test_attribution_is_exact_where_the_model_is_linear_in_the_activation():
+    # No LayerNorm and no MLP: after the last layer's heads, c_proj and the unembedding are
+    # linear, so the first-order estimate is the patched difference itself
+    Tensor.manual_seed(3)
+    m = Transformer(Config(vocab_size=11, n_ctx=8, n_layer=2, n_head=2, n_embd=8, mlp=False,
+                           prenorm=False, layernorm=False))
+    for p in m.parameters().values():  # GPT-2's small initial weights barely move the answer
+        p.assign(p * 30).realize()
+    rng = np.random.default_rng(3)
+    clean, corrupt = (rng.integers(0, 11, 8).astype(np.int32) for _ in range(2))
+    exact = patching.activation_patching(m, clean, corrupt, 3, 5)
+    estimate = patching.attribution_patching(m, clean, corrupt, 3, 5)
+    for kind in ("z", "attn_out"):
+        change = exact[kind][-1] - exact["corrupt_logit_diff"]
+        np.testing.assert_allclose(estimate[kind][-1], change, rtol=1e-4, atol=1e-5)
+        assert np.abs(change).max() > 1e-3, kind  # the patch does move the answer
+    # earlier, through attention's softmax, the estimate is only an estimate
+    assert np.abs(estimate["resid_pre"][0] - (exact["resid_pre"][0]
+                                              - exact["corrupt_logit_diff"])).max() > 1e-4
+
+
+def test_bad_pairs_are_one_user_error(model):
+    _, m = model
+    with pytest.raises(UserError, match="the clean text has 14 tokens and the corrupted one 3"):
+        patching.activation_patching(m, CLEAN, CORRUPT[:3], ANSWER, WRONG)
+    with pytest.raises(UserError, match="a token each"):
+        patching.attribution_patching(m, CLEAN[:0], CORRUPT[:0], ANSWER, WRONG)
+    with pytest.raises(UserError, match="no head 7.0"):
+        patching.activation_patching(m, CLEAN, CORRUPT, ANSWER, WRONG, heads=[(7, 0)])
