@@ -8,7 +8,8 @@ where the model is linear, the parts add up.
 """
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_main
+from test_transformer import assert_clean_error  # one error line, nothing else
 from tinygrad import Tensor
 
 import gpt
@@ -123,3 +124,66 @@ def test_bad_pairs_are_one_user_error(model):
         patching.attribution_patching(m, CLEAN[:0], CORRUPT[:0], ANSWER, WRONG)
     with pytest.raises(UserError, match="no head 7.0"):
         patching.activation_patching(m, CLEAN, CORRUPT, ANSWER, WRONG, heads=[(7, 0)])
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt.py --patch and --dla
+# ---------------------------------------------------------------------------------------------
+
+CLEAN_TEXT = "When John and Mary went to the store, Mary gave a drink to"
+CORRUPT_TEXT = "When John and Mary went to the store, John gave a drink to"
+
+
+def test_gpt_patch_writes_both_grids_and_names_disagreements(tmp_path):
+    run = run_main(gpt.main, "--weights", CHECKPOINTS["narrow"], "--patch", CLEAN_TEXT,
+                   "--corrupt", CORRUPT_TEXT, "--answer", " John", "--wrong", " Mary",
+                   "--heads", "2.0", "--threshold", "0.05", "--out", tmp_path)
+    assert run.returncode == 0, run.stderr
+    exact, guessed = np.load(tmp_path / "patching.npz"), np.load(tmp_path / "attribution.npz")
+    for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre", "attn_out", "mlp_out",
+                "z"):
+        assert_close(exact[key], REF[f"narrow.{key}"], key)
+    assert_close(exact["z_pos"][0], REF["narrow.z_pos"][0], "z_pos")  # 2.0, the fixture's first
+    corrupt = float(REF["narrow.corrupt_logit_diff"])
+    for key in ("resid_pre", "attn_out", "mlp_out", "z"):  # stored as patched differences
+        assert_close(guessed[key] - corrupt, REF[f"narrow.attr.{key}"], f"attribution {key}")
+    for kind in ("patching", "attribution"):
+        for key in ("resid_pre", "attn_out", "mlp_out", "z"):
+            assert (tmp_path / f"{kind}-{key}.png").read_bytes()[:4] == b"\x89PNG"
+    # every cell the report names is one where the two grids differ by more than 0.05
+    span = float(REF["narrow.clean_logit_diff"]) - corrupt
+    named = [line for line in run.stdout.splitlines() if ": patched " in line]
+    gaps = {key: np.abs(exact[key] - guessed[key]) / abs(span)
+            for key in ("resid_pre", "attn_out", "mlp_out", "z")}
+    assert len(named) == min(10, sum(int((g > 0.05).sum()) for g in gaps.values()))
+    assert f"in {sum(int((g > 0.05).sum()) for g in gaps.values())} cells" in run.stdout
+
+
+def test_gpt_dla_adds_up_to_the_logit_difference(tmp_path):
+    run = run_main(gpt.main, "--weights", CHECKPOINTS["narrow"], "--dla", CLEAN_TEXT,
+                   "--answer", " John", "--wrong", " Mary", "--out", tmp_path)
+    assert run.returncode == 0, run.stderr
+    saved = np.load(tmp_path / "dla.npz")
+    for key in ("embed", "pos_embed", "heads", "mlp", "biases", "logit_diff"):
+        assert_close(saved[key], REF[f"narrow.dla.{key}"], f"dla {key}")
+    assert (tmp_path / "dla.png").read_bytes()[:4] == b"\x89PNG"
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("the 15 parts add up to ") and "is " in last, last
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--patch", CLEAN_TEXT, "--corrupt", "When John", "--answer", " John", "--wrong", " Mary"],
+     ["14 tokens", "corrupted one 2"]),
+    (["--patch", CLEAN_TEXT, "--corrupt", CORRUPT_TEXT, "--answer", " Johnny Cash",
+      "--wrong", " Mary"], ["--answer", "one token", "' Johnny' + ' Cash'"]),
+    (["--patch", CLEAN_TEXT, "--corrupt", CORRUPT_TEXT, "--answer", " John", "--wrong", " Mary",
+      "--heads", "7.0"], ["--heads", "7.0"]),
+    (["--patch", "", "--corrupt", "", "--answer", " John", "--wrong", " Mary"], ["a token"]),
+    (["--patch", CLEAN_TEXT, "--answer", " John", "--wrong", " Mary"], ["--corrupt"]),
+    (["--dla", CLEAN_TEXT, "--answer", " John"], ["--wrong"]),
+    (["-p", "Hi", "--answer", " John"], ["--answer", "--patch"]),
+])
+def test_gpt_patch_and_dla_bad_input(tmp_path, args, fragments):
+    run = run_main(gpt.main, "--weights", CHECKPOINTS["narrow"], "--out", tmp_path / "out", *args)
+    assert_clean_error(run, *fragments)
+    assert not (tmp_path / "out").exists()
