@@ -472,10 +472,10 @@ def text_ids(enc, text: str, flag: str, n_ctx: int) -> np.ndarray:
 
 
 def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str | None = None,
-                  mean: bool = False, log=print):
+                  mean: str | None = None, log=print):
     """Knock out each head alone (or the set in heads_spec together) and report what it costs
     the mean next-token loss on text: ablation.npz and ablation.png into out, a table on stdout.
-    mean=True replaces a head by its mean over the text's positions instead of zeros."""
+    mean: a head is replaced by that mean of its output (heads.MEANS) instead of zeros."""
     import heads
 
     ids = text_ids(enc, text, "--head-ablation", gpt.config.n_ctx)
@@ -484,8 +484,7 @@ def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str |
     score = lambda: float(loss(Tensor(ids[None, :-1]), Tensor(ids[None, 1:])).item())
     try:
         written, report, _, _ = heads.ablation_report(
-            gpt, score, out, heads_spec, "positions" if mean else None, "mean next-token loss",
-            "loss",
+            gpt, score, out, heads_spec, mean, "mean next-token loss", "loss",
             f"{len(ids)} tokens", saved={"ids": ids.astype(np.int64)})
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
@@ -647,8 +646,10 @@ def parser() -> flags.Parser:
     ap.add_argument("--threshold", type=flags.positive, default=0.1, metavar="X",
                     help="with --patch: name the cells where attribution patching is off by more "
                          "than X of the clean logit difference")
-    ap.add_argument("--mean", action="store_true",
-                    help="with --head-ablation: replace a head by its mean over positions, not 0")
+    ap.add_argument("--mean", nargs="?", const="causal", choices=["causal", "positions"],
+                    help="with --head-ablation: replace a head by its mean, not 0: over the "
+                         "positions so far (causal, the default), or over all of them (positions: "
+                         "a position then sees a summary of later tokens)")
     ap.add_argument("--stride", type=flags.count, metavar="N",
                     help="with --perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
@@ -682,7 +683,7 @@ def command(argv=None) -> int:
             raise UserError("--stride goes with --perplexity FILE")
         if args.heads is not None and args.head_ablation is None and args.patch is None:
             raise UserError("--heads goes with --head-ablation TEXT or --patch CLEAN")
-        if args.mean and args.head_ablation is None:
+        if args.mean is not None and args.head_ablation is None:
             raise UserError("--mean goes with --head-ablation TEXT")
         if args.corrupt is not None and args.patch is None:
             raise UserError("--corrupt goes with --patch CLEAN")

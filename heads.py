@@ -213,21 +213,32 @@ def parse_heads(spec: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
 
 def knock_out(z, keep, mean: str | None = None):
     """Head ablation at hook_z, z (B, T, H, hs), each head's output before c_proj: keep[h] = 0
-    replaces head h by zeros, or by its mean over the positions or the batch (TransformerLens's
-    zero and mean ablation); keep[h] = 1 leaves it exactly (z * 1 + 0)."""
+    replaces head h by zeros, or by a mean (MEANS); keep[h] = 1 leaves it exactly (z * 1 + 0)."""
     keep = keep.reshape(1, 1, -1, 1)  # (1, 1, H, 1)
-    fill = 0.0 if mean is None else z.mean(MEAN_AXES[mean], keepdim=True)
+    if mean is None:
+        fill = 0.0
+    elif mean == "causal":  # position t: the mean of positions 0..t, nothing from its future
+        from tinygrad import Tensor
+
+        T = z.shape[1]
+        fill = z.cumsum(1) / Tensor.arange(1, T + 1).reshape(1, T, 1, 1)
+    else:
+        fill = z.mean(MEANS[mean], keepdim=True)
     return z * keep + fill * (1 - keep)
 
 
-MEAN_AXES = {"batch": 0, "positions": 1}  # of hook_z's (B, T, H, hs)
+# A knocked-out head's replacement (TransformerLens's mean ablation), by the axes of hook_z's
+# (B, T, H, hs) it averages: "causal" over the text's positions so far (a running mean, so no
+# position learns of later tokens), "positions" over all of them (the future included: a
+# summary of what comes later, the target among it), "batch" over the batch at each position
+MEANS = {"causal": None, "positions": 1, "batch": 0}
 
 
 class KnockOut:
     """While open, a hook at every layer's hook_z multiplies its heads by a keep mask
     (knock_out); knock(heads) zeroes exactly those heads' masks. The masks are buffers written in
     place, so a TinyJit'd score replays with whatever they hold now. mean: None replaces a head
-    by zeros, "positions" by its mean over the positions, "batch" over the batch."""
+    by zeros, else by one of MEANS."""
 
     def __init__(self, model, mean: str | None = None):
         from tinygrad import Tensor
@@ -286,7 +297,7 @@ def ablation_report(model, score, out: Path, heads_spec: str | None = None,
     -> (files written, the report to print, base score, deltas or None)."""
     import plots
 
-    kind = "zero" if mean is None else "mean"
+    kind = "zero" if mean is None else f"{mean} mean"
     c = model.config
     if heads_spec is not None:
         chosen = parse_heads(heads_spec, c.n_layer, c.n_head)

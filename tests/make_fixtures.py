@@ -388,7 +388,11 @@ def causes_reference(encoder):
             for lay, head in knocked:
                 if lay == layer:
                     cols = slice(head * hs, (head + 1) * hs)
-                    h[..., cols] = h[..., cols].mean(1, keepdim=True) if mean else 0.0
+                    if mean == "causal":  # the running mean of positions 0..t
+                        T = h.shape[1]
+                        h[..., cols] = h[..., cols].cumsum(1) / torch.arange(1, T + 1)[:, None]
+                    else:
+                        h[..., cols] = h[..., cols].mean(1, keepdim=True) if mean else 0.0
             return (h,)
         return rewrite
 
@@ -401,8 +405,8 @@ def causes_reference(encoder):
         return float(torch.nn.functional.cross_entropy(logits, y))
 
     out = {"ids": np.array(ids, dtype=np.int64), "base_loss": np.array(loss())}
-    for kind in ("zero", "mean"):
-        mean = kind == "mean"
+    for kind in ("zero", "mean", "causal"):
+        mean = {"zero": False, "mean": True, "causal": "causal"}[kind]
         delta = np.zeros((n_layer, n_head))
         for layer in range(n_layer):
             for head in range(n_head):

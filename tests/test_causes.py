@@ -62,7 +62,7 @@ def np_heads(x, w_attn, b_attn, H: int) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-@pytest.mark.parametrize("mean", [None, "positions", "batch"])
+@pytest.mark.parametrize("mean", [None, "positions", "batch", "causal"])
 def test_knocked_out_head_is_zeros_or_its_mean_before_c_proj(mean):
     Bt, T, C, H = 3, 6, 16, 4
     rng = np.random.default_rng(5)
@@ -78,8 +78,11 @@ def test_knocked_out_head_is_zeros_or_its_mean_before_c_proj(mean):
 
     y = np_heads(x, w_attn, b_attn, H)  # (B, H, T, hs)
     for h in (1, 3):  # y[:, h] is (B, T, hs): the batch is its axis 0, the positions axis 1
-        axis = {"batch": 0, "positions": 1}.get(mean)
-        y[:, h] = 0.0 if axis is None else y[:, h].mean(axis, keepdims=True)
+        if mean == "causal":  # position t: the mean of positions 0..t
+            y[:, h] = np.cumsum(y[:, h], 1) / np.arange(1, T + 1)[None, :, None]
+        else:
+            axis = {"batch": 0, "positions": 1}.get(mean)
+            y[:, h] = 0.0 if axis is None else y[:, h].mean(axis, keepdims=True)
     want = y.transpose(0, 2, 1, 3).reshape(Bt, T, C) @ w_proj.T + b_proj
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     attn.hook_z.fns.remove(knock)
@@ -108,7 +111,8 @@ def test_knock_out_keeps_unmasked_heads_exactly():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, mean", [("zero", None), ("mean", "positions")])
+@pytest.mark.parametrize("kind, mean", [("zero", None), ("mean", "positions"),
+                                        ("causal", "causal")])
 def test_head_ablation_equals_hugging_face(trained, kind, mean):
     ids = REF["ids"].astype(np.int32)
     base, delta = heads.ablate_each_head(trained, loss_of(trained, ids), mean)
@@ -161,6 +165,19 @@ def test_gpt_head_ablation_writes_the_deltas_and_names_the_top_heads(tmp_path):
     top = np.unravel_index(REF["zero_loss_delta"].argmax(), (2, 2))
     last = run.stdout.strip().splitlines()[-1]
     assert last.startswith(f"top heads: L{top[0]}H{top[1]} "), last
+
+
+@pytest.mark.parametrize("flag, kind", [("causal", "causal"), ("positions", "mean")])
+def test_gpt_mean_ablation_is_causal_unless_told_and_says_which(tmp_path, flag, kind):
+    # the bare flag is the running mean, which gives no position a summary of its future
+    args = ["--mean"] if flag == "causal" else ["--mean", flag]
+    run = run_main(gpt.main, "--weights", TRAINED, "--head-ablation", TEXT, *args, "--out",
+                   tmp_path)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "ablation.npz")["loss_delta"],
+                               REF[f"{kind}_loss_delta"], atol=2e-5)
+    assert f"({flag} mean ablation)" in run.stdout
+    assert np.abs(REF["causal_loss_delta"] - REF["mean_loss_delta"]).max() > 1e-3
 
 
 def test_gpt_heads_together_print_one_result(tmp_path):
@@ -235,7 +252,7 @@ def test_toy_cli_ablation_and_lens(cli_checkpoint, tmp_path):
     run = cli("--task", "reverse", "--head-ablation", "--heads", "0.1", "--mean", "--out",
               str(cli_checkpoint))
     assert run.returncode == 0, run.stderr
-    assert "knocking out L0H1 together (mean ablation): exact_match" in run.stdout
+    assert "knocking out L0H1 together (batch mean ablation): exact_match" in run.stdout
     run = cli("--task", "reverse", "--logit-lens", str(tmp_path / "l"), "--out",
               str(cli_checkpoint))
     assert run.returncode == 0, run.stderr
