@@ -116,6 +116,12 @@ class Task(abc.ABC):
         """Token id i as a label in the pictures."""
         return str(int(i))
 
+    def patching_pair(self) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+        """A held-out clean input, a corrupted one as long, the token that should come next
+        after the clean one and the one the corruption points to, for --patch and --dla; None:
+        the task has none to offer."""
+        return None
+
     def inspect(self, model, folder: Path) -> tuple[list[Path], str] | None:
         """Draw the model's attention into folder itself -> (files written, report); None: the
         loop draws it with heads.inspect_model on example()."""
@@ -230,6 +236,18 @@ class Reverse(Task):
 
     def token(self, i: int) -> str:
         return ">" if i == self.sep else str(i)
+
+    def patching_pair(self, j: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """A held-out question and '>' with the first j answer digits (j = n // 2 unless
+        given), so the next token is answer digit j, the mirrored input digit n - 1 - j; the
+        corrupted input has that one digit changed (by 5, mod 10). The answer is the clean
+        digit, the wrong token the corrupted one."""
+        j = self.n // 2 if j is None else j
+        d = self.test[0]
+        clean = np.concatenate([d, [self.sep], d[::-1][:j]]).astype(np.int32)
+        corrupt = clean.copy()
+        corrupt[self.n - 1 - j] = (d[self.n - 1 - j] + 5) % 10
+        return clean, corrupt, int(d[self.n - 1 - j]), int(corrupt[self.n - 1 - j])
 
     def mirror_shares(self, model: Transformer) -> np.ndarray:
         """(L, H): how often each head's strongest key is the input digit the answer needs. The

@@ -359,6 +359,36 @@ def lens(task, path: Path, folder: Path, tokens: str | None = None):
     print(heads.lens_report(reading, labels, task.token))
 
 
+def trace(task, path: Path, folder: Path, heads_spec: str | None = None, threshold: float = 0.1,
+          dla: bool = False):
+    """Activation and attribution patching (or, dla=True, direct logit attribution) of the
+    checkpoint on the task's own clean/corrupted pair (patching.py): the npz files and pictures
+    in folder, the grids on stdout."""
+    import heads
+    import patching
+
+    pair = task.patching_pair()
+    if pair is None:
+        raise UserError(f"task {task.name!r} has no clean/corrupted pair to patch")
+    clean, corrupt, answer, wrong = pair
+    model = loaded(task, path)
+    what = f"{task.name} model: {task.token(answer)!r} against {task.token(wrong)!r}"
+    if dla:
+        parts = patching.direct_logit_attribution(model, clean, answer, wrong)
+        written = patching.write_dla(folder, parts, what)
+        report = patching.dla_report(parts)
+    else:
+        c = model.config
+        chosen = [] if heads_spec is None else heads.parse_heads(heads_spec, c.n_layer, c.n_head)
+        exact = patching.activation_patching(model, clean, corrupt, answer, wrong, chosen)
+        estimate = patching.attribution_patching(model, clean, corrupt, answer, wrong)
+        labels = [task.token(i) for i in corrupt]
+        written = patching.write_patching(folder, exact, estimate, labels, what)
+        report = patching.patching_report(exact, estimate, labels, threshold, chosen)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    print(report)
+
+
 def command(args) -> int:
     """What the flags ask for: train a model, or read the saved one (--sample, --attention,
     --head-ablation, --logit-lens). Raises UserError for a mistake of the user's."""
@@ -380,7 +410,8 @@ def command(args) -> int:
         raise UserError("--arch goes with --task classify")
     if task.architecture is not Transformer:
         for flag, value in (("--head-ablation", args.head_ablation),
-                            ("--logit-lens", args.logit_lens)):
+                            ("--logit-lens", args.logit_lens), ("--patch", args.patch),
+                            ("--dla", args.dla)):
             if value is not None:
                 raise UserError(f"{flag} reads a decoder-only model; task {args.task!r} trains "
                                 f"a {task.architecture.__name__}")
@@ -408,9 +439,14 @@ def command(args) -> int:
         if args.logit_lens is not None:
             lens(task, out, Path(args.logit_lens or Path("attention") / task.name), args.tokens)
             return 0
+        if args.patch is not None or args.dla is not None:
+            folder = Path((args.patch if args.patch is not None else args.dla)
+                          or Path("attention") / task.name)
+            trace(task, out, folder, args.heads, args.threshold, dla=args.patch is None)
+            return 0
         for flag, value in (("--heads", args.heads), ("--mean", args.mean or None)):
             if value is not None:
-                raise UserError(f"{flag} goes with --head-ablation")
+                raise UserError(f"{flag} goes with --head-ablation or --patch")
         overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head),
                                        ("n_embd", args.n_embd), ("positions", args.positions))
                      if v is not None}
@@ -504,9 +540,20 @@ def main(argv=None) -> int:
                          "costs the task's score on held-out data (files in DIR; DIR not given: "
                          "attention/TASK)")
     ap.add_argument("--heads", metavar="L.H,...",
-                    help="with --head-ablation: knock out these heads together, print one result")
+                    help="with --head-ablation: knock out these heads together, print one "
+                         "result; with --patch: patch each of them position by position")
     ap.add_argument("--mean", action="store_true",
                     help="with --head-ablation: replace a head by its mean over the batch, not 0")
+    ap.add_argument("--patch", nargs="?", const="", metavar="DIR",
+                    help="patch each activation of the task's clean input into its corrupted "
+                         "one, and estimate it by attribution patching (files in DIR; DIR not "
+                         "given: attention/TASK)")
+    ap.add_argument("--dla", nargs="?", const="", metavar="DIR",
+                    help="direct logit attribution on the task's clean input: what each head, "
+                         "MLP and embedding writes toward the answer (files in DIR)")
+    ap.add_argument("--threshold", type=flags.positive, default=0.1, metavar="X",
+                    help="with --patch: name the cells where attribution patching is off by "
+                         "more than X of the clean logit difference")
     ap.add_argument("--logit-lens", nargs="?", const="", metavar="DIR",
                     help="read the checkpoint's residual stream after each block through the "
                          "unembedding, on a held-out example (files in DIR; DIR not given: "

@@ -187,3 +187,46 @@ def test_gpt_patch_and_dla_bad_input(tmp_path, args, fragments):
     run = run_main(gpt.main, "--weights", CHECKPOINTS["narrow"], "--out", tmp_path / "out", *args)
     assert_clean_error(run, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Readings on a model whose answer we know: the reversal model copies input digit n - 1 - j
+# ---------------------------------------------------------------------------------------------
+
+
+def test_toy_patching_finds_the_mirrored_digit_and_the_head_that_carries_it(reversal, tmp_path):
+    import train
+    from tasks import Reverse
+
+    task, result = reversal
+    out = tmp_path / "rev"
+    model = result["model"]
+    train.save_checkpoint(out, model, train.make_optimizer(model, 1e-3), {"task": "reverse"})
+    fresh = Reverse(n_digits=task.n)  # the CLI's task object, with its held-out strings
+    run = run_main(lambda argv: train.trace(fresh, out, tmp_path / "p") or 0)
+    assert run.returncode == 0, run.stderr
+    saved = np.load(tmp_path / "p" / "patching.npz")
+    clean, corrupt = float(saved["clean_logit_diff"]), float(saved["corrupt_logit_diff"])
+    assert clean - corrupt > 1.0, (clean, corrupt)  # the corrupted digit does flip the answer
+    share = patching.recovered(saved["resid_pre"][0], clean, corrupt)  # (T,)
+    n, j = task.n, task.n // 2
+    # the residual stream carries the answer at the mirrored input position, and nowhere else
+    assert share[n - 1 - j] == pytest.approx(1.0, abs=1e-5)
+    assert np.abs(np.delete(share, n - 1 - j)).max() < 1e-5
+    # and some head's output moves it most of the way: the copy is attention's
+    heads_share = patching.recovered(saved["z"], clean, corrupt)  # (L, H)
+    assert heads_share.max() > 0.3, heads_share
+    dla = run_main(lambda argv: train.trace(fresh, out, tmp_path / "d", dla=True) or 0)
+    assert dla.returncode == 0, dla.stderr
+    parts = np.load(tmp_path / "d" / "dla.npz")
+    total = (parts["embed"] + parts["pos_embed"] + parts["heads"].sum() + parts["mlp"].sum()
+             + parts["biases"])
+    assert abs(total - clean) <= 1e-4  # the clean run's own difference, split into its parts
+
+
+def test_toy_cli_patch_refuses_what_it_cannot_read(cli_checkpoint):
+    from test_transformer import cli
+
+    assert_clean_error(cli("--task", "grokking", "--patch", "--out", str(cli_checkpoint)),
+                       "grokking", "no clean/corrupted pair")
+    assert_clean_error(cli("--task", "classify", "--dla"), "--dla", "decoder-only")
