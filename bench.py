@@ -902,16 +902,6 @@ def machine_info(results: dict, env: dict) -> dict:
     }
 
 
-def group_set(text: str) -> set[str]:
-    """--only: comma-separated names from GROUPS, read where argparse reads the flag."""
-    chosen = {g.strip() for g in text.split(",")}
-    unknown = sorted(chosen - set(GROUPS))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown group {', '.join(unknown)}; choose from "
-                                         f"{', '.join(GROUPS)}")
-    return chosen
-
-
 # --tokens: speed is timed from token STEADY_FROM on, and the prompt and the tokens share GPT-2's
 # 1024-token context
 TOKENS = flags.number(int, STEADY_FROM + 2, 1024 - PROMPT_TOKENS,
@@ -920,7 +910,8 @@ TOKENS = flags.number(int, STEADY_FROM + 2, 1024 - PROMPT_TOKENS,
 
 def parse_args(argv):
     ap = flags.Parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", type=group_set, default=",".join(GROUPS), metavar="GROUP,...",
+    ap.add_argument("--only", type=flags.names(GROUPS, "group"), default=",".join(GROUPS),
+                    metavar="GROUP,...",
                     help="the groups to run, comma-separated")
     ap.add_argument("--tokens", type=TOKENS, help=f"decode N tokens (default {DEFAULT_TOKENS}, "
                                                   f"{QUICK_TOKENS} with --quick)")
@@ -934,7 +925,7 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.tokens is None:
         args.tokens = QUICK_TOKENS if args.quick else DEFAULT_TOKENS
-    args.groups = args.only
+    args.groups = set(args.only)
     return args
 
 

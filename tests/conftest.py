@@ -101,3 +101,13 @@ def assert_padding_changes_nothing(padded: np.ndarray, plain: np.ndarray, T: int
     2.4e-6 on logits of 5 to 7), so there within 1e-6 of the values' scale."""
     atol = 0 if T >= 8 else 1e-6 * np.abs(plain).max()
     np.testing.assert_allclose(padded, plain, rtol=0, atol=atol)
+
+
+def assert_near(got, want, what: str, tol: float = 1e-5):
+    """got within tol of a reference's values' scale (at least 1), the shapes equal: how the
+    hook and patching tests hold tinygrad's numbers against Hugging Face's."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, the reference's {want.shape}"
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert err <= tol * scale, f"{what}: {err:.2e} from the reference (scale {scale:.3g})"

@@ -7,7 +7,7 @@ and LayerNorm parameters are far from 0 and 1.
 """
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, assert_near
 from tinygrad import Tensor
 
 import gpt
@@ -20,7 +20,6 @@ IDS = REF["ids"].astype(np.int32)
 T = len(IDS)
 CHECKPOINTS = {"trained": FIXTURES / "tiny-gpt2-trained" / "model.safetensors",
                "random": FIXTURES / "tiny-gpt2" / "model.safetensors"}
-TOL = 1e-5  # of the values' scale (at least 1)
 
 
 def per_layer(layer: int) -> list[str]:
@@ -58,13 +57,6 @@ REPLACEMENTS = {
 }
 
 
-def assert_close(got: np.ndarray, want: np.ndarray, what: str):
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, Hugging Face's {want.shape}"
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= TOL * scale, f"{what}: {err:.2e} from Hugging Face's (scale {scale:.3g})"
-
-
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
 def model(request):
     return request.param, gpt.load_gpt2("gpt2", CHECKPOINTS[request.param])
@@ -80,8 +72,8 @@ def test_every_hook_point_reads_what_hugging_face_computes(model):
     logits, cache = m.run_with_cache(Tensor(IDS[None]))
     assert list(cache) == GPT2_HOOKS  # every point, in the order the pass reached them
     for name, value in cache.items():
-        assert_close(value.numpy(), REF[f"{tag}.{name}"], name)
-    assert_close(logits.numpy()[0][:, REF["cols"]], REF[f"{tag}.logits"], "logits")
+        assert_near(value.numpy(), REF[f"{tag}.{name}"], name)
+    assert_near(logits.numpy()[0][:, REF["cols"]], REF[f"{tag}.logits"], "logits")
 
 
 @pytest.mark.parametrize("name", list(REPLACEMENTS))
@@ -89,7 +81,7 @@ def test_a_replacement_changes_the_logits_as_in_hugging_face(model, name):
     tag, m = model
     plain = m(Tensor(IDS[None])).numpy()[0][:, REF["cols"]]
     got = m.run_with_hooks(Tensor(IDS[None]), {name: REPLACEMENTS[name]}).numpy()[0]
-    assert_close(got[:, REF["cols"]], REF[f"{tag}.replaced.{name}"], f"replaced {name}")
+    assert_near(got[:, REF["cols"]], REF[f"{tag}.replaced.{name}"], f"replaced {name}")
     assert np.abs(got[:, REF["cols"]] - plain).max() > 1e-3, f"replacing {name} changed nothing"
 
 

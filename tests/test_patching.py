@@ -8,7 +8,7 @@ where the model is linear, the parts add up.
 """
 import numpy as np
 import pytest
-from conftest import REPO, run_main
+from conftest import REPO, assert_near, run_main
 from test_transformer import assert_clean_error  # one error line, nothing else
 from tinygrad import Tensor
 
@@ -23,15 +23,6 @@ CLEAN, CORRUPT = REF["clean_ids"].astype(np.int32), REF["corrupt_ids"].astype(np
 ANSWER, WRONG = int(REF["answer"]), int(REF["wrong"])
 CHECKPOINTS = {"trained": FIXTURES / "tiny-gpt2-trained" / "model.safetensors",
                "narrow": FIXTURES / "tiny-gpt2-narrow" / "model.safetensors"}
-TOL = 1e-5  # of the values' scale (at least 1)
-
-
-def assert_close(got, want, what: str):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, Hugging Face's {want.shape}"
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= TOL * scale, f"{what}: {err:.2e} from Hugging Face's (scale {scale:.3g})"
 
 
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
@@ -45,7 +36,7 @@ def test_activation_patching_equals_hugging_face(model):
     got = patching.activation_patching(m, CLEAN, CORRUPT, ANSWER, WRONG, heads)
     for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre", "attn_out", "mlp_out",
                 "z", "z_pos"):
-        assert_close(got[key], REF[f"{tag}.{key}"], key)
+        assert_near(got[key], REF[f"{tag}.{key}"], key)
     # the grids move: at layer 0 the position where the texts differ carries the answer
     T = len(CLEAN)
     differ = np.flatnonzero(CLEAN != CORRUPT)
@@ -58,14 +49,14 @@ def test_attribution_patching_equals_hugging_face(model):
     tag, m = model
     got = patching.attribution_patching(m, CLEAN, CORRUPT, ANSWER, WRONG)
     for key in ("resid_pre", "attn_out", "mlp_out", "z"):
-        assert_close(got[key], REF[f"{tag}.attr.{key}"], f"attribution {key}")
+        assert_near(got[key], REF[f"{tag}.attr.{key}"], f"attribution {key}")
 
 
 def test_direct_logit_attribution_equals_hugging_face_and_adds_up(model):
     tag, m = model
     got = patching.direct_logit_attribution(m, CLEAN, ANSWER, WRONG)
     for key in ("embed", "pos_embed", "heads", "mlp", "biases", "logit_diff"):
-        assert_close(got[key], REF[f"{tag}.dla.{key}"], f"dla {key}")
+        assert_near(got[key], REF[f"{tag}.dla.{key}"], f"dla {key}")
     total = got["embed"] + got["pos_embed"] + got["heads"].sum() + got["mlp"].sum() + got["biases"]
     assert abs(total - got["logit_diff"]) <= 1e-4, (total, got["logit_diff"])
 
@@ -142,11 +133,11 @@ def test_gpt_patch_writes_both_grids_and_names_disagreements(tmp_path):
     exact, guessed = np.load(tmp_path / "patching.npz"), np.load(tmp_path / "attribution.npz")
     for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre", "attn_out", "mlp_out",
                 "z"):
-        assert_close(exact[key], REF[f"narrow.{key}"], key)
-    assert_close(exact["z_pos"][0], REF["narrow.z_pos"][0], "z_pos")  # 2.0, the fixture's first
+        assert_near(exact[key], REF[f"narrow.{key}"], key)
+    assert_near(exact["z_pos"][0], REF["narrow.z_pos"][0], "z_pos")  # 2.0, the fixture's first
     corrupt = float(REF["narrow.corrupt_logit_diff"])
     for key in ("resid_pre", "attn_out", "mlp_out", "z"):  # stored as patched differences
-        assert_close(guessed[key] - corrupt, REF[f"narrow.attr.{key}"], f"attribution {key}")
+        assert_near(guessed[key] - corrupt, REF[f"narrow.attr.{key}"], f"attribution {key}")
     for kind in ("patching", "attribution"):
         for key in ("resid_pre", "attn_out", "mlp_out", "z"):
             assert (tmp_path / f"{kind}-{key}.png").read_bytes()[:4] == b"\x89PNG"
@@ -165,7 +156,7 @@ def test_gpt_dla_adds_up_to_the_logit_difference(tmp_path):
     assert run.returncode == 0, run.stderr
     saved = np.load(tmp_path / "dla.npz")
     for key in ("embed", "pos_embed", "heads", "mlp", "biases", "logit_diff"):
-        assert_close(saved[key], REF[f"narrow.dla.{key}"], f"dla {key}")
+        assert_near(saved[key], REF[f"narrow.dla.{key}"], f"dla {key}")
     assert (tmp_path / "dla.png").read_bytes()[:4] == b"\x89PNG"
     last = run.stdout.strip().splitlines()[-1]
     assert last.startswith("the 15 parts add up to ") and "is " in last, last
