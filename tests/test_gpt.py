@@ -1148,15 +1148,16 @@ def test_help_names_every_default():
     assert done.returncode == 0 and done.stderr == ""
     shown = " ".join(done.stdout.split())  # argparse wraps lines
     actions = [a for a in gpt.parser()._actions if a.help and a.dest != "help"]
-    # what to do (-p, --attention, ...) and the one head or heads to look at default to nothing
+    # what to do (-p, --attention, ...), the one head or heads to look at, a mean ablation
+    # and what patching compares default to nothing
     nothing = {"prompt", "file", "attention", "perplexity", "head_ablation", "logit_lens",
-               "layer", "head", "heads"}
+               "layer", "head", "heads", "mean", "patch", "dla", "corrupt", "answer", "wrong"}
     for action in actions:
         help_text = " ".join(action.help.split())
         if action.default is not None and action.default is not False:  # (0 == False)
             assert f"{help_text} (default: {action.default})" in shown, action.dest
         elif action.nargs != 0 and action.dest not in nothing:  # a value, without a default
             assert "(default: " in help_text, action.dest
-    assert len(actions) == 28
+    assert len(actions) == 34
     assert "(default: None)" not in shown and "(default: False)" not in shown
     assert "tokens to generate (default: 100)" in shown

@@ -874,9 +874,10 @@ def test_cli_help_says_what_every_flag_does_and_its_default():
     run = cli("--help")
     assert run.returncode == 0, run.stderr
     entries = help_entries(run.stdout)
-    assert len(entries) == 31, sorted(entries)  # -h and the 30 flags of train.main
+    assert len(entries) == 34, sorted(entries)  # -h and the 33 flags of train.main
     assert [flag for flag, text in entries.items() if not text] == []
-    for flag, default in (("--task", "reverse"), ("--seed", "0"), ("--similarity", "scaled")):
+    for flag, default in (("--task", "reverse"), ("--seed", "0"), ("--similarity", "scaled"),
+                          ("--threshold", "0.1")):
         assert entries[flag].endswith(f"(default: {default})"), entries[flag]
     for noise in ("(default: None)", "(default: False)", "(default: [])"):
         assert noise not in run.stdout
