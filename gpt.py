@@ -537,14 +537,13 @@ def trace(gpt: Transformer, enc, clean: str, corrupt: str, answer: str, wrong: s
     labels = token_labels(enc, corrupt_ids)
     try:
         heads.writable_folder(out)
-        exact = patching.activation_patching(gpt, clean_ids, corrupt_ids, a, w, chosen)
-        estimate = patching.attribution_patching(gpt, clean_ids, corrupt_ids, a, w)
-        written = patching.write_patching(out, exact, estimate, labels,
-                                          f"{len(clean_ids)} tokens")
+        written, report = patching.patch_and_write(gpt, clean_ids, corrupt_ids, a, w, labels,
+                                                   out, f"{len(clean_ids)} tokens", chosen,
+                                                   threshold)
     except OSError as e:
         raise UserError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")
-    print(patching.patching_report(exact, estimate, labels, threshold, chosen))
+    print(report)
 
 
 def attribute(gpt: Transformer, enc, text: str, answer: str, wrong: str, out: Path, log=print):

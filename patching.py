@@ -24,6 +24,7 @@ import numpy as np
 from tinygrad import Tensor
 
 from flags import UserError, atomic_write
+from heads import check_head, distinct, writable_folder
 
 # The grids patched position by position: name -> each block's hook point, activations (B, T, C)
 POSITION_GRIDS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out",
@@ -84,9 +85,7 @@ def activation_patching(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, a
     check_pair(model, clean_ids, corrupt_ids)
     L, H, T = model.config.n_layer, model.config.n_head, len(clean_ids)
     for layer, head in heads:
-        if not (0 <= layer < L and 0 <= head < H):
-            raise UserError(f"no head {layer}.{head}: the model has layers 0-{L - 1} and heads "
-                            f"0-{H - 1}")
+        check_head(layer, head, L, H)
     points = grid_points(model)
     patched = lambda name, where: patch(model, clean_ids, corrupt_ids, answer, wrong, name,
                                         where)[1:]
@@ -240,7 +239,6 @@ def write_patching(out: Path, exact: dict, estimate: dict, labels: list[str],
     """patching.npz (the patched runs' raw logit differences), attribution.npz (the estimated
     differences, corrupted + estimate) and a picture per grid, of the share recovered."""
     import plots
-    from heads import distinct, writable_folder
 
     out = writable_folder(out)
     clean, corrupt = exact["clean_logit_diff"], exact["corrupt_logit_diff"]
@@ -261,10 +259,20 @@ def write_patching(out: Path, exact: dict, estimate: dict, labels: list[str],
     return written
 
 
+def patch_and_write(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, answer: int,
+                    wrong: int, labels: list[str], out: Path, title: str,
+                    heads: list[tuple[int, int]] = (), threshold: float = 0.1):
+    """What --patch does for either CLI: both grids, written into out, and the report to print.
+    -> (files written, report)."""
+    exact = activation_patching(model, clean_ids, corrupt_ids, answer, wrong, heads)
+    estimate = attribution_patching(model, clean_ids, corrupt_ids, answer, wrong)
+    return (write_patching(out, exact, estimate, labels, title),
+            patching_report(exact, estimate, labels, threshold, heads))
+
+
 def write_dla(out: Path, parts: dict, title: str) -> list[Path]:
     """dla.npz (every part, and the logit difference they add up to) and dla.png."""
     import plots
-    from heads import writable_folder
 
     out = writable_folder(out)
     written = [atomic_write(out / "dla.npz", lambda f: np.savez(f, **parts))]

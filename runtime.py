@@ -558,10 +558,10 @@ def _train_matmul():
     from tinygrad.function import function
 
     @function(grad_fxn=matmul_backward)
-    def product(x: Tensor, weight: Tensor) -> Tensor:
+    def x_wt(x: Tensor, weight: Tensor) -> Tensor:  # not the seam's product: tinygrad's own
         return TINYGRAD_DOT(x, weight.T)
 
-    return product
+    return x_wt
 
 
 # x Wᵀ (+ b) for x (M, K), W (N, K), b (N,), or a batch of them: each output is a dot product

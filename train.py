@@ -380,11 +380,9 @@ def trace(task, path: Path, folder: Path, heads_spec: str | None = None, thresho
     else:
         c = model.config
         chosen = [] if heads_spec is None else heads.parse_heads(heads_spec, c.n_layer, c.n_head)
-        exact = patching.activation_patching(model, clean, corrupt, answer, wrong, chosen)
-        estimate = patching.attribution_patching(model, clean, corrupt, answer, wrong)
         labels = [task.token(i) for i in corrupt]
-        written = patching.write_patching(folder, exact, estimate, labels, what)
-        report = patching.patching_report(exact, estimate, labels, threshold, chosen)
+        written, report = patching.patch_and_write(model, clean, corrupt, answer, wrong, labels,
+                                                   folder, what, chosen, threshold)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     print(report)
 

@@ -315,17 +315,22 @@ def test_page_window_keeps_only_those_tokens(tmp_path, tiny):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def dump_dom(page: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The page's DOM after its script ran, from headless Chromium, offline, a profile of its
+    own."""
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"),
                     reason="no chromium here (apt-get install chromium); CI installs it")
 def test_page_renders_offline_in_a_real_browser(views, tmp_path):
     assert CHROMIUM, "CI must have chromium: .ci/run installs it"
     out, _ = views
-    run = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-         (out / "attention.html").as_uri()],
-        capture_output=True, text=True, timeout=120)
+    run = dump_dom(out / "attention.html", tmp_path)
     dom = run.stdout
     assert run.returncode == 0, run.stderr[-2000:]
     # the script ran: it built one canvas per head and one span per token
@@ -577,12 +582,7 @@ def test_heads_png_of_a_long_text_leaves_tokens_unnamed(monkeypatch):
                     reason="no chromium here (apt-get install chromium); CI installs it")
 def test_page_names_the_large_maps_rows_and_columns_by_token(views, tmp_path):
     out, _ = views
-    run = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-         (out / "attention.html").as_uri()],
-        capture_output=True, text=True, timeout=120)
+    run = dump_dom(out / "attention.html", tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     tokens = page_json((out / "attention.html").read_text())["tokens"]
     for side in ("rows", "cols"):
