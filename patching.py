@@ -122,19 +122,21 @@ def attribution_patching(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, 
     names = {kind: [f"blocks.{layer}.{point}" for layer in range(L)]
              for kind, point in points.items()}
     every = [name for group in names.values() for name in group]
-    _, clean = model.run_with_cache(Tensor(clean_ids[None].astype(np.int32)), every)
     acts = {}
     keep = lambda name: lambda x: acts.setdefault(name, x)
+    ids = np.stack([clean_ids, corrupt_ids]).astype(np.int32)  # row 0 clean, row 1 corrupted
     with model.hooks({name: keep(name) for name in every}):
-        logits = model(Tensor(corrupt_ids[None].astype(np.int32)))
-    grads = dict(zip(every, logit_diff(logits, answer, wrong).sum().gradient(
+        logits = model(Tensor(ids))
+    # one graph for both forwards and the backward, so tinygrad schedules it once
+    grads = dict(zip(every, logit_diff(logits, answer, wrong)[1].gradient(
         *[acts[name] for name in every])))
     out = {}
     for kind, group in names.items():
-        terms = [(clean[n] - acts[n]) * grads[n] for n in group]  # each (1, T, C) or (1, T, H, hs)
-        sums = [t.sum(-1)[0] if kind != "z" else t.sum((1, 3))[0] for t in terms]
-        out[kind] = Tensor.stack(*sums).numpy().astype(np.float64)  # (L, T) or (L, H)
-    return out
+        terms = [(acts[n][0] - acts[n][1]) * grads[n][1] for n in group]  # (T, C) or (T, H, hs)
+        sums = [t.sum(-1) if kind != "z" else t.sum((0, 2)) for t in terms]
+        out[kind] = Tensor.stack(*sums)  # (L, T) or (L, H)
+    Tensor.realize(*out.values())  # one schedule: the backward pass they share runs once
+    return {kind: grid.numpy().astype(np.float64) for kind, grid in out.items()}
 
 
 def direct_logit_attribution(model, ids: np.ndarray, answer: int, wrong: int) -> dict:
