@@ -61,17 +61,43 @@ def grid_points(model) -> dict[str, str]:
             if kind != "mlp_out" or model.config.mlp}
 
 
-def patch(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, answer: int, wrong: int,
-          name: str, where: Tensor) -> np.ndarray:
-    """Logit differences of a batch of len(where) copies of the corrupted text, row b taking the
-    clean text's activation at the hook point name wherever where[b] is true (where
-    broadcasts against one row's activation: (rows, T, 1) picks positions of (T, C)). The
-    clean text runs as row 0 of the same batch, so its activations come from the very kernels
-    that compute the corrupted rows. -> (1 + rows,): the clean run, then each patched row."""
+def cache_pair(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, answer: int,
+               wrong: int) -> dict:
+    """One run of both texts as a batch (row 0 clean, row 1 corrupted), keeping every block's
+    hook_resid_pre and the activations the grids patch: name -> (2, T, ...). Also the two
+    logit differences, "clean_logit_diff" and "corrupt_logit_diff"."""
+    check_pair(model, clean_ids, corrupt_ids)
+    points = [*grid_points(model).values(), "attn.hook_z"]
+    names = [f"blocks.{layer}.{point}" for layer in range(model.config.n_layer)
+             for point in points]
+    logits, acts = model.run_with_cache(Tensor(np.stack([clean_ids, corrupt_ids])
+                                               .astype(np.int32)), names)
+    clean, corrupt = logit_diff(logits, answer, wrong).tolist()
+    return {**acts, "clean_logit_diff": clean, "corrupt_logit_diff": corrupt}
+
+
+def from_layer(model, layer: int):
+    """A forward pass that starts at block layer: the stream entering it (B, T, C) -> logits.
+    A patch at layer l leaves the blocks before l as they were in the corrupted run, so the
+    patched runs start at l from its cached stream and skip them (TransformerLens #382)."""
+    def forward(x: Tensor) -> Tensor:
+        for block in model.h[layer:]:
+            x = block(x)
+        return model.unembed(x)
+    return forward
+
+
+def patch(model, acts: dict, answer: int, wrong: int, name: str, where: Tensor) -> np.ndarray:
+    """Logit differences of len(where) corrupted runs, run b taking the clean text's activation
+    at the hook point name (in layer l, "blocks.l.*") wherever where[b] is true (where
+    broadcasts against one row's activation: (rows, T, 1) picks positions of (T, C)). acts is
+    cache_pair's. Each run starts at block l from the corrupted stream. -> (rows,)."""
+    layer = int(name.split(".")[1])
     rows = where.shape[0]
-    ids = np.concatenate([clean_ids[None], np.repeat(corrupt_ids[None], rows, 0)])
-    swap = lambda x: x[:1].cat(where.where(x[:1], x[1:]), dim=0)  # row 0's into rows 1...
-    logits = model.run_with_hooks(Tensor(ids.astype(np.int32)), {name: swap})
+    start = acts[f"blocks.{layer}.hook_resid_pre"][1:].expand(rows, -1, -1)  # (rows, T, C)
+    clean = acts[name][0]  # (T, ...)
+    logits = model.run_with_hooks(start, {name: lambda x: where.where(clean, x)},
+                                  forward=from_layer(model, layer))
     return logit_diff(logits, answer, wrong).numpy().astype(np.float64)
 
 
@@ -86,15 +112,11 @@ def activation_patching(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, a
     L, H, T = model.config.n_layer, model.config.n_head, len(clean_ids)
     for layer, head in heads:
         check_head(layer, head, L, H)
-    points = grid_points(model)
-    patched = lambda name, where: patch(model, clean_ids, corrupt_ids, answer, wrong, name,
-                                        where)[1:]
-    clean_logits = model(Tensor(clean_ids[None].astype(np.int32)))
-    corrupt = model(Tensor(corrupt_ids[None].astype(np.int32)))
-    out = {"clean_logit_diff": float(logit_diff(clean_logits, answer, wrong).item()),
-           "corrupt_logit_diff": float(logit_diff(corrupt, answer, wrong).item())}
+    acts = cache_pair(model, clean_ids, corrupt_ids, answer, wrong)
+    out = {key: acts[key] for key in ("clean_logit_diff", "corrupt_logit_diff")}
+    patched = lambda name, where: patch(model, acts, answer, wrong, name, where)
     by_position = Tensor(np.eye(T, dtype=bool)[:, :, None])  # (T, T, 1), row b: position b
-    for kind, point in points.items():
+    for kind, point in grid_points(model).items():
         out[kind] = np.stack([patched(f"blocks.{layer}.{point}", by_position)
                               for layer in range(L)])  # (L, T)
     by_head = Tensor(np.eye(H, dtype=bool)[:, None, :, None])  # (H, 1, H, 1), row b: head b
