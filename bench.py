@@ -20,6 +20,8 @@ both libraries load them from one checkpoint that this script writes in the hub'
              `--perplexity` on tinyshakespeare's first 6,000 characters (stride 512) against
              the loop of Hugging Face's perplexity guide: tokens/s after loading, and whole
              processes. Peer for --attention: a forward with output_attentions after loading.
+             And issue 31's patching of an 18-token pair, twice in one process: the resid_pre
+             grid and attribution patching, against TransformerLens (if installed).
   train      four training workloads (TRAIN_WORKLOADS: the reversal demo, modular addition at
              p=113 and p=59 full batch, nanoGPT's CPU shakespeare_char): steady ms per optimizer
              step (AdamW, clip 1.0), time from building the model to the first finished step,
@@ -79,6 +81,10 @@ LAB_TEXTS = (
     "age of foolishness, it was the epoch of belief, it was the epoch of incredulity.",
 )
 LAB_PROMPT, LAB_NEW_TOKENS = "Hello there", 32
+# issue 31's patching pair (18 tokens): the answer " John" against " Mary"
+PATCH_CLEAN = "When John and Mary went to the store, Mary gave a drink to the man at the"
+PATCH_CORRUPT = "When John and Mary went to the store, John gave a drink to the man at the"
+PATCH_ANSWER, PATCH_WRONG = " John", " Mary"
 PPL_CHARS, PPL_STRIDE = 6000, 512
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "shared" / "data" / "tinyshakespeare.txt"
 STEADY_FROM = 10  # decode speed is timed from this token on, after the JIT has settled
@@ -114,6 +120,7 @@ TARGETS = {
     "prefill": (">=", 0.5),  # issue 20: half of PyTorch's
     "perplexity": (">=", 0.5),
     "train": ("<=", 2.0),
+    "patch": ("<=", 1.0),  # issue 31: the grid within TransformerLens's time
 }
 TRAIN_LABELS = {
     "reverse": "reversal (2 layers, 64 dims, batch 64 x 16)",
@@ -124,6 +131,7 @@ TRAIN_LABELS = {
 FIRST_STEP_TARGET_S = 5.0  # the reversal model, warm kernel cache
 DEMO_WARM_TARGET_S, DEMO_COLD_TARGET_S = 20.0, 60.0  # the whole `python transformer.py -v`
 TTFT_TARGET_S = 10.0  # time to first token of GPT-2 124M on a warm kernel cache
+ATTR_TARGET_S = 3.0  # issue 31: attribution patching of GPT-2 124M, 20 tokens
 BOUND_TARGET = 60.0  # tinygrad decode should reach this % of the memory-bandwidth bound
 
 
@@ -360,6 +368,92 @@ def child_torch_attention(folder: Path) -> dict:
     return {"load_s": load_s, "attention_s_max": max(seconds[1:]), "probe_s": probe_s}
 
 
+def patch_pair() -> tuple[np.ndarray, np.ndarray, int, int]:
+    import tiktoken
+
+    enc = tiktoken.get_encoding("r50k_base")
+    clean, corrupt = (np.array(enc.encode(t), np.int64) for t in (PATCH_CLEAN, PATCH_CORRUPT))
+    return clean, corrupt, enc.encode(PATCH_ANSWER)[0], enc.encode(PATCH_WRONG)[0]
+
+
+def child_tinygrad_patching(folder: Path) -> dict:
+    """The resid_pre grid (n_layer x T patched runs) and attribution patching's every grid, each
+    twice in one process: the first call compiles."""
+    from tinygrad import Tensor
+
+    import patching
+
+    model = load_gpt2_tinygrad(folder, False)
+    clean, corrupt, answer, wrong = patch_pair()
+    clean, corrupt = clean.astype(np.int32), corrupt.astype(np.int32)
+    T = len(clean)
+    by_position = Tensor(np.eye(T, dtype=bool)[:, :, None])  # (T, T, 1), row b: position b
+    result = {}
+    for run in ("first", "again"):
+        t0 = time.perf_counter()
+        acts = patching.cache_pair(model, clean, corrupt, answer, wrong)
+        grid = np.stack([patching.patch(model, acts, answer, wrong,
+                                        f"blocks.{layer}.hook_resid_pre", by_position)
+                         for layer in range(model.config.n_layer)])
+        t1 = time.perf_counter()
+        patching.attribution_patching(model, clean, corrupt, answer, wrong)
+        t2 = time.perf_counter()
+        result |= {f"grid_{run}_s": t1 - t0, f"attr_{run}_s": t2 - t1}
+    return {**result, "grid_s": result["grid_again_s"], "attr_s": result["attr_again_s"],
+            "tokens": T, "corner": float(grid[0, 0])}
+
+
+def child_torch_patching(folder: Path) -> dict:
+    """The same two in TransformerLens 3.9 (weights from Hugging Face's model by
+    convert_gpt2_weights, no processing): get_act_patch_resid_pre, one forward pass per cell;
+    attribution patching as Nanda's recipe runs it, forward and backward hooks on the corrupted
+    run, each twice."""
+    torch, transformers = torch_setup()
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import patching as tl_patching
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    c = hf.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head,
+                                  d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd,
+                                  d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
+                                  normalization_type="LN", default_prepend_bos=False)
+    tl = HookedTransformer(cfg)
+    tl.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
+    tl.eval()
+    clean, corrupt, answer, wrong = patch_pair()
+    clean, corrupt = torch.from_numpy(clean)[None], torch.from_numpy(corrupt)[None]
+    metric = lambda logits: logits[0, -1, answer] - logits[0, -1, wrong]
+    points = lambda name: name.endswith(("hook_resid_pre", "hook_attn_out", "hook_mlp_out",
+                                         "hook_z"))
+
+    def attribution():
+        _, clean_cache = tl.run_with_cache(clean, names_filter=points)
+        acts, grads = {}, {}
+        keep = lambda store: lambda x, hook: store.__setitem__(hook.name, x.detach())
+        tl.add_hook(points, keep(acts), "fwd")
+        tl.add_hook(points, keep(grads), "bwd")
+        try:
+            metric(tl(corrupt)).backward()
+        finally:
+            tl.reset_hooks()
+        return {n: ((clean_cache[n] - acts[n]) * grads[n]).sum(-1) for n in acts}
+
+    result = {}
+    for run in ("first", "again"):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, cache = tl.run_with_cache(clean)
+            grid = tl_patching.get_act_patch_resid_pre(tl, corrupt, cache, metric)
+        t1 = time.perf_counter()
+        attribution()
+        t2 = time.perf_counter()
+        result |= {f"grid_{run}_s": t1 - t0, f"attr_{run}_s": t2 - t1}
+    return {**result, "grid_s": result["grid_again_s"], "attr_s": result["attr_again_s"],
+            "tokens": clean.shape[1], "corner": float(grid[0, 0])}
+
+
 def child_tinygrad_train(workload: str, steps: int) -> dict:
     from tinygrad import Context, GlobalCounters, Tensor
 
@@ -561,6 +655,8 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
         "tinygrad-perplexity": lambda: child_tinygrad_perplexity(folder),
         "torch-perplexity": lambda: child_torch_perplexity(folder),
         "torch-attention": lambda: child_torch_attention(folder),
+        "tinygrad-patching": lambda: child_tinygrad_patching(folder),
+        "torch-patching": lambda: child_torch_patching(folder),
         "torch-probe": child_torch_probe,
         "torch-decode": lambda: child_torch_decode(folder, tokens, bf16=False),
         "torch-decode-bf16": lambda: child_torch_decode(folder, tokens, bf16=True),
@@ -701,7 +797,8 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
         "beam": ["tinygrad-decode-beam", "torch-decode", "tinygrad-decode-half-beam",
                  "torch-decode-bf16"],
         "prefill": ["tinygrad-prefill", "torch-prefill"],
-        "lab": ["tinygrad-perplexity", "torch-perplexity", "torch-attention"],
+        "lab": ["tinygrad-perplexity", "torch-perplexity", "torch-attention",
+                "tinygrad-patching", "torch-patching"],
         "train": [f"{lib}-train-{w}" for w in TRAIN_WORKLOADS for lib in ("tinygrad", "torch")],
         "demo": [],
         "bandwidth": ["bandwidth"],
@@ -831,6 +928,17 @@ def table_rows(results: dict) -> list[list[str]]:
         rows.append(["  its prefill s / JIT warm-up s (1 step) / decode tok/s",
                      f"{fmt(lab.get('gen_prefill_s'), 2)} / {fmt(lab.get('gen_warmup_s'), 2)} / "
                      f"{fmt(lab.get('gen_decode_tok_s'), 1)}", "", "", ""])
+    T = get(r, "tinygrad-patching", "tokens")
+    add(f"patching: the resid_pre grid s, 12 x {T} patched runs (peer: TransformerLens "
+        "get_act_patch_resid_pre)", "patch", "tinygrad-patching", "torch-patching", "grid_s", 1)
+    add("  the first call s (tinygrad compiles)", None, "tinygrad-patching", "torch-patching",
+        "grid_first_s", 1)
+    add("attribution patching s, every grid (peer: TransformerLens hooks, one backward)", None,
+        "tinygrad-patching", "torch-patching", "attr_s", 2)
+    attr = get(r, "tinygrad-patching", "attr_s")
+    if attr is not None:  # an absolute goal, not a ratio
+        rows[-1][-1] = f"<= {ATTR_TARGET_S:.0f} s " + ("met" if attr <= ATTR_TARGET_S else "missed")
+    add("  the first call s", None, "tinygrad-patching", "torch-patching", "attr_first_s", 1)
     add(f"time to first token s, fp32 (load + {PROMPT_TOKENS}-token prefill)", None,
         "tinygrad-decode", "torch-decode", "ttft_s", 2)
     ttft = get(r, "tinygrad-decode", "ttft_s")

@@ -537,9 +537,9 @@ def trace(gpt: Transformer, enc, clean: str, corrupt: str, answer: str, wrong: s
     labels = token_labels(enc, corrupt_ids)
     try:
         heads.writable_folder(out)
-        written, report = patching.patch_and_write(gpt, clean_ids, corrupt_ids, a, w, labels,
-                                                   out, f"{len(clean_ids)} tokens", chosen,
-                                                   threshold)
+        written, report, _ = patching.patch_and_write(gpt, clean_ids, corrupt_ids, a, w, labels,
+                                                      out, f"{len(clean_ids)} tokens", chosen,
+                                                      threshold)
     except OSError as e:
         raise UserError(str(e)) from None
     log(f"wrote {', '.join(str(p) for p in written)}")

@@ -287,11 +287,11 @@ def patch_and_write(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, answe
                     wrong: int, labels: list[str], out: Path, title: str,
                     heads: list[tuple[int, int]] = (), threshold: float = 0.1):
     """What --patch does for either CLI: both grids, written into out, and the report to print.
-    -> (files written, report)."""
+    -> (files written, report, the exact grids)."""
     exact = activation_patching(model, clean_ids, corrupt_ids, answer, wrong, heads)
     estimate = attribution_patching(model, clean_ids, corrupt_ids, answer, wrong)
     return (write_patching(out, exact, estimate, labels, title),
-            patching_report(exact, estimate, labels, threshold, heads))
+            patching_report(exact, estimate, labels, threshold, heads), exact)
 
 
 def write_dla(out: Path, parts: dict, title: str) -> list[Path]:

@@ -122,6 +122,11 @@ class Task(abc.ABC):
         the task has none to offer."""
         return None
 
+    def patching_reading(self, model, exact: dict) -> str | None:
+        """What activation patching's grids (patching.activation_patching on patching_pair)
+        say about the task's circuit, printed after them; None: nothing to say."""
+        return None
+
     def inspect(self, model, folder: Path) -> tuple[list[Path], str] | None:
         """Draw the model's attention into folder itself -> (files written, report); None: the
         loop draws it with heads.inspect_model on example()."""
@@ -730,6 +735,49 @@ class Induction(Task):
                 f"({s['previous'][prev]:.2f}) costs {delta[prev]:+.4f}, with those induction "
                 f"heads {both:+.4f}; the costliest head alone is L{top[0]}H{top[1]}: {verdict} "
                 "with the previous-token reading")
+
+    def patching_pair(self) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """The first evaluation sequence up to a token A of the repeat, whose answer is B, the
+        token after A's first occurrence. The corrupted text replaces that first A by a token
+        seen nowhere, so no earlier A is left to find. The wrong token is another token seen
+        nowhere: the difference is how far B stands above a token nothing points to.
+        Only the previous-token head can carry "A came before me" to B's position, so patching
+        must find it, and the induction heads that read it (Olsson et al., 2022)."""
+        seq, R = self.x[0], int(np.flatnonzero(self.x[0][1:] == self.x[0][0])[0]) + 1
+        k = R // 2  # A's first occurrence; B at k + 1, A again at R + k
+        clean = seq[: R + k + 1].astype(np.int32)
+        unseen = np.setdiff1d(np.arange(self.config.vocab_size), clean)
+        corrupt = clean.copy()
+        corrupt[k] = unseen[0]
+        return clean, corrupt, int(clean[k + 1]), int(unseen[1])
+
+    def patching_reading(self, model: Transformer, exact: dict) -> str:
+        """Where patching finds the circuit: the stream entering layer 1 should carry A one
+        position on, at B's position, as the previous-token head moved it; the head whose
+        output brings back most in layer 0 should be that head, and in layer 1 an induction
+        head. Checked against the heads' scores and against what knocking each out costs."""
+        import patching
+
+        clean, corrupt, answer, _ = self.patching_pair()
+        k = int(np.flatnonzero(clean != corrupt)[0])
+        cd, xd = exact["clean_logit_diff"], exact["corrupt_logit_diff"]
+        moved = patching.recovered(exact["resid_pre"][1], cd, xd)  # (T,)
+        z = patching.recovered(exact["z"], cd, xd)  # (L, H)
+        s = self.scores(model)
+        prev, ind = int(s["previous"][0].argmax()), int(s["induction"][1].argmax())
+        p0, p1 = int(z[0].argmax()), int(z[1].argmax())
+        _, cost = heads.ablate_each_head(model, lambda: self.scores(model)["repeat_loss"])
+        costliest = int(np.argmax(cost[0]))  # repeat loss goes up most
+        say = lambda ok: "agrees" if ok else "does NOT agree"
+        return (f"the stream entering layer 1 brings back {moved[k + 1]:+.2f} of the answer at "
+                f"B's position {k + 1} and {moved[k]:+.2f} at A's own, {k}: the previous token "
+                f"moved one on\npatching a layer-0 head's output brings back most for L0H{p0} "
+                f"({z[0, p0]:+.2f}); the previous-token head by its score is L0H{prev} "
+                f"({s['previous'][0, prev]:.2f}): {say(p0 == prev)}; the costliest layer-0 "
+                f"head to knock out is L0H{costliest}: {say(p0 == costliest)}\n"
+                f"in layer 1, L1H{p1} ({z[1, p1]:+.2f}); the best induction head by its score "
+                f"is L1H{ind} ({s['induction'][1, ind]:.2f}), and L1H{p1} scores "
+                f"{s['induction'][1, p1]:.2f}")
 
     def evaluate(self, model: Transformer, quick: bool = False) -> float:
         """The best head's induction score on the evaluation batch."""

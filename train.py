@@ -381,8 +381,10 @@ def trace(task, path: Path, folder: Path, heads_spec: str | None = None, thresho
         c = model.config
         chosen = [] if heads_spec is None else heads.parse_heads(heads_spec, c.n_layer, c.n_head)
         labels = [task.token(i) for i in corrupt]
-        written, report = patching.patch_and_write(model, clean, corrupt, answer, wrong, labels,
-                                                   folder, what, chosen, threshold)
+        written, report, exact = patching.patch_and_write(model, clean, corrupt, answer, wrong,
+                                                          labels, folder, what, chosen, threshold)
+        if reading := task.patching_reading(model, exact):
+            report += "\n" + reading
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     print(report)
 

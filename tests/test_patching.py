@@ -221,3 +221,84 @@ def test_toy_cli_patch_refuses_what_it_cannot_read(cli_checkpoint):
     assert_clean_error(cli("--task", "grokking", "--patch", "--out", str(cli_checkpoint)),
                        "grokking", "no clean/corrupted pair")
     assert_clean_error(cli("--task", "classify", "--dla"), "--dla", "decoder-only")
+
+
+# ---------------------------------------------------------------------------------------------
+# Induction: a circuit built by hand, so which heads carry the answer is known, not inferred
+# ---------------------------------------------------------------------------------------------
+
+
+def hand_made_induction(task):
+    """The two-head induction circuit of Elhage et al. (2021), its weights set by hand in the
+    induction task's shape without LayerNorm in the blocks: the stream holds the token
+    (features 0..V-1), the position (V..V+n_ctx-1) and, from layer 0 on, the previous token
+    (the next V). L0H0 is a previous-token head: position t's query matches position t - 1's
+    key, and its value, the token, lands in the previous-token features. L1H0 is an induction
+    head: a query holding token A matches the key whose previous token is A, and copies that
+    position's token into the token features, which the tied unembedding reads as logits. Every
+    other head's weights are 0."""
+    from dataclasses import replace
+
+    c = replace(task.config, layernorm=False)
+    V, N, C, H = c.vocab_size, c.n_ctx, c.n_embd, c.n_head
+    hs = C // H
+    assert 2 * V + N <= C and max(V, N) <= hs
+    tok, pos, prev = np.arange(V), V + np.arange(N), V + N + np.arange(V)
+    m = Transformer(c)
+    wte = np.zeros(m.wte.weight.shape, np.float32)
+    wte[tok, tok] = 1.0
+    wpe = np.zeros((N, C), np.float32)
+    wpe[np.arange(N), pos] = 1.0
+    m.wte.weight.assign(Tensor(wte)).realize()
+    m.wpe.weight.assign(Tensor(wpe)).realize()
+    sharp = 8.0  # scores of sharp**2 / sqrt(hs) = 16: the softmax all but one-hot
+    for layer, block in enumerate(m.h):
+        qkv, proj = np.zeros((3 * C, C), np.float32), np.zeros((C, C), np.float32)
+        if layer == 0:  # query at t: e_t; key at s: e_(s+1); value: the token at s
+            qkv[np.arange(N), pos] = sharp
+            qkv[C + np.arange(1, N), pos[:-1]] = sharp
+            qkv[2 * C + tok, tok] = 1.0
+            proj[prev, tok] = 1.0  # head 0's output -> the previous-token features
+        else:  # query: the token A; key: the previous token; value: the token, copied out
+            qkv[tok, tok] = sharp
+            qkv[C + tok, prev] = sharp
+            qkv[2 * C + tok, tok] = 1.0
+            proj[tok, tok] = 10.0
+        block.attn.c_attn.weight.assign(Tensor(qkv)).realize()
+        block.attn.c_attn.bias.assign(Tensor.zeros(3 * C)).realize()
+        block.attn.c_proj.weight.assign(Tensor(proj)).realize()
+        block.attn.c_proj.bias.assign(Tensor.zeros(C)).realize()
+    m.ln_f.weight.assign(Tensor.ones(C)).realize()
+    m.ln_f.bias.assign(Tensor.zeros(C)).realize()
+    return m
+
+
+def test_patching_finds_the_previous_token_head_feeding_the_induction_head():
+    from tasks import Induction
+
+    task = Induction(vocab=16, n_ctx=16, lengths=(4, 8))
+    model = hand_made_induction(task)
+    s = task.scores(model)
+    assert s["head"] == (1, 0) and s["best"] > 0.9  # it is an induction circuit
+    assert s["previous"][0].argmax() == 0 and s["previous"][0, 0] > 0.9
+    clean, corrupt, answer, wrong = task.patching_pair()
+    k = int(np.flatnonzero(clean != corrupt)[0])  # A's first occurrence, the one corrupted
+    assert (clean != corrupt).sum() == 1 and clean[k] == clean[-1] and clean[k + 1] == answer
+    assert corrupt[k] not in clean and wrong not in clean and wrong not in corrupt
+    exact = patching.activation_patching(model, clean, corrupt, answer, wrong)
+    cd, xd = exact["clean_logit_diff"], exact["corrupt_logit_diff"]
+    assert cd - xd > 5.0, (cd, xd)  # without an earlier A, B is no longer copied
+    # entering layer 0 the difference lies at A's first position; entering layer 1, one on,
+    # where the previous-token head wrote it
+    first = patching.recovered(exact["resid_pre"][0], cd, xd)
+    second = patching.recovered(exact["resid_pre"][1], cd, xd)
+    assert first[k] == pytest.approx(1.0, abs=1e-5) and np.abs(np.delete(first, k)).max() < 1e-5
+    assert second[k + 1] > 0.95 and np.abs(np.delete(second, k + 1)).max() < 0.05, second
+    # the two heads of the circuit bring the answer back, the heads with zero weights nothing
+    z = patching.recovered(exact["z"], cd, xd)
+    assert z[0, 0] > 0.95 and z[1, 0] > 0.95, z
+    assert np.abs(z[:, 1:]).max() < 1e-5, z
+    reading = task.patching_reading(model, exact)
+    print(reading)
+    assert "most for L0H0" in reading and "is L0H0" in reading and ": agrees" in reading, reading
+    assert "does NOT" not in reading and "in layer 1, L1H0" in reading, reading
