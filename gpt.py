@@ -472,13 +472,17 @@ def text_ids(enc, text: str, flag: str, n_ctx: int) -> np.ndarray:
 
 
 def head_ablation(gpt: Transformer, enc, text: str, out: Path, heads_spec: str | None = None,
-                  mean: str | None = None, log=print):
+                  mean: str | None = None, mean_from: str | None = None, log=print):
     """Knock out each head alone (or the set in heads_spec together) and report what it costs
     the mean next-token loss on text: ablation.npz and ablation.png into out, a table on stdout.
-    mean: a head is replaced by that mean of its output (heads.MEANS) instead of zeros."""
+    mean: a head is replaced by that mean of its output (heads.MEANS) instead of zeros; or
+    mean_from: by its mean over every position of that other text."""
     import heads
 
     ids = text_ids(enc, text, "--head-ablation", gpt.config.n_ctx)
+    if mean_from is not None:
+        mean = heads.reference_mean(gpt, text_ids(enc, mean_from, "--mean-from",
+                                                  gpt.config.n_ctx))
     # compiled once: every knock-out only rewrites the masks that the replay reads
     loss = TinyJit(lambda x, y: gpt(x).sparse_categorical_crossentropy(y).realize())
     score = lambda: float(loss(Tensor(ids[None, :-1]), Tensor(ids[None, 1:])).item())
@@ -649,6 +653,9 @@ def parser() -> flags.Parser:
                     help="with --head-ablation: replace a head by its mean, not 0: over the "
                          "positions so far (causal, the default), or over all of them (positions: "
                          "a position then sees a summary of later tokens)")
+    ap.add_argument("--mean-from", metavar="TEXT",
+                    help="with --head-ablation: replace a head by its mean output over every "
+                         "position of TEXT, another text")
     ap.add_argument("--stride", type=flags.count, metavar="N",
                     help="with --perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
@@ -682,8 +689,11 @@ def command(argv=None) -> int:
             raise UserError("--stride goes with --perplexity FILE")
         if args.heads is not None and args.head_ablation is None and args.patch is None:
             raise UserError("--heads goes with --head-ablation TEXT or --patch CLEAN")
-        if args.mean is not None and args.head_ablation is None:
-            raise UserError("--mean goes with --head-ablation TEXT")
+        for flag, value in (("--mean", args.mean), ("--mean-from", args.mean_from)):
+            if value is not None and args.head_ablation is None:
+                raise UserError(f"{flag} goes with --head-ablation TEXT")
+        if args.mean is not None and args.mean_from is not None:
+            raise UserError("--mean and --mean-from each choose the mean: give one")
         if args.corrupt is not None and args.patch is None:
             raise UserError("--corrupt goes with --patch CLEAN")
         for flag, value in (("--answer", args.answer), ("--wrong", args.wrong)):
@@ -699,7 +709,8 @@ def command(argv=None) -> int:
             enc = tokenizer()
             gpt = load_gpt2(model, args.weights, args.weights_dir, args.half, named)
             if args.head_ablation is not None:
-                head_ablation(gpt, enc, args.head_ablation, args.out, args.heads, args.mean, log)
+                head_ablation(gpt, enc, args.head_ablation, args.out, args.heads, args.mean,
+                              args.mean_from, log)
             elif args.logit_lens is not None:
                 logit_lens(gpt, enc, args.logit_lens, args.out, args.tokens, log)
             elif args.patch is not None:

@@ -217,6 +217,8 @@ def knock_out(z, keep, mean: str | None = None):
     keep = keep.reshape(1, 1, -1, 1)  # (1, 1, H, 1)
     if mean is None:
         fill = 0.0
+    elif not isinstance(mean, str):  # one layer's ReferenceMean, (1, 1, H, hs)
+        fill = mean
     elif mean == "causal":  # position t: the mean of positions 0..t, nothing from its future
         from tinygrad import Tensor
 
@@ -234,19 +236,38 @@ def knock_out(z, keep, mean: str | None = None):
 MEANS = {"causal": None, "positions": 1, "batch": 0}
 
 
+class ReferenceMean(list):
+    """A mean taken from another text: each layer's hook_z averaged over all of that text's
+    positions, (1, 1, H, hs) per layer, so the text being scored lends nothing to its own
+    replacement. Made by reference_mean; named "reference-text" in the output."""
+
+    def __str__(self):
+        return "reference-text"
+
+
+def reference_mean(model, ids: np.ndarray) -> ReferenceMean:
+    """Every head's mean output over the reference text ids (T,), per layer."""
+    from tinygrad import Tensor
+
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.config.n_layer)]
+    _, cache = model.run_with_cache(Tensor(np.asarray(ids, np.int32)[None]), names)
+    return ReferenceMean(cache[name].mean((0, 1), keepdim=True).realize() for name in names)
+
+
 class KnockOut:
     """While open, a hook at every layer's hook_z multiplies its heads by a keep mask
     (knock_out); knock(heads) zeroes exactly those heads' masks. The masks are buffers written in
     place, so a TinyJit'd score replays with whatever they hold now. mean: None replaces a head
-    by zeros, else by one of MEANS."""
+    by zeros, else by one of MEANS or a ReferenceMean."""
 
     def __init__(self, model, mean: str | None = None):
         from tinygrad import Tensor
 
         L, self.H = model.config.n_layer, model.config.n_head
         self.keeps = [Tensor.ones(self.H).contiguous().realize() for _ in range(L)]
-        knock = lambda keep: lambda z: knock_out(z, keep, mean)
-        self.hooks = model.hooks({f"blocks.{layer}.attn.hook_z": knock(keep)
+        pick = lambda layer: mean[layer] if isinstance(mean, ReferenceMean) else mean
+        knock = lambda keep, layer: lambda z: knock_out(z, keep, pick(layer))
+        self.hooks = model.hooks({f"blocks.{layer}.attn.hook_z": knock(keep, layer)
                                   for layer, keep in enumerate(self.keeps)})
 
     def __enter__(self) -> KnockOut:

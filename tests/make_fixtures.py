@@ -365,6 +365,8 @@ def perplexity_reference(model, encoder):
 
 # The text whose head ablations and logit lens the tests compare, token for token
 CAUSES_TEXT = "ROMEO: Is the day so young? The day is young, and so am I, my lord."
+# --mean-from's other text: each head's mean output over all of its positions replaces the head
+CAUSES_REFERENCE = "JULIET: O Romeo, Romeo! wherefore art thou Romeo?"
 
 
 def causes_reference(encoder):
@@ -391,11 +393,26 @@ def causes_reference(encoder):
                     if mean == "causal":  # the running mean of positions 0..t
                         T = h.shape[1]
                         h[..., cols] = h[..., cols].cumsum(1) / torch.arange(1, T + 1)[:, None]
+                    elif mean == "reference":  # the other text's mean over all its positions
+                        h[..., cols] = reference[layer][cols]
                     else:
                         h[..., cols] = h[..., cols].mean(1, keepdim=True) if mean else 0.0
             return (h,)
         return rewrite
 
+    reference = {}  # layer -> c_proj's input averaged over the reference text's positions
+
+    def keep(layer):
+        def hook(module, args):  # returns None: a pre-hook that returns a value replaces args
+            reference[layer] = args[0][0].mean(0)
+        return hook
+
+    handles = [block.attn.c_proj.register_forward_pre_hook(keep(layer))
+               for layer, block in enumerate(model.transformer.h)]
+    with torch.no_grad():
+        model(torch.tensor([encoder.encode(CAUSES_REFERENCE)]))
+    for handle in handles:
+        handle.remove()
     for layer, block in enumerate(model.transformer.h):
         block.attn.c_proj.register_forward_pre_hook(hook(layer))
 
@@ -405,8 +422,8 @@ def causes_reference(encoder):
         return float(torch.nn.functional.cross_entropy(logits, y))
 
     out = {"ids": np.array(ids, dtype=np.int64), "base_loss": np.array(loss())}
-    for kind in ("zero", "mean", "causal"):
-        mean = {"zero": False, "mean": True, "causal": "causal"}[kind]
+    for kind in ("zero", "mean", "causal", "reference"):
+        mean = {"zero": False, "mean": True, "causal": "causal", "reference": "reference"}[kind]
         delta = np.zeros((n_layer, n_head))
         for layer in range(n_layer):
             for head in range(n_head):

@@ -180,6 +180,17 @@ def test_gpt_mean_ablation_is_causal_unless_told_and_says_which(tmp_path, flag, 
     assert np.abs(REF["causal_loss_delta"] - REF["mean_loss_delta"]).max() > 1e-3
 
 
+def test_gpt_mean_from_another_text_equals_hugging_face(tmp_path):
+    # each head's mean over every position of another text: nothing of the scored text in it
+    run = run_main(gpt.main, "--weights", TRAINED, "--head-ablation", TEXT, "--mean-from",
+                   "JULIET: O Romeo, Romeo! wherefore art thou Romeo?", "--out", tmp_path)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "ablation.npz")["loss_delta"],
+                               REF["reference_loss_delta"], atol=2e-5)
+    assert "(reference-text mean ablation)" in run.stdout
+    assert np.abs(REF["reference_loss_delta"] - REF["causal_loss_delta"]).max() > 1e-3
+
+
 def test_gpt_heads_together_print_one_result(tmp_path):
     run = run_main(gpt.main, "--weights", TRAINED, "--head-ablation", TEXT, "--heads", "0.1,1.0",
                    "--out", tmp_path / "none")
@@ -204,6 +215,9 @@ def test_gpt_logit_lens_writes_the_readings(tmp_path):
     (["--head-ablation", TEXT, "--heads", "5.0"], ["--heads", "5.0", "layers 0-1"]),
     (["--head-ablation", TEXT, "--heads", "first"], ["--heads", "first"]),
     (["-p", "Hi", "--mean"], ["--mean", "--head-ablation"]),
+    (["-p", "Hi", "--mean-from", "Hi"], ["--mean-from", "--head-ablation"]),
+    (["--head-ablation", TEXT, "--mean", "--mean-from", "Hi"], ["--mean", "--mean-from", "one"]),
+    (["--head-ablation", TEXT, "--mean-from", ""], ["--mean-from"]),
     (["--logit-lens", "Hi"], ["--logit-lens", "at least 2"]),
     (["--logit-lens", TEXT, "--tokens", "9:3"], ["--tokens"]),
 ])

@@ -1151,13 +1151,14 @@ def test_help_names_every_default():
     # what to do (-p, --attention, ...), the one head or heads to look at, a mean ablation
     # and what patching compares default to nothing
     nothing = {"prompt", "file", "attention", "perplexity", "head_ablation", "logit_lens",
-               "layer", "head", "heads", "mean", "patch", "dla", "corrupt", "answer", "wrong"}
+               "layer", "head", "heads", "mean", "mean_from", "patch", "dla", "corrupt", "answer",
+               "wrong"}
     for action in actions:
         help_text = " ".join(action.help.split())
         if action.default is not None and action.default is not False:  # (0 == False)
             assert f"{help_text} (default: {action.default})" in shown, action.dest
         elif action.nargs != 0 and action.dest not in nothing:  # a value, without a default
             assert "(default: " in help_text, action.dest
-    assert len(actions) == 34
+    assert len(actions) == 35
     assert "(default: None)" not in shown and "(default: False)" not in shown
     assert "tokens to generate (default: 100)" in shown
