@@ -17,6 +17,8 @@ a request whose Host is not its own (DNS rebinding) and a cross-origin POST.
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import sys
 import threading
 from http import HTTPStatus
@@ -101,12 +103,33 @@ def parse_head_names(names, n_layer: int, n_head: int) -> list[tuple[int, int]]:
         raise UserError(str(e).replace("--heads: ", "").replace("--heads ", "heads ")) from None
 
 
+def shared_kernel_cache():
+    """tinygrad keeps compiled kernels in a SQLite file through one connection, which SQLite lets
+    only the thread that opened it use; the workbench computes on the server's threads (one at a
+    time, under its lock), so the connection is opened again as one that any thread may use."""
+    from tinygrad import helpers
+
+    if getattr(helpers, "_db_connection", None) is not None and getattr(
+            helpers._db_connection, "tinygpt_shared", False):
+        return
+    os.makedirs(os.path.dirname(helpers.CACHEDB), exist_ok=True)
+    conn = sqlite3.connect(helpers.CACHEDB, timeout=60, isolation_level="IMMEDIATE",
+                           check_same_thread=False, factory=SharedConnection)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    helpers._db_connection = conn
+
+
+class SharedConnection(sqlite3.Connection):
+    tinygpt_shared = True  # marks the connection shared_kernel_cache opened
+
+
 class Workbench:
     """A model and its vocabulary, and what each endpoint computes, under one lock."""
 
     def __init__(self, model, vocab: Vocab, title: str, example: str = ""):
         self.model, self.vocab, self.title, self.example = model, vocab, title, example
         self.lock = threading.Lock()
+        shared_kernel_cache()
         c = model.config
         # right-padding to generate's buckets lets texts of other lengths reuse the kernels;
         # safe where the causal mask hides the padding and no id means padding (as heads.py)
