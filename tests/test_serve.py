@@ -269,7 +269,7 @@ def test_page_shows_tokens_prediction_and_knocked_out_heads_in_chromium(server, 
     port = server.server_address[1]
     state = urllib.parse.urlencode({"text": ROMEO, "knock": "0.1,1.0"})
     url = f"http://127.0.0.1:{port}/#{state}"
-    run = dump_dom(url, tmp_path, "--virtual-time-budget=20000")
+    run = dump_dom(url, tmp_path, "--virtual-time-budget=20000", "--enable-logging=stderr")
     dom = run.stdout
     assert run.returncode == 0, run.stderr[-2000:]
     _, ablated = post(server, "/api/ablate", {"text": ROMEO, "heads": ["0.1", "1.0"]})
@@ -281,7 +281,9 @@ def test_page_shows_tokens_prediction_and_knocked_out_heads_in_chromium(server, 
     assert knocked == ["0.1", "1.0"]
     assert f'id="loss">{ablated["loss"]:.4f}' in dom
     assert dom.count('class="lens-cell') == 3 * 22
-    assert 'id="status">ready' in dom
+    assert re.search(r'id="status"[^>]*>ready<', dom)
+    # no script error reached the console (Chromium logs them to stderr with this flag)
+    assert "Uncaught" not in run.stderr and "Refused to" not in run.stderr, run.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
