@@ -165,16 +165,20 @@ class Workbench:
         size = padded_length(self.model, T) if self.pads and mean != "positions" else T
         padded = np.zeros(size, dtype=np.int32)
         padded[:T] = ids
+        L = self.model.config.n_layer
+        patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
         with self.lock, heads.KnockOut(self.model, mean) as ko:
             ko.knock(list(knocked))
-            logits, att = heads.attention_maps(self.model, Tensor(padded[None]))
-            logits = logits.numpy()[0, :T].astype(np.float64)
-            att = att.numpy()[0, :, :, :T, :T]
-            lens = heads.logit_lens(self.model, padded, k=1)
+            # one pass for the maps and the lens (heads.attention_maps and logit_lens run one each)
+            out, cache = self.model.run_with_cache(Tensor(padded[None]),
+                                                   patterns + heads.lens_points(self.model))
+            att = np.stack([cache[name].numpy()[0] for name in patterns])[:, :, :T, :T]
+            lens = heads.read_lens(self.model, padded, out, cache, k=1)
+            logits = out.numpy()[0, :T].astype(np.float64)
         z = logits - logits.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (T, V)
         last = np.exp(logp[-1])
-        top = np.argsort(-last, kind="stable")[:TOP]
+        top = heads.top_k(last, TOP)
         loss = float(-logp[np.arange(T - 1), ids[1:]].mean()) if T > 1 else None
         next_prob = lens["next_token_prob"][:, :T].copy()
         next_prob[:, T - 1] = np.nan  # the padding is no next token
