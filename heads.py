@@ -246,10 +246,14 @@ class KnockOut:
         L, self.H = model.config.n_layer, model.config.n_head
         self.keeps = [Tensor.ones(self.H).contiguous().realize() for _ in range(L)]
         knock = lambda keep: lambda z: knock_out(z, keep, mean)
-        self.hooks = model.hooks({f"blocks.{layer}.attn.hook_z": knock(keep)
-                                  for layer, keep in enumerate(self.keeps)})
+        self.model = model
+        self.fns = {f"blocks.{layer}.attn.hook_z": knock(keep)
+                    for layer, keep in enumerate(self.keeps)}
 
     def __enter__(self) -> KnockOut:
+        # a new hooks context each time: the workbench opens one KnockOut again per request,
+        # its masks the buffers its compiled pass reads
+        self.hooks = self.model.hooks(self.fns)
         self.hooks.__enter__()
         return self
 

@@ -129,11 +129,39 @@ class Workbench:
     def __init__(self, model, vocab: Vocab, title: str, example: str = ""):
         self.model, self.vocab, self.title, self.example = model, vocab, title, example
         self.lock = threading.Lock()
+        self.jits, self.knockouts = {}, {}  # see compiled; one heads.KnockOut per kind of mean
         shared_kernel_cache()
         c = model.config
         # right-padding to generate's buckets lets texts of other lengths reuse the kernels;
         # safe where the causal mask hides the padding and no id means padding (as heads.py)
         self.pads = c.causal and c.pad_id is None
+
+    def compiled(self, size: int, mean):
+        """The pass of /api/run and /api/ablate on ids (1, size): logits, every head's attention
+        (1, L, H, size, size) and the lens's points (heads.lens_points), from one pass, compiled
+        once per length and kind of knock-out by TinyJit (runtime.jit_at_once) and replayed:
+        scheduling GPT-2's pass anew took longer than running it. The knock-out masks are
+        buffers written in place (heads.KnockOut), so a replay knocks out the heads of now."""
+        from tinygrad import Tensor
+
+        from runtime import jit_at_once
+
+        key = (size, mean)
+        if key not in self.jits:
+            model = self.model
+            patterns = [f"blocks.{layer}.attn.hook_pattern"
+                        for layer in range(model.config.n_layer)]
+            points = heads.lens_points(model)
+
+            def passes(x):
+                out, cache = model.run_with_cache(x, patterns + points)
+                att = Tensor.stack(*[cache[name] for name in patterns], dim=1).realize()
+                return (out, att, *[cache[name] for name in points])
+
+            run = jit_at_once(passes)
+            self.jits[key] = lambda x: (lambda got: (got[0], got[1], dict(zip(points, got[2:]))))(
+                run(x))
+        return self.jits[key]
 
     def info(self) -> dict:
         c = self.model.config
@@ -165,16 +193,15 @@ class Workbench:
         size = padded_length(self.model, T) if self.pads and mean != "positions" else T
         padded = np.zeros(size, dtype=np.int32)
         padded[:T] = ids
-        L = self.model.config.n_layer
-        patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
-        with self.lock, heads.KnockOut(self.model, mean) as ko:
-            ko.knock(list(knocked))
-            # one pass for the maps and the lens (heads.attention_maps and logit_lens run one each)
-            out, cache = self.model.run_with_cache(Tensor(padded[None]),
-                                                   patterns + heads.lens_points(self.model))
-            att = np.stack([cache[name].numpy()[0] for name in patterns])[:, :, :T, :T]
-            lens = heads.read_lens(self.model, padded, out, cache, k=1)
-            logits = out.numpy()[0, :T].astype(np.float64)
+        with self.lock:
+            ko = self.knockouts.get(mean) or self.knockouts.setdefault(
+                mean, heads.KnockOut(self.model, mean))
+            with ko:
+                ko.knock(list(knocked))
+                out, att, cache = self.compiled(size, mean)(Tensor(padded[None]))
+                att = att.numpy()[0, :, :, :T, :T]
+                lens = heads.read_lens(self.model, padded, out, cache, k=1)
+                logits = out.numpy()[0, :T].astype(np.float64)
         z = logits - logits.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (T, V)
         last = np.exp(logp[-1])
