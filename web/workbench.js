@@ -65,6 +65,7 @@ async function run() {
                                    mean: state.mean || false })
       : await api("/api/run", { text: state.text });
     if (ticket !== pending) return;
+    if (!last || last.tokens.join("") !== answer.tokens.join("")) scanned = {};
     last = answer;
     showAll();
     setStatus("ready");
@@ -170,7 +171,8 @@ function showThumbs() {
       drawMap(canvas, last.attention[l][h], size / T);
       canvas.addEventListener("click", () => toggleHead(name));
       const label = document.createElement("button");
-      label.textContent = `L${l}H${h}`;
+      label.textContent = `L${l}H${h}` + (name in scanned
+        ? ` ${scanned[name] >= 0 ? "+" : ""}${scanned[name].toFixed(3)}` : "");
       label.title = "draw this head large";
       label.addEventListener("click", () => { state.view = name; writeHash(); showThumbs();
                                               showLarge(); });
@@ -251,6 +253,40 @@ function describe(map, q) {
   $("detail").textContent = `${last.tokens[q]}[${q}] looks at: ${top(looks)}\n` +
                             `looked at by: ${top(seen)}`;
   document.querySelectorAll(".tok").forEach((s) => s.classList.toggle("hl", +s.dataset.i === q));
+}
+
+// ------------------------------------------------------------------------------------------
+// The ablation scan: each head alone (with those already knocked out), one request at a time
+// ------------------------------------------------------------------------------------------
+
+let scanning = false;
+let scanned = {};  // head -> the loss with it knocked out, minus the loss without
+
+async function scan() {
+  if (!last || scanning) return;
+  scanning = true;
+  $("scan-stop").disabled = false;
+  const L = last.attention.length, H = last.attention[0].length, base = last.loss;
+  const text = state.text, mean = state.mean || false;
+  scanned = {};
+  try {
+    for (let l = 0; l < L && scanning; l++) {
+      for (let h = 0; h < H && scanning; h++) {
+        const name = `${l}.${h}`;
+        $("scan-status").textContent = `head ${l * H + h + 1} of ${L * H}`;
+        const heads = state.knock.includes(name) ? state.knock : [...state.knock, name];
+        const got = await api("/api/ablate", { text, heads, mean });
+        scanned[name] = got.loss - base;
+        showThumbs();
+      }
+    }
+    $("scan-status").textContent = scanning ? "change in loss under each head's label"
+                                            : "cancelled";
+  } catch (e) {
+    $("scan-status").textContent = e.message;
+  }
+  scanning = false;
+  $("scan-stop").disabled = true;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -447,6 +483,8 @@ async function start() {
   $("clear").addEventListener("click", () => { state.knock = []; run(); });
   $("generate").addEventListener("click", generate);
   $("patch").addEventListener("click", patch);
+  $("scan").addEventListener("click", scan);
+  $("scan-stop").addEventListener("click", () => { scanning = false; });
   await run();
   if (state.clean && state.corrupt && state.answer && state.wrong) await patch();
 }
