@@ -344,6 +344,12 @@ def test_serve_flags_are_checked():
     assert run.returncode == 2 and "--port goes with --serve" in run.stderr
     run = run_main(gpt.main, "--serve", "--port", "70000")
     assert run.returncode == 2 and run.stderr.startswith("error: argument --port")
+    from train import main as train_main
+
+    run = run_main(train_main, "--host", "0.0.0.0")
+    assert run.returncode == 2 and "--host goes with --serve" in run.stderr
+    run = run_main(train_main, "--serve", "--task", "classify")
+    assert run.returncode == 2 and "--serve reads a decoder-only model" in run.stderr
 
 
 def test_transformer_serve_reads_the_toy_checkpoint(cli_checkpoint):

@@ -124,7 +124,8 @@ function showNext() {
 
 function blue(p) {  // white 0 to dark blue 1
   const v = Math.max(0, Math.min(1, p));
-  return `rgb(${Math.round(255 - 224 * v)},${Math.round(255 - 200 * v)},${Math.round(255 - 75 * v)})`;
+  const c = (dark) => Math.round(255 - (255 - dark) * v);
+  return `rgb(${c(31)},${c(55)},${c(180)})`;
 }
 
 function drawMap(canvas, map, cell) {
@@ -295,7 +296,8 @@ async function scan() {
 
 function green(p) {  // white 0 to dark green 1
   const v = Math.max(0, Math.min(1, p));
-  return `rgb(${Math.round(255 - 211 * v)},${Math.round(255 - 95 * v)},${Math.round(255 - 211 * v)})`;
+  const c = (dark) => Math.round(255 - (255 - dark) * v);
+  return `rgb(${c(44)},${c(160)},${c(44)})`;
 }
 
 function showLens() {
