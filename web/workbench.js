@@ -232,7 +232,9 @@ function showLarge() {
     ctx.strokeRect(MARGIN + hover * cell, MARGIN, cell, cell * T);
   }
   const knocked = state.knock.includes(state.view) ? " (knocked out)" : "";
-  $("caption").textContent = `layer ${l}, head ${h}${knocked}: row = query, column = key`;
+  const sc = headScores(map);
+  $("caption").textContent = `layer ${l}, head ${h}${knocked}: row = query, column = key; ` +
+    `previous-token score ${sc.prev.toFixed(2)}, first-token ${sc.first.toFixed(2)}`;
   canvas.onmousemove = (e) => {
     const r = canvas.getBoundingClientRect();
     const x = e.clientX - r.left - MARGIN, y = e.clientY - r.top - MARGIN;
