@@ -394,19 +394,21 @@ def child_tinygrad_serve(folder: Path) -> dict:
             raise ChildFailed(f"{path} answered {reply.status}")
         return time.perf_counter() - t1
 
-    first, run, ablate = [], [], []
+    first, run, ablate, bare = [], [], [], []
     for text in LAB_TEXTS:
         first.append(post("/api/run", {"text": text}))
         run.append(post("/api/run", {"text": text}))
         post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"]})
         ablate.append(post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"]}))
+        bare.append(post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"], "views": False}))
     pair = {"clean": "When Mary and John went to the store, John gave a drink to",
             "corrupt": "When Mary and John went to the store, Mary gave a drink to",
             "answer": " Mary", "wrong": " John"}
     patch_s = post("/api/patch", pair)
     server.shutdown()
     return {"start_s": start_s, "run_first_s": first, "run_s": run, "run_s_max": max(run),
-            "ablate_s": ablate, "ablate_s_max": max(ablate), "patch_s": patch_s,
+            "ablate_s": ablate, "ablate_s_max": max(ablate), "bare_s": bare,
+            "bare_s_max": max(bare), "patch_s": patch_s,
             "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
 
@@ -871,6 +873,8 @@ def table_rows(results: dict) -> list[list[str]]:
              get(r, "torch-attention", "attention_s_max"), 1.0, 2)
     absolute("workbench /api/ablate wall s, two heads, slowest of 4", serving.get("ablate_s_max"),
              None, 0.5, 2)
+    absolute("  without the maps and the lens (\"views\": false: the page's scan)",
+             serving.get("bare_s_max"), None, 0.5, 2)
     if serving.get("patch_s") is not None:
         rows.append(["  /api/patch s (15 tokens: every grid, attribution, DLA)",
                      fmt(serving["patch_s"], 1), "", "", ""])

@@ -179,10 +179,12 @@ class Workbench:
                             f"{self.model.config.n_ctx}")
         return np.asarray(ids, dtype=np.int32)
 
-    def run(self, text, knocked=(), mean=None) -> dict:
+    def run(self, text, knocked=(), mean=None, views: bool = True) -> dict:
         """/api/run (knocked empty) and /api/ablate: the tokens, the next-token top 10, every
         head's attention, the logit lens and the mean next-token loss, with the heads in knocked
-        replaced by zeros (mean None) or by their mean (heads.MEANS)."""
+        replaced by zeros (mean None) or by their mean (heads.MEANS). views=False leaves out
+        the attention and the lens (the lens's unembedding of every layer is most of the time):
+        what the page's ablation scan asks for, which needs the loss alone."""
         from tinygrad import Tensor
 
         from generate import padded_length
@@ -199,31 +201,35 @@ class Workbench:
             with ko:
                 ko.knock(list(knocked))
                 out, att, cache = self.compiled(size, mean)(Tensor(padded[None]))
-                att = att.numpy()[0, :, :, :T, :T]
-                lens = heads.read_lens(self.model, padded, out, cache, k=1)
                 logits = out.numpy()[0, :T].astype(np.float64)
+                if views:
+                    att = att.numpy()[0, :, :, :T, :T]
+                    lens = heads.read_lens(self.model, padded, out, cache, k=1)
         z = logits - logits.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (T, V)
         last = np.exp(logp[-1])
         top = heads.top_k(last, TOP)
         loss = float(-logp[np.arange(T - 1), ids[1:]].mean()) if T > 1 else None
+        answer = {
+            "tokens": [self.vocab.label(i) for i in ids], "ids": ids.tolist(),
+            "next": [{"token": self.vocab.label(i), "id": int(i), "prob": float(last[i])}
+                     for i in top],
+            "loss": loss, "heads": [f"{layer}.{h}" for layer, h in knocked], "mean": mean,
+        }
+        if not views:
+            return answer
         next_prob = lens["next_token_prob"][:, :T].copy()
         next_prob[:, T - 1] = np.nan  # the padding is no next token
         lens_ids = lens["top_ids"][:, :T, 0]
         return {
-            "tokens": [self.vocab.label(i) for i in ids], "ids": ids.tolist(),
-            "next": [{"token": self.vocab.label(i), "id": int(i), "prob": float(last[i])}
-                     for i in top],
-            "attention": rounded(att), "loss": loss,
+            **answer, "attention": rounded(att),
             "lens": {"tokens": [[self.vocab.label(i) for i in row] for row in lens_ids],
                      "ids": lens_ids.tolist(), "probs": rounded(lens["top_probs"][:, :T, 0]),
                      "next_prob": [[None if np.isnan(p) else round(float(p), DIGITS)
                                     for p in row] for row in next_prob]},
-            "heads": [f"{layer}.{h}" for layer, h in knocked],
-            "mean": mean,
         }
 
-    def ablate(self, text, names, mean=False) -> dict:
+    def ablate(self, text, names, mean=False, views=True) -> dict:
         c = self.model.config
         knocked = parse_head_names(names, c.n_layer, c.n_head)
         if mean is False or mean is None:
@@ -234,7 +240,9 @@ class Workbench:
             how = mean
         else:
             raise UserError('"mean" must be false, true, "causal" or "positions"')
-        return self.run(text, knocked, how)
+        if not isinstance(views, bool):
+            raise UserError('"views" must be true or false')
+        return self.run(text, knocked, how, views)
 
     def patch(self, clean, corrupt, answer, wrong) -> dict:
         """/api/patch: what patching.npz, attribution.npz and dla.npz hold (patch_and_write,
@@ -293,7 +301,7 @@ class Workbench:
 ENDPOINTS = {
     "/api/run": lambda wb, q: wb.run(q.get("text")),
     "/api/ablate": lambda wb, q: wb.ablate(q.get("text"), q.get("heads", []),
-                                           q.get("mean", False)),
+                                           q.get("mean", False), q.get("views", True)),
     "/api/patch": lambda wb, q: wb.patch(q.get("clean"), q.get("corrupt"), q.get("answer"),
                                          q.get("wrong")),
     "/api/generate": lambda wb, q: wb.generate(q.get("text"), q.get("n", 20),

@@ -113,6 +113,11 @@ def test_ablate_equals_hugging_face(server, heads, mean, want):
     assert status == 200, got
     assert_near(got["loss"], want, f"loss with {heads} knocked out")
     assert got["heads"] == heads
+    # the scan's answer: the same loss and prediction, without the maps and the lens
+    _, bare = post(server, "/api/ablate", {"text": ROMEO, "heads": heads, "mean": mean,
+                                           "views": False})
+    assert bare["loss"] == got["loss"] and bare["next"] == got["next"]
+    assert "attention" not in bare and "lens" not in bare
     # the lens reads the ablated pass: its embedding row is untouched, its last row moved
     _, plain = post(server, "/api/ablate", {"text": ROMEO, "heads": []})
     assert_near(plain["loss"], CAUSES["base_loss"], "loss with no head knocked out")

@@ -278,7 +278,7 @@ async function scan() {
         const name = `${l}.${h}`;
         $("scan-status").textContent = `head ${l * H + h + 1} of ${L * H}`;
         const heads = state.knock.includes(name) ? state.knock : [...state.knock, name];
-        const got = await api("/api/ablate", { text, heads, mean });
+        const got = await api("/api/ablate", { text, heads, mean, views: false });
         scanned[name] = got.loss - base;
         showThumbs();
       }
