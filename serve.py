@@ -158,9 +158,13 @@ class Workbench:
                 att = Tensor.stack(*[cache[name] for name in patterns], dim=1).realize()
                 return (out, att, *[cache[name] for name in points])
 
-            run = jit_at_once(passes)
-            self.jits[key] = lambda x: (lambda got: (got[0], got[1], dict(zip(points, got[2:]))))(
-                run(x))
+            jit = jit_at_once(passes)
+
+            def replay(x):
+                out, att, *stream = jit(x)
+                return out, att, dict(zip(points, stream))
+
+            self.jits[key] = replay
         return self.jits[key]
 
     def info(self) -> dict:
