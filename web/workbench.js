@@ -397,6 +397,7 @@ async function patch() {
   try {
     const got = await api("/api/patch", { clean: state.clean, corrupt: state.corrupt,
                                           answer: state.answer, wrong: state.wrong });
+    lastPatch = got;
     showPatch(got);
     $("patch-status").textContent = `logit difference: clean ${got.patching.clean_logit_diff
       .toFixed(3)}, corrupted ${got.patching.corrupt_logit_diff.toFixed(3)}; ` +
@@ -464,6 +465,22 @@ function showDla(dla) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Export: the answers behind the view (the run or ablation, the patching) as one JSON file
+// ------------------------------------------------------------------------------------------
+
+let lastPatch = null;
+
+function exportView() {
+  const data = { state, url: location.href, run: last, patch: lastPatch };
+  const blob = new Blob([JSON.stringify(data)], { type: "application/json" });
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = "workbench.json";
+  a.click();
+  URL.revokeObjectURL(a.href);
+}
+
+// ------------------------------------------------------------------------------------------
 // Start
 // ------------------------------------------------------------------------------------------
 
@@ -488,6 +505,7 @@ async function start() {
   $("generate").addEventListener("click", generate);
   $("patch").addEventListener("click", patch);
   $("scan").addEventListener("click", scan);
+  $("export").addEventListener("click", exportView);
   $("scan-stop").addEventListener("click", () => { scanning = false; });
   await run();
   if (state.clean && state.corrupt && state.answer && state.wrong) await patch();
