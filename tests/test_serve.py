@@ -221,14 +221,25 @@ def test_page_files_are_served_and_name_nothing_outside(server):
 
 
 def rss_kb() -> int:
+    """This process's resident memory, after the garbage collector and glibc's malloc_trim: the
+    memory freed but kept by the allocator's per-thread arenas (a server thread per request)
+    moves the plain figure by a third from one burst to the next, with no trend."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the plain figure
+        pass
     return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def test_mixed_requests_leave_the_server_serving_and_its_memory_flat(server):
     """200 requests, good and bad in turn, from 4 threads: every good answer is right, every bad
-    one a 400 or 403, and the process's memory stays within 10 % of where it was after 40 such
-    requests (the first ones grow it for good: the allocator's per-thread arenas, the buffers
-    of the compiled pass)."""
+    one a 400 or 403, and the process's memory stays within 10 % of where it was after 100 such
+    requests (the first ones grow it for good: the buffers of the compiled pass, tinygrad's
+    caches of freed buffers)."""
     port = server.server_address[1]
     kinds = [
         ("/api/run", {"text": ROMEO}, {}, 200),
@@ -258,7 +269,7 @@ def test_mixed_requests_leave_the_server_serving_and_its_memory_flat(server):
         for t in threads:
             t.join(120)
 
-    burst(40)
+    burst(100)
     before = rss_kb()
     started = time.monotonic()
     burst(200)
