@@ -24,6 +24,7 @@ test-plain: .venv/.ready  ## the GPT-2 and lab tests with TINYGPT_PLAIN=1
 	TINYGPT_PLAIN=1 DEV=$(or $(DEV),CPU) .venv/bin/python -m pytest --durations=10 $(PLAIN_TESTS)
 
 PLAIN_TESTS = tests/test_gpt.py tests/test_heads.py tests/test_causes.py tests/test_hooks.py \
-	tests/test_kernels.py tests/test_families.py tests/test_runtime.py tests/test_patching.py
+	tests/test_kernels.py tests/test_families.py tests/test_runtime.py tests/test_patching.py \
+	tests/test_serve.py
 
 .PHONY: demo shakespeare gpt test test-plain

@@ -22,6 +22,10 @@ both libraries load them from one checkpoint that this script writes in the hub'
              processes. Peer for --attention: a forward with output_attentions after loading.
              And issue 31's patching of an 18-token pair, twice in one process: the resid_pre
              grid and attribution patching, against TransformerLens (if installed).
+  serve      the workbench (issue 32), over HTTP on loopback: /api/run on the lab's texts of 14
+             to 40 tokens after a first request of each, /api/ablate of two heads, /api/patch
+             of a 15-token pair, and the start (load + warm). Peer: a forward with
+             output_attentions after loading, as for --attention.
   train      four training workloads (TRAIN_WORKLOADS: the reversal demo, modular addition at
              p=113 and p=59 full batch, nanoGPT's CPU shakespeare_char): steady ms per optimizer
              step (AdamW, clip 1.0), time from building the model to the first finished step,
@@ -42,6 +46,7 @@ with torch, when the project's own has none).
     .venv/bin/python bench.py --quick                # fewer tokens and steps: a smoke run
     .venv/bin/python bench.py --only decode,half --tokens 128 --json out.json
     .venv/bin/python bench.py --only lab,prefill --torch-python /tmp/tv/bin/python
+    .venv/bin/python bench.py --only serve --torch-python /tmp/tv/bin/python
     .venv/bin/python bench.py --only decode,beam     # default kernels beside searched ones
     JITBEAM=2 .venv/bin/python bench.py --only train # search the step's kernels (~17 min)
 
@@ -67,7 +72,7 @@ import numpy as np
 
 import flags
 
-GROUPS = ("decode", "half", "beam", "prefill", "lab", "train", "demo", "bandwidth")
+GROUPS = ("decode", "half", "beam", "prefill", "lab", "serve", "train", "demo", "bandwidth")
 GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
 PROMPT_TOKENS = 16  # the short prompt before decoding
 PREFILL_TOKENS = 512
@@ -452,6 +457,51 @@ def child_torch_patching(folder: Path) -> dict:
         result |= {f"grid_{run}_s": t1 - t0, f"attr_{run}_s": t2 - t1}
     return {**result, "grid_s": result["grid_again_s"], "attr_s": result["attr_again_s"],
             "tokens": clean.shape[1], "corner": float(grid[0, 0])}
+def child_tinygrad_serve(folder: Path) -> dict:
+    """The workbench (serve.py) over HTTP on loopback, end to end (JSON included): the start
+    (load + warm), then per text of LAB_TEXTS a first /api/run (which may compile its length's
+    pass) and a timed second one, /api/ablate of two heads, and /api/patch of a 15-token pair."""
+    import http.client
+    import threading
+
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHAKESPEARE.parents[1] / "tiktoken"))
+    import gpt
+    import serve
+
+    t0 = time.perf_counter()
+    model = load_gpt2_tinygrad(folder, False)
+    bench = serve.Workbench(model, serve.gpt2_vocab(gpt.tokenizer()), "bench", LAB_TEXTS[0])
+    bench.warm()
+    start_s = time.perf_counter() - t0
+    server = serve.make_server(bench, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def post(path: str, body: dict) -> float:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
+        t1 = time.perf_counter()
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        reply.read()
+        if reply.status != 200:
+            raise ChildFailed(f"{path} answered {reply.status}")
+        return time.perf_counter() - t1
+
+    first, run, ablate, bare = [], [], [], []
+    for text in LAB_TEXTS:
+        first.append(post("/api/run", {"text": text}))
+        run.append(post("/api/run", {"text": text}))
+        post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"]})
+        ablate.append(post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"]}))
+        bare.append(post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"], "views": False}))
+    pair = {"clean": "When Mary and John went to the store, John gave a drink to",
+            "corrupt": "When Mary and John went to the store, Mary gave a drink to",
+            "answer": " Mary", "wrong": " John"}
+    patch_s = post("/api/patch", pair)
+    server.shutdown()
+    return {"start_s": start_s, "run_first_s": first, "run_s": run, "run_s_max": max(run),
+            "ablate_s": ablate, "ablate_s_max": max(ablate), "bare_s": bare,
+            "bare_s_max": max(bare), "patch_s": patch_s,
+            "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
 
 def child_tinygrad_train(workload: str, steps: int) -> dict:
@@ -653,6 +703,7 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
                                                                    BENCH_BEAM),
         "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
         "tinygrad-perplexity": lambda: child_tinygrad_perplexity(folder),
+        "tinygrad-serve": lambda: child_tinygrad_serve(folder),
         "torch-perplexity": lambda: child_torch_perplexity(folder),
         "torch-attention": lambda: child_torch_attention(folder),
         "tinygrad-patching": lambda: child_tinygrad_patching(folder),
@@ -799,6 +850,7 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
         "prefill": ["tinygrad-prefill", "torch-prefill"],
         "lab": ["tinygrad-perplexity", "torch-perplexity", "torch-attention",
                 "tinygrad-patching", "torch-patching"],
+        "serve": ["tinygrad-serve", "torch-attention"],
         "train": [f"{lib}-train-{w}" for w in TRAIN_WORKLOADS for lib in ("tinygrad", "torch")],
         "demo": [],
         "bandwidth": ["bandwidth"],
@@ -910,6 +962,21 @@ def table_rows(results: dict) -> list[list[str]]:
              get(r, "torch-attention", "attention_s_max"), 5)
     absolute("  the first run on a new checkpoint (measures the induction probe)",
              lab.get("attention_first_s"), get(r, "torch-attention", "probe_s"), 5)
+    serving = r.get("tinygrad-serve", {})
+    absolute("workbench /api/run wall s, 14-40 tokens, slowest of 4 (peer: a forward with "
+             "output_attentions)", serving.get("run_s_max"),
+             get(r, "torch-attention", "attention_s_max"), 1.0, 2)
+    absolute("workbench /api/ablate wall s, two heads, slowest of 4", serving.get("ablate_s_max"),
+             None, 0.5, 2)
+    absolute("  without the maps and the lens (\"views\": false: the page's scan)",
+             serving.get("bare_s_max"), None, 0.5, 2)
+    if serving.get("patch_s") is not None:
+        rows.append(["  /api/patch s (15 tokens: every grid, attribution, DLA)",
+                     fmt(serving["patch_s"], 1), "", "", ""])
+        rows.append(["  start s (load + warm) / first /api/run of each text s",
+                     f"{fmt(serving.get('start_s'), 1)} / "
+                     f"{' '.join(fmt(x, 1) for x in serving.get('run_first_s', []))}",
+                     "", "", ""])
     absolute("loading GPT-2 124M s (warm page cache)", get(r, "tinygrad-perplexity", "load_s"),
              get(r, "torch-perplexity", "load_s"), 1.5, 2)
     add(f"--perplexity tok/s after loading ({PPL_CHARS:,} chars, stride {PPL_STRIDE})",

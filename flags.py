@@ -87,6 +87,7 @@ natural = number(int, 0, what="a whole number >= 0")  # seeds, indices, token bu
 positive = number(float, 0, above=True, what="a finite number > 0")  # learning rates, factors
 nonnegative = number(float, 0, what="a finite number >= 0")  # penalties, temperatures
 probability = number(float, 0, 1, above=True, what="a number in (0, 1]")  # top-p
+port = number(int, 0, 65535, what="a port number from 0 to 65535")  # --serve's; 0: any free one
 
 
 def atomic_write(path, write):

@@ -598,6 +598,8 @@ def parser() -> flags.Parser:
     src.add_argument("--dla", metavar="TEXT",
                      help="direct logit attribution: what each head, MLP and embedding writes "
                           "toward --answer against --wrong at TEXT's last position (--out)")
+    src.add_argument("--serve", action="store_true",
+                     help="the live workbench: a local web page and JSON API on the loaded model")
     ap.add_argument("--model", choices=SIZES, metavar="NAME",
                     help=f"GPT-2's size: {', '.join(SIZES)} (default: gpt2, or with --weights "
                          "the checkpoint's own shape; given, the checkpoint must have it)")
@@ -656,6 +658,11 @@ def parser() -> flags.Parser:
     ap.add_argument("--mean-from", metavar="TEXT",
                     help="with --head-ablation: replace a head by its mean output over every "
                          "position of TEXT, another text")
+    ap.add_argument("--port", type=flags.port, metavar="N",
+                    help="with --serve: the port (default: 8000 or the next free one; 0: any)")
+    ap.add_argument("--host", metavar="ADDR",
+                    help="with --serve: the address to listen on (default: 127.0.0.1, this "
+                         "machine only)")
     ap.add_argument("--stride", type=flags.count, metavar="N",
                     help="with --perplexity: tokens between window starts (default: half the "
                          "context, 512 for GPT-2)")
@@ -703,6 +710,21 @@ def command(argv=None) -> int:
                 raise UserError(f"--patch and --dla need {flag} TOKEN")
         if args.patch is not None and args.corrupt is None:
             raise UserError("--patch CLEAN needs --corrupt TEXT")
+        for flag, value in (("--port", args.port), ("--host", args.host)):
+            if value is not None and not args.serve:
+                raise UserError(f"{flag} goes with --serve")
+        if args.serve:
+            import serve
+
+            enc = tokenizer()
+            gpt = load_gpt2(model, args.weights, args.weights_dir, args.half, named)
+            title = f"{model}{' (--half)' if args.half else ''}"
+            if args.weights is not None:
+                title = f"{args.weights.parent.name}/{args.weights.name}"
+            bench = serve.Workbench(gpt, serve.gpt2_vocab(enc), title,
+                                    "When Mary and John went to the store, John gave a drink to")
+            serve.serve(bench, args.host or "127.0.0.1", args.port, log)
+            return 0
         looks = (args.attention, args.perplexity, args.head_ablation, args.logit_lens,
                  args.patch, args.dla)
         if any(v is not None for v in looks):

@@ -267,10 +267,14 @@ class KnockOut:
         self.keeps = [Tensor.ones(self.H).contiguous().realize() for _ in range(L)]
         pick = lambda layer: mean[layer] if isinstance(mean, ReferenceMean) else mean
         knock = lambda keep, layer: lambda z: knock_out(z, keep, pick(layer))
-        self.hooks = model.hooks({f"blocks.{layer}.attn.hook_z": knock(keep, layer)
-                                  for layer, keep in enumerate(self.keeps)})
+        self.model = model
+        self.fns = {f"blocks.{layer}.attn.hook_z": knock(keep, layer)
+                    for layer, keep in enumerate(self.keeps)}
 
     def __enter__(self) -> KnockOut:
+        # a new hooks context each time: the workbench opens one KnockOut again per request,
+        # its masks the buffers its compiled pass reads
+        self.hooks = self.model.hooks(self.fns)
         self.hooks.__enter__()
         return self
 
@@ -351,6 +355,24 @@ def ablation_table(delta: np.ndarray, label: str, k: int = 5, worse_is_lower: bo
     return "\n".join(lines)
 
 
+def top_k(p: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest values of each row of p (..., V), largest first:
+    argpartition, then a sort of those k alone (among them, equal values in index order; a tie
+    at the k-th place may keep either). A full argsort of GPT-2's 50257 columns at every position
+    and reading was most of the lens's time (the workbench runs it on every request)."""
+    part = np.argpartition(-p, k - 1, axis=-1)[..., :k]
+    order = np.lexsort((part, -np.take_along_axis(p, part, -1)), axis=-1)
+    return np.take_along_axis(part, order, -1)
+
+
+def lens_points(model) -> list[str]:
+    """The hook points the logit lens reads: the stream after the embedding, then after each
+    block."""
+    L = model.config.n_layer
+    return [*(f"blocks.{layer}.hook_resid_pre" for layer in range(L)),
+            f"blocks.{L - 1}.hook_resid_post"]
+
+
 def logit_lens(model, ids: np.ndarray, k: int = 5) -> dict:
     """The logit lens (nostalgebraist, 2020): the residual stream after the embedding and after
     each block, read through the final LayerNorm and the unembedding (model.unembed), for ids
@@ -359,12 +381,15 @@ def logit_lens(model, ids: np.ndarray, k: int = 5) -> dict:
     last reading is the model's own logits, the same tensor."""
     from tinygrad import Tensor
 
-    L = model.config.n_layer
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
-    names.append(f"blocks.{L - 1}.hook_resid_post")
     ids = np.asarray(ids, dtype=np.int32)
-    logits, cache = model.run_with_cache(Tensor(ids[None]), names)
-    stream = [cache[name] for name in names]  # after the embedding, then after each block
+    logits, cache = model.run_with_cache(Tensor(ids[None]), lens_points(model))
+    return read_lens(model, ids, logits, cache, k)
+
+
+def read_lens(model, ids: np.ndarray, logits, cache: dict, k: int = 5) -> dict:
+    """logit_lens from a pass already run on ids (T,): its logits and a cache holding at least
+    lens_points (so a caller that reads other points too runs one pass, not two)."""
+    stream = [cache[name] for name in lens_points(model)]
     T = len(ids)
     next_prob = np.full((len(stream), T), np.nan)
     top_ids = np.zeros((len(stream), T, k), dtype=np.int64)
@@ -375,7 +400,7 @@ def logit_lens(model, ids: np.ndarray, k: int = 5) -> dict:
         p = np.exp(z - z.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         next_prob[row, :-1] = p[np.arange(T - 1), ids[1:]]
-        top_ids[row] = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+        top_ids[row] = top_k(p, k)
         top_probs[row] = np.take_along_axis(p, top_ids[row], -1)
     return {"next_token_prob": next_prob, "top_ids": top_ids, "top_probs": top_probs, "ids": ids}
 

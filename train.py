@@ -389,6 +389,19 @@ def trace(task, path: Path, folder: Path, heads_spec: str | None = None, thresho
     print(report)
 
 
+def serve_task(task, path: Path, host: str, port: int | None):
+    """The live workbench (serve.py) on the checkpoint, its text the task's own tokens, the
+    held-out example filled in."""
+    import serve
+
+    model = loaded(task, path)
+    vocab = serve.task_vocab(task, model.config.vocab_size)
+    example = task.example()
+    text = "" if example is None else vocab.decode(example[0])
+    bench = serve.Workbench(model, vocab, f"{task.name} model ({path.name})", text)
+    serve.serve(bench, host, port, lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
 def command(args) -> int:
     """What the flags ask for: train a model, or read the saved one (--sample, --attention,
     --head-ablation, --logit-lens). Raises UserError for a mistake of the user's."""
@@ -411,7 +424,7 @@ def command(args) -> int:
     if task.architecture is not Transformer:
         for flag, value in (("--head-ablation", args.head_ablation),
                             ("--logit-lens", args.logit_lens), ("--patch", args.patch),
-                            ("--dla", args.dla)):
+                            ("--dla", args.dla), ("--serve", args.serve or None)):
             if value is not None:
                 raise UserError(f"{flag} reads a decoder-only model; task {args.task!r} trains "
                                 f"a {task.architecture.__name__}")
@@ -424,7 +437,13 @@ def command(args) -> int:
     out = args.out or Path(__file__).parent / "models" / task.name
     log = print if args.verbose else (lambda *a, **k: None)
     log(f"device {device}")
+    for flag, value in (("--port", args.port), ("--host", args.host)):
+        if value is not None and not args.serve:
+            raise UserError(f"{flag} goes with --serve")
     try:
+        if args.serve:
+            serve_task(task, out, args.host or "127.0.0.1", args.port)
+            return 0
         if args.sample:
             print(task.show(loaded(task, out), args.seed))  # a task that samples draws with it
             return 0
@@ -558,6 +577,13 @@ def main(argv=None) -> int:
                     help="read the checkpoint's residual stream after each block through the "
                          "unembedding, on a held-out example (files in DIR; DIR not given: "
                          "attention/TASK)")
+    ap.add_argument("--serve", action="store_true",
+                    help="the live workbench: a local web page and JSON API on the checkpoint")
+    ap.add_argument("--port", type=flags.port, metavar="N",
+                    help="with --serve: the port (default: 8000 or the next free one; 0: any)")
+    ap.add_argument("--host", metavar="ADDR",
+                    help="with --serve: the address to listen on (default: 127.0.0.1, this "
+                         "machine only)")
     ap.add_argument("--weight-decay", type=flags.nonnegative, metavar="X",
                     help="AdamW weight decay on matrices and embeddings (not given: the task's)")
     ap.add_argument("--l2", type=flags.nonnegative, metavar="X",

@@ -1159,6 +1159,6 @@ def test_help_names_every_default():
             assert f"{help_text} (default: {action.default})" in shown, action.dest
         elif action.nargs != 0 and action.dest not in nothing:  # a value, without a default
             assert "(default: " in help_text, action.dest
-    assert len(actions) == 35
+    assert len(actions) == 38  # --serve, --port and --host among them
     assert "(default: None)" not in shown and "(default: False)" not in shown
     assert "tokens to generate (default: 100)" in shown

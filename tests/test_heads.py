@@ -315,13 +315,15 @@ def test_page_window_keeps_only_those_tokens(tmp_path, tiny):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def dump_dom(page: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def dump_dom(page: Path | str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     """The page's DOM after its script ran, from headless Chromium, offline, a profile of its
-    own."""
+    own. page: a file, or a URL (the workbench's, on 127.0.0.1); flags: Chromium's more, e.g.
+    --virtual-time-budget=MS to wait for the page's requests."""
+    url = page if isinstance(page, str) else page.as_uri()
     return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+         f"--user-data-dir={tmp_path / 'profile'}", *flags, "--dump-dom", url],
         capture_output=True, text=True, timeout=120)
 
 

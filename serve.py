@@ -1,0 +1,434 @@
+"""The live workbench: one loaded model behind a local web page and a JSON API (issue 32).
+
+    python gpt.py --serve                          # GPT-2 124M (or --weights FILE), port 8000
+    python transformer.py --serve                  # the saved toy checkpoint of --task
+    curl -s localhost:8000/api/run -d '{"text": "The cat sat on the mat"}'
+
+The model is loaded once and its passes warmed before the URL is printed. Every endpoint is a
+thin layer over the lab's own functions: heads.attention_maps, heads.logit_lens and
+heads.KnockOut for /api/run and /api/ablate, patching.py for /api/patch, generate.generate for
+/api/generate. The page (web/workbench.html, .js, .css) is served from the repository: nothing
+comes from another site. docs/serve.md lists the endpoints with a curl example each.
+
+The standard library's ThreadingHTTPServer does the HTTP; one lock lets one computation run at a
+time (tinygrad is not thread-safe), the others wait their turn. It listens on 127.0.0.1, refuses
+a request whose Host is not its own (DNS rebinding) and a cross-origin POST.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+import heads
+import patching
+from flags import UserError
+
+WEB = Path(__file__).with_name("web")  # the page's own files
+FILES = {"/": ("workbench.html", "text/html; charset=utf-8"),
+         "/workbench.js": ("workbench.js", "text/javascript; charset=utf-8"),
+         "/workbench.css": ("workbench.css", "text/css; charset=utf-8")}
+MAX_BODY = 1 << 20  # 1 MB: a request body beyond it is refused unread
+TOP = 10  # next-token candidates shown
+MAX_NEW = 256  # tokens one /api/generate may ask for
+DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
+FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
+
+
+class Vocab:
+    """How the workbench turns text into ids and back, for any model: encode(text) -> ids,
+    label(id) -> a readable token (heads.readable), decode(ids) -> text, and one(text, what) ->
+    the id of text that must be exactly one token."""
+
+    def __init__(self, encode, label, decode):
+        self.encode, self.label, self.decode = encode, label, decode
+
+    def one(self, text: str, what: str) -> int:
+        ids = self.encode(text)
+        if len(ids) != 1:
+            pieces = " + ".join(repr(self.decode([i])) for i in ids) or "no token"
+            raise UserError(f"{what} {text!r} must be one token; it is {pieces}")
+        return int(ids[0])
+
+
+def gpt2_vocab(enc) -> Vocab:
+    """GPT-2's byte-pair tokenizer (tiktoken), <|endoftext|> allowed in the text."""
+    return Vocab(lambda text: enc.encode(text, allowed_special={"<|endoftext|>"}),
+                 lambda i: heads.readable(enc.decode_single_token_bytes(int(i))),
+                 lambda ids: enc.decode([int(i) for i in ids]))
+
+
+def task_vocab(task, vocab_size: int) -> Vocab:
+    """A toy task's tokens (task.token): a character each where every token is one character
+    (Reverse's digits and '>', Shakespeare's letters), else words between spaces."""
+    raw = getattr(task, "chars", None)  # Shakespeare: the characters themselves
+    labels = [raw[i] if raw is not None else task.token(i) for i in range(vocab_size)]
+    lookup = {label: i for i, label in enumerate(labels)}
+    by_char = all(len(label) == 1 for label in labels)
+
+    def encode(text: str) -> list[int]:
+        pieces = list(text) if by_char else text.split()
+        unknown = [p for p in pieces if p not in lookup]
+        if unknown:
+            shown = " ".join(labels[:12]) + (" ..." if len(labels) > 12 else "")
+            raise UserError(f"{unknown[0]!r} is no token of task {task.name!r} (its tokens: "
+                            f"{shown})")
+        return [lookup[p] for p in pieces]
+
+    join = "" if by_char else " "
+    return Vocab(encode, lambda i: heads.readable(labels[int(i)]),
+                 lambda ids: join.join(labels[int(i)] for i in ids))
+
+
+def rounded(a) -> list:
+    return np.round(np.asarray(a, dtype=np.float64), DIGITS).tolist()
+
+
+def parse_head_names(names, n_layer: int, n_head: int) -> list[tuple[int, int]]:
+    """["L.H", ...] -> [(L, H), ...] through heads.parse_heads, its error without the flag."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError('"heads" must be a list of "LAYER.HEAD" strings, e.g. ["0.1"]')
+    if not names:
+        return []
+    try:
+        return heads.parse_heads(",".join(names), n_layer, n_head)
+    except UserError as e:
+        raise UserError(str(e).replace("--heads: ", "").replace("--heads ", "heads ")) from None
+
+
+def shared_kernel_cache():
+    """tinygrad keeps compiled kernels in a SQLite file through one connection, which SQLite lets
+    only the thread that opened it use; the workbench computes on the server's threads (one at a
+    time, under its lock), so the connection is opened again as one that any thread may use."""
+    from tinygrad import helpers
+
+    if getattr(helpers, "_db_connection", None) is not None and getattr(
+            helpers._db_connection, "tinygpt_shared", False):
+        return
+    os.makedirs(os.path.dirname(helpers.CACHEDB), exist_ok=True)
+    conn = sqlite3.connect(helpers.CACHEDB, timeout=60, isolation_level="IMMEDIATE",
+                           check_same_thread=False, factory=SharedConnection)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    helpers._db_connection = conn
+
+
+class SharedConnection(sqlite3.Connection):
+    tinygpt_shared = True  # marks the connection shared_kernel_cache opened
+
+
+class Workbench:
+    """A model and its vocabulary, and what each endpoint computes, under one lock."""
+
+    def __init__(self, model, vocab: Vocab, title: str, example: str = ""):
+        self.model, self.vocab, self.title, self.example = model, vocab, title, example
+        self.lock = threading.Lock()
+        self.jits, self.knockouts = {}, {}  # see compiled; one heads.KnockOut per kind of mean
+        shared_kernel_cache()
+        c = model.config
+        # right-padding to generate's buckets lets texts of other lengths reuse the kernels;
+        # safe where the causal mask hides the padding and no id means padding (as heads.py)
+        self.pads = c.causal and c.pad_id is None
+
+    def compiled(self, size: int, mean):
+        """The pass of /api/run and /api/ablate on ids (1, size): logits, every head's attention
+        (1, L, H, size, size) and the lens's points (heads.lens_points), from one pass, compiled
+        once per length and kind of knock-out by TinyJit (runtime.jit_at_once) and replayed:
+        scheduling GPT-2's pass anew took longer than running it. The knock-out masks are
+        buffers written in place (heads.KnockOut), so a replay knocks out the heads of now."""
+        from tinygrad import Tensor
+
+        from runtime import jit_at_once
+
+        key = (size, mean)
+        if key not in self.jits:
+            model = self.model
+            patterns = [f"blocks.{layer}.attn.hook_pattern"
+                        for layer in range(model.config.n_layer)]
+            points = heads.lens_points(model)
+
+            def passes(x):
+                out, cache = model.run_with_cache(x, patterns + points)
+                att = Tensor.stack(*[cache[name] for name in patterns], dim=1).realize()
+                return (out, att, *[cache[name] for name in points])
+
+            jit = jit_at_once(passes)
+
+            def replay(x):
+                out, att, *stream = jit(x)
+                return out, att, dict(zip(points, stream))
+
+            self.jits[key] = replay
+        return self.jits[key]
+
+    def info(self) -> dict:
+        c = self.model.config
+        return {"title": self.title, "layers": c.n_layer, "heads": c.n_head, "n_ctx": c.n_ctx,
+                "example": self.example}
+
+    def ids_of(self, text, what: str = "text") -> np.ndarray:
+        if not isinstance(text, str) or not text:
+            raise UserError(f'"{what}" must be a non-empty string')
+        ids = self.vocab.encode(text)
+        if not ids:
+            raise UserError(f'"{what}" has no token')
+        if len(ids) > self.model.config.n_ctx:
+            raise UserError(f'"{what}" has {len(ids)} tokens; the model sees at most '
+                            f"{self.model.config.n_ctx}")
+        return np.asarray(ids, dtype=np.int32)
+
+    def run(self, text, knocked=(), mean=None, views: bool = True) -> dict:
+        """/api/run (knocked empty) and /api/ablate: the tokens, the next-token top 10, every
+        head's attention, the logit lens and the mean next-token loss, with the heads in knocked
+        replaced by zeros (mean None) or by their mean (heads.MEANS). views=False leaves out
+        the attention and the lens (the lens's unembedding of every layer is most of the time):
+        what the page's ablation scan asks for, which needs the loss alone."""
+        from tinygrad import Tensor
+
+        from generate import padded_length
+
+        ids = self.ids_of(text)
+        T = len(ids)
+        # a mean over all positions would take in the padding: that one runs unpadded
+        size = padded_length(self.model, T) if self.pads and mean != "positions" else T
+        padded = np.zeros(size, dtype=np.int32)
+        padded[:T] = ids
+        with self.lock:
+            ko = self.knockouts.get(mean) or self.knockouts.setdefault(
+                mean, heads.KnockOut(self.model, mean))
+            with ko:
+                ko.knock(list(knocked))
+                out, att, cache = self.compiled(size, mean)(Tensor(padded[None]))
+                logits = out.numpy()[0, :T].astype(np.float64)
+                if views:
+                    att = att.numpy()[0, :, :, :T, :T]
+                    lens = heads.read_lens(self.model, padded, out, cache, k=1)
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (T, V)
+        last = np.exp(logp[-1])
+        top = heads.top_k(last, TOP)
+        loss = float(-logp[np.arange(T - 1), ids[1:]].mean()) if T > 1 else None
+        answer = {
+            "tokens": [self.vocab.label(i) for i in ids], "ids": ids.tolist(),
+            "next": [{"token": self.vocab.label(i), "id": int(i), "prob": float(last[i])}
+                     for i in top],
+            "loss": loss, "heads": [f"{layer}.{h}" for layer, h in knocked], "mean": mean,
+        }
+        if not views:
+            return answer
+        next_prob = lens["next_token_prob"][:, :T].copy()
+        next_prob[:, T - 1] = np.nan  # the padding is no next token
+        lens_ids = lens["top_ids"][:, :T, 0]
+        return {
+            **answer, "attention": rounded(att),
+            "lens": {"tokens": [[self.vocab.label(i) for i in row] for row in lens_ids],
+                     "ids": lens_ids.tolist(), "probs": rounded(lens["top_probs"][:, :T, 0]),
+                     "next_prob": [[None if np.isnan(p) else round(float(p), DIGITS)
+                                    for p in row] for row in next_prob]},
+        }
+
+    def ablate(self, text, names, mean=False, views=True) -> dict:
+        c = self.model.config
+        knocked = parse_head_names(names, c.n_layer, c.n_head)
+        if mean is False or mean is None:
+            how = None
+        elif mean is True:
+            how = "causal"  # as gpt.py's --mean with no value
+        elif mean in ("causal", "positions"):
+            how = mean
+        else:
+            raise UserError('"mean" must be false, true, "causal" or "positions"')
+        if not isinstance(views, bool):
+            raise UserError('"views" must be true or false')
+        return self.run(text, knocked, how, views)
+
+    def patch(self, clean, corrupt, answer, wrong) -> dict:
+        """/api/patch: what patching.npz, attribution.npz and dla.npz hold (patch_and_write,
+        write_dla), the cells where the two disagree by more than 0.1, and the tokens."""
+        clean_ids, corrupt_ids = self.ids_of(clean, "clean"), self.ids_of(corrupt, "corrupt")
+        if not isinstance(answer, str) or not isinstance(wrong, str):
+            raise UserError('"answer" and "wrong" must be strings, one token each')
+        a, w = self.vocab.one(answer, "answer"), self.vocab.one(wrong, "wrong")
+        patching.check_pair(self.model, clean_ids, corrupt_ids)
+        with self.lock:
+            exact = patching.activation_patching(self.model, clean_ids, corrupt_ids, a, w)
+            estimate = patching.attribution_patching(self.model, clean_ids, corrupt_ids, a, w)
+            dla = patching.direct_logit_attribution(self.model, clean_ids, a, w)
+        corrupt_diff = exact["corrupt_logit_diff"]
+        keys = [k for k in patching.GRID_KEYS if k in exact]
+        return {
+            "tokens": [self.vocab.label(i) for i in corrupt_ids],
+            "patching": {"clean_logit_diff": exact["clean_logit_diff"],
+                         "corrupt_logit_diff": corrupt_diff,
+                         **{k: exact[k].tolist() for k in keys}},
+            "attribution": {"clean_logit_diff": exact["clean_logit_diff"],
+                            "corrupt_logit_diff": corrupt_diff,
+                            **{k: (corrupt_diff + estimate[k]).tolist() for k in keys}},
+            "dla": {k: (np.asarray(v).tolist()) for k, v in dla.items()},
+            "disagreements": patching.disagreements(exact, estimate, 0.1),
+        }
+
+    def generate(self, text, n=20, temperature=0.8, seed=0) -> dict:
+        from generate import generate
+
+        ids = self.ids_of(text)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW:
+            raise UserError(f'"n" must be a whole number from 1 to {MAX_NEW}')
+        if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                or not 0 <= temperature <= 100):
+            raise UserError('"temperature" must be a number from 0 to 100')
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise UserError('"seed" must be a whole number >= 0')
+        rng = np.random.default_rng(seed)
+        with self.lock:
+            new = [int(t[0]) for t in generate(self.model, ids[None], n, temperature, rng=rng)]
+        return {"text": self.vocab.decode([*ids.tolist(), *new]),
+                "new": self.vocab.decode(new)}
+
+    def warm(self):
+        """Compile what a first request would: a pass, an ablated pass, a short generation."""
+        text = self.example or self.vocab.decode([0, 0])
+        self.run(text)
+        self.ablate(text, ["0.0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+
+ENDPOINTS = {
+    "/api/run": lambda wb, q: wb.run(q.get("text")),
+    "/api/ablate": lambda wb, q: wb.ablate(q.get("text"), q.get("heads", []),
+                                           q.get("mean", False), q.get("views", True)),
+    "/api/patch": lambda wb, q: wb.patch(q.get("clean"), q.get("corrupt"), q.get("answer"),
+                                         q.get("wrong")),
+    "/api/generate": lambda wb, q: wb.generate(q.get("text"), q.get("n", 20),
+                                               q.get("temperature", 0.8), q.get("seed", 0)),
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET: the page's files and /api/info; POST: the endpoints. The server holds workbench,
+    hosts (the Host values it answers to) and quiet (no access log)."""
+
+    server_version = "tinygpt-workbench"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def send(self, status: int, body: bytes, kind: str):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        # the page may load its own files only, and talk to this server only
+        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, status: int, obj):
+        body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode()
+        self.send(status, body, "application/json; charset=utf-8")
+
+    def error(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        self.send_json(status, {"error": " ".join(str(message).split())})  # one line
+
+    def host_ok(self) -> bool:
+        """The Host header names this server (a rebinding name would not)."""
+        if self.headers.get("Host", "") not in self.server.hosts:
+            self.error("this server answers to " + " or ".join(sorted(self.server.hosts)),
+                       HTTPStatus.FORBIDDEN)
+            return False
+        return True
+
+    def do_GET(self):
+        if not self.host_ok():
+            return
+        path = self.path.split("?", 1)[0]
+        if path == "/api/info":
+            return self.send_json(200, self.server.workbench.info())
+        if path not in FILES:
+            return self.error(f"no page {path}", HTTPStatus.NOT_FOUND)
+        name, kind = FILES[path]
+        self.send(200, (WEB / name).read_bytes(), kind)
+
+    def do_POST(self):
+        if not self.host_ok():
+            return
+        origin = self.headers.get("Origin")
+        if origin is not None and origin not in {f"http://{h}" for h in self.server.hosts}:
+            return self.error(f"cross-origin request from {origin} refused",
+                              HTTPStatus.FORBIDDEN)
+        endpoint = ENDPOINTS.get(self.path)
+        if endpoint is None:
+            return self.error(f"no endpoint {self.path}; POST to {', '.join(ENDPOINTS)}",
+                              HTTPStatus.NOT_FOUND)
+        try:
+            size = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            size = -1
+        if not 0 <= size <= MAX_BODY:
+            self.close_connection = True  # the body is left unread
+            return self.error(f"the body must be JSON of at most {MAX_BODY} bytes")
+        try:
+            query = json.loads(self.rfile.read(size) or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            return self.error(f"malformed JSON: {e}")
+        if not isinstance(query, dict):
+            return self.error("the body must be a JSON object")
+        try:
+            answer = endpoint(self.server.workbench, query)
+        except UserError as e:
+            return self.error(e)
+        except Exception as e:  # a bug, not the user's: said in one line, and serving goes on
+            print(f"error in {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return self.send_json(500, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
+        self.send_json(200, answer)
+
+
+def make_server(workbench: Workbench, host: str = "127.0.0.1", port: int | None = None,
+                quiet: bool = True) -> ThreadingHTTPServer:
+    """A server bound to host and port (None: FIRST_PORT or the next free one; 0: any free
+    one), not yet serving. -> the server; server.url is its address."""
+    ports = range(FIRST_PORT, FIRST_PORT + PORTS_TRIED) if port is None else [port]
+    for p in ports:
+        try:
+            server = ThreadingHTTPServer((host, p), Handler)
+            break
+        except OSError as e:
+            last = e
+    else:
+        where = (f"ports {ports[0]}-{ports[-1]} are" if port is None else f"port {port} is")
+        raise UserError(f"{where} not free on {host} ({last.strerror}); pick one with --port")
+    server.daemon_threads = True
+    server.workbench, server.quiet = workbench, quiet
+    bound = server.server_address[1]
+    names = {host, "127.0.0.1", "localhost"} if host in ("127.0.0.1", "localhost") else {host}
+    server.hosts = {f"{name}:{bound}" for name in names}
+    server.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{bound}/"
+    return server
+
+
+def serve(workbench: Workbench, host: str = "127.0.0.1", port: int | None = None, log=print):
+    """Warm the model, print the URL, serve until Ctrl-C (which flags.run turns into one line
+    and exit 130)."""
+    if host not in ("127.0.0.1", "localhost"):
+        log(f"warning: listening on {host}: anyone who can reach it can run the model")
+    server = make_server(workbench, host, port, quiet=True)
+    try:
+        log("warming the model's passes...")
+        workbench.warm()
+        print(f"serving {workbench.title} at {server.url} (Ctrl-C stops it)", flush=True)
+        server.serve_forever()
+    finally:
+        server.server_close()
+
