@@ -73,6 +73,7 @@ class Task(abc.ABC):
     # unbroken one would (train.train); False: a resumed run draws fresh batches
     replayable = False
     eval_at_start = False  # True: observe(model, 0) before the first step too
+    best_dir: Path | None = None  # a task that keeps its best model saves it here (--out's)
 
     def initial(self):
         """The model to start training from (weights loaded from elsewhere); None: the loop
@@ -527,7 +528,6 @@ class Text(Shakespeare):
     warmup = 10
     replayable, eval_at_start = True, True
     eval_chunk = 8  # a GPT-2's logits are 50257 wide: 8 windows of 128 take 200 MB
-    best_dir: Path | None = None  # where each new best is saved (train.py sets --out's)
 
     def __init__(self, data: str | None = None, init: str = "gpt2",
                  block_size: int | None = None):
