@@ -636,8 +636,8 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
         "bandwidth": lambda: child_bandwidth(3 if quick else 5),
     }
     tune_steps = QUICK_FINETUNE_STEPS if quick else FINETUNE_STEPS
-    for name in ("tinygrad-finetune", "tinygrad-finetune-cold"):
-        children[name] = lambda: child_tinygrad_finetune(Path(folder), tune_steps)
+    for child in ("tinygrad-finetune", "tinygrad-finetune-cold"):
+        children[child] = lambda: child_tinygrad_finetune(Path(folder), tune_steps)
     children["torch-finetune"] = lambda: child_torch_finetune(Path(folder), tune_steps)
     for workload in TRAIN_WORKLOADS:
         children[f"tinygrad-train-{workload}"] = lambda w=workload: child_tinygrad_train(w, steps)
