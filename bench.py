@@ -1053,11 +1053,7 @@ def bench(argv=None) -> int:
         for name in names:
             cache = {"CACHEDB": f"{cold}/cache.db", "POCL_CACHE_DIR": f"{cold}/pocl"}
             own = name.startswith("tinygrad-finetune")  # cold, then warm on what cold filled
-            # TINYGPT_PLAIN=1: with runtime.py's product installed, the first training step of a
-            # 768-wide GPT-2 with its 50,304-row embedding outgrew 19 GB (a 2-layer one: past
-            # 5.4 GB, against 2.1 GB on tinygrad alone; see docs/train.md), so these run plain
-            plain = {"TINYGPT_PLAIN": "1"}
-            results[name] = spawn(name, args, env | cache | plain if own else env)
+            results[name] = spawn(name, args, env | cache if own else env)
         if "lab" in args.groups:
             args.torch_ok = torch_ok
             try:
