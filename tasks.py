@@ -323,7 +323,7 @@ class Shakespeare(Task):
     url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     cache_name = "tinyshakespeare.txt"
     eval_chunk = 256  # windows in one forward pass of the evaluation
-    loss_of = None  # (model, its compiled loss on a chunk of windows): see evaluate
+    loss_of = None  # (model, its device(s), its compiled loss on a chunk of windows): evaluate
 
     def __init__(self, data: str | None = None):
         text = self.load(data)
@@ -393,13 +393,14 @@ class Shakespeare(Task):
         n = (len(self.val) - 1) // T // chunk * chunk  # whole chunks of whole windows
         x = self.val[: n * T].reshape(-1, chunk, T)  # (chunks, chunk, T)
         y = self.val[1 : n * T + 1].reshape(-1, chunk, T)  # x shifted by one character
-        if self.loss_of is None or self.loss_of[0] is not model:
+        device = model.wte.weight.device  # weights moved (--devices, then back): compile anew
+        if self.loss_of is None or self.loss_of[:2] != (model, device):
             # compiled once per model: every chunk has one shape, so a replay skips the scheduling
             # in Python that a plain call pays again for each chunk (docs/speed.md, Training)
             loss = lambda x, y: model(x).sparse_categorical_crossentropy(y).realize()
-            self.loss_of = (model, TinyJit(loss))
+            self.loss_of = (model, device, TinyJit(loss))
         picked = range(0, len(x), 4 if quick else 1)
-        losses = [self.loss_of[1](*(on_model_device(model, a[i]) for a in (x, y))).item()
+        losses = [self.loss_of[2](*(on_model_device(model, a[i]) for a in (x, y))).item()
                   for i in picked]
         return float(np.mean(losses))
 

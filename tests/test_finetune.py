@@ -169,11 +169,14 @@ def test_transformers_loads_the_saved_model_with_equal_logits(resumed, tmp_path)
     assert_near(resumed["model"](Tensor(ids)).numpy(), want, "logits", tol=1e-5)
 
 
-def test_cli_fine_tunes_and_saves_both_checkpoints(text_file, tmp_path):
+@pytest.mark.parametrize("devices", [[], ["--devices", ",".join(DEVICES)]])
+def test_cli_fine_tunes_and_saves_both_checkpoints(text_file, tmp_path, devices):
+    """The whole command, on one device and on two (then the model comes back to one to be
+    evaluated, saved and sampled)."""
     out = tmp_path / "run"
     run = run_main(train_module.main, "--task", "text", "--init", str(TRAINED), "--data",
                    str(text_file), "--block-size", str(BLOCK), "--steps", "2", "--out", str(out),
-                   "--lr", "1e-3", "-v")
+                   "--lr", "1e-3", "-v", *devices)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert any(line.startswith("eval  step 0: val_loss") for line in lines), run.stdout
