@@ -31,6 +31,11 @@ both libraries load them from one checkpoint that this script writes in the hub'
              step (AdamW, clip 1.0), time from building the model to the first finished step,
              kernels per step, and each step's kernels timed one by one (DEBUG=2), the slowest
              matmul beside the fastest. Peer: Hugging Face GPT2LMHeadModel in the same shape.
+  finetune   a step of fine-tuning GPT-2 124M at batch 4 x 128 (issue 33): steady ms per step
+             (AdamW, betas (0.9, 0.95), clip 1.0), peak RSS, and the first step's time (load
+             the checkpoint + one step) on an empty kernel cache (cold: a fresh tinygrad
+             cache.db) and on the one it filled (warm). Peer: Hugging Face GPT2LMHeadModel from
+             the same checkpoint and torch.optim.AdamW.
   demo       the wall time of the whole `python transformer.py -v`, first on an empty kernel cache
              (a fresh tinygrad cache.db and PoCL cache), then again on the cache it filled.
   bandwidth  the machine's streaming read bandwidth (NumPy sums over 1 GiB), and decode speed as a
@@ -72,7 +77,8 @@ import numpy as np
 
 import flags
 
-GROUPS = ("decode", "half", "beam", "prefill", "lab", "serve", "train", "demo", "bandwidth")
+GROUPS = ("decode", "half", "beam", "prefill", "lab", "serve", "train", "finetune", "demo",
+          "bandwidth")
 GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
 PROMPT_TOKENS = 16  # the short prompt before decoding
 PREFILL_TOKENS = 512
@@ -97,6 +103,10 @@ BENCH_BEAM = 2  # the search width of the beam row
 DEFAULT_TOKENS, QUICK_TOKENS = 64, 24
 TRAIN_WARMUP = 3  # TinyJit captures on its second call; the third is the first replay
 TRAIN_STEPS, QUICK_TRAIN_STEPS = 20, 8
+# issue 33: a fine-tuning step of GPT-2 124M (from the checkpoint this script writes) at batch
+# 4 x 128, AdamW with nanoGPT's betas, clip 1.0, as tasks.Text trains
+FINETUNE_BATCH, FINETUNE_BLOCK, FINETUNE_LR = 4, 128, 1e-4
+FINETUNE_STEPS, QUICK_FINETUNE_STEPS = 10, 5
 CHILD_TIMEOUT_S = 3600  # a cold BEAM search on two cores can take tens of minutes
 
 # The training workloads of the speed issue: each is one model shape and batch, trained with
@@ -126,6 +136,8 @@ TARGETS = {
     "perplexity": (">=", 0.5),
     "train": ("<=", 2.0),
     "patch": ("<=", 1.0),  # issue 31: the grid within TransformerLens's time
+    "finetune": ("<=", 1.5),  # issue 33: time per step, and peak memory within 1.3x
+    "finetune_rss": ("<=", 1.3),
 }
 TRAIN_LABELS = {
     "reverse": "reversal (2 layers, 64 dims, batch 64 x 16)",
@@ -534,6 +546,63 @@ def child_tinygrad_train(workload: str, steps: int) -> dict:
         "kernels_per_step": kernels[-1], "rss_mb": peak_rss_mb(), **profile, **tinygrad_info()}
 
 
+def finetune_batches(n: int) -> list[np.ndarray]:
+    """n batches of FINETUNE_BATCH sequences of FINETUNE_BLOCK + 1 random GPT-2 token ids."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, GPT2_VOCAB, (FINETUNE_BATCH, FINETUNE_BLOCK + 1)).astype(np.int32)
+            for _ in range(n)]
+
+
+def child_tinygrad_finetune(folder: Path, steps: int) -> dict:
+    """tasks.Text's step on GPT-2 124M: loaded as --init loads it, the step train.train runs."""
+    from tinygrad import Context, Tensor
+
+    import train
+    from gpt import load_gpt2
+
+    t_start = time.perf_counter()
+    model = load_gpt2(weights=folder / "model.safetensors")
+    opt = train.make_optimizer(model, FINETUNE_LR, 0.1, (0.9, 0.95))
+    step_fn = train.make_train_step(model, opt)
+    times, losses = [], []
+    with Context(TRAINING=1):
+        for batch in finetune_batches(TRAIN_WARMUP + steps):
+            t0 = time.perf_counter()
+            loss, _ = step_fn(Tensor(batch[:, :-1]), Tensor(batch[:, 1:]), Tensor([FINETUNE_LR]))
+            losses.append(loss.item())
+            times.append(time.perf_counter() - t0)
+            if len(times) == 1:
+                first_step_s = time.perf_counter() - t_start
+    return train_summary(times, losses, first_step_s) | {"rss_mb": peak_rss_mb(),
+                                                         **tinygrad_info()}
+
+
+def child_torch_finetune(folder: Path, steps: int) -> dict:
+    torch, transformers = torch_setup()
+    t_start = time.perf_counter()
+    model = transformers.GPT2LMHeadModel.from_pretrained(
+        folder, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=FINETUNE_LR, betas=(0.9, 0.95))
+    times, losses = [], []
+    for batch in finetune_batches(TRAIN_WARMUP + steps):
+        t0 = time.perf_counter()
+        batch = torch.from_numpy(batch).long()
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t0)
+        if len(times) == 1:
+            first_step_s = time.perf_counter() - t_start
+    return train_summary(times, losses, first_step_s) | {"rss_mb": peak_rss_mb()}
+
+
 def kernel_profile(step_fn, x, y, lr: float) -> dict:
     """Run the step once more without TinyJit and with DEBUG=2, which makes tinygrad wait for each
     kernel and print its name, time, GFLOP/s and GB/s. A matmul here is a reduce kernel of at least
@@ -714,6 +783,10 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
         "torch-prefill": lambda: child_torch_prefill(folder),
         "bandwidth": lambda: child_bandwidth(3 if quick else 5),
     }
+    tune_steps = QUICK_FINETUNE_STEPS if quick else FINETUNE_STEPS
+    for child in ("tinygrad-finetune", "tinygrad-finetune-cold"):
+        children[child] = lambda: child_tinygrad_finetune(Path(folder), tune_steps)
+    children["torch-finetune"] = lambda: child_torch_finetune(Path(folder), tune_steps)
     for workload in TRAIN_WORKLOADS:
         children[f"tinygrad-train-{workload}"] = lambda w=workload: child_tinygrad_train(w, steps)
         children[f"torch-train-{workload}"] = lambda w=workload: child_torch_train(w, steps)
@@ -852,6 +925,8 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
                 "tinygrad-patching", "torch-patching"],
         "serve": ["tinygrad-serve", "torch-attention"],
         "train": [f"{lib}-train-{w}" for w in TRAIN_WORKLOADS for lib in ("tinygrad", "torch")],
+        # cold first: its empty kernel cache (bench's env_for) is what the warm one then reads
+        "finetune": ["tinygrad-finetune-cold", "tinygrad-finetune", "torch-finetune"],
         "demo": [],
         "bandwidth": ["bandwidth"],
     }
@@ -1040,6 +1115,16 @@ def table_rows(results: dict) -> list[list[str]]:
             slowest = get(r, tg_name, "matmul_slowest")
             rows.append([f"  matmul GFLOP/s, slowest ({slowest}) / fastest", f"{low} / {high}",
                          "", f"{low / high:.2f}", f">= 0.50 {met}"])
+    label = f"GPT-2 124M, batch {FINETUNE_BATCH} x {FINETUNE_BLOCK}"
+    add(f"fine-tune ms/step, {label}", "finetune", "tinygrad-finetune", "torch-finetune",
+        "train_ms", 1)
+    add("  peak RSS MB", "finetune_rss", "tinygrad-finetune", "torch-finetune", "rss_mb", 0)
+    add("  first step s, warm kernel cache (load + one step)", None, "tinygrad-finetune",
+        "torch-finetune", "first_step_s", 1)
+    add("  first step s, cold kernel cache", None, "tinygrad-finetune-cold", "torch-finetune",
+        "first_step_s", 1)
+    add("  JIT warm-up s (steps 2-3)", None, "tinygrad-finetune", "torch-finetune",
+        "jit_warmup_s", 2)
     for key, label, target in (("cold_s", "cold kernel cache", DEMO_COLD_TARGET_S),
                                ("warm_s", "warm kernel cache", DEMO_WARM_TARGET_S)):
         seconds = get(r, "demo", key)
@@ -1140,8 +1225,11 @@ def bench(argv=None) -> int:
             print(f"  writing a random GPT-2 124M checkpoint to {folder} ...", file=sys.stderr)
             write_random_gpt2(Path(folder))
         args.checkpoint = folder
+        cold = Path(folder) / "cold-cache"  # a kernel cache of its own, empty at first
         for name in names:
-            results[name] = spawn(name, args, env)
+            cache = {"CACHEDB": f"{cold}/cache.db", "POCL_CACHE_DIR": f"{cold}/pocl"}
+            own = name.startswith("tinygrad-finetune")  # cold, then warm on what cold filled
+            results[name] = spawn(name, args, env | cache if own else env)
         if "lab" in args.groups:
             args.torch_ok = torch_ok
             try:

@@ -181,6 +181,67 @@ def map_checkpoint(ckpt: dict[str, np.ndarray], model: Transformer) -> dict[str,
     return mapped
 
 
+def official_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """The model's weights in OpenAI's layout, as map_checkpoint reads them back: the four Conv1D
+    weights transposed to (in, out), the vocabulary's padding rows dropped, no lm_head (tied)."""
+    out = {}
+    for name, t in model.parameters().items():
+        array = t.float().numpy()
+        if name == "wte.weight":
+            array = array[: model.config.vocab_size]  # (vocab_size, n_embd): no padding rows
+        out[name] = np.ascontiguousarray(array.T if name.endswith(CONV1D) else array)
+    return out
+
+
+def hf_config(config: Config) -> dict:
+    """config.json for a GPT-2 of this shape, with the fields of openai-community/gpt2's own
+    (transformers' GPT2Config reads these; the dropouts only matter when training there)."""
+    if (config.positions, config.prenorm, config.mlp, config.layernorm, config.causal,
+            config.residual, config.shared_layers, config.similarity) != (
+            "learned", True, True, True, True, True, False, "scaled"):
+        raise ValueError("only GPT-2's own architecture can be saved in its layout")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "activation_function": "gelu_new", "vocab_size": config.vocab_size,
+            "n_positions": config.n_ctx, "n_ctx": config.n_ctx, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "layer_norm_epsilon": config.ln_eps, "bos_token_id": EOT, "eos_token_id": EOT,
+            "attn_pdrop": 0.1, "embd_pdrop": 0.1, "resid_pdrop": 0.1,
+            "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
+            "use_cache": True}
+
+
+def write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str]):
+    """arrays into the open file f in the format read_safetensors reads: an 8-byte header size,
+    the JSON header (padded with spaces to a multiple of 8, as the safetensors library does),
+    then the tensors' bytes in order."""
+    names = {np.dtype(v).name: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata}, 0
+    for name, a in arrays.items():
+        header[name] = {"dtype": names[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little") + text)
+    for a in arrays.values():
+        f.write(np.ascontiguousarray(a).tobytes())
+
+
+def save_pretrained(model: Transformer, folder: Path) -> Path:
+    """The model as Hugging Face saves a GPT2LMHeadModel: folder/model.safetensors (OpenAI's
+    names and layout, metadata format "pt", which transformers asks of a safetensors file) and
+    folder/config.json. Each file is written whole or not at all (flags.atomic_write); the
+    weights first, so a folder never holds a config.json for weights that are not there."""
+    config = hf_config(model.config)  # first: a model of another architecture is refused
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = official_tensors(model)
+    flags.atomic_write(folder / "model.safetensors",
+                       lambda f: write_safetensors(f, arrays, {"format": "pt"}))
+    flags.atomic_write(folder / "config.json",
+                       lambda f: f.write(json.dumps(config, indent=2).encode()))
+    return folder
+
+
 def shape_words(n_layer: int, n_embd: int, n_head: int | None = None) -> str:
     heads = f"{n_head} heads, " if n_head is not None else ""
     return f"{n_layer} layers, {heads}{n_embd} dims"

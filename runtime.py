@@ -530,6 +530,9 @@ def kept_jits(owner, key) -> dict:
     return kept.jits
 
 
+PARTIAL_BYTES = 256 * 2**20  # matmul_backward's blocks of dW partial sums, all together
+
+
 def matmul_backward(grad: UOp, call: UOp) -> tuple[UOp, UOp]:
     """The gradients of y = x Wᵀ (x (N, in), W (out, in)), written so that tinygrad 0.14 makes
     fast CPU kernels of them. Its own backward reads W across memory for dx, and reduces dW over
@@ -542,7 +545,10 @@ def matmul_backward(grad: UOp, call: UOp) -> tuple[UOp, UOp]:
     N, n_in = x.shape
     n_out = w.shape[0]
     dx = TINYGRAD_DOT(g, w.T.contiguous().T)  # (N, out) @ (out, in): the view of an (in, out) copy
-    k = max(d for d in range(1, 33) if N % d == 0)
+    # at most PARTIAL_BYTES of partial sums: GPT-2's 50,304 x 768 embedding in 32 blocks took
+    # 4.9 GB twice over (its lookup and the output layer), and fine-tuning 124M outgrew 19 GB
+    k = max((d for d in range(1, 33) if N % d == 0 and d * n_out * n_in * 4 <= PARTIAL_BYTES),
+            default=1)
     g_blocks = g.reshape(k, N // k, n_out).transpose(1, 2)  # (k, out, N/k)
     dw = TINYGRAD_DOT(g_blocks, x.reshape(k, N // k, n_in)).contiguous().sum(0)  # (out, in)
     return dx.uop, dw.uop

@@ -68,6 +68,17 @@ class Task(abc.ABC):
     constant_lr = False  # True: flat after warmup; False: cosine decay to a tenth
     history: list[dict] | None = None  # a list: curves saved with the checkpoint, resumed with it
     draws_curves = False  # True: plot(path, run) draws the history after training (--plot)
+    block_size: int | None = None  # tokens in a training sequence; None: config.n_ctx
+    # True: step s's batch is drawn with rng [seed, s], so a run resumed at step s draws what an
+    # unbroken one would (train.train); False: a resumed run draws fresh batches
+    replayable = False
+    eval_at_start = False  # True: observe(model, 0) before the first step too
+    best_dir: Path | None = None  # a task that keeps its best model saves it here (--out's)
+
+    def initial(self):
+        """The model to start training from (weights loaded from elsewhere); None: the loop
+        builds architecture(config) with fresh weights."""
+        return None
 
     @abc.abstractmethod
     def batch(self, rng: np.random.Generator, B: int) -> tuple:
@@ -155,6 +166,17 @@ class Task(abc.ABC):
         delta (L, H) the change when each head alone is knocked out, knock(heads) the score with
         a list of (layer, head) knocked out together. None: nothing to read."""
         return None
+
+
+def on_model_device(model, array: np.ndarray) -> Tensor:
+    """array as a tensor where the model's weights are: on their device, or, for weights
+    replicated on several (train.py --devices), split across them along the batch when it divides
+    evenly, else copied to each."""
+    device = model.wte.weight.device
+    if not isinstance(device, tuple):
+        return Tensor(array)
+    t = Tensor(array)
+    return t.shard(device, axis=0) if len(array) % len(device) == 0 else t.to(device)
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -305,7 +327,8 @@ class Shakespeare(Task):
     steps, batch_size, lr, eval_every = 1300, 12, 5e-3, 250
     url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     cache_name = "tinyshakespeare.txt"
-    loss_of = None  # (model, its compiled loss on a chunk of windows): see evaluate
+    eval_chunk = 256  # windows in one forward pass of the evaluation
+    loss_of = None  # (model, its device(s), its compiled loss on a chunk of windows): evaluate
 
     def __init__(self, data: str | None = None):
         text = self.load(data)
@@ -356,7 +379,7 @@ class Shakespeare(Task):
         return float(-np.log(probs[self.val[:-1], self.val[1:]]).mean())
 
     def windows(self, data: np.ndarray, rng, B: int) -> tuple[np.ndarray, np.ndarray]:
-        T = self.config.n_ctx
+        T = self.block_size or self.config.n_ctx
         start = rng.integers(0, len(data) - T - 1, B)
         x = np.stack([data[s : s + T] for s in start])
         y = np.stack([data[s + 1 : s + T + 1] for s in start])
@@ -370,18 +393,20 @@ class Shakespeare(Task):
 
         All of it by default; quick=True scores every fourth chunk of windows, for progress
         reports. Chunks have one size, so the forward pass is scheduled once and then reused."""
-        T = self.config.n_ctx
-        chunk = max(1, min(256, (len(self.val) - 1) // T))  # a short text: one smaller chunk
+        T = self.block_size or self.config.n_ctx
+        chunk = max(1, min(self.eval_chunk, (len(self.val) - 1) // T))  # a short text: smaller
         n = (len(self.val) - 1) // T // chunk * chunk  # whole chunks of whole windows
         x = self.val[: n * T].reshape(-1, chunk, T)  # (chunks, chunk, T)
         y = self.val[1 : n * T + 1].reshape(-1, chunk, T)  # x shifted by one character
-        if self.loss_of is None or self.loss_of[0] is not model:
+        device = model.wte.weight.device  # weights moved (--devices, then back): compile anew
+        if self.loss_of is None or self.loss_of[:2] != (model, device):
             # compiled once per model: every chunk has one shape, so a replay skips the scheduling
             # in Python that a plain call pays again for each chunk (docs/speed.md, Training)
             loss = lambda x, y: model(x).sparse_categorical_crossentropy(y).realize()
-            self.loss_of = (model, TinyJit(loss))
+            self.loss_of = (model, device, TinyJit(loss))
         picked = range(0, len(x), 4 if quick else 1)
-        losses = [self.loss_of[1](Tensor(x[i]), Tensor(y[i])).item() for i in picked]
+        losses = [self.loss_of[2](*(on_model_device(model, a[i]) for a in (x, y))).item()
+                  for i in picked]
         return float(np.mean(losses))
 
     def show(self, model: Transformer, seed: int = 0, n: int = 200) -> str:
@@ -486,6 +511,119 @@ class Words(Shakespeare):
     def baselines(self) -> str:
         return (f"uniform {self.chance:.2f}, unigram {self.unigram:.2f}, "
                 f"bigram {self.bigram:.2f} nats per token")
+
+
+class Text(Shakespeare):
+    """Fine-tune GPT-2 on a text of one's own, read through GPT-2's BPE (tiktoken's r50k_base).
+
+    The model starts from OpenAI's weights (init: gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a
+    local checkpoint (a .safetensors or pytorch_model.bin file, or a folder with config.json),
+    sees block_size tokens and predicts each next one. The score is the mean cross-entropy on the
+    last tenth of the text, which training never sees, measured before the first step too. Each
+    evaluation that beats the best so far is saved in Hugging Face's layout (best_dir; see
+    gpt.save_pretrained), as nanoGPT keeps its best checkpoint by validation loss.
+
+    The optimizer's settings are nanoGPT's (train.py, config/finetune_shakespeare.py): AdamW with
+    betas (0.9, 0.95), weight decay 0.1, gradient clipping at 1; the peak learning rate is higher
+    than finetune_shakespeare's 3e-5 (made for gpt2-xl) and decays along a cosine, as llm.c's
+    fine-tuning of 124M does."""
+
+    name = "text"
+    steps, batch_size, lr, eval_every = 100, 4, 1e-4, 25
+    betas = (0.9, 0.95)
+    warmup = 10
+    replayable, eval_at_start = True, True
+    eval_chunk = 8  # a GPT-2's logits are 50257 wide: 8 windows of 128 take 200 MB
+
+    def __init__(self, data: str | None = None, init: str = "gpt2",
+                 block_size: int | None = None):
+        from gpt import EOT, SIZES, config_from_hf, gpt2_config, tokenizer
+
+        path = Path(init)
+        if init in SIZES:
+            self.weights, self.config = None, gpt2_config(init)
+        elif path.is_dir() or path.is_file():
+            self.weights = path / "model.safetensors" if path.is_dir() else path
+            if path.is_dir() and not self.weights.exists():
+                self.weights = path / "pytorch_model.bin"
+            if not self.weights.is_file():
+                raise UserError(f"--init {init}: the folder holds no model.safetensors or "
+                                "pytorch_model.bin")
+            try:  # the shape as load_gpt2 reads it: config.json beside the weights, else gpt2's
+                self.config = config_from_hf(self.weights.parent / "config.json",
+                                             gpt2_config("gpt2"))
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(f"cannot read {self.weights.parent / 'config.json'}: {e}") from None
+        else:
+            raise UserError(f"--init {init}: neither a GPT-2 size ({', '.join(SIZES)}) nor a "
+                            "checkpoint file or folder")
+        self.init, self.eot = init, EOT
+        n_ctx = self.config.n_ctx
+        self.block_size = block_size or min(128, n_ctx)
+        if self.block_size > n_ctx:
+            raise UserError(f"--block-size {self.block_size} is longer than the model's context "
+                            f"({n_ctx} tokens)")
+        text = self.load(data)
+        if not text.strip():
+            raise UserError(f"dataset {data or 'tinyshakespeare'} is empty")
+        if "\x00" in text:  # valid UTF-8 can still be a binary file; no text holds NUL
+            raise UserError(f"dataset {data} looks binary (it holds NUL bytes), not text")
+        self.enc = tokenizer()
+        ids = np.array(self.enc.encode_ordinary(text), dtype=np.int32)
+        # the held-out tail (nanoGPT's prepare.py splits 90/10 too) must hold one window and its
+        # target, and so must the rest
+        split = int(0.9 * len(ids))
+        need = self.block_size + 1
+        if min(split, len(ids) - split) < need:
+            raise UserError(f"dataset {data} is too short: {len(ids)} tokens; with --block-size "
+                            f"{self.block_size} it needs at least {10 * need}, so that its last "
+                            "tenth holds a window and its target")
+        self.train, self.val = ids[:split], ids[split:]
+        self.chance = math.log(self.config.vocab_size)  # the loss of a uniform guess
+        self.history = []
+
+    def initial(self):
+        from gpt import load_gpt2
+
+        if self.weights is None:
+            return load_gpt2(self.init)
+        return load_gpt2(weights=self.weights)
+
+    def observe(self, model: Transformer, step: int) -> str:
+        """The validation loss (all of the held-out tail), recorded; a new best is saved."""
+        loss = self.evaluate(model)
+        best = min((h["val_loss"] for h in self.history), default=math.inf)
+        self.history.append({"step": step, "val_loss": loss})
+        line = f"eval  step {step}: val_loss {loss:.4f}"
+        if loss < best and self.best_dir is not None and step > 0:
+            from gpt import save_pretrained
+
+            line += f", the best so far: saved {save_pretrained(model, self.best_dir)}"
+        return line
+
+    def learned(self, score: float) -> bool:
+        """Lower than before fine-tuning."""
+        return bool(self.history) and score < self.history[0]["val_loss"]
+
+    def baselines(self) -> str:
+        return (f"{len(self.train):,} training tokens, {len(self.val):,} held out; uniform "
+                f"guess {self.chance:.2f} nats")
+
+    def show(self, model: Transformer, seed: int = 0, n: int = 100) -> str:
+        """n tokens after <|endoftext|>, as nanoGPT's sample.py draws (temperature 0.8, top 200),
+        through generate's KV cache."""
+        rng = np.random.default_rng(seed)  # --seed
+        prompt = np.array([[self.eot]])
+        out = np.concatenate(list(generate(model, prompt, n, temperature=0.8, top_k=200,
+                                           rng=rng)))
+        return self.enc.decode(out.tolist())
+
+    def example(self) -> tuple[np.ndarray, list[str]]:
+        ids = self.val[: self.block_size]
+        return ids, [self.token(i) for i in ids]
+
+    def token(self, i: int) -> str:
+        return heads.readable(self.enc.decode([int(i)]))
 
 
 def fourier_concentration(embedding: np.ndarray, top: int = 4) -> float:
@@ -1051,4 +1189,4 @@ class Translate(Task):
 
 TASKS = {"reverse": Reverse, "shakespeare": Shakespeare, "words": Words, "grokking": Grokking,
          "grokking-slow": SlowGrokking, "induction": Induction, "classify": Palindromes,
-         "translate": Translate}
+         "translate": Translate, "text": Text}

@@ -13,6 +13,7 @@ model learns and how it is judged comes from a task (tasks.py); the loop does no
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -110,6 +111,69 @@ def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
     return step
 
 
+def make_accumulating_step(model: Transformer, opt, k: int, clip: float | None = 1.0):
+    """make_train_step's step over k micro-batches, for a batch too large to fit at once: each
+    micro-batch's gradient is added into buffers the size of the weights (one TinyJit, replayed
+    k times), then one more applies their mean (clipped as in make_train_step) with the
+    optimizer. The same step as one batch of all k, as long as every micro-batch counts the same
+    number of targets (the loss is a mean of means); the accumulation is nanoGPT's
+    gradient_accumulation_steps, here without a loss scaled by 1/k in each backward pass.
+    -> step(batches, lr): batches is a list of k (x, y) pairs; returns (mean loss, grad norm)."""
+    params = opt.params
+    Tensor.realize(*get_state_dict(opt).values())
+    # zeros_like: on the weight's device, or replicated on its devices (--devices)
+    sums = [Tensor.zeros_like(p).contiguous().is_param_(False).realize() for p in params]
+
+    @TinyJit
+    def accumulate(x: Tensor, y: Tensor, keep: Tensor) -> Tensor:
+        loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
+        grads = loss.gradient(*params)
+        for s, g in zip(sums, grads):
+            s.assign(s * keep + g)  # keep = 0 on the first micro-batch: the sums start over
+        Tensor.realize(loss, *sums)
+        return loss
+
+    @TinyJit
+    def apply(lr: Tensor) -> Tensor:
+        grads = [s / k for s in sums]
+        norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
+        scale = (clip / (norm + 1e-6)).minimum(1.0) if clip is not None else 1.0
+        for p, g in zip(params, grads):
+            p.grad = g * scale
+        for o in opt.optimizers:
+            o.lr.assign(lr)
+        norm.realize(*opt.schedule_step())
+        return norm
+
+    device = params[0].device
+    starts = [Tensor([float(i > 0)]).to(device).realize() for i in range(2)]
+
+    def step(batches: list[tuple[Tensor, Tensor]], lr: Tensor) -> tuple[Tensor, Tensor]:
+        losses = [accumulate(x, y, starts[i > 0]).item() for i, (x, y) in enumerate(batches)]
+        return Tensor([sum(losses) / len(losses)]), apply(lr)
+
+    return step
+
+
+def place(array: np.ndarray, devices: tuple[str, ...] | None) -> Tensor:
+    """A batch as a tensor: on the default device, or split along the batch across devices
+    (Tensor.shard), each holding len(array) / len(devices) rows."""
+    t = Tensor(array)
+    return t if devices is None else t.shard(devices, axis=0)
+
+
+def replicate(tensors, device: str | tuple[str, ...]):
+    """Move each tensor (the weights, the optimizer's state) to device in place: a tuple of
+    devices gives each device a copy, whose gradients tinygrad allreduces (schedule/multi.py);
+    a name brings replicated tensors back to one device."""
+    tensors, seen = list(tensors), set()
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            t.to_(device)
+    Tensor.realize(*tensors)
+
+
 @contextlib.contextmanager
 def interrupts_held():
     """Hold Ctrl-C back until the block is done, then deliver it: what the block writes is whole.
@@ -203,13 +267,23 @@ def load_checkpoint(path: Path, opt_lr: float | None = None):
 
 def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None,
           resume: bool = False, verbose: bool = False, config: Config | None = None,
-          log=print, grokfast: tuple[float, float] | None = None) -> dict:
+          log=print, grokfast: tuple[float, float] | None = None, grad_accum: int = 1,
+          devices: tuple[str, ...] | None = None, until: int | None = None) -> dict:
     """Train a model on task, evaluate it on held-out data as it goes, and return the final scores.
 
     What the loop reads from the task is declared in tasks.Task: its data (batch), its judge
     (evaluate), its model (config, architecture), its optimizer's settings (weight_decay, betas,
     warmup, constant_lr, l2, clip), and its curves (observe, called every eval_every steps; a
-    history list, saved with the checkpoint and restored on resume)."""
+    history list, saved with the checkpoint and restored on resume), and for fine-tuning its
+    initial weights (initial), whether its batches replay on resume (replayable), whether it is
+    evaluated before the first step (eval_at_start).
+
+    grad_accum=K: each step adds the gradients of K batches of task.batch_size before it applies
+    them (make_accumulating_step). devices: each batch is split across them, the weights and the
+    optimizer's state replicated on each (data parallelism, one process; tinygrad allreduces the
+    gradients); the model comes back to one device after training. until: stop after that step,
+    with the checkpoint saved, as an interrupted run that --resume continues (the schedule is
+    still that of steps)."""
     steps = steps if steps is not None else task.steps
     Tensor.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -233,28 +307,66 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
             raise ValueError(f"the task's data has n_ctx={data_shape[0]} and vocab_size="
                              f"{data_shape[1]}; the model has n_ctx={config.n_ctx} and "
                              f"vocab_size={config.vocab_size}")
-        model = task.architecture(config)
+        model = task.initial()
+        if model is None:
+            model = task.architecture(config)
+        if devices is not None:  # before the optimizer, whose state then lands on each device
+            replicate(model.parameters().values(), devices)
         opt = make_optimizer(model, task.lr, task.weight_decay, task.betas)
+    if resume and devices is not None:
+        replicate([*model.parameters().values(), *get_state_dict(opt).values()], devices)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters().values())
     log(f"task {task.name}: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, "
         f"{c.n_head} heads, {c.n_embd} dims, context {c.n_ctx}; "
-        f"{steps} steps of batch {task.batch_size}")
-    step_fn = make_train_step(model, opt, task.clip, grokfast, task.l2)
+        f"{steps} steps of batch {task.batch_size}"
+        + (f" x {grad_accum} accumulated" if grad_accum > 1 else "")
+        + (f" across {', '.join(devices)}" if devices is not None else ""))
+    if grad_accum > 1:
+        if grokfast is not None or task.l2:
+            raise ValueError("gradient accumulation does not take --grokfast or --l2")
+        step_fn = make_accumulating_step(model, opt, grad_accum, task.clip)
+    else:
+        step_fn = make_train_step(model, opt, task.clip, grokfast, task.l2)
     warmup = task.warmup if task.warmup is not None else max(1, min(100, steps // 10))
-    tokens_per_step = task.batch_size * c.n_ctx
+    B = task.batch_size
+    tokens_per_step = B * grad_accum * (task.block_size or c.n_ctx)
+    if task.eval_at_start and start == 0 and verbose:
+        log(task.observe(model, 0))
+    elif task.eval_at_start and start == 0:
+        task.observe(model, 0)
+    losses = []  # each step's training loss, for the tests
     t0 = time.perf_counter()
-    for step in range(start, steps):
-        x, y = task.batch(rng, task.batch_size)
-        x = tuple(Tensor(a) for a in x) if isinstance(x, tuple) else Tensor(x)
+    for step in range(start, steps if until is None else min(until, steps)):
+        if task.replayable:
+            rng = np.random.default_rng([seed, step])
+        x, y = task.batch(rng, B * grad_accum)
         if task.constant_lr:
             lr = task.lr * min(1.0, (step + 1) / warmup)
         else:
             lr = learning_rate(step, task.lr, steps, warmup)
+        lr_t = Tensor([lr]) if devices is None else Tensor([lr]).to(devices)
         # TRAINING only around the step: the evaluations are inference, with inference's kernels
         with Context(TRAINING=1):
-            loss, norm = step_fn(x, Tensor(y), Tensor([lr]))
+            if grad_accum > 1:
+                loss, norm = step_fn([(place(x[i * B : (i + 1) * B], devices),
+                                       place(y[i * B : (i + 1) * B], devices))
+                                      for i in range(grad_accum)], lr_t)
+            else:
+                x = (tuple(place(a, devices) for a in x) if isinstance(x, tuple)
+                     else place(x, devices))
+                loss, norm = step_fn(x, place(y, devices), lr_t)
         done = step + 1
+        losses.append(loss.item())
+        if until is not None and done == until and done < steps:
+            if out is not None:
+                meta = {"task": task.name, "step": done, "seed": seed}
+                if task.history is not None:
+                    meta["history"] = task.history
+                save_checkpoint(out, model, opt, meta)
+                log(f"stopped at step {done}: saved {checkpoint_files(out)[0]}")
+            return {"model": model, "score": None, "steps": done,
+                    "time": time.perf_counter() - t0, "losses": losses}
         if verbose and (done % 25 == 0 or done == steps):
             elapsed = time.perf_counter() - t0
             rate = (done - start) / elapsed
@@ -268,6 +380,8 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
             if verbose and line is not None:
                 log(line)
     elapsed = time.perf_counter() - t0
+    if devices is not None:  # back on one device: to evaluate, save and sample as usual
+        replicate([*model.parameters().values(), *get_state_dict(opt).values()], devices[0])
     score = task.evaluate(model)
     if out is not None:
         meta = {"task": task.name, "step": steps, "seed": seed}
@@ -275,7 +389,7 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
             meta["history"] = task.history
         save_checkpoint(out, model, opt, meta)
         log(f"saved {checkpoint_files(out)[0]}")
-    return {"model": model, "score": score, "steps": steps, "time": elapsed}
+    return {"model": model, "score": score, "steps": steps, "time": elapsed, "losses": losses}
 
 
 def verdict(task, score: float) -> bool:
@@ -408,7 +522,21 @@ def command(args) -> int:
     reads_data = TASKS[args.task].reads_data
     if args.data is not None and not reads_data:
         raise UserError(f"--data is for tasks that read a text; task {args.task!r} makes its own")
-    task = TASKS[args.task](data=args.data) if reads_data else TASKS[args.task]()
+    fine_tuning = args.task == "text"
+    for flag, value in (("--init", args.init), ("--block-size", args.block_size)):
+        if value is not None and not fine_tuning:
+            raise UserError(f"{flag} goes with --task text")
+    if fine_tuning:
+        task = TASKS["text"](data=args.data, init=args.init or "gpt2",
+                             block_size=args.block_size)
+    else:
+        task = TASKS[args.task](data=args.data) if reads_data else TASKS[args.task]()
+    if args.batch_size is not None:
+        task.batch_size = args.batch_size
+    if args.devices is not None and task.batch_size % len(args.devices):
+        raise UserError(f"a batch of {task.batch_size} does not split evenly across "
+                        f"{len(args.devices)} devices ({','.join(args.devices)}); choose "
+                        "--batch-size a multiple of their number")
     if args.lr is not None:
         task.lr = args.lr
     if args.weight_decay is not None:
@@ -434,7 +562,24 @@ def command(args) -> int:
     except Exception as e:
         name = args.device or os.environ.get("DEV")
         raise UserError(f"device {name!r} is not usable here: {e}") from None
+    devices = None
+    if args.devices is not None:
+        from tinygrad import Device
+
+        devices = []
+        for name in args.devices:
+            try:  # opening it: an unknown or broken backend fails here, not in the first step
+                devices.append(Device.canonicalize(name))
+                Device[devices[-1]]
+            except Exception as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise UserError(f"--devices: {name} is not usable here: {why}") from None
+        devices = tuple(devices)
+        if len(set(devices)) != len(devices):
+            raise UserError(f"--devices {','.join(args.devices)} names one device twice")
     out = args.out or Path(__file__).parent / "models" / task.name
+    if fine_tuning:  # the best model in Hugging Face's layout, in a folder of --out's name
+        task.best_dir = out
     log = print if args.verbose else (lambda *a, **k: None)
     log(f"device {device}")
     for flag, value in (("--port", args.port), ("--host", args.host)):
@@ -481,7 +626,7 @@ def command(args) -> int:
         if baselines is not None:
             log(f"baselines: {baselines}")
         result = train(task, args.steps, args.seed, out, args.resume, args.verbose, config, log,
-                       grokfast)
+                       grokfast, args.grad_accum, devices)
         if task.draws_curves:
             # the figure names its run by the flags that change what is learned
             run = f"python transformer.py --task {args.task} --seed {args.seed}"
@@ -505,6 +650,15 @@ def command(args) -> int:
     print(f"result: task={task.name} {task.metric}={result['score']:.4f} chance={task.chance:.4g} "
           f"steps={result['steps']} time={result['time']:.1f}s" + (f" {extra}" if extra else ""))
     return 0
+
+
+def device_list(text: str) -> tuple[str, ...]:
+    """--devices: device names separated by commas, as tinygrad spells them (CPU:0, CUDA:1)."""
+    names = tuple(n.strip().upper() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected device names separated by commas, got "
+                                         f"{text!r}")
+    return names
 
 
 def main(argv=None) -> int:
@@ -595,6 +749,21 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, metavar="PATH",
                     help="where a task with curves draws them (not given: the checkpoint path "
                          "with .png)")
+    ap.add_argument("--init", metavar="NAME|PATH",
+                    help="--task text: start from GPT-2's weights (gpt2, gpt2-medium, gpt2-large, "
+                         "gpt2-xl) or a checkpoint file or folder (not given: gpt2)")
+    ap.add_argument("--block-size", type=flags.count, metavar="N",
+                    help="--task text: tokens per training sequence (not given: 128, or the "
+                         "model's context if shorter)")
+    ap.add_argument("--batch-size", type=flags.count, metavar="N",
+                    help="sequences per step, or per micro-batch with --grad-accum (not given: "
+                         "the task's)")
+    ap.add_argument("--grad-accum", type=flags.count, default=1, metavar="K",
+                    help="add the gradients of K batches before each step: the step of a batch "
+                         "K times larger, in the memory of one")
+    ap.add_argument("--devices", type=device_list, metavar="A,B,...",
+                    help="split each batch across these devices, the weights on each: data "
+                         "parallelism in one process (e.g. CPU:0,CPU:1 or CUDA:0,CUDA:1)")
     ap.add_argument("--device", metavar="NAME",
                     help="tinygrad backend: CPU, CPU:LLVM, CL, CUDA, METAL, ... (not given: DEV, "
                          "else the fastest here)")

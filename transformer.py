@@ -35,9 +35,11 @@ from hooks import Hooked, HookPoint  # HookPoint: the identity, until a hook rea
 # ------------------------------ Attention --------------------------------------------------------
 
 
-def causal_mask(T: int, S, start_pos=0) -> Tensor:
-    """Additive mask (T, S): 0 where query t (at start_pos + t) may see key s, -inf after."""
-    return Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
+def causal_mask(T: int, S, start_pos=0, device=None) -> Tensor:
+    """Additive mask (T, S): 0 where query t (at start_pos + t) may see key s, -inf after.
+    device: the queries' (a tuple for a batch sharded across devices, train.py --devices)."""
+    mask = Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
+    return mask if device is None else mask.to(device)
 
 
 # How much a query wants a key: four similarity functions (GPT-2's is scaled; --similarity NAME
@@ -202,7 +204,7 @@ class CausalSelfAttention(MultiHeadAttention):
         q, k, v = [self.split_heads(t, hook) for t, hook in
                    ((q, self.hook_q), (k, self.hook_k), (v, self.hook_v))]  # each (B, H, T, hs)
         if start_pos is None:
-            mask = causal_mask(T, T)
+            mask = causal_mask(T, T, device=x.device)
         else:
             k, v = self.remember(k, v, start_pos)  # (B, H, start_pos + T, hs)
             # one new query may look at every cached key, so a single step needs no mask
@@ -482,7 +484,9 @@ class Transformer(Model):
         if TRAINING:
             # as a product with one-hot rows, whose gradient is one matmul; the lookup's own
             # gradient is a masked sum per table entry, much slower (docs/speed.md)
-            one_hot = (idx.unsqueeze(-1) == Tensor.arange(self.wte.weight.shape[0])).float()
+            # arange on idx's device(s): a batch sharded across devices (train.py --devices)
+            rows = Tensor.arange(self.wte.weight.shape[0]).to(idx.device)
+            one_hot = (idx.unsqueeze(-1) == rows).float()  # (B, T, rows)
             x = one_hot @ self.wte.weight  # (B, T, rows) @ (rows, C)
         else:
             x = self.wte.weight.float()[idx]  # float32 rows: OpenCL cannot look up float16 here

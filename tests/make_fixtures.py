@@ -25,6 +25,7 @@ It writes (see tests/fixtures/README.md for what each file holds):
     tests/fixtures/tiny-gpt2-hooks.npz            (alone: tests/make_fixtures.py hooks)
     tests/fixtures/tiny-gpt2-narrow/config.json, model.safetensors   (with the next one)
     tests/fixtures/tiny-gpt2-patching.npz         (alone: tests/make_fixtures.py patching)
+    tests/fixtures/tiny-gpt2-finetune.npz         (alone: tests/make_fixtures.py finetune)
     tests/fixtures/torch-transformer.npz          (alone: tests/make_fixtures.py families)
     tests/fixtures/strided.bin
     tests/fixtures/strided-legacy.bin
@@ -839,6 +840,56 @@ def families_reference():
     return out
 
 
+# Fine-tuning the trained fixture (tests/test_finetune.py): its step under PyTorch's AdamW
+FINETUNE_STEPS, FINETUNE_BATCH, FINETUNE_BLOCK = 20, 4, 32
+FINETUNE_LR, FINETUNE_WARMUP, FINETUNE_DECAY, FINETUNE_BETAS = 1e-3, 5, 0.1, (0.9, 0.95)
+
+
+def finetune_lr(step: int) -> float:
+    """Linear warmup to FINETUNE_LR, then cosine decay to a tenth of it (GPT-3's schedule, as
+    nanoGPT's get_lr writes it), for steps 0 .. FINETUNE_STEPS - 1."""
+    if step < FINETUNE_WARMUP:
+        return FINETUNE_LR * (step + 1) / FINETUNE_WARMUP
+    progress = (step - FINETUNE_WARMUP) / (FINETUNE_STEPS - FINETUNE_WARMUP)
+    return FINETUNE_LR * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def finetune_reference(encoder):
+    """20 steps of fine-tuning the trained fixture on fixed batches of text it was not trained on
+    (tinyshakespeare after its first 900,000 characters), by Hugging Face's GPT2LMHeadModel and
+    torch.optim.AdamW: weight decay on matrices and embeddings only, the gradient's global norm
+    clipped to 1 (clip_grad_norm_), the learning rate of finetune_lr. Eval mode: no dropout, as
+    tinygpt has none. Keeps the batches, each step's loss and gradient norm, the text whose tail
+    the task holds out, and the settings."""
+    text = SHAKESPEARE.read_text()[900_000:906_000]
+    ids = np.array(encoder.encode_ordinary(text), dtype=np.int64)
+    rng = np.random.default_rng(SEED)
+    T = FINETUNE_BLOCK
+    starts = rng.integers(0, len(ids) - T - 1, (FINETUNE_STEPS, FINETUNE_BATCH))
+    batches = np.stack([[ids[s : s + T + 1] for s in row] for row in starts])  # (steps, B, T + 1)
+    model = GPT2LMHeadModel.from_pretrained(TRAINED_DIR).eval()
+    params = list(model.parameters())  # the tied lm_head is wte, listed once
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2],
+                              "weight_decay": FINETUNE_DECAY},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=FINETUNE_LR, betas=FINETUNE_BETAS, eps=1e-8)
+    losses, norms = [], []
+    for step, batch in enumerate(torch.tensor(batches)):
+        for group in opt.param_groups:
+            group["lr"] = finetune_lr(step)
+        logits = model(batch[:, :-1]).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+        opt.step()
+        losses.append(loss.item())
+    return {"batches": batches.astype(np.int32), "losses": np.array(losses),
+            "grad_norms": np.array(norms), "text": np.array(text),
+            "lr": np.array(FINETUNE_LR), "warmup": np.array(FINETUNE_WARMUP),
+            "weight_decay": np.array(FINETUNE_DECAY), "betas": np.array(FINETUNE_BETAS)}
+
+
 def main():
     FIXTURES.mkdir(parents=True, exist_ok=True)
     # The shared tokenizer cache lets tiktoken work without network access.
@@ -861,6 +912,7 @@ def main():
     np.savez_compressed(FIXTURES / "tiny-gpt2-hooks.npz", **hooks_reference(encoder))
     save_narrow_model()
     np.savez(FIXTURES / "tiny-gpt2-patching.npz", **patching_reference(encoder))
+    np.savez_compressed(FIXTURES / "tiny-gpt2-finetune.npz", **finetune_reference(encoder))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for path in sorted(FIXTURES.rglob("*")):
         if path.is_file():
@@ -893,5 +945,11 @@ if __name__ == "__main__":
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
         reference = causes_reference(tiktoken.get_encoding("r50k_base"))
         np.savez(FIXTURES / "tiny-gpt2-trained-causes.npz", **reference)
+    elif sys.argv[1:] == ["finetune"]:  # only the fine-tuning reference, from the committed
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")  # trained fixture
+        reference = finetune_reference(tiktoken.get_encoding("r50k_base"))
+        np.savez_compressed(FIXTURES / "tiny-gpt2-finetune.npz", **reference)
+        for key in ("losses", "grad_norms"):
+            print(key, np.round(reference[key], 4))
     else:
         main()

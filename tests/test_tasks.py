@@ -81,7 +81,8 @@ def test_train_reads_only_what_task_declares():
 
 def test_every_task_derives_from_task_and_states_what_task_requires(tmp_path):
     text = tmp_path / "text.txt"
-    text.write_text("To be, or not to be, that is the question.\n" * 100)
+    # long enough for the text task too: 10 windows of 128 BPE tokens and their targets
+    text.write_text("To be, or not to be, that is the question.\n" * 200)
     required = [a for a in Task.__annotations__ if a not in vars(Task)]  # those with no default
     assert {"name", "config", "chance", "batch_size"} <= set(required)
     for name, cls in TASKS.items():

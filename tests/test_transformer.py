@@ -874,7 +874,7 @@ def test_cli_help_says_what_every_flag_does_and_its_default():
     run = cli("--help")
     assert run.returncode == 0, run.stderr
     entries = help_entries(run.stdout)
-    assert len(entries) == 37, sorted(entries)  # -h and the 36 flags of train.main
+    assert len(entries) == 42, sorted(entries)  # -h and the 41 flags of train.main
     assert [flag for flag, text in entries.items() if not text] == []
     for flag, default in (("--task", "reverse"), ("--seed", "0"), ("--similarity", "scaled"),
                           ("--threshold", "0.1")):
