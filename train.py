@@ -62,6 +62,18 @@ def learning_rate(step: int, max_lr: float, total: int, warmup: int) -> float:
     return max_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_gradients(opt, grads: list[Tensor], lr: Tensor, clip: float | None) -> Tensor:
+    """Hand opt.params their gradients for the step, all rescaled together when their global norm
+    exceeds clip (Pascanu et al., 2013), and the step's learning rate. -> the norm before."""
+    norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
+    scale = (clip / (norm + 1e-6)).minimum(1.0) if clip is not None else 1.0
+    for p, g in zip(opt.params, grads):
+        p.grad = g * scale
+    for o in opt.optimizers:
+        o.lr.assign(lr)
+    return norm
+
+
 def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
                     grokfast: tuple[float, float] | None = None, l2: float = 0.0):
     """One optimizer step, compiled by TinyJit: after two calls the kernels are captured and
@@ -96,13 +108,7 @@ def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
             started.assign(Tensor.ones(1))
         if l2:
             grads = [g + l2 * p for g, p in zip(grads, params)]
-        # rescale all gradients together when their global norm exceeds clip (Pascanu et al., 2013)
-        norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
-        scale = (clip / (norm + 1e-6)).minimum(1.0) if clip is not None else 1.0
-        for p, g in zip(params, grads):
-            p.grad = g * scale
-        for o in opt.optimizers:
-            o.lr.assign(lr)
+        norm = set_gradients(opt, grads, lr, clip)
         state = [*emas, started] if grokfast is not None else []
         Tensor.realize(loss, norm, *opt.schedule_step(), *state)
         return loss, norm
@@ -135,13 +141,7 @@ def make_accumulating_step(model: Transformer, opt, k: int, clip: float | None =
 
     @TinyJit
     def apply(lr: Tensor) -> Tensor:
-        grads = [s / k for s in sums]
-        norm = Tensor.stack(*[g.square().sum() for g in grads]).sum().sqrt()
-        scale = (clip / (norm + 1e-6)).minimum(1.0) if clip is not None else 1.0
-        for p, g in zip(params, grads):
-            p.grad = g * scale
-        for o in opt.optimizers:
-            o.lr.assign(lr)
+        norm = set_gradients(opt, [s / k for s in sums], lr, clip)
         norm.realize(*opt.schedule_step())
         return norm
 
