@@ -582,25 +582,8 @@ def child_torch_finetune(folder: Path, steps: int) -> dict:
     t_start = time.perf_counter()
     model = transformers.GPT2LMHeadModel.from_pretrained(
         folder, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=FINETUNE_LR, betas=(0.9, 0.95))
-    times, losses = [], []
-    for batch in finetune_batches(TRAIN_WARMUP + steps):
-        t0 = time.perf_counter()
-        batch = torch.from_numpy(batch).long()
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        times.append(time.perf_counter() - t0)
-        if len(times) == 1:
-            first_step_s = time.perf_counter() - t_start
-    return train_summary(times, losses, first_step_s) | {"rss_mb": peak_rss_mb()}
+    batches = ((b[:, :-1], b[:, 1:]) for b in finetune_batches(TRAIN_WARMUP + steps))
+    return torch_training(torch, model, batches, FINETUNE_LR, 0.1, (0.9, 0.95), t_start)
 
 
 def kernel_profile(step_fn, x, y, lr: float) -> dict:
@@ -712,17 +695,24 @@ def child_torch_train(workload: str, steps: int) -> dict:
                                      n_layer=w["n_layer"], n_head=w["n_head"], n_embd=w["n_embd"],
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(config).train()
-    # the same split as train.make_optimizer: decay matrices and embeddings, not the rest
+    batches = train_batches(workload, TRAIN_WARMUP + steps, -100)
+    return torch_training(torch, model, batches, w["lr"], w["wd"], (0.9, 0.99), t_start)
+
+
+def torch_training(torch, model, batches, lr: float, wd: float, betas, t_start: float) -> dict:
+    """PyTorch's side of a training row: AdamW with train.make_optimizer's split (decay the
+    matrices and embeddings, not the rest), clip 1.0, a step per (x, y) batch (targets of -100
+    carry no loss); times from t_start, when the model began to be built."""
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": w["wd"]},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=w["lr"], betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
     times, losses = [], []
-    for x, y in train_batches(workload, TRAIN_WARMUP + steps, -100):
+    for x, y in batches:
         t0 = time.perf_counter()
         x, y = torch.from_numpy(x).long(), torch.from_numpy(y).long()
         logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, w["vocab"]), y.view(-1))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

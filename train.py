@@ -336,6 +336,11 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
     elif task.eval_at_start and start == 0:
         task.observe(model, 0)
     losses = []  # each step's training loss, for the tests
+
+    def meta(done: int) -> dict:  # what a checkpoint records besides the tensors
+        kept = {"task": task.name, "step": done, "seed": seed}
+        return kept | ({"history": task.history} if task.history is not None else {})
+
     t0 = time.perf_counter()
     for step in range(start, steps if until is None else min(until, steps)):
         if task.replayable:
@@ -360,10 +365,7 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
         losses.append(loss.item())
         if until is not None and done == until and done < steps:
             if out is not None:
-                meta = {"task": task.name, "step": done, "seed": seed}
-                if task.history is not None:
-                    meta["history"] = task.history
-                save_checkpoint(out, model, opt, meta)
+                save_checkpoint(out, model, opt, meta(done))
                 log(f"stopped at step {done}: saved {checkpoint_files(out)[0]}")
             return {"model": model, "score": None, "steps": done,
                     "time": time.perf_counter() - t0, "losses": losses}
@@ -384,10 +386,7 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
         replicate([*model.parameters().values(), *get_state_dict(opt).values()], devices[0])
     score = task.evaluate(model)
     if out is not None:
-        meta = {"task": task.name, "step": steps, "seed": seed}
-        if task.history is not None:
-            meta["history"] = task.history
-        save_checkpoint(out, model, opt, meta)
+        save_checkpoint(out, model, opt, meta(steps))
         log(f"saved {checkpoint_files(out)[0]}")
     return {"model": model, "score": score, "steps": steps, "time": elapsed, "losses": losses}
 
