@@ -38,6 +38,7 @@ FILES = {"/": ("workbench.html", "text/html; charset=utf-8"),
 MAX_BODY = 1 << 20  # 1 MB: a request body beyond it is refused unread
 TOP = 10  # next-token candidates shown
 MAX_NEW = 256  # tokens one /api/generate may ask for
+LENS_ROWS = 8  # the lens is compiled for texts of 1-8, 9-16, ... tokens
 DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
 FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
 
@@ -138,10 +139,11 @@ class Workbench:
 
     def compiled(self, size: int, mean):
         """The pass of /api/run and /api/ablate on ids (1, size): logits, every head's attention
-        (1, L, H, size, size) and the lens's points (heads.lens_points), from one pass, compiled
-        once per length and kind of knock-out by TinyJit (runtime.jit_at_once) and replayed:
-        scheduling GPT-2's pass anew took longer than running it. The knock-out masks are
-        buffers written in place (heads.KnockOut), so a replay knocks out the heads of now."""
+        (1, L, H, size, size) and the stream before each block (L, size, C) for the lens, from
+        one pass, compiled once per length and kind of knock-out by TinyJit
+        (runtime.jit_at_once) and replayed: scheduling GPT-2's pass anew took longer than
+        running it. The knock-out masks are buffers written in place (heads.KnockOut), so a
+        replay knocks out the heads of now."""
         from tinygrad import Tensor
 
         from runtime import jit_at_once
@@ -151,20 +153,15 @@ class Workbench:
             model = self.model
             patterns = [f"blocks.{layer}.attn.hook_pattern"
                         for layer in range(model.config.n_layer)]
-            points = heads.lens_points(model)
+            points = heads.lens_points(model)[:-1]  # the last reading is the logits themselves
 
             def passes(x):
                 out, cache = model.run_with_cache(x, patterns + points)
                 att = Tensor.stack(*[cache[name] for name in patterns], dim=1).realize()
-                return (out, att, *[cache[name] for name in points])
+                stream = Tensor.stack(*[cache[name][0] for name in points]).realize()
+                return out, att, stream
 
-            jit = jit_at_once(passes)
-
-            def replay(x):
-                out, att, *stream = jit(x)
-                return out, att, dict(zip(points, stream))
-
-            self.jits[key] = replay
+            self.jits[key] = jit_at_once(passes)
         return self.jits[key]
 
     def info(self) -> dict:
@@ -204,11 +201,19 @@ class Workbench:
                 mean, heads.KnockOut(self.model, mean))
             with ko:
                 ko.knock(list(knocked))
-                out, att, cache = self.compiled(size, mean)(Tensor(padded[None]))
+                out, att, stream = self.compiled(size, mean)(Tensor(padded[None]))
                 logits = out.numpy()[0, :T].astype(np.float64)
                 if views:
                     att = att.numpy()[0, :, :, :T, :T]
-                    lens = heads.read_lens(self.model, padded, out, cache, k=1)
+                    rows = min(size, -(-T // LENS_ROWS) * LENS_ROWS)
+                    following = np.zeros(rows, dtype=np.int32)  # each position's next token
+                    following[:T - 1] = ids[1:]
+                    # scheduled anew each time, not a TinyJit: captured, GPT-2 124M's lens of 24
+                    # or more positions crashed in its replay (tinygrad 0.14); the schedule is
+                    # small next to the products
+                    found = heads.lens_top1(self.model, stream[:, :rows], out[:, :rows],
+                                            Tensor(following))
+                    lens_ids, lens_probs, next_prob = (t.numpy()[:, :T] for t in found)
         z = logits - logits.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (T, V)
         last = np.exp(logp[-1])
@@ -222,15 +227,14 @@ class Workbench:
         }
         if not views:
             return answer
-        next_prob = lens["next_token_prob"][:, :T].copy()
-        next_prob[:, T - 1] = np.nan  # the padding is no next token
-        lens_ids = lens["top_ids"][:, :T, 0]
+        next_prob = rounded(next_prob)
+        for row in next_prob:
+            row[-1] = None  # the last position has no next token
         return {
             **answer, "attention": rounded(att),
             "lens": {"tokens": [[self.vocab.label(i) for i in row] for row in lens_ids],
-                     "ids": lens_ids.tolist(), "probs": rounded(lens["top_probs"][:, :T, 0]),
-                     "next_prob": [[None if np.isnan(p) else round(float(p), DIGITS)
-                                    for p in row] for row in next_prob]},
+                     "ids": lens_ids.tolist(), "probs": rounded(lens_probs),
+                     "next_prob": next_prob},
         }
 
     def ablate(self, text, names, mean=False, views=True) -> dict:
