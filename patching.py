@@ -102,19 +102,31 @@ def patch(model, acts: dict, answer: int, wrong: int, name: str, where: Tensor) 
 
 
 def activation_patching(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, answer: int,
-                        wrong: int, heads: list[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
+                        wrong: int, heads: list[tuple[int, int]] = (),
+                        progress=None) -> dict[str, np.ndarray]:
     """The logit difference of the corrupted run with one clean activation patched in, for
     every layer and position of each POSITION_GRIDS kind (n_layer, T), every head at all
     positions ("z", (n_layer, n_head): its output before c_proj, hook_z), and for each of
     heads, every position ("z_pos", (len(heads), T)). Each row of a grid is one batch (see
-    patch): row b patches position (or head) b. Also the clean and corrupted differences."""
+    patch): row b patches position (or head) b. Also the clean and corrupted differences.
+    progress(done, total, name): called after each patched batch (name its hook point), for a
+    caller that shows how far the scan is (the workbench); one that raises stops the scan."""
     check_pair(model, clean_ids, corrupt_ids)
     L, H, T = model.config.n_layer, model.config.n_head, len(clean_ids)
     for layer, head in heads:
         check_head(layer, head, L, H)
     acts = cache_pair(model, clean_ids, corrupt_ids, answer, wrong)
     out = {key: acts[key] for key in ("clean_logit_diff", "corrupt_logit_diff")}
-    patched = lambda name, where: patch(model, acts, answer, wrong, name, where)
+    total, done = (len(grid_points(model)) + 1) * L + len(heads), 0
+
+    def patched(name, where):
+        nonlocal done
+        row = patch(model, acts, answer, wrong, name, where)
+        done += 1
+        if progress is not None:
+            progress(done, total, name)
+        return row
+
     by_position = Tensor(np.eye(T, dtype=bool)[:, :, None])  # (T, T, 1), row b: position b
     for kind, point in grid_points(model).items():
         out[kind] = np.stack([patched(f"blocks.{layer}.{point}", by_position)

@@ -43,6 +43,10 @@ DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
 FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
 
 
+class Cancelled(Exception):
+    """A patching scan stopped by /api/patch/cancel or by its page going away."""
+
+
 class Vocab:
     """How the workbench turns text into ids and back, for any model: encode(text) -> ids,
     label(id) -> a readable token (heads.readable), decode(ids) -> text, and one(text, what) ->
@@ -130,6 +134,8 @@ class Workbench:
     def __init__(self, model, vocab: Vocab, title: str, example: str = ""):
         self.model, self.vocab, self.title, self.example = model, vocab, title, example
         self.lock = threading.Lock()
+        # set by cancel() (POST /api/patch/cancel, outside the lock): the running scan stops
+        self.cancelled, self.scanning = threading.Event(), False
         self.jits, self.knockouts = {}, {}  # see compiled; one heads.KnockOut per kind of mean
         shared_kernel_cache()
         c = model.config
@@ -267,18 +273,42 @@ class Workbench:
             raise UserError('"views" must be true or false')
         return self.run(text, knocked, how, views)
 
-    def patch(self, clean, corrupt, answer, wrong) -> dict:
+    def patch(self, clean, corrupt, answer, wrong, progress=None) -> dict:
         """/api/patch: what patching.npz, attribution.npz and dla.npz hold (patch_and_write,
-        write_dla), the cells where the two disagree by more than 0.1, and the tokens."""
+        write_dla), the cells where the two disagree by more than 0.1, and the tokens.
+        progress(done, total, step): called after each patched batch (step: its hook point),
+        after attribution patching and after the DLA; cancel() from another thread, or a
+        progress that raises (the page went away), stops the scan with Cancelled."""
         clean_ids, corrupt_ids = self.ids_of(clean, "clean"), self.ids_of(corrupt, "corrupt")
         if not isinstance(answer, str) or not isinstance(wrong, str):
             raise UserError('"answer" and "wrong" must be strings, one token each')
         a, w = self.vocab.one(answer, "answer"), self.vocab.one(wrong, "wrong")
         patching.check_pair(self.model, clean_ids, corrupt_ids)
+        extra = 2  # attribution patching and the DLA, one step each
+
+        seen = {"total": 0}  # activation_patching's number of batches
+
+        def step(done, total, name):
+            seen["total"] = total
+            if self.cancelled.is_set():
+                raise Cancelled("the patching scan was cancelled")
+            if progress is not None:
+                progress(done, total + extra, name)
+
         with self.lock:
-            exact = patching.activation_patching(self.model, clean_ids, corrupt_ids, a, w)
-            estimate = patching.attribution_patching(self.model, clean_ids, corrupt_ids, a, w)
-            dla = patching.direct_logit_attribution(self.model, clean_ids, a, w)
+            self.cancelled.clear()  # a cancel sent before this scan began is not for it
+            self.scanning = True
+            try:
+                exact = patching.activation_patching(self.model, clean_ids, corrupt_ids, a, w,
+                                                     progress=step)
+                total = seen["total"]
+                estimate = patching.attribution_patching(self.model, clean_ids, corrupt_ids,
+                                                         a, w)
+                step(total + 1, total, "attribution")
+                dla = patching.direct_logit_attribution(self.model, clean_ids, a, w)
+                step(total + 2, total, "dla")
+            finally:
+                self.scanning = False
         corrupt_diff = exact["corrupt_logit_diff"]
         keys = [k for k in patching.GRID_KEYS if k in exact]
         return {
@@ -292,6 +322,14 @@ class Workbench:
             "dla": {k: (np.asarray(v).tolist()) for k, v in dla.items()},
             "disagreements": patching.disagreements(exact, estimate, 0.1),
         }
+
+    def cancel(self) -> dict:
+        """/api/patch/cancel: stop the patching scan now running, if any (it answers
+        {"cancelled": true} in its stream, or 400 without one)."""
+        running = self.scanning
+        if running:
+            self.cancelled.set()
+        return {"cancelled": running}
 
     def generate(self, text, n=20, temperature=0.8, seed=0) -> dict:
         from generate import generate
@@ -327,6 +365,7 @@ ENDPOINTS = {
                                            q.get("mean", False), q.get("views", True)),
     "/api/patch": lambda wb, q: wb.patch(q.get("clean"), q.get("corrupt"), q.get("answer"),
                                          q.get("wrong")),
+    "/api/patch/cancel": lambda wb, q: wb.cancel(),
     "/api/generate": lambda wb, q: wb.generate(q.get("text"), q.get("n", 20),
                                                q.get("temperature", 0.8), q.get("seed", 0)),
 }
@@ -404,6 +443,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(f"malformed JSON: {e}")
         if not isinstance(query, dict):
             return self.error("the body must be a JSON object")
+        if self.path == "/api/patch" and query.get("progress", False) is not False:
+            if query["progress"] is not True:
+                return self.error('"progress" must be true or false')
+            return self.stream_patch(query)
         try:
             answer = endpoint(self.server.workbench, query)
         except UserError as e:
@@ -412,6 +455,55 @@ class Handler(BaseHTTPRequestHandler):
             print(f"error in {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
             return self.send_json(500, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
         self.send_json(200, answer)
+
+
+    def stream_patch(self, query: dict):
+        """/api/patch with "progress": true: JSON lines in a chunked answer, one
+        {"done", "total", "step"} after each patched batch, then the answer of /api/patch, or
+        {"cancelled": true} (POST /api/patch/cancel, or the page closed the connection), or
+        {"error"}. A mistake found before the scan begins is a 400 as anywhere."""
+        started = []
+
+        def line(obj):
+            if not started:  # the headers go with the first line, once the request is valid
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                started.append(True)
+            data = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode() + b"\n"
+            # a page gone away makes this write fail, which stops the scan (Cancelled)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def progress(done, total, step):
+            try:
+                line({"done": done, "total": total, "step": step})
+            except OSError as e:
+                raise Cancelled("the page closed the connection") from e
+
+        try:
+            answer = self.server.workbench.patch(query.get("clean"), query.get("corrupt"),
+                                                 query.get("answer"), query.get("wrong"),
+                                                 progress)
+        except UserError as e:
+            if not started:
+                return self.error(e)
+            answer = {"error": " ".join(str(e).split())}
+        except Cancelled:
+            answer = {"cancelled": True}
+        except Exception as e:  # a bug: one line, and serving goes on
+            print(f"error in {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            if not started:
+                return self.send_json(500, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
+            answer = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        try:
+            line(answer)
+            self.wfile.write(b"0\r\n\r\n")  # the chunked answer's end
+        except OSError:
+            self.close_connection = True  # the page went away; nothing to tell it
 
 
 def make_server(workbench: Workbench, host: str = "127.0.0.1", port: int | None = None,

@@ -23,6 +23,7 @@ from conftest import REPO, assert_near
 from test_heads import CHROMIUM, dump_dom
 
 import gpt
+import patching
 import serve
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -143,6 +144,65 @@ def test_patch_equals_hugging_face(server):
     gaps = sum(int((np.abs(PATCH[f"trained.{k}"] - corrupt - PATCH[f"trained.attr.{k}"])
                     / abs(span) > 0.1).sum()) for k in ("resid_pre", "attn_out", "mlp_out", "z"))
     assert len(got["disagreements"]) == gaps
+
+
+def patch_lines(server, body: dict, on_line=None) -> list[dict]:
+    """POST /api/patch with "progress": true -> its JSON lines; on_line(line) after each."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    conn.request("POST", "/api/patch", json.dumps({**body, "progress": True}).encode(),
+                 {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.getheader("Content-Type").startswith(
+        "application/x-ndjson")
+    lines = []
+    while raw := reply.readline():  # http.client undoes the chunking
+        lines.append(json.loads(raw))
+        if on_line is not None:
+            on_line(lines[-1])
+    conn.close()
+    return lines
+
+
+PAIR = {"clean": CLEAN, "corrupt": CORRUPT, "answer": " John", "wrong": " Mary"}
+
+
+def test_patch_reports_progress_then_the_answer_of_hugging_face(server):
+    lines = patch_lines(server, PAIR)
+    steps, answer = lines[:-1], lines[-1]
+    total = steps[0]["total"]
+    # every patched batch (4 kinds x 2 layers), then attribution patching and the DLA
+    assert [s["done"] for s in steps] == list(range(1, total + 1)) and total == 4 * 2 + 2
+    assert steps[0]["step"] == "blocks.0.hook_resid_pre" and steps[-1]["step"] == "dla"
+    for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre", "z"):
+        assert_near(answer["patching"][key], PATCH[f"trained.{key}"], key)
+    status, err = post(server, "/api/patch", {**PAIR, "answer": " John Mary", "progress": True})
+    assert status == 400 and "one token" in err["error"]  # refused before the scan begins
+    status, err = post(server, "/api/patch", {**PAIR, "progress": 1})
+    assert status == 400 and "progress" in err["error"]
+
+
+def test_patch_cancel_stops_the_scan_and_serving_goes_on(server, monkeypatch):
+    slow_patch = patching.patch
+
+    def slow(*args, **kw):  # each batch takes long enough for the cancel to arrive mid-scan
+        time.sleep(0.3)
+        return slow_patch(*args, **kw)
+
+    monkeypatch.setattr(patching, "patch", slow)
+    assert post(server, "/api/patch/cancel", {}) == (200, {"cancelled": False})  # none runs
+    sent = []
+
+    def cancel_once(line):
+        if not sent:
+            sent.append(post(server, "/api/patch/cancel", {}))
+
+    lines = patch_lines(server, PAIR, cancel_once)
+    assert sent == [(200, {"cancelled": True})]
+    assert lines[-1] == {"cancelled": True}
+    assert len(lines) - 1 < lines[0]["total"]  # it stopped before the end
+    status, got = post(server, "/api/run", {"text": ROMEO})  # and serves on
+    assert status == 200 and got["tokens"]
 
 
 def test_generate_greedy_equals_hugging_face():
