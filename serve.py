@@ -273,7 +273,7 @@ class Workbench:
             raise UserError('"views" must be true or false')
         return self.run(text, knocked, how, views)
 
-    def patch(self, clean, corrupt, answer, wrong, progress=None) -> dict:
+    def patch(self, clean, corrupt, answer, wrong, progress=None, grids=None) -> dict:
         """/api/patch: what patching.npz, attribution.npz and dla.npz hold (patch_and_write,
         write_dla), the cells where the two disagree by more than 0.1, and the tokens.
         progress(done, total, step): called after each patched batch (step: its hook point),
@@ -284,6 +284,11 @@ class Workbench:
             raise UserError('"answer" and "wrong" must be strings, one token each')
         a, w = self.vocab.one(answer, "answer"), self.vocab.one(wrong, "wrong")
         patching.check_pair(self.model, clean_ids, corrupt_ids)
+        every = [k for k in patching.GRID_KEYS
+                 if k != "mlp_out" or "mlp_out" in patching.grid_points(self.model)]
+        if grids is not None and (not isinstance(grids, list) or not grids
+                                  or any(g not in every for g in grids)):
+            raise UserError(f'"grids" must be a list of some of {", ".join(every)}')
         extra = 2  # attribution patching and the DLA, one step each
 
         seen = {"total": 0}  # activation_patching's number of batches
@@ -300,7 +305,7 @@ class Workbench:
             self.scanning = True
             try:
                 exact = patching.activation_patching(self.model, clean_ids, corrupt_ids, a, w,
-                                                     progress=step)
+                                                     progress=step, kinds=grids)
                 total = seen["total"]
                 estimate = patching.attribution_patching(self.model, clean_ids, corrupt_ids,
                                                          a, w)
@@ -364,7 +369,7 @@ ENDPOINTS = {
     "/api/ablate": lambda wb, q: wb.ablate(q.get("text"), q.get("heads", []),
                                            q.get("mean", False), q.get("views", True)),
     "/api/patch": lambda wb, q: wb.patch(q.get("clean"), q.get("corrupt"), q.get("answer"),
-                                         q.get("wrong")),
+                                         q.get("wrong"), grids=q.get("grids")),
     "/api/patch/cancel": lambda wb, q: wb.cancel(),
     "/api/generate": lambda wb, q: wb.generate(q.get("text"), q.get("n", 20),
                                                q.get("temperature", 0.8), q.get("seed", 0)),
@@ -487,7 +492,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             answer = self.server.workbench.patch(query.get("clean"), query.get("corrupt"),
                                                  query.get("answer"), query.get("wrong"),
-                                                 progress)
+                                                 progress, query.get("grids"))
         except UserError as e:
             if not started:
                 return self.error(e)

@@ -176,6 +176,12 @@ def test_patch_reports_progress_then_the_answer_of_hugging_face(server):
     assert steps[0]["step"] == "blocks.0.hook_resid_pre" and steps[-1]["step"] == "dla"
     for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre", "z"):
         assert_near(answer["patching"][key], PATCH[f"trained.{key}"], key)
+    lines = patch_lines(server, {**PAIR, "grids": ["resid_pre"]})  # one grid alone
+    assert lines[0]["total"] == 2 + 2 and len(lines) == 2 + 2 + 1
+    assert {"resid_pre", "clean_logit_diff", "corrupt_logit_diff"} == set(lines[-1]["patching"])
+    assert_near(lines[-1]["patching"]["resid_pre"], PATCH["trained.resid_pre"], "resid_pre")
+    status, err = post(server, "/api/patch", {**PAIR, "grids": ["resid"]})
+    assert status == 400 and "grids" in err["error"]
     status, err = post(server, "/api/patch", {**PAIR, "answer": " John Mary", "progress": True})
     assert status == 400 and "one token" in err["error"]  # refused before the scan begins
     status, err = post(server, "/api/patch", {**PAIR, "progress": 1})
