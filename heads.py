@@ -416,9 +416,10 @@ def lens_top1(model, stream, logits, next_ids):
     from tinygrad import Tensor
 
     def read(z):  # z (N, T, V) -> (N, T) each
-        # realized once, so that the max, the argmax and the sum read it instead of each
-        # computing the product with the unembedding again
-        z = z.float().contiguous()
+        # not made contiguous: the product is its own kernel either way (a reduction cannot
+        # feed another inside one), and copying GPT-2's readings out of the padded vocabulary
+        # (50304 columns) took a sixth of the lens
+        z = z.float()
         # each reduction its own kernel: fused into one, GPT-2's of 24 or more positions crashed
         # on the CPU (tinygrad 0.14 with runtime.py's pieces)
         top = z.max(-1).realize()
