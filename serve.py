@@ -38,6 +38,7 @@ FILES = {"/": ("workbench.html", "text/html; charset=utf-8"),
 MAX_BODY = 1 << 20  # 1 MB: a request body beyond it is refused unread
 TOP = 10  # next-token candidates shown
 MAX_NEW = 256  # tokens one /api/generate may ask for
+PASS_ROWS = 16  # the pass is compiled for texts of 1-16, 17-32, ... tokens
 LENS_ROWS = 8  # the lens is compiled for texts of 1-8, 9-16, ... tokens
 DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
 FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
@@ -217,8 +218,11 @@ class Workbench:
 
         ids = self.ids_of(text)
         T = len(ids)
-        # a mean over all positions would take in the padding: that one runs unpadded
-        size = padded_length(self.model, T) if self.pads and mean != "positions" else T
+        # a mean over all positions would take in the padding: that one runs unpadded. Padded
+        # to a multiple of PASS_ROWS, not to generate's power of two, where that is shorter: 40
+        # tokens run as 48, not 64 (a compile per 16 lengths, once, for a quicker answer after)
+        size = (min(padded_length(self.model, T), -(-T // PASS_ROWS) * PASS_ROWS)
+                if self.pads and mean != "positions" else T)
         padded = np.zeros(size, dtype=np.int32)
         padded[:T] = ids
         with self.lock:
