@@ -5,7 +5,7 @@
     curl -s localhost:8000/api/run -d '{"text": "The cat sat on the mat"}'
 
 The model is loaded once and its passes warmed before the URL is printed. Every endpoint is a
-thin layer over the lab's own functions: heads.attention_maps, heads.logit_lens and
+thin layer over the lab's own functions: heads.attention_maps, heads.lens_top1 and
 heads.KnockOut for /api/run and /api/ablate, patching.py for /api/patch, generate.generate for
 /api/generate. The page (web/workbench.html, .js, .css) is served from the repository: nothing
 comes from another site. docs/serve.md lists the endpoints with a curl example each.
