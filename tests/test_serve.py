@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,6 +375,31 @@ def test_page_shows_tokens_prediction_and_knocked_out_heads_in_chromium(server, 
     # no script error reached the console (Chromium logs them to stderr with this flag)
     assert "Uncaught" not in run.stderr and "Refused to" not in run.stderr, run.stderr[-2000:]
 
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(not NODE, reason="no node here (apt-get install nodejs)")
+def test_page_reads_the_patching_scan_as_it_streams(server, tmp_path):
+    """The page's own patchLines (web/workbench.js), run by Node (whose fetch is the browser's),
+    reads the scan's progress lines and then its answer: Hugging Face's logit differences.
+    (Headless Chromium's --dump-dom with a virtual time budget ends before a streamed body.)"""
+    port = server.server_address[1]
+    js = (REPO / "web" / "workbench.js").read_text()
+    code = js[js.index("async function patchLines("):js.index("async function patch() {")]
+    code = code.replace('fetch("/api/patch"', f'fetch("http://127.0.0.1:{port}/api/patch"')
+    script = tmp_path / "scan.mjs"
+    script.write_text(code + f"""
+const got = await patchLines({json.dumps(PAIR)}, (p) => console.log(JSON.stringify(p)));
+console.log(JSON.stringify(got.patching));
+""")
+    run = subprocess.run([NODE, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    *steps, exact = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [s["done"] for s in steps] == list(range(1, steps[0]["total"] + 1))
+    for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre"):
+        assert_near(exact[key], PATCH[f"trained.{key}"], key)
 
 # ---------------------------------------------------------------------------------------------
 # The command lines, as true subprocesses
