@@ -405,6 +405,9 @@ def read_lens(model, ids: np.ndarray, logits, cache: dict, k: int = 5) -> dict:
     return {"next_token_prob": next_prob, "top_ids": top_ids, "top_probs": top_probs, "ids": ids}
 
 
+LENS_ELEMENTS = 1 << 26  # lens_top1 reads at most this many logits (256 MB) at once
+
+
 def lens_top1(model, stream, logits, next_ids):
     """The logit lens's top reading and its next-token probability, computed in tinygrad so that
     only (L + 1, T) numbers leave it, not (L + 1, T, V): the workbench's lens (serve.py), where
@@ -428,8 +431,13 @@ def lens_top1(model, stream, logits, next_ids):
         picked = z.gather(-1, index).squeeze(-1).realize()
         return z.argmax(-1).realize(), (top - lse).exp(), (picked - lse).exp()
 
-    rows = [read(model.unembed(stream)), read(logits)]
-    return tuple(Tensor.cat(*pair, dim=0) for pair in zip(*rows))
+    # a few layers at a time where the text is long: the readings of all 12 of GPT-2's layers
+    # at 1024 positions would be 2.5 GB at once
+    L, T, V = stream.shape[0], stream.shape[1], logits.shape[-1]
+    step = max(1, LENS_ELEMENTS // (T * V))
+    rows = [read(model.unembed(stream[i:i + step])) for i in range(0, L, step)]
+    rows.append(read(logits))
+    return tuple(Tensor.cat(*part, dim=0) for part in zip(*rows))
 
 
 def lens_report(lens: dict, labels: list[str], decode) -> str:
