@@ -332,6 +332,31 @@ class Workbench:
             "disagreements": patching.disagreements(exact, estimate, 0.1),
         }
 
+    def export(self, text) -> bytes:
+        """/api/export: a zip of what `gpt.py --attention TEXT` and `--logit-lens TEXT` write
+        (heads.inspect_model, heads.write_lens: attention.npz, heads.png, scores.png,
+        attention.html, lens.npz, lens.png), written by those functions into a folder of its
+        own and packed."""
+        import tempfile
+        import zipfile
+        from io import BytesIO
+
+        ids = self.ids_of(text)
+        labels = [self.vocab.label(i) for i in ids]
+        buffer = BytesIO()
+        with tempfile.TemporaryDirectory(prefix="workbench-") as folder, self.lock:
+            root = Path(folder)
+            heads.inspect_model(self.model, ids, labels, root / "attention", self.title)
+            lens = heads.logit_lens(self.model, ids)
+            one = lambda i: self.vocab.decode([int(i)])  # write_lens names one token at a time
+            heads.write_lens(root / "lens", lens, labels, one, self.title,
+                             heads.parse_window(None, len(ids)))
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as packed:
+                for path in sorted(root.rglob("*")):
+                    if path.is_file():
+                        packed.write(path, path.relative_to(root).as_posix())
+        return buffer.getvalue()
+
     def cancel(self) -> dict:
         """/api/patch/cancel: stop the patching scan now running, if any (it answers
         {"cancelled": true} in its stream, or 400 without one)."""
@@ -375,6 +400,7 @@ ENDPOINTS = {
     "/api/patch": lambda wb, q: wb.patch(q.get("clean"), q.get("corrupt"), q.get("answer"),
                                          q.get("wrong"), grids=q.get("grids")),
     "/api/patch/cancel": lambda wb, q: wb.cancel(),
+    "/api/export": lambda wb, q: wb.export(q.get("text")),
     "/api/generate": lambda wb, q: wb.generate(q.get("text"), q.get("n", 20),
                                                q.get("temperature", 0.8), q.get("seed", 0)),
 }
@@ -463,6 +489,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug, not the user's: said in one line, and serving goes on
             print(f"error in {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
             return self.send_json(500, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
+        if isinstance(answer, bytes):  # /api/export's zip
+            return self.send(200, answer, "application/zip")
         self.send_json(200, answer)
 
 

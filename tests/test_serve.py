@@ -212,6 +212,28 @@ def test_patch_cancel_stops_the_scan_and_serving_goes_on(server, monkeypatch):
     assert status == 200 and got["tokens"]
 
 
+def test_export_packs_what_the_cli_writes(server, tmp_path):
+    """/api/export: a zip of the CLI's files, whose attention.npz holds Hugging Face's maps and
+    lens.npz its lens."""
+    import io
+    import zipfile
+
+    status, payload = post(server, "/api/export", {"text": ROMEO})
+    assert status == 200 and isinstance(payload, bytes)
+    packed = zipfile.ZipFile(io.BytesIO(payload))
+    names = set(packed.namelist())
+    assert {"attention/attention.npz", "attention/attention.html", "attention/heads.png",
+            "lens/lens.npz", "lens/lens.png"} <= names, names
+    packed.extractall(tmp_path)
+    att = np.load(tmp_path / "attention" / "attention.npz")["attention"]
+    for layer in range(att.shape[0]):
+        assert_near(att[layer], HOOKS[f"trained.blocks.{layer}.attn.hook_pattern"][0],
+                    f"layer {layer}")
+    lens = np.load(tmp_path / "lens" / "lens.npz")
+    assert_near(lens["next_token_prob"][:, :-1], CAUSES["next_token_prob"], "lens")
+    assert post(server, "/api/export", {"text": ""})[0] == 400
+
+
 def test_generate_greedy_equals_hugging_face():
     server = start(FIXTURES / "tiny-gpt2" / "model.safetensors")
     try:
