@@ -502,19 +502,35 @@ function showDla(dla) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Export: the answers behind the view (the run or ablation, the patching) as one JSON file
+// Export: the answers behind the view (the run or ablation, the patching) as one JSON file, and
+// what the CLI writes for the text (npz, PNG, the static HTML) as a zip from /api/export
 // ------------------------------------------------------------------------------------------
 
 let lastPatch = null;
 
-function exportView() {
-  const data = { state, url: location.href, run: last, patch: lastPatch };
-  const blob = new Blob([JSON.stringify(data)], { type: "application/json" });
+function download(blob, name) {
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob);
-  a.download = "workbench.json";
+  a.download = name;
   a.click();
   URL.revokeObjectURL(a.href);
+}
+
+async function exportView() {
+  const data = { state, url: location.href, run: last, patch: lastPatch };
+  download(new Blob([JSON.stringify(data)], { type: "application/json" }), "workbench.json");
+  if (!state.text) return;
+  setStatus("exporting the CLI's files...");
+  try {
+    const reply = await fetch("/api/export", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text: state.text }) });
+    if (!reply.ok) throw new Error((await reply.json()).error || `HTTP ${reply.status}`);
+    download(await reply.blob(), "workbench.zip");
+    setStatus("ready");
+  } catch (e) {
+    setStatus(e.message, "error");
+  }
 }
 
 // ------------------------------------------------------------------------------------------
