@@ -39,6 +39,7 @@ MAX_BODY = 1 << 20  # 1 MB: a request body beyond it is refused unread
 TOP = 10  # next-token candidates shown
 MAX_NEW = 256  # tokens one /api/generate may ask for
 PASS_ROWS = 16  # the pass is compiled for texts of 1-16, 17-32, ... tokens
+LENS_KEPT = 4  # compiled lenses kept (Workbench.lens)
 LENS_ROWS = 8  # the lens is compiled for texts of 1-8, 9-16, ... tokens
 DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
 FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
@@ -181,6 +182,10 @@ class Workbench:
 
         key = ("lens", size, rows)
         if key not in self.jits:
+            # each keeps its readings' buffers (up to heads.LENS_ELEMENTS floats): the oldest go
+            kept = [k for k in self.jits if k[0] == "lens"]
+            for old in kept[:max(0, len(kept) - LENS_KEPT + 1)]:
+                del self.jits[old]
             model = self.model
 
             def lens(stream, logits, next_ids):  # stream (L, size, C), logits (1, size, V)
