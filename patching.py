@@ -77,13 +77,16 @@ def cache_pair(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, answer: in
 
 
 def from_layer(model, layer: int):
-    """A forward pass that starts at block layer: the stream entering it (B, T, C) -> logits.
-    A patch at layer l leaves the blocks before l as they were in the corrupted run, so the
-    patched runs start at l from its cached stream and skip them (TransformerLens #382)."""
+    """A forward pass that starts at block layer: the stream entering it (B, T, C) -> the last
+    position's logits (B, 1, V), all that logit_diff reads. A patch at layer l leaves the blocks
+    before l as they were in the corrupted run, so the patched runs start at l from its cached
+    stream and skip them (TransformerLens #382)."""
     def forward(x: Tensor) -> Tensor:
         for block in model.h[layer:]:
             x = block(x)
-        return model.unembed(x)
+        # the last position alone: GPT-2's unembedding of every position of every patched run
+        # was as much work as the blocks (T x 50257 x 768 per run)
+        return model.unembed(x[:, -1:])
     return forward
 
 
@@ -102,23 +105,40 @@ def patch(model, acts: dict, answer: int, wrong: int, name: str, where: Tensor) 
 
 
 def activation_patching(model, clean_ids: np.ndarray, corrupt_ids: np.ndarray, answer: int,
-                        wrong: int, heads: list[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
+                        wrong: int, heads: list[tuple[int, int]] = (),
+                        progress=None, kinds=None) -> dict[str, np.ndarray]:
     """The logit difference of the corrupted run with one clean activation patched in, for
     every layer and position of each POSITION_GRIDS kind (n_layer, T), every head at all
     positions ("z", (n_layer, n_head): its output before c_proj, hook_z), and for each of
     heads, every position ("z_pos", (len(heads), T)). Each row of a grid is one batch (see
-    patch): row b patches position (or head) b. Also the clean and corrupted differences."""
+    patch): row b patches position (or head) b. Also the clean and corrupted differences.
+    progress(done, total, name): called after each patched batch (name its hook point), for a
+    caller that shows how far the scan is (the workbench); one that raises stops the scan.
+    kinds: the grids to compute, of GRID_KEYS (None: all; "z_pos" goes with "z")."""
     check_pair(model, clean_ids, corrupt_ids)
     L, H, T = model.config.n_layer, model.config.n_head, len(clean_ids)
     for layer, head in heads:
         check_head(layer, head, L, H)
     acts = cache_pair(model, clean_ids, corrupt_ids, answer, wrong)
     out = {key: acts[key] for key in ("clean_logit_diff", "corrupt_logit_diff")}
-    patched = lambda name, where: patch(model, acts, answer, wrong, name, where)
+    wanted = lambda kind: kinds is None or kind in kinds
+    points = {kind: point for kind, point in grid_points(model).items() if wanted(kind)}
+    total, done = (len(points) + wanted("z")) * L + len(heads) * wanted("z"), 0
+
+    def patched(name, where):
+        nonlocal done
+        row = patch(model, acts, answer, wrong, name, where)
+        done += 1
+        if progress is not None:
+            progress(done, total, name)
+        return row
+
     by_position = Tensor(np.eye(T, dtype=bool)[:, :, None])  # (T, T, 1), row b: position b
-    for kind, point in grid_points(model).items():
+    for kind, point in points.items():
         out[kind] = np.stack([patched(f"blocks.{layer}.{point}", by_position)
                               for layer in range(L)])  # (L, T)
+    if not wanted("z"):
+        return out
     by_head = Tensor(np.eye(H, dtype=bool)[:, None, :, None])  # (H, 1, H, 1), row b: head b
     out["z"] = np.stack([patched(f"blocks.{layer}.attn.hook_z", by_head)
                          for layer in range(L)])  # (L, H)
@@ -219,7 +239,7 @@ def disagreements(exact: dict, estimate: dict, threshold: float) -> list[str]:
     span = exact["clean_logit_diff"] - corrupt
     found = []
     for key in GRID_KEYS:
-        if key not in estimate:
+        if key not in estimate or key not in exact:  # a grid left out (activation_patching's kinds)
             continue
         effect = (exact[key] - corrupt) / span
         guess = estimate[key] / span

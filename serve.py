@@ -5,7 +5,7 @@
     curl -s localhost:8000/api/run -d '{"text": "The cat sat on the mat"}'
 
 The model is loaded once and its passes warmed before the URL is printed. Every endpoint is a
-thin layer over the lab's own functions: heads.attention_maps, heads.logit_lens and
+thin layer over the lab's own functions: heads.attention_maps, heads.lens_top1 and
 heads.KnockOut for /api/run and /api/ablate, patching.py for /api/patch, generate.generate for
 /api/generate. The page (web/workbench.html, .js, .css) is served from the repository: nothing
 comes from another site. docs/serve.md lists the endpoints with a curl example each.
@@ -38,8 +38,15 @@ FILES = {"/": ("workbench.html", "text/html; charset=utf-8"),
 MAX_BODY = 1 << 20  # 1 MB: a request body beyond it is refused unread
 TOP = 10  # next-token candidates shown
 MAX_NEW = 256  # tokens one /api/generate may ask for
+PASS_ROWS = 16  # the pass is compiled for texts of 1-16, 17-32, ... tokens
+LENS_KEPT = 4  # compiled lenses kept (Workbench.lens)
+LENS_ROWS = 8  # the lens is compiled for texts of 1-8, 9-16, ... tokens
 DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
 FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
+
+
+class Cancelled(Exception):
+    """A patching scan stopped by /api/patch/cancel or by its page going away."""
 
 
 class Vocab:
@@ -129,6 +136,8 @@ class Workbench:
     def __init__(self, model, vocab: Vocab, title: str, example: str = ""):
         self.model, self.vocab, self.title, self.example = model, vocab, title, example
         self.lock = threading.Lock()
+        # set by cancel() (POST /api/patch/cancel, outside the lock): the running scan stops
+        self.cancelled, self.scanning = threading.Event(), False
         self.jits, self.knockouts = {}, {}  # see compiled; one heads.KnockOut per kind of mean
         shared_kernel_cache()
         c = model.config
@@ -138,10 +147,11 @@ class Workbench:
 
     def compiled(self, size: int, mean):
         """The pass of /api/run and /api/ablate on ids (1, size): logits, every head's attention
-        (1, L, H, size, size) and the lens's points (heads.lens_points), from one pass, compiled
-        once per length and kind of knock-out by TinyJit (runtime.jit_at_once) and replayed:
-        scheduling GPT-2's pass anew took longer than running it. The knock-out masks are
-        buffers written in place (heads.KnockOut), so a replay knocks out the heads of now."""
+        (1, L, H, size, size) and the stream before each block (L, size, C) for the lens, from
+        one pass, compiled once per length and kind of knock-out by TinyJit
+        (runtime.jit_at_once) and replayed: scheduling GPT-2's pass anew took longer than
+        running it. The knock-out masks are buffers written in place (heads.KnockOut), so a
+        replay knocks out the heads of now."""
         from tinygrad import Tensor
 
         from runtime import jit_at_once
@@ -151,20 +161,38 @@ class Workbench:
             model = self.model
             patterns = [f"blocks.{layer}.attn.hook_pattern"
                         for layer in range(model.config.n_layer)]
-            points = heads.lens_points(model)
+            points = heads.lens_points(model)[:-1]  # the last reading is the logits themselves
 
             def passes(x):
                 out, cache = model.run_with_cache(x, patterns + points)
                 att = Tensor.stack(*[cache[name] for name in patterns], dim=1).realize()
-                return (out, att, *[cache[name] for name in points])
+                stream = Tensor.stack(*[cache[name][0] for name in points]).realize()
+                return out, att, stream
 
-            jit = jit_at_once(passes)
+            self.jits[key] = jit_at_once(passes)
+        return self.jits[key]
 
-            def replay(x):
-                out, att, *stream = jit(x)
-                return out, att, dict(zip(points, stream))
+    def lens(self, size: int, rows: int):
+        """The logit lens (heads.lens_top1) of the first rows positions of compiled(size)'s
+        pass, compiled once per (size, rows) by TinyJit and replayed (its schedule took a tenth
+        of a request). rows is the text's length rounded up to LENS_ROWS, not the pass's padded
+        length: the lens's products with the unembedding are most of a request, and padding 40
+        tokens to 64 would make them 60 % more."""
+        from runtime import jit_at_once
 
-            self.jits[key] = replay
+        key = ("lens", size, rows)
+        if key not in self.jits:
+            # each keeps its readings' buffers (up to heads.LENS_ELEMENTS floats): the oldest go
+            kept = [k for k in self.jits if k[0] == "lens"]
+            for old in kept[:max(0, len(kept) - LENS_KEPT + 1)]:
+                del self.jits[old]
+            model = self.model
+
+            def lens(stream, logits, next_ids):  # stream (L, size, C), logits (1, size, V)
+                found = heads.lens_top1(model, stream[:, :rows], logits[:, :rows], next_ids)
+                return tuple(t.realize() for t in found)
+
+            self.jits[key] = jit_at_once(lens)
         return self.jits[key]
 
     def info(self) -> dict:
@@ -195,8 +223,11 @@ class Workbench:
 
         ids = self.ids_of(text)
         T = len(ids)
-        # a mean over all positions would take in the padding: that one runs unpadded
-        size = padded_length(self.model, T) if self.pads and mean != "positions" else T
+        # a mean over all positions would take in the padding: that one runs unpadded. Padded
+        # to a multiple of PASS_ROWS, not to generate's power of two, where that is shorter: 40
+        # tokens run as 48, not 64 (a compile per 16 lengths, once, for a quicker answer after)
+        size = (min(padded_length(self.model, T), -(-T // PASS_ROWS) * PASS_ROWS)
+                if self.pads and mean != "positions" else T)
         padded = np.zeros(size, dtype=np.int32)
         padded[:T] = ids
         with self.lock:
@@ -204,11 +235,15 @@ class Workbench:
                 mean, heads.KnockOut(self.model, mean))
             with ko:
                 ko.knock(list(knocked))
-                out, att, cache = self.compiled(size, mean)(Tensor(padded[None]))
+                out, att, stream = self.compiled(size, mean)(Tensor(padded[None]))
                 logits = out.numpy()[0, :T].astype(np.float64)
                 if views:
                     att = att.numpy()[0, :, :, :T, :T]
-                    lens = heads.read_lens(self.model, padded, out, cache, k=1)
+                    rows = min(size, -(-T // LENS_ROWS) * LENS_ROWS)
+                    following = np.zeros(rows, dtype=np.int32)  # each position's next token
+                    following[:T - 1] = ids[1:]
+                    found = self.lens(size, rows)(stream, out, Tensor(following))
+                    lens_ids, lens_probs, next_prob = (t.numpy()[:, :T] for t in found)
         z = logits - logits.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (T, V)
         last = np.exp(logp[-1])
@@ -222,15 +257,14 @@ class Workbench:
         }
         if not views:
             return answer
-        next_prob = lens["next_token_prob"][:, :T].copy()
-        next_prob[:, T - 1] = np.nan  # the padding is no next token
-        lens_ids = lens["top_ids"][:, :T, 0]
+        next_prob = rounded(next_prob)
+        for row in next_prob:
+            row[-1] = None  # the last position has no next token
         return {
             **answer, "attention": rounded(att),
             "lens": {"tokens": [[self.vocab.label(i) for i in row] for row in lens_ids],
-                     "ids": lens_ids.tolist(), "probs": rounded(lens["top_probs"][:, :T, 0]),
-                     "next_prob": [[None if np.isnan(p) else round(float(p), DIGITS)
-                                    for p in row] for row in next_prob]},
+                     "ids": lens_ids.tolist(), "probs": rounded(lens_probs),
+                     "next_prob": next_prob},
         }
 
     def ablate(self, text, names, mean=False, views=True) -> dict:
@@ -248,18 +282,47 @@ class Workbench:
             raise UserError('"views" must be true or false')
         return self.run(text, knocked, how, views)
 
-    def patch(self, clean, corrupt, answer, wrong) -> dict:
+    def patch(self, clean, corrupt, answer, wrong, progress=None, grids=None) -> dict:
         """/api/patch: what patching.npz, attribution.npz and dla.npz hold (patch_and_write,
-        write_dla), the cells where the two disagree by more than 0.1, and the tokens."""
+        write_dla), the cells where the two disagree by more than 0.1, and the tokens.
+        progress(done, total, step): called after each patched batch (step: its hook point),
+        after attribution patching and after the DLA; cancel() from another thread, or a
+        progress that raises (the page went away), stops the scan with Cancelled."""
         clean_ids, corrupt_ids = self.ids_of(clean, "clean"), self.ids_of(corrupt, "corrupt")
         if not isinstance(answer, str) or not isinstance(wrong, str):
             raise UserError('"answer" and "wrong" must be strings, one token each')
         a, w = self.vocab.one(answer, "answer"), self.vocab.one(wrong, "wrong")
         patching.check_pair(self.model, clean_ids, corrupt_ids)
+        every = [k for k in patching.GRID_KEYS
+                 if k != "mlp_out" or "mlp_out" in patching.grid_points(self.model)]
+        if grids is not None and (not isinstance(grids, list) or not grids
+                                  or any(g not in every for g in grids)):
+            raise UserError(f'"grids" must be a list of some of {", ".join(every)}')
+        extra = 2  # attribution patching and the DLA, one step each
+
+        seen = {"total": 0}  # activation_patching's number of batches
+
+        def step(done, total, name):
+            seen["total"] = total
+            if self.cancelled.is_set():
+                raise Cancelled("the patching scan was cancelled")
+            if progress is not None:
+                progress(done, total + extra, name)
+
         with self.lock:
-            exact = patching.activation_patching(self.model, clean_ids, corrupt_ids, a, w)
-            estimate = patching.attribution_patching(self.model, clean_ids, corrupt_ids, a, w)
-            dla = patching.direct_logit_attribution(self.model, clean_ids, a, w)
+            self.cancelled.clear()  # a cancel sent before this scan began is not for it
+            self.scanning = True
+            try:
+                exact = patching.activation_patching(self.model, clean_ids, corrupt_ids, a, w,
+                                                     progress=step, kinds=grids)
+                total = seen["total"]
+                estimate = patching.attribution_patching(self.model, clean_ids, corrupt_ids,
+                                                         a, w)
+                step(total + 1, total, "attribution")
+                dla = patching.direct_logit_attribution(self.model, clean_ids, a, w)
+                step(total + 2, total, "dla")
+            finally:
+                self.scanning = False
         corrupt_diff = exact["corrupt_logit_diff"]
         keys = [k for k in patching.GRID_KEYS if k in exact]
         return {
@@ -273,6 +336,39 @@ class Workbench:
             "dla": {k: (np.asarray(v).tolist()) for k, v in dla.items()},
             "disagreements": patching.disagreements(exact, estimate, 0.1),
         }
+
+    def export(self, text) -> bytes:
+        """/api/export: a zip of what `gpt.py --attention TEXT` and `--logit-lens TEXT` write
+        (heads.inspect_model, heads.write_lens: attention.npz, heads.png, scores.png,
+        attention.html, lens.npz, lens.png), written by those functions into a folder of its
+        own and packed."""
+        import tempfile
+        import zipfile
+        from io import BytesIO
+
+        ids = self.ids_of(text)
+        labels = [self.vocab.label(i) for i in ids]
+        buffer = BytesIO()
+        with tempfile.TemporaryDirectory(prefix="workbench-") as folder, self.lock:
+            root = Path(folder)
+            heads.inspect_model(self.model, ids, labels, root / "attention", self.title)
+            lens = heads.logit_lens(self.model, ids)
+            one = lambda i: self.vocab.decode([int(i)])  # write_lens names one token at a time
+            heads.write_lens(root / "lens", lens, labels, one, self.title,
+                             heads.parse_window(None, len(ids)))
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as packed:
+                for path in sorted(root.rglob("*")):
+                    if path.is_file():
+                        packed.write(path, path.relative_to(root).as_posix())
+        return buffer.getvalue()
+
+    def cancel(self) -> dict:
+        """/api/patch/cancel: stop the patching scan now running, if any (it answers
+        {"cancelled": true} in its stream, or 400 without one)."""
+        running = self.scanning
+        if running:
+            self.cancelled.set()
+        return {"cancelled": running}
 
     def generate(self, text, n=20, temperature=0.8, seed=0) -> dict:
         from generate import generate
@@ -307,7 +403,9 @@ ENDPOINTS = {
     "/api/ablate": lambda wb, q: wb.ablate(q.get("text"), q.get("heads", []),
                                            q.get("mean", False), q.get("views", True)),
     "/api/patch": lambda wb, q: wb.patch(q.get("clean"), q.get("corrupt"), q.get("answer"),
-                                         q.get("wrong")),
+                                         q.get("wrong"), grids=q.get("grids")),
+    "/api/patch/cancel": lambda wb, q: wb.cancel(),
+    "/api/export": lambda wb, q: wb.export(q.get("text")),
     "/api/generate": lambda wb, q: wb.generate(q.get("text"), q.get("n", 20),
                                                q.get("temperature", 0.8), q.get("seed", 0)),
 }
@@ -385,6 +483,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(f"malformed JSON: {e}")
         if not isinstance(query, dict):
             return self.error("the body must be a JSON object")
+        if self.path == "/api/patch" and query.get("progress", False) is not False:
+            if query["progress"] is not True:
+                return self.error('"progress" must be true or false')
+            return self.stream_patch(query)
         try:
             answer = endpoint(self.server.workbench, query)
         except UserError as e:
@@ -392,7 +494,58 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug, not the user's: said in one line, and serving goes on
             print(f"error in {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
             return self.send_json(500, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
+        if isinstance(answer, bytes):  # /api/export's zip
+            return self.send(200, answer, "application/zip")
         self.send_json(200, answer)
+
+
+    def stream_patch(self, query: dict):
+        """/api/patch with "progress": true: JSON lines in a chunked answer, one
+        {"done", "total", "step"} after each patched batch, then the answer of /api/patch, or
+        {"cancelled": true} (POST /api/patch/cancel, or the page closed the connection), or
+        {"error"}. A mistake found before the scan begins is a 400 as anywhere."""
+        started = []
+
+        def line(obj):
+            if not started:  # the headers go with the first line, once the request is valid
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                started.append(True)
+            data = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode() + b"\n"
+            # a page gone away makes this write fail, which stops the scan (Cancelled)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def progress(done, total, step):
+            try:
+                line({"done": done, "total": total, "step": step})
+            except OSError as e:
+                raise Cancelled("the page closed the connection") from e
+
+        try:
+            answer = self.server.workbench.patch(query.get("clean"), query.get("corrupt"),
+                                                 query.get("answer"), query.get("wrong"),
+                                                 progress, query.get("grids"))
+        except UserError as e:
+            if not started:
+                return self.error(e)
+            answer = {"error": " ".join(str(e).split())}
+        except Cancelled:
+            answer = {"cancelled": True}
+        except Exception as e:  # a bug: one line, and serving goes on
+            print(f"error in {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            if not started:
+                return self.send_json(500, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
+            answer = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        try:
+            line(answer)
+            self.wfile.write(b"0\r\n\r\n")  # the chunked answer's end
+        except OSError:
+            self.close_connection = True  # the page went away; nothing to tell it
 
 
 def make_server(workbench: Workbench, host: str = "127.0.0.1", port: int | None = None,

@@ -147,6 +147,22 @@ def test_logit_lens_equals_hugging_face_and_its_last_row_is_the_model(trained):
     np.testing.assert_allclose(lens["top_probs"][-1], -np.sort(-p, -1)[:, :5], rtol=0, atol=1e-6)
 
 
+
+def test_lens_top1_in_tinygrad_equals_hugging_face(trained):
+    """heads.lens_top1 (the workbench's lens, computed in tinygrad) against the same readings
+    of Hugging Face as logit_lens."""
+    ids = REF["ids"].astype(np.int32)
+    points = heads.lens_points(trained)[:-1]
+    logits, cache = trained.run_with_cache(Tensor(ids[None]), points)
+    stream = Tensor.stack(*[cache[name][0] for name in points])
+    following = np.zeros(len(ids), dtype=np.int32)
+    following[:-1] = ids[1:]
+    top_ids, top_probs, next_probs = (t.numpy() for t in heads.lens_top1(
+        trained, stream, logits, Tensor(following)))
+    np.testing.assert_array_equal(top_ids, REF["top_ids"][:, :, 0])
+    np.testing.assert_allclose(top_probs, REF["top_probs"][:, :, 0], atol=1e-5)
+    np.testing.assert_allclose(next_probs[:, :-1], REF["next_token_prob"], atol=1e-5)
+
 # ---------------------------------------------------------------------------------------------
 # The command lines
 # ---------------------------------------------------------------------------------------------

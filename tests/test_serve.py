@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from conftest import REPO, assert_near
 from test_heads import CHROMIUM, dump_dom
 
 import gpt
+import patching
 import serve
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -143,6 +145,93 @@ def test_patch_equals_hugging_face(server):
     gaps = sum(int((np.abs(PATCH[f"trained.{k}"] - corrupt - PATCH[f"trained.attr.{k}"])
                     / abs(span) > 0.1).sum()) for k in ("resid_pre", "attn_out", "mlp_out", "z"))
     assert len(got["disagreements"]) == gaps
+
+
+def patch_lines(server, body: dict, on_line=None) -> list[dict]:
+    """POST /api/patch with "progress": true -> its JSON lines; on_line(line) after each."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    conn.request("POST", "/api/patch", json.dumps({**body, "progress": True}).encode(),
+                 {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.getheader("Content-Type").startswith(
+        "application/x-ndjson")
+    lines = []
+    while raw := reply.readline():  # http.client undoes the chunking
+        lines.append(json.loads(raw))
+        if on_line is not None:
+            on_line(lines[-1])
+    conn.close()
+    return lines
+
+
+PAIR = {"clean": CLEAN, "corrupt": CORRUPT, "answer": " John", "wrong": " Mary"}
+
+
+def test_patch_reports_progress_then_the_answer_of_hugging_face(server):
+    lines = patch_lines(server, PAIR)
+    steps, answer = lines[:-1], lines[-1]
+    total = steps[0]["total"]
+    # every patched batch (4 kinds x 2 layers), then attribution patching and the DLA
+    assert [s["done"] for s in steps] == list(range(1, total + 1)) and total == 4 * 2 + 2
+    assert steps[0]["step"] == "blocks.0.hook_resid_pre" and steps[-1]["step"] == "dla"
+    for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre", "z"):
+        assert_near(answer["patching"][key], PATCH[f"trained.{key}"], key)
+    lines = patch_lines(server, {**PAIR, "grids": ["resid_pre"]})  # one grid alone
+    assert lines[0]["total"] == 2 + 2 and len(lines) == 2 + 2 + 1
+    assert {"resid_pre", "clean_logit_diff", "corrupt_logit_diff"} == set(lines[-1]["patching"])
+    assert_near(lines[-1]["patching"]["resid_pre"], PATCH["trained.resid_pre"], "resid_pre")
+    status, err = post(server, "/api/patch", {**PAIR, "grids": ["resid"]})
+    assert status == 400 and "grids" in err["error"]
+    status, err = post(server, "/api/patch", {**PAIR, "answer": " John Mary", "progress": True})
+    assert status == 400 and "one token" in err["error"]  # refused before the scan begins
+    status, err = post(server, "/api/patch", {**PAIR, "progress": 1})
+    assert status == 400 and "progress" in err["error"]
+
+
+def test_patch_cancel_stops_the_scan_and_serving_goes_on(server, monkeypatch):
+    slow_patch = patching.patch
+
+    def slow(*args, **kw):  # each batch takes long enough for the cancel to arrive mid-scan
+        time.sleep(0.3)
+        return slow_patch(*args, **kw)
+
+    monkeypatch.setattr(patching, "patch", slow)
+    assert post(server, "/api/patch/cancel", {}) == (200, {"cancelled": False})  # none runs
+    sent = []
+
+    def cancel_once(line):
+        if not sent:
+            sent.append(post(server, "/api/patch/cancel", {}))
+
+    lines = patch_lines(server, PAIR, cancel_once)
+    assert sent == [(200, {"cancelled": True})]
+    assert lines[-1] == {"cancelled": True}
+    assert len(lines) - 1 < lines[0]["total"]  # it stopped before the end
+    status, got = post(server, "/api/run", {"text": ROMEO})  # and serves on
+    assert status == 200 and got["tokens"]
+
+
+def test_export_packs_what_the_cli_writes(server, tmp_path):
+    """/api/export: a zip of the CLI's files, whose attention.npz holds Hugging Face's maps and
+    lens.npz its lens."""
+    import io
+    import zipfile
+
+    status, payload = post(server, "/api/export", {"text": ROMEO})
+    assert status == 200 and isinstance(payload, bytes)
+    packed = zipfile.ZipFile(io.BytesIO(payload))
+    names = set(packed.namelist())
+    assert {"attention/attention.npz", "attention/attention.html", "attention/heads.png",
+            "lens/lens.npz", "lens/lens.png"} <= names, names
+    packed.extractall(tmp_path)
+    att = np.load(tmp_path / "attention" / "attention.npz")["attention"]
+    for layer in range(att.shape[0]):
+        assert_near(att[layer], HOOKS[f"trained.blocks.{layer}.attn.hook_pattern"][0],
+                    f"layer {layer}")
+    lens = np.load(tmp_path / "lens" / "lens.npz")
+    assert_near(lens["next_token_prob"][:, :-1], CAUSES["next_token_prob"], "lens")
+    assert post(server, "/api/export", {"text": ""})[0] == 400
 
 
 def test_generate_greedy_equals_hugging_face():
@@ -308,6 +397,31 @@ def test_page_shows_tokens_prediction_and_knocked_out_heads_in_chromium(server, 
     # no script error reached the console (Chromium logs them to stderr with this flag)
     assert "Uncaught" not in run.stderr and "Refused to" not in run.stderr, run.stderr[-2000:]
 
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(not NODE, reason="no node here (apt-get install nodejs)")
+def test_page_reads_the_patching_scan_as_it_streams(server, tmp_path):
+    """The page's own patchLines (web/workbench.js), run by Node (whose fetch is the browser's),
+    reads the scan's progress lines and then its answer: Hugging Face's logit differences.
+    (Headless Chromium's --dump-dom with a virtual time budget ends before a streamed body.)"""
+    port = server.server_address[1]
+    js = (REPO / "web" / "workbench.js").read_text()
+    code = js[js.index("async function patchLines("):js.index("async function patch() {")]
+    code = code.replace('fetch("/api/patch"', f'fetch("http://127.0.0.1:{port}/api/patch"')
+    script = tmp_path / "scan.mjs"
+    script.write_text(code + f"""
+const got = await patchLines({json.dumps(PAIR)}, (p) => console.log(JSON.stringify(p)));
+console.log(JSON.stringify(got.patching));
+""")
+    run = subprocess.run([NODE, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    *steps, exact = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [s["done"] for s in steps] == list(range(1, steps[0]["total"] + 1))
+    for key in ("clean_logit_diff", "corrupt_logit_diff", "resid_pre"):
+        assert_near(exact[key], PATCH[f"trained.{key}"], key)
 
 # ---------------------------------------------------------------------------------------------
 # The command lines, as true subprocesses

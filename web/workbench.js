@@ -389,14 +389,49 @@ function gridTable(grid, rows, cols, clean, corrupt, other) {
   return table;
 }
 
+// The scan's answer arrives as JSON lines (POST /api/patch with "progress": true): one per
+// patched batch, then the answer; Cancel asks the server to stop it (POST /api/patch/cancel)
+async function patchLines(body, onProgress) {
+  const reply = await fetch("/api/patch", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ ...body, progress: true }) });
+  if (!reply.ok) {
+    const answer = await reply.json();
+    throw new Error(answer.error || `HTTP ${reply.status}`);
+  }
+  const reader = reply.body.getReader(), decoder = new TextDecoder();
+  let buffered = "", last = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffered.indexOf("\n")) >= 0) {
+      const line = JSON.parse(buffered.slice(0, cut));
+      buffered = buffered.slice(cut + 1);
+      if ("done" in line) onProgress(line);
+      else last = line;
+    }
+  }
+  if (last === null) throw new Error("the scan ended without an answer");
+  if (last.error) throw new Error(last.error);
+  return last;
+}
+
 async function patch() {
   for (const key of ["clean", "corrupt", "answer", "wrong"]) state[key] = $(key).value;
   writeHash();
   $("patch-status").textContent = "patching every activation...";
   $("patch-status").className = "";
+  $("patch-cancel").hidden = false;
   try {
-    const got = await api("/api/patch", { clean: state.clean, corrupt: state.corrupt,
-                                          answer: state.answer, wrong: state.wrong });
+    const got = await patchLines({ clean: state.clean, corrupt: state.corrupt,
+                                   answer: state.answer, wrong: state.wrong },
+      (p) => { $("patch-status").textContent = `patching: ${p.done} of ${p.total} (${p.step})`; });
+    if (got.cancelled) {
+      $("patch-status").textContent = "cancelled";
+      return;
+    }
     lastPatch = got;
     showPatch(got);
     $("patch-status").textContent = `logit difference: clean ${got.patching.clean_logit_diff
@@ -405,6 +440,8 @@ async function patch() {
   } catch (e) {
     $("patch-status").textContent = e.message;
     $("patch-status").className = "error";
+  } finally {
+    $("patch-cancel").hidden = true;
   }
 }
 
@@ -465,19 +502,35 @@ function showDla(dla) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Export: the answers behind the view (the run or ablation, the patching) as one JSON file
+// Export: the answers behind the view (the run or ablation, the patching) as one JSON file, and
+// what the CLI writes for the text (npz, PNG, the static HTML) as a zip from /api/export
 // ------------------------------------------------------------------------------------------
 
 let lastPatch = null;
 
-function exportView() {
-  const data = { state, url: location.href, run: last, patch: lastPatch };
-  const blob = new Blob([JSON.stringify(data)], { type: "application/json" });
+function download(blob, name) {
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob);
-  a.download = "workbench.json";
+  a.download = name;
   a.click();
   URL.revokeObjectURL(a.href);
+}
+
+async function exportView() {
+  const data = { state, url: location.href, run: last, patch: lastPatch };
+  download(new Blob([JSON.stringify(data)], { type: "application/json" }), "workbench.json");
+  if (!state.text) return;
+  setStatus("exporting the CLI's files...");
+  try {
+    const reply = await fetch("/api/export", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text: state.text }) });
+    if (!reply.ok) throw new Error((await reply.json()).error || `HTTP ${reply.status}`);
+    download(await reply.blob(), "workbench.zip");
+    setStatus("ready");
+  } catch (e) {
+    setStatus(e.message, "error");
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -504,6 +557,7 @@ async function start() {
   $("clear").addEventListener("click", () => { state.knock = []; run(); });
   $("generate").addEventListener("click", generate);
   $("patch").addEventListener("click", patch);
+  $("patch-cancel").addEventListener("click", () => api("/api/patch/cancel", {}));
   $("scan").addEventListener("click", scan);
   $("export").addEventListener("click", exportView);
   $("scan-stop").addEventListener("click", () => { scanning = false; });
