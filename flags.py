@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +26,31 @@ class UserError(Exception):
     prints it as one `error:` line and exits with USER_ERROR, never with a traceback."""
 
 
+_ctrl_c: list[int] = []  # the Ctrl-Cs of this run, whether or not their exception got through
+
+
+def _on_ctrl_c(signum, frame):
+    _ctrl_c.append(signum)
+    raise KeyboardInterrupt
+
+
+def check_interrupt():
+    """Raise the KeyboardInterrupt of a Ctrl-C that was lost. Python drops (and prints) an
+    exception raised inside a finalizer, and tinygrad frees its buffers in `__del__`: a Ctrl-C
+    that lands there never reaches the loop. A long loop asks here once an iteration."""
+    if _ctrl_c:
+        raise KeyboardInterrupt
+
+
 def run(main, argv=None) -> int:
     """main(argv) -> its exit status, with the endings every CLI shares: a UserError is one
     `error:` line (USER_ERROR), Ctrl-C one `interrupted` line (INTERRUPTED), and a reader that
     closes the pipe early (`| head -2`) ends the run quietly."""
+    _ctrl_c.clear()
+    mine = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if mine:  # Python's own handler, which also records the Ctrl-C for check_interrupt
+        signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         return main(argv) or 0
     except UserError as e:
@@ -40,6 +63,9 @@ def run(main, argv=None) -> int:
         # nobody reads stdout any more: point it at /dev/null so the final flush cannot fail
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if mine:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):

@@ -352,6 +352,7 @@ def complete(gpt: Transformer, enc, prompt: str, max_new_tokens: int, temperatur
     stamps = []  # when each step's tokens came out
     for tokens in generate(gpt, prompt_ids, max_new_tokens, temperature, top_k, top_p, rng, beam):
         stamps.append(time.perf_counter())
+        flags.check_interrupt()  # a Ctrl-C that a finalizer swallowed ends the run here
         for b, tok in enumerate(tokens):
             if done[b]:
                 continue

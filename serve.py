@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import flags
 import heads
 import patching
 from flags import UserError
@@ -581,6 +582,7 @@ def serve(workbench: Workbench, host: str = "127.0.0.1", port: int | None = None
         log("warming the model's passes...")
         workbench.warm()
         print(f"serving {workbench.title} at {server.url} (Ctrl-C stops it)", flush=True)
+        server.service_actions = flags.check_interrupt  # each poll: a Ctrl-C a finalizer lost
         server.serve_forever()
     finally:
         server.server_close()

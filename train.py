@@ -343,6 +343,7 @@ def train(task, steps: int | None = None, seed: int = 0, out: Path | None = None
 
     t0 = time.perf_counter()
     for step in range(start, steps if until is None else min(until, steps)):
+        flags.check_interrupt()  # a Ctrl-C that a finalizer swallowed ends the run here
         if task.replayable:
             rng = np.random.default_rng([seed, step])
         x, y = task.batch(rng, B * grad_accum)

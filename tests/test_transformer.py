@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from conftest import run_main  # noqa: E402
 
+import flags  # noqa: E402
 from flags import USER_ERROR, UserError  # noqa: E402
 from generate import generate, sample  # noqa: E402
 from heads import attention_maps  # noqa: E402
@@ -853,6 +854,28 @@ def test_cli_ctrl_c_while_training_is_one_line_and_130(tmp_path):
     assert "Traceback" not in err + rest
     assert err.splitlines() == ["interrupted"], err
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_that_a_finalizer_swallows_still_ends_the_run(capsys):
+    """Python drops an exception raised in `__del__`, and tinygrad frees buffers there: a Ctrl-C
+    that lands in one (as CI saw once) must still end the loop at its next step."""
+    class Buffer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the buffer is being freed
+
+    steps = []
+
+    def main(argv):
+        for step in range(100):
+            flags.check_interrupt()
+            steps.append(step)
+            Buffer()  # freed at once: its KeyboardInterrupt is printed and dropped
+
+    assert flags.run(main) == flags.INTERRUPTED
+    assert steps == [0]
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def help_entries(text: str) -> dict[str, str]:
