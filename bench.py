@@ -99,6 +99,9 @@ PATCH_ANSWER, PATCH_WRONG = " John", " Mary"
 PPL_CHARS, PPL_STRIDE = 6000, 512
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "shared" / "data" / "tinyshakespeare.txt"
 STEADY_FROM = 10  # decode speed is timed from this token on, after the JIT has settled
+# issue 34: decode speed at these lengths of context (a prompt of that many tokens, then
+# CONTEXT_TOKENS more, timed from the fourth: the decode step is warm from the first run)
+CONTEXTS, CONTEXT_TOKENS = (30, 300, 900), 20
 BENCH_BEAM = 2  # the search width of the beam row
 DEFAULT_TOKENS, QUICK_TOKENS = 64, 24
 TRAIN_WARMUP = 3  # TinyJit captures on its second call; the third is the first replay
@@ -204,6 +207,17 @@ def decode_summary(stamps: list[float], t_start: float, t_loaded: float) -> dict
     }
 
 
+def context_speeds(decode) -> dict:
+    """Decode tokens/s after prompts of each of CONTEXTS' lengths: decode(prompt (1, T)) yields
+    as each new token comes out. The first three tokens (the prefill's, and the steps right
+    after a new prompt) are not timed."""
+    speeds = {}
+    for n in CONTEXTS:
+        stamps = [time.perf_counter() for _ in decode(random_ids(n, GPT2_VOCAB, seed=n))][3:]
+        speeds[str(n)] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return {"context_tok_s": speeds}
+
+
 def tinygrad_info() -> dict:
     from tinygrad import Device
 
@@ -285,7 +299,9 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
     Device[Device.DEFAULT].synchronize()
     unjitted = GlobalCounters.kernel_count - before
     n_params = sum(p.numel() for p in model.parameters().values())
-    return {**decode_summary(stamps, t_start, t_loaded), "kernels_per_step": min(per_step),
+    contexts = context_speeds(lambda ids: generate(model, ids, CONTEXT_TOKENS, 0.0, beam=beam))
+    return {**decode_summary(stamps, t_start, t_loaded), **contexts,
+            "kernels_per_step": min(per_step),
             "kernels_per_step_max": max(per_step), "kernels_unjitted": unjitted,
             "n_params": n_params, "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
@@ -655,19 +671,22 @@ def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
     if bf16:
         model = model.to(torch.bfloat16)
     t_loaded = time.perf_counter()
-    ids = torch.from_numpy(random_ids(PROMPT_TOKENS, GPT2_VOCAB, seed=0)).long()
-    stamps = []
-    with torch.no_grad():
-        # logits_to_keep=1: only the last position's logits, as tinygrad's [:, -1] asks for
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        for i in range(tokens):
-            tok = out.logits[:, -1].argmax(-1)  # greedy, as generate(temperature=0.0)
-            stamps.append(time.perf_counter())
-            if i + 1 < tokens:
-                out = model(input_ids=tok[:, None], past_key_values=out.past_key_values,
-                            use_cache=True)
+    ids = random_ids(PROMPT_TOKENS, GPT2_VOCAB, seed=0)
+    def decode(ids, tokens: int):
+        with torch.no_grad():
+            # logits_to_keep=1: only the last position's logits, as tinygrad's [:, -1] asks for
+            out = model(input_ids=torch.from_numpy(ids).long(), use_cache=True, logits_to_keep=1)
+            for i in range(tokens):
+                tok = out.logits[:, -1].argmax(-1)  # greedy, as generate(temperature=0.0)
+                yield tok
+                if i + 1 < tokens:
+                    out = model(input_ids=tok[:, None], past_key_values=out.past_key_values,
+                                use_cache=True)
+
+    stamps = [time.perf_counter() for _ in decode(ids, tokens)]
+    contexts = context_speeds(lambda ids: decode(ids, CONTEXT_TOKENS))
     n_params = sum(p.numel() for p in model.parameters())  # the tied wte is counted once
-    return {**decode_summary(stamps, t_start, t_loaded), "n_params": n_params,
+    return {**decode_summary(stamps, t_start, t_loaded), **contexts, "n_params": n_params,
             "rss_mb": peak_rss_mb(),
             "attn": model.config._attn_implementation}
 
@@ -967,11 +986,12 @@ def gpt2_params(vocab=GPT2_VOCAB, n_ctx=1024, n_layer=12, n_embd=768) -> int:
     return vocab * C + n_ctx * C + n_layer * per_block + 2 * C
 
 
-def bound_percent(results: dict, name: str, bytes_per_param: int) -> float | None:
-    """Decode speed as % of what memory bandwidth allows when each token reads every weight once:
-    bound = bandwidth / (parameters * bytes per parameter)."""
+def bound_percent(results: dict, name: str, bytes_per_param: int,
+                  tok_s: float | None = None) -> float | None:
+    """Decode speed (the child's, or tok_s) as % of what memory bandwidth allows when each token
+    reads every weight once: bound = bandwidth / (parameters * bytes per parameter)."""
     gb_s = get(results, "bandwidth", "gb_s")
-    tok_s = get(results, name, "decode_tok_s")
+    tok_s = get(results, name, "decode_tok_s") if tok_s is None else tok_s
     if gb_s is None or tok_s is None:
         return None
     return 100 * tok_s / (gb_s * 1e9 / (gpt2_params() * bytes_per_param))
@@ -1010,6 +1030,23 @@ def table_rows(results: dict) -> list[list[str]]:
                 "met" if tg >= BOUND_TARGET else "missed")
             rows.append([f"decode % of bandwidth bound, {label}", fmt(tg, 1), fmt(pt, 1), ratio,
                          target])
+    for name, peer, label, width in (("tinygrad-decode", "torch-decode", "fp32", 4),
+                                     ("tinygrad-decode-half", "torch-decode-bf16", "16-bit", 2)):
+        tg, pt = get(r, name, "context_tok_s") or {}, get(r, peer, "context_tok_s") or {}
+        if not tg and not pt:
+            continue
+        for n in CONTEXTS:
+            speed, peer_speed = tg.get(str(n)), pt.get(str(n))
+            share = bound_percent(r, name, width, speed) if speed is not None else None
+            cell = fmt(speed, 1) + ("" if share is None else f" ({share:.0f} % of the bound)")
+            rows.append([f"decode tok/s at {n} tokens of context, {label}", cell,
+                         fmt(peer_speed, 1), ratio_cell(speed, peer_speed, None)[0], ""])
+        first, last = str(CONTEXTS[0]), str(CONTEXTS[-1])
+        held = tg[last] / tg[first] if first in tg and last in tg else None
+        peer_held = pt[last] / pt[first] if first in pt and last in pt else None
+        if held is not None:
+            rows.append([f"  at {last} against at {first} tokens, {label}", fmt(held, 2),
+                         fmt(peer_held, 2), "", ">= 0.90 " + ("met" if held >= 0.9 else "missed")])
     add(f"prefill tok/s, {PREFILL_TOKENS} tokens, fp32 (a second prompt of the bucket)",
         "prefill", "tinygrad-prefill", "torch-prefill", "prefill_tok_s", 1)
     add("  the first prompt of a process s (tinygrad: traced; kernels from disk)", None,

@@ -111,11 +111,15 @@ def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     weight (..., S, d): what x @ W.T (and x.linear(W.T, b)) computes once installed."""
     if weight.ndim > 2:
         return matmul(x, weight, bias)
+    from tinygrad.helpers import TRAINING
+
     *lead, n_in = x.shape
     n_out = weight.shape[0]
+    if not TRAINING and cpu_matmul_fits(x, weight):
+        return cpu_matmul(x, weight, bias)  # (..., out): x's rows as they lie, not copied flat
     if math.prod(lead) == 1 and n_in % 4 == 0:
-        # One row (decoding): as 4 interleaved partial sums, not one serial chain per output, the
-        # CPU overlaps them (on OpenCL too)
+        # One row (decoding) off the CPU: as 4 interleaved partial sums, not one serial chain
+        # per output, the CPU overlaps them (on OpenCL too)
         products = x.reshape(*lead, 1, n_in // 4, 4) * weight.reshape(n_out, n_in // 4, 4)
         y = products.sum(-2).sum(-1)  # (..., out)
         return y if bias is None else y + bias
@@ -571,47 +575,82 @@ def _train_matmul():
 
 
 # x Wᵀ (+ b) for x (M, K), W (N, K), b (N,), or a batch of them: each output is a dot product
-# of two rows that lie along memory. A tile of 3 rows of x by 4 rows of W keeps 12 sums of 8
-# lanes each in registers, so each 8 floats loaded serve 3 or 4 multiply-adds; a last part of
-# fewer than 8 is read as 8 with zeros after it. Every output adds its products in the same
-# order whatever M and the tiling are, so a row's result does not depend on the rows beside it,
-# and zeros after a row (padded keys, whose attention is 0) leave it as it was.
+# of two rows that lie along memory. A tile of MR rows of x (3, or as many as there are) by 4
+# rows of W keeps MR x 4 sums of 8 lanes each in registers, so each 8 floats loaded serve 3 or 4
+# multiply-adds; a last part of fewer than 8 is read as 8 with zeros after it. W (and b) may be
+# float16 (--half), widened to float32 as it is loaded (8 at once by F16C's vcvtph2ps on x86):
+# half the bytes to read.
+# Every output adds its products in the same order whatever M and the tiling are, so a row's
+# result does not depend on the rows beside it, and zeros after a row (padded keys, whose
+# attention is 0) leave it as it was.
 MATMUL_C = string.Template(r"""
 typedef float f8 __attribute__((ext_vector_type(8)));
+typedef short s8 __attribute__((vector_size(16)));
+typedef $wtype W;
 static inline f8 load8(const float *p, int n) {
   f8 v = 0; __builtin_memcpy(&v, p, (unsigned long)n * sizeof(float)); return v;
+}
+static inline f8 loadw8(const W *p, int n) {
+#if $half && defined(__F16C__)
+  s8 h = {0}; __builtin_memcpy(&h, p, (unsigned long)n * 2); return __builtin_ia32_vcvtph2ps256(h);
+#elif $half
+  f8 v = 0; for (int i = 0; i < n; i++) v[i] = (float)p[i]; return v;
+#else
+  return load8(p, n);
+#endif
 }
 static inline float sum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
-#define STEP(k, len) {                                                                 \
-  f8 a0 = load8(xr[0] + (k), len), a1 = load8(xr[1] + (k), len), a2 = load8(xr[2] + (k), len); \
-  for (int j = 0; j < 4; j++) {                                                                \
-    f8 b = load8(wr[j] + (k), len);                                                            \
-    acc[0][j] += a0 * b; acc[1][j] += a1 * b; acc[2][j] += a2 * b;                             \
-  }                                                                                            \
+#define STEP(k, len) {                                                                  \
+  f8 a[MR];                                                                             \
+  for (int i = 0; i < MR; i++) a[i] = load8(xr[i] + (k), len);                          \
+  for (int j = 0; j < 4; j++) {                                                         \
+    f8 b = loadw8(wr[j] + (k), len);                                                    \
+    for (int i = 0; i < MR; i++) acc[i][j] += a[i] * b;                                 \
+  }                                                                                     \
 }
-void $name(float *restrict out, const float *restrict x, const float *restrict w,$bias
+void $name(float *restrict out, const float *restrict x, const W *restrict w,$bias
            int core_id) {
-  enum { BATCH = $batch, M = $M, N = $N, K = $K, CORES = $cores };
-  /* the cores share out the batch if it has enough entries, else each entry's rows */
-  enum { BY_BATCH = BATCH >= CORES, SHARE = BY_BATCH ? BATCH : M };
+  enum { BATCH = $batch, M = $M, N = $N, K = $K, CORES = $cores, MR = $mr };
+  /* the cores share out the batch's entries, or each entry's rows of x, or (for a row or two
+     of x, as in decoding) the rows of W, four at a time */
+  enum { BY_BATCH = $by == 0, BY_ROWS = $by == 1, BY_COLS = $by == 2 };
+  enum { SHARE = BY_BATCH ? BATCH : BY_ROWS ? M : (N + 3) / 4 };
   enum { PER = (SHARE + CORES - 1) / CORES };
   int s0 = core_id * PER, s1 = s0 + PER < SHARE ? s0 + PER : SHARE;
+  int c0 = BY_COLS ? 4 * s0 : 0, c1 = BY_COLS ? (4 * s1 < N ? 4 * s1 : N) : N;
   for (int bt = BY_BATCH ? s0 : 0; bt < (BY_BATCH ? s1 : BATCH); bt++) {
-    const float *xb = x + (long)bt * M * K, *wb = w + (long)bt * N * K;
+    const float *xb = x + (long)bt * M * K;
+    const W *wb = w + (long)bt * N * K;
     float *ob = out + (long)bt * M * N;
-    int m0 = BY_BATCH ? 0 : s0, m1 = BY_BATCH ? M : s1;
-    for (int n0 = 0; n0 < N; n0 += 64) {  /* 64 rows of W stay in cache */
-      int n1 = n0 + 64 < N ? n0 + 64 : N;
-      for (int m = m0; m < m1; m += 3) {
-        int mr = m1 - m < 3 ? m1 - m : 3;
+    int m0 = BY_ROWS ? s0 : 0, m1 = BY_ROWS ? s1 : M;
+    if (M == 1) {  /* one row of x (decoding): W read once, so the order of the reads rules */
+      for (int n = c0; n < c1; n++) {
+        const W *wn = wb + (long)n * K;
+        f8 acc[8] = {0};
+        int k = 0;
+        for (; k + 64 <= K; k += 64)  /* a row of W start to end, 8 sums of 8 lanes apart */
+          for (int u = 0; u < 8; u++)
+            acc[u] += load8(xb + k + 8 * u, 8) * loadw8(wn + k + 8 * u, 8);
+        for (; k + 8 <= K; k += 8) acc[0] += load8(xb + k, 8) * loadw8(wn + k, 8);
+        if (K % 8) acc[0] += load8(xb + k, K % 8) * loadw8(wn + k, K % 8);
+        f8 s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        ob[n] = sum8(s)$add_bias_n;
+      }
+      continue;
+    }
+    for (int n0 = c0; n0 < c1; n0 += 64) {  /* 64 rows of W stay in cache */
+      int n1 = n0 + 64 < c1 ? n0 + 64 : c1;
+      for (int m = m0; m < m1; m += MR) {
+        int mr = m1 - m < MR ? m1 - m : MR;
         for (int n = n0; n < n1; n += 4) {
           int nr = n1 - n < 4 ? n1 - n : 4;
-          const float *xr[3], *wr[4];  /* past the edge: row 0 again, computed, not stored */
-          for (int i = 0; i < 3; i++) xr[i] = xb + (long)(m + (i < mr ? i : 0)) * K;
+          const float *xr[MR];  /* past the edge: row 0 again, computed, not stored */
+          const W *wr[4];
+          for (int i = 0; i < MR; i++) xr[i] = xb + (long)(m + (i < mr ? i : 0)) * K;
           for (int j = 0; j < 4; j++) wr[j] = wb + (long)(n + (j < nr ? j : 0)) * K;
-          f8 acc[3][4] = {{0}};
+          f8 acc[MR][4] = {{0}};
           for (int k = 0; k + 8 <= K; k += 8) STEP(k, 8)
           if (K % 8) STEP(K - K % 8, K % 8)
           for (int i = 0; i < mr; i++)
@@ -626,18 +665,21 @@ void $name(float *restrict out, const float *restrict x, const float *restrict w
 
 
 def cpu_matmul_fits(x: Tensor, weight: Tensor) -> bool:
-    """Can cpu_matmul take x Wᵀ: float32 on a CPU device compiled by tinygrad (not LVP), whole
-    sizes, W (N, K) for x (M, K) or one W per entry of x's batch, and a C compiler."""
+    """Can cpu_matmul take x Wᵀ: x float32 and W float32 or float16 on a CPU device compiled by
+    tinygrad (not LVP), whole sizes, W (N, K) for x (..., K) or one W per entry of x's batch,
+    and a C compiler."""
     from tinygrad import Device, dtypes
     from tinygrad.runtime.ops_cpu import CPUDevice
 
-    if dtypes.float32 != x.dtype or dtypes.float32 != weight.dtype:
+    if dtypes.float32 != x.dtype or weight.dtype not in (dtypes.float32, dtypes.float16):
         return False
     if not isinstance(x.device, str) or x.device != weight.device:  # sharded, or two devices
         return False
     if not all(isinstance(s, int) for s in (*x.shape, *weight.shape)):  # symbolic (decoding)
         return False
-    if x.ndim < 2 or x.shape[:-2] != weight.shape[:-2] or x.shape[-1] != weight.shape[-1]:
+    if x.ndim < 2 or x.shape[-1] != weight.shape[-1]:
+        return False
+    if weight.ndim != 2 and x.shape[:-2] != weight.shape[:-2]:  # one W, or one per entry
         return False
     device = Device[x.device]
     return (isinstance(device, CPUDevice) and type(device.renderer).__name__ != "LVPRenderer"
@@ -663,20 +705,23 @@ def _cpu_matmul_grads(grad: UOp, call: UOp) -> tuple:
     """Gradients for (out, x, W[, b]): none for the output buffer, then tinygrad's own."""
     g = Tensor(grad)
     _, x, w, *bias = (Tensor(u) for u in call.src[1:])
-    # dx (..., M, K), dW (..., N, K), db (N,)
-    grads = [TINYGRAD_DOT(g, w), TINYGRAD_DOT(g.transpose(-2, -1), x)] + [g.sum(0)] * len(bias)
+    dx = TINYGRAD_DOT(g, w)  # (..., M, K)
+    if w.ndim == 2:  # one W for all of x's rows: dW and db sum over every one of them
+        g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # (rows, N), (rows, K)
+    # dW (..., N, K), db (N,)
+    grads = [dx, TINYGRAD_DOT(g.transpose(-2, -1), x)] + [g.sum(0)] * len(bias)
     return (None, *(t.uop for t in grads))
 
 
 def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x Wᵀ (+ b) for x (M, K) and weight (N, K), or x (..., M, K) and weight (..., N, K)
+    """x Wᵀ (+ b) for x (..., K) and weight (N, K), or x (..., M, K) and weight (..., N, K)
     entry by entry (attention's q kᵀ per head), as one hand-written kernel, split over the
-    cores by entries or rows. tinygrad 0.14's CPU code splits vector arithmetic into single
-    lanes, so a product loads 4 floats at a time and multiplies them one by one; this kernel
-    keeps tiles of 8-lane sums in registers (its speed against tinygrad's and NumPy's BLAS:
-    docs/speed.md, "A hand-written matmul kernel"). Compiled with tinygrad's own clang compiler
-    (its disk cache keeps it), loaded as a tinygrad program, so TinyJit and CPUGraph replay it
-    like any other kernel."""
+    cores by entries, by rows of x, or for a row or two (decoding) by rows of W. tinygrad 0.14's
+    CPU code splits vector arithmetic into single lanes, so a product loads 4 floats at a time
+    and multiplies them one by one; this kernel keeps tiles of 8-lane sums in registers (its
+    speed against tinygrad's and NumPy's BLAS: docs/speed.md, "A hand-written matmul kernel").
+    Compiled with tinygrad's own clang compiler (its disk cache keeps it), loaded as a tinygrad
+    program, so TinyJit and CPUGraph replay it like any other kernel."""
     from tinygrad import Device, dtypes
     from tinygrad.dtype import AddrSpace
     from tinygrad.helpers import NUM_CPU_THREADS
@@ -684,21 +729,36 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp
 
     *lead, M, K = x.shape
-    batch, N = math.prod(lead), weight.shape[-2]
+    # one W for all of x's rows (a Linear): they are one matrix of rows, however x is shaped
+    batch, M = (1, math.prod(x.shape[:-1])) if weight.ndim == 2 else (math.prod(lead), M)
+    N = weight.shape[-2]
     flops = 2 * batch * M * N * K
+    weight_bytes = batch * N * K * weight.dtype.itemsize
     # handing a chunk to a helper thread and back has a fixed cost (docs/speed.md, Training):
-    # below 2 MFLOP it outweighs the work it shares, so one core runs the whole product
-    cores = min(NUM_CPU_THREADS.value, max(batch, -(-M // 3))) if flops >= 1 << 21 else 1
-    name = f"matmul_{batch}_{M}_{N}_{K}" + ("_bias" if bias is not None else "")
+    # below 2 MFLOP, or 1 MB of weights for a row or two, it outweighs the work it shares
+    cores, by, threads = 1, 0, NUM_CPU_THREADS.value
+    if flops >= 1 << 21 or weight_bytes >= 1 << 20:
+        if batch >= threads:
+            cores, by = threads, 0  # the batch's entries (attention's heads)
+        elif M >= 3 * threads:
+            cores, by = threads, 1  # the rows of x (a prompt's tokens)
+        else:
+            cores, by = min(threads, -(-N // 4)), 2  # the rows of W (decoding's one row)
+    half = weight.dtype.itemsize == 2
+    c_type = {2: "__fp16", 4: "float"}
+    name = (f"matmul_{batch}_{M}_{N}_{K}" + ("_half" if half else "")
+            + ("" if bias is None else f"_bias{bias.dtype.itemsize * 8}"))
     source = MATMUL_C.substitute(
-        name=name, batch=batch, M=M, N=N, K=K, cores=cores,
-        bias=" const float *restrict b," if bias is not None else "",
-        add_bias=" + b[n + j]" if bias is not None else "")
+        name=name, batch=batch, M=M, N=N, K=K, cores=cores, mr=min(M, 3), by=by,
+        wtype=c_type[weight.dtype.itemsize], half=int(half),
+        bias="" if bias is None else f" const {c_type[bias.dtype.itemsize]} *restrict b,",
+        add_bias=" + b[n + j]" if bias is not None else "",
+        add_bias_n=" + b[n]" if bias is not None else "")
     device = Device[x.device]
     binary = _compile_c(source, device.renderer.target)
     inputs = [t.contiguous() for t in (x, weight, bias) if t is not None]
     n_bufs = 1 + len(inputs)  # the output, then the inputs
-    moved = 4 * batch * (M * K + N * K + M * N)
+    moved = 4 * batch * (M * K + M * N) + weight_bytes
     estimates = Estimates(ops=flops, lds=moved, mem=moved)
 
     def program(*params: UOp) -> UOp:
@@ -712,7 +772,7 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                                                UOp(Ops.SOURCE, arg=source),
                                                UOp(Ops.BINARY, arg=binary)))
 
-    out = Tensor.empty(*lead, M, N, device=x.device)
+    out = Tensor.empty(*x.shape[:-1], N, device=x.device)
     return out.custom_kernel(*inputs, fxn=program, grad_fxn=_cpu_matmul_grads)[0]
 
 

@@ -44,7 +44,7 @@ os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_DIR)
 
 import tiktoken  # noqa: E402  (after TIKTOKEN_CACHE_DIR on purpose)
 from conftest import PLAIN, assert_padding_changes_nothing, run_main  # noqa: E402
-from tinygrad import Tensor, dtypes  # noqa: E402
+from tinygrad import Tensor, Variable, dtypes  # noqa: E402
 from tinygrad.nn.state import safe_load, safe_save  # noqa: E402
 
 import flags  # noqa: E402
@@ -56,6 +56,7 @@ import transformer  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY_DIR = FIXTURES / "tiny-gpt2"
 SAFETENSORS = TINY_DIR / "model.safetensors"
+TRAINED = FIXTURES / "tiny-gpt2-trained" / "model.safetensors"
 PYTORCH_BIN = TINY_DIR / "pytorch_model.bin"
 REF = np.load(FIXTURES / "tiny-gpt2-reference.npz")
 
@@ -192,6 +193,50 @@ def test_half_greedy_continuation_matches_float32_hugging_face(enc):
     for i in range(3):
         ids = generate.generate(half, REF[f"greedy{i}_prompt"][None], N_GREEDY, temperature=0.0)
         assert [int(t[0]) for t in ids] == REF[f"greedy{i}_output"].tolist(), f"prompt {i}"
+
+
+def test_half_greedy_text_equals_float32s_for_20_tokens_on_the_trained_model():
+    # float32's greedy tokens are Hugging Face's (the tests above). The trained model's top two
+    # logits lie 0.8 or more apart on this prompt; the random tiny-gpt2's come within 5e-4 of
+    # each other on it, closer than float16's rounding, so there it is the fixture's prompts
+    prompt = np.random.default_rng(7).integers(0, 50257, (1, 6), dtype=np.int32)
+    tokens = [[int(t[0]) for t in generate.generate(gpt.load_gpt2("gpt2", TRAINED, half=half),
+                                                    prompt, 20, temperature=0.0)]
+              for half in (False, True)]
+    assert tokens[1] == tokens[0]
+
+
+# A decode step (one token, its keys and values written at pos, every earlier one read back from
+# the cache) against the plain forward pass over all pos + 1 tokens, far into a context of
+# GPT-2's 1024, in float32 and with --half's float16 weights (float32 activations).
+DECODE_TOL = 1e-4  # float32 sums in another order; the logits are of order 1
+HALF_TOL = 2e-2  # float16 weights against float32 ones: their rounding, 2^-11 of each weight
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_decode_steps_at_positions_0_300_900_equal_the_plain_forward_pass(half):
+    Tensor.manual_seed(5)
+    model = transformer.Transformer(transformer.Config(vocab_size=96, n_ctx=1024, n_layer=2,
+                                                       n_head=4, n_embd=32))
+    plain = {name: p.numpy() for name, p in model.parameters().items()}
+    if half:
+        for p in model.parameters().values():
+            p.replace(p.half().realize())
+    ids = np.random.default_rng(1).integers(0, 96, (1, 901), dtype=np.int32)
+    pos_var = Variable("pos", 1, 1023)
+    for pos in (0, 300, 900):
+        if pos:
+            model(Tensor(ids[:, :pos]), 0).realize()  # the prompt into the cache
+        step = model(Tensor(ids[:, pos : pos + 1]), pos_var.bind(pos) if pos else 0)
+        want = model(Tensor(ids[:, : pos + 1])).numpy()[0, -1]  # no cache
+        np.testing.assert_allclose(step.numpy()[0, -1], want, rtol=0, atol=DECODE_TOL,
+                                   err_msg=f"position {pos}")
+    if half:  # and the float16 model's logits near the float32 model's
+        fp32 = transformer.Transformer(model.config)
+        for name, p in fp32.parameters().items():
+            p.replace(Tensor(plain[name]))
+        np.testing.assert_allclose(model(Tensor(ids)).numpy(), fp32(Tensor(ids)).numpy(),
+                                   rtol=0, atol=HALF_TOL)
 
 
 def test_prompt_text_endoftext_is_the_document_separator(tiny, enc):
@@ -772,8 +817,6 @@ def test_cli_bad_input_is_one_error_line(tmp_path, monkeypatch, case):
     assert named.format(**paths) in err
     assert done.stdout == b""
 
-
-TRAINED = FIXTURES / "tiny-gpt2-trained" / "model.safetensors"
 
 
 def test_cli_into_a_pipe_closed_early_ends_quietly():

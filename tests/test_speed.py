@@ -204,17 +204,21 @@ def test_cpu_graph_replays_give_the_same_numbers_with_new_inputs_and_variables()
     assert int(out.stdout) == 3  # the matmul with its ReLU, the masked sum, the exp
 
 
-# cpu_matmul's tiles are 3 rows by 4 columns, its inner step 8 floats: sizes on and off them,
-# with and without a bias, on one core (small) and split over the cores (large), and batches
-# (one W per entry) split by entries (6 >= the cores) or by rows (1 entry)
+# cpu_matmul's tiles are 3 rows (fewer for fewer rows) by 4 columns, its inner step 8 floats:
+# sizes on and off them, with and without a bias, on one core (small) and split over the cores
+# (large), batches (one W per entry) split by entries (6 >= the cores) or by rows (1 entry), and
+# a row or two (decoding) split by the rows of W; W and b in float32 and in float16 (--half)
+@pytest.mark.parametrize("w_dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("lead, M, N, K, bias", [
     ((), 1, 1, 8, False), ((), 7, 13, 24, True), ((), 3, 4, 8, True), ((), 5, 6, 13, True),
     ((), 200, 301, 96, True), ((), 97, 64, 517, False), ((2, 3), 7, 9, 20, False),
-    ((2, 3), 130, 129, 64, False), ((1,), 300, 200, 64, False)])
-def test_cpu_matmul_equals_numpy(lead, M, N, K, bias):
+    ((2, 3), 130, 129, 64, False), ((1,), 300, 200, 64, False), ((), 1, 2303, 768, True),
+    ((), 2, 1001, 301, True), ((1,), 1, 3, 5, True)])
+def test_cpu_matmul_equals_numpy(lead, M, N, K, bias, w_dtype):
     rng = np.random.default_rng(M + N)
     shapes = ((*lead, M, K), (*lead, N, K), (N,))
     x, w, b = (rng.normal(size=s).astype(np.float32) for s in shapes)
+    w, b = w.astype(w_dtype), b.astype(w_dtype)  # the float16 values are the ones multiplied
     got = runtime.cpu_matmul(Tensor(x), Tensor(w), Tensor(b) if bias else None).numpy()
     want = x.astype(np.float64) @ np.swapaxes(w, -1, -2).astype(np.float64) + (b if bias else 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
@@ -232,6 +236,10 @@ def test_cpu_matmul_rows_do_not_depend_on_the_rows_beside_them():
         padded = jit(Tensor(x)).numpy()
         np.testing.assert_array_equal(padded[:40], alone)
     np.testing.assert_allclose(padded, x.astype(np.float64) @ w.T + b, rtol=1e-5, atol=1e-4)
+    # one row alone (a decode step) reads W row by row, its sums split another way: the same
+    # within float32 rounding
+    one = runtime.cpu_matmul(Tensor(x[5:6]), W, B).numpy()
+    np.testing.assert_allclose(one, padded[5:6], rtol=1e-5, atol=1e-4)
 
 
 def test_cpu_matmul_zeros_after_a_row_leave_it_as_it_was():
@@ -248,33 +256,38 @@ def test_cpu_matmul_zeros_after_a_row_leave_it_as_it_was():
                                atol=1e-5)
 
 
-def test_cpu_matmul_gradients_equal_numpy():
-    # outside TRAINING, linear is cpu_matmul; a gradient through it (the lab's attributions)
+@pytest.mark.parametrize("lead", [(), (2, 3)], ids=["rows", "batch-of-rows"])
+def test_cpu_matmul_gradients_equal_numpy(lead):
+    # outside TRAINING, linear is cpu_matmul; a gradient through it (the lab's attributions),
+    # for x (6, 16) and for x (2, 3, 6, 16) whose rows all meet the one W
     rng = np.random.default_rng(4)
-    shapes = ((6, 16), (10, 16), (10,), (6, 10))
+    shapes = ((*lead, 6, 16), (10, 16), (10,), (*lead, 6, 10))
     x, w, b, g = (rng.normal(size=s).astype(np.float32) for s in shapes)
     X, W, B = Tensor(x), Tensor(w), Tensor(b)
     grads = [t.numpy() for t in (runtime.cpu_matmul(X, W, B) * Tensor(g)).sum().gradient(X, W, B)]
-    for got, want in zip(grads, [g @ w, g.T @ x, g.sum(0)]):
+    g2, x2 = g.reshape(-1, 10), x.reshape(-1, 16)
+    for got, want in zip(grads, [g @ w, g2.T @ x2, g2.sum(0)]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_takes_the_cpu_kernel_only_where_it_fits(monkeypatch):
-    # many float32 rows on a CPU: the hand-written kernel; one row (decoding keeps its 199
-    # kernels), float16, training: tinygrad's own code
+    # float32 rows on a CPU, one (decoding) or many, with float32 or float16 weights: the
+    # hand-written kernel; float16 rows, training: tinygrad's own code
     calls = []
     kernel = runtime.cpu_matmul
     monkeypatch.setattr(runtime, "cpu_matmul", lambda *a: calls.append(a[0].shape) or kernel(*a))
     w, b = Tensor.ones(3, 16), Tensor.ones(3)
     got = runtime.product(Tensor.ones(2, 5, 16), w, b).numpy()
     np.testing.assert_array_equal(got, np.full((2, 5, 3), 17))
-    assert calls == [(10, 16)]
-    one_row = runtime.product(Tensor.ones(1, 16), w, b).numpy()
-    np.testing.assert_array_equal(one_row, np.full((1, 3), 17))
+    assert calls == [(2, 5, 16)]
+    one_row = runtime.product(Tensor.ones(1, 1, 16), w.half(), b.half()).numpy()
+    np.testing.assert_array_equal(one_row, np.full((1, 1, 3), 17))
+    assert calls == [(2, 5, 16), (1, 1, 16)]
     runtime.product(Tensor.ones(5, 16).half(), w.half()).realize()
     with Context(TRAINING=1):
         runtime.product(Tensor.ones(5, 16), w).realize()
-    assert calls == [(10, 16)]
+        runtime.product(Tensor.ones(1, 16), w).realize()
+    assert calls == [(2, 5, 16), (1, 1, 16)]
 
 
 def test_kept_kernels_are_read_back_by_the_next_process(tmp_path):
