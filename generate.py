@@ -13,7 +13,7 @@ import numpy as np
 from tinygrad import Context, Tensor, Variable
 from tinygrad.helpers import BEAM
 
-from runtime import jit_at_once, kept_jits
+from runtime import host_input, jit_at_once, kept_jits
 from transformer import Transformer
 
 
@@ -95,6 +95,7 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
     # captured on its first call: the prefill has made the KV cache, so the step creates nothing
     decode = kept_jits(model, B).setdefault(("decode", beam), jit_at_once(
         lambda tok, pos: model(tok, pos)[:, -1].realize()))
+    tok = None  # the step's input: one token per sequence, (B, 1), written in place each step
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, rng).astype(np.int32)  # (B,)
         yield nxt
@@ -106,6 +107,7 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
             logits = prefill(window)
         else:
             with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone
-                logits = decode(Tensor(nxt[:, None]), pos_var.bind(window.shape[1] - 1)).numpy()
+                tok = host_input(tok, nxt[:, None])
+                logits = decode(tok, pos_var.bind(window.shape[1] - 1)).numpy()
 
 

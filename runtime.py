@@ -27,6 +27,8 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
 - jit_at_once, kept_jits: TinyJits that capture on their first call, and are kept from one
   call to the next while the buffers they read stay the same. Can go when TinyJit takes the
   number of plain calls as an option and checks what it reads.
+- host_input: a decode step's token written into the buffer the step's TinyJit read last time,
+  not made a new tensor whose copy the JIT schedules anew. Can go when that copy is cheap.
 - exit_now: Python's teardown frees tinygrad's graphs one object at a time after every run,
   when nothing is left to use them. Can go when that teardown is quick.
 - train_matmul: x Wᵀ with a backward whose CPU kernels read memory in order and split the long
@@ -501,6 +503,24 @@ def jit_at_once(fxn) -> TinyJit:
     if INSTALLED:  # else TinyJit as it is
         jit.cnt = 1  # calls so far: the next one captures
     return jit
+
+
+def host_input(held: Tensor | None, array) -> Tensor:
+    """A NumPy array as a TinyJit's input. Tensor(array) is a new tensor each call, whose copy
+    onto the device the JIT schedules before it replays: milliseconds for one token per decode
+    step (docs/speed.md). Once installed, array is written into held's own buffer instead, when
+    held is a realized tensor of its shape and type, and held comes back; else a new tensor,
+    realized, to be held. Can go when a TinyJit takes host arrays as cheaply."""
+    from tinygrad.device import Buffer
+    from tinygrad.dtype import _from_np_dtype
+
+    if not INSTALLED:
+        return Tensor(array)
+    if held is None or held.shape != array.shape or held.dtype != _from_np_dtype(array.dtype):
+        return Tensor(array).contiguous().realize()
+    host = Buffer("PYTHON", array.size, held.dtype, opaque=memoryview(bytearray(array.tobytes())))
+    held.uop.buffer.copy_from(host)
+    return held
 
 
 class _Kept:
