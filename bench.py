@@ -7,8 +7,10 @@ both libraries load them from one checkpoint that this script writes in the hub'
              first token (loading the checkpoint from disk + prefill of a 16-token prompt, and
              each of the two on its own), the JIT warm-up (tokens 2 and 3: the capture, then
              the first replay), kernels launched per decode step, peak RSS. Peer: Hugging Face
-             GPT2LMHeadModel, fp32, a manual greedy loop with past_key_values.
-  half       the same with 16-bit weights: tinygrad float16 against PyTorch bfloat16.
+             GPT2LMHeadModel, fp32, a manual greedy loop with past_key_values. And decode
+             tokens/s after prompts of 30, 300 and 900 tokens (issue 34: it should hold).
+  half       the same with 16-bit weights: tinygrad float16 against PyTorch bfloat16, and the
+             512-token prefill in 16 bits (against tinygrad's fp32 one, too).
   beam       decode fp32 and 16-bit again, with gpt.py --beam 2: the decode step's kernels come
              from tinygrad's kernel search. The first run on a machine searches (on two cores:
              about a minute per precision for CPU, 4 to 10 for CL) and tinygrad caches the result.
@@ -19,7 +21,9 @@ both libraries load them from one checkpoint that this script writes in the hub'
              a process that runs GPT2LMHeadModel.from_pretrained and generate, and
              `--perplexity` on tinyshakespeare's first 6,000 characters (stride 512) against
              the loop of Hugging Face's perplexity guide: tokens/s after loading, and whole
-             processes. Peer for --attention: a forward with output_attentions after loading.
+             processes; decode tokens/s of whole processes, `gpt.py -n 144` minus `-n 16`
+             against generate the same way (issue 34). Peer for --attention: a forward with
+             output_attentions after loading.
              And issue 31's patching of an 18-token pair, twice in one process: the resid_pre
              grid and attribution patching, against TransformerLens (if installed).
   serve      the workbench (issue 32), over HTTP on loopback: /api/run on the lab's texts of 14
@@ -92,6 +96,7 @@ LAB_TEXTS = (
     "age of foolishness, it was the epoch of belief, it was the epoch of incredulity.",
 )
 LAB_PROMPT, LAB_NEW_TOKENS = "Hello there", 32
+PROCESS_TOKENS, PROCESS_ROUNDS = (16, 144), 3  # issue 34: whole processes' decode speed
 # issue 31's patching pair (18 tokens): the answer " John" against " Mary"
 PATCH_CLEAN = "When John and Mary went to the store, Mary gave a drink to the man at the"
 PATCH_CORRUPT = "When John and Mary went to the store, John gave a drink to the man at the"
@@ -691,9 +696,11 @@ def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
             "attn": model.config._attn_implementation}
 
 
-def child_torch_prefill(folder: Path) -> dict:
+def child_torch_prefill(folder: Path, bf16: bool = False) -> dict:
     torch, transformers = torch_setup()
     model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    if bf16:
+        model = model.to(torch.bfloat16)
     first, second = (torch.from_numpy(random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=s)).long()
                      for s in (1, 2))
     with torch.no_grad():
@@ -780,6 +787,8 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
         "tinygrad-decode-half-beam": lambda: child_tinygrad_decode(folder, tokens, True,
                                                                    BENCH_BEAM),
         "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
+        "tinygrad-prefill-half": lambda: child_tinygrad_prefill(folder, half=True),
+        "torch-prefill-bf16": lambda: child_torch_prefill(folder, bf16=True),
         "tinygrad-perplexity": lambda: child_tinygrad_perplexity(folder),
         "tinygrad-serve": lambda: child_tinygrad_serve(folder),
         "torch-perplexity": lambda: child_torch_perplexity(folder),
@@ -884,6 +893,23 @@ def time_lab(env: dict, args) -> dict:
                              ("gen_decode_tok_s", r"\(([0-9.]+) tok/s\)")):
             found = re.search(pattern, err)
             result[key] = float(found.group(1)) if found else None
+        # issue 34: decoding in whole processes, `-n 144` minus `-n 16`, against Hugging Face's
+        # generate the same way; rounds interleaved, each process's fastest of them
+        runs = {f"{n}": gpt_py + ["-p", LAB_PROMPT, "-n", str(n), "-t", "0", "--ignore-eos"]
+                for n in PROCESS_TOKENS}
+        if args.torch_python or getattr(args, "torch_ok", False):
+            python = str(args.torch_python or sys.executable)
+            runs |= {f"hf{n}": [python, "-c", HF_GENERATE, str(ckpt), LAB_PROMPT, str(n)]
+                     for n in PROCESS_TOKENS}
+        walls = {key: [] for key in runs}
+        for _ in range(PROCESS_ROUNDS):
+            for key, cmd in runs.items():
+                walls[key].append(wall(cmd, env)[0])
+        short, long = PROCESS_TOKENS
+        for prefix, field in (("", "process_decode_tok_s"), ("hf", "hf_process_decode_tok_s")):
+            if f"{prefix}{long}" in walls:
+                spent = min(walls[f"{prefix}{long}"]) - min(walls[f"{prefix}{short}"])
+                result[field] = (long - short) / spent
         text = Path(tmp) / "text.txt"
         text.write_text(Path(os.environ.get("TEXT", SHAKESPEARE)).read_text()[:PPL_CHARS])
         ppl = gpt_py + ["--perplexity", str(text), "--stride", str(PPL_STRIDE)]
@@ -926,7 +952,8 @@ def plan(groups: set[str], torch_ok: bool) -> list[str]:
     names = []
     wanted = {
         "decode": ["tinygrad-decode", "torch-decode"],
-        "half": ["tinygrad-decode-half", "torch-decode-bf16"],
+        "half": ["tinygrad-decode-half", "torch-decode-bf16", "tinygrad-prefill-half",
+                 "torch-prefill-bf16"],
         "beam": ["tinygrad-decode-beam", "torch-decode", "tinygrad-decode-half-beam",
                  "torch-decode-bf16"],
         "prefill": ["tinygrad-prefill", "torch-prefill"],
@@ -1011,6 +1038,11 @@ def table_rows(results: dict) -> list[list[str]]:
     add("decode tok/s, fp32", "decode", "tinygrad-decode", "torch-decode", "decode_tok_s", 1)
     add("decode tok/s, 16-bit (fp16 / torch bf16)", "decode16", "tinygrad-decode-half",
         "torch-decode-bf16", "decode_tok_s", 1)
+    tg, fp32 = (get(r, name, "decode_tok_s") for name in ("tinygrad-decode-half",
+                                                          "tinygrad-decode"))
+    if tg is not None and fp32 is not None:  # issue 34: --half 1.7x fp32 (llama.cpp: 1.8x)
+        rows.append(["  against tinygrad's fp32 decode", fmt(tg / fp32, 2), "", "",
+                     ">= 1.70 " + ("met" if tg >= 1.7 * fp32 else "missed")])
     add(f"decode tok/s, fp32, --beam {BENCH_BEAM} (cached search)", "decode",
         "tinygrad-decode-beam", "torch-decode", "decode_tok_s", 1)
     add(f"decode tok/s, 16-bit, --beam {BENCH_BEAM} (cached search)", "decode16",
@@ -1051,6 +1083,13 @@ def table_rows(results: dict) -> list[list[str]]:
         "prefill", "tinygrad-prefill", "torch-prefill", "prefill_tok_s", 1)
     add("  the first prompt of a process s (tinygrad: traced; kernels from disk)", None,
         "tinygrad-prefill", "torch-prefill", "prefill_first_s", 2)
+    add(f"prefill tok/s, {PREFILL_TOKENS} tokens, 16-bit (fp16 / torch bf16)", None,
+        "tinygrad-prefill-half", "torch-prefill-bf16", "prefill_tok_s", 1)
+    tg, fp32 = (get(r, name, "prefill_tok_s") for name in ("tinygrad-prefill-half",
+                                                           "tinygrad-prefill"))
+    if tg is not None and fp32 is not None:  # issue 34: --half's prefill as fast as fp32's
+        rows.append(["  against tinygrad's fp32 prefill", fmt(tg / fp32, 2), "", "",
+                     ">= 1.00 " + ("met" if tg >= fp32 else "missed")])
     lab = r.get("lab", {})
 
     def absolute(label, value, peer, limit, digits=1):
@@ -1097,6 +1136,12 @@ def table_rows(results: dict) -> list[list[str]]:
         rows.append(["  its prefill s / JIT warm-up s (1 step) / decode tok/s",
                      f"{fmt(lab.get('gen_prefill_s'), 2)} / {fmt(lab.get('gen_warmup_s'), 2)} / "
                      f"{fmt(lab.get('gen_decode_tok_s'), 1)}", "", "", ""])
+    tg, pt = lab.get("process_decode_tok_s"), lab.get("hf_process_decode_tok_s")
+    if tg is not None:
+        ratio, target = ratio_cell(tg, pt, (">=", 1.3))
+        short, long = PROCESS_TOKENS
+        rows.append([f"decode tok/s of whole processes, `-n {long}` minus `-n {short}` (peer: "
+                     "generate)", fmt(tg, 1), fmt(pt, 1), ratio, target])
     T = get(r, "tinygrad-patching", "tokens")
     add(f"patching: the resid_pre grid s, 12 x {T} patched runs (peer: TransformerLens "
         "get_act_patch_resid_pre)", "patch", "tinygrad-patching", "torch-patching", "grid_s", 1)
