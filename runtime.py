@@ -117,7 +117,7 @@ def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     *lead, n_in = x.shape
     n_out = weight.shape[0]
-    if not TRAINING and cpu_matmul_fits(x, weight):
+    if not TRAINING and cpu_matmul_fits(x, weight, bias):
         return cpu_matmul(x, weight, bias)  # (..., out): x's rows as they lie, not copied flat
     if math.prod(lead) == 1 and n_in % 4 == 0:
         # One row (decoding) off the CPU: as 4 interleaved partial sums, not one serial chain
@@ -599,10 +599,11 @@ def _train_matmul():
 # rows of W keeps MR x 4 sums of 8 lanes each in registers, so each 8 floats loaded serve 3 or 4
 # multiply-adds; a last part of fewer than 8 is read as 8 with zeros after it. W (and b) may be
 # float16 (--half), widened to float32 as it is loaded (8 at once by F16C's vcvtph2ps on x86):
-# half the bytes to read.
-# Every output adds its products in the same order whatever M and the tiling are, so a row's
-# result does not depend on the rows beside it, and zeros after a row (padded keys, whose
-# attention is 0) leave it as it was.
+# half the bytes to read. Every output adds its products in the same order whatever M (above 1)
+# and the tiling are, so a row's result does not depend on the rows beside it, and zeros after a
+# row (padded keys, whose attention is 0) leave it as it was. One row alone (decoding) reads
+# each row of W start to end in one stream instead (4 rows of W interleaved took float16 at half
+# the speed on the build machine), its sums split 8 ways: the same within float32 rounding.
 MATMUL_C = string.Template(r"""
 typedef float f8 __attribute__((ext_vector_type(8)));
 typedef short s8 __attribute__((vector_size(16)));
@@ -684,14 +685,17 @@ void $name(float *restrict out, const float *restrict x, const W *restrict w,$bi
 
 
 
-def cpu_matmul_fits(x: Tensor, weight: Tensor) -> bool:
-    """Can cpu_matmul take x Wᵀ: x float32 and W float32 or float16 on a CPU device compiled by
-    tinygrad (not LVP), whole sizes, W (N, K) for x (..., K) or one W per entry of x's batch,
-    and a C compiler."""
+def cpu_matmul_fits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Can cpu_matmul take x Wᵀ + b: x float32, W and b float32 or float16 on a CPU device
+    compiled by tinygrad (not LVP), whole sizes, W (N, K) for x (..., K) or one W per entry of
+    x's batch, and a C compiler."""
     from tinygrad import Device, dtypes
     from tinygrad.runtime.ops_cpu import CPUDevice
 
-    if dtypes.float32 != x.dtype or weight.dtype not in (dtypes.float32, dtypes.float16):
+    floats = (dtypes.float32, dtypes.float16)
+    if dtypes.float32 != x.dtype or weight.dtype not in floats:
+        return False
+    if bias is not None and (bias.dtype not in floats or bias.device != x.device):
         return False
     if not isinstance(x.device, str) or x.device != weight.device:  # sharded, or two devices
         return False
@@ -804,7 +808,7 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     if TRAINING and x.ndim == 2:
         y = train_matmul(x, weight)
-    elif not TRAINING and cpu_matmul_fits(x, weight):
+    elif not TRAINING and cpu_matmul_fits(x, weight, bias):
         return cpu_matmul(x, weight, bias)
     else:
         y = TINYGRAD_DOT(x, weight.transpose(-2, -1))
