@@ -705,9 +705,9 @@ def child_torch_prefill(folder: Path, bf16: bool = False) -> dict:
                      for s in (1, 2))
     with torch.no_grad():
         t0 = time.perf_counter()
-        model(input_ids=first, use_cache=True, logits_to_keep=1).logits.numpy()
+        model(input_ids=first, use_cache=True, logits_to_keep=1).logits.float().numpy()
         t1 = time.perf_counter()
-        model(input_ids=second, use_cache=True, logits_to_keep=1).logits.numpy()
+        model(input_ids=second, use_cache=True, logits_to_keep=1).logits.float().numpy()
         seconds = time.perf_counter() - t1
     return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
             "prefill_first_s": t1 - t0, "rss_mb": peak_rss_mb()}
