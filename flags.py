@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 USER_ERROR = 2  # the exit status of every user error, as argparse's own
@@ -42,6 +43,13 @@ def check_interrupt():
         raise KeyboardInterrupt
 
 
+def _quiet_lost_ctrl_c(unraisable, shown=sys.unraisablehook):
+    """sys.unraisablehook while a CLI runs: a Ctrl-C that a finalizer dropped is not printed
+    (with its traceback) but left to check_interrupt; anything else is printed as always."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        shown(unraisable)
+
+
 def run(main, argv=None) -> int:
     """main(argv) -> its exit status, with the endings every CLI shares: a UserError is one
     `error:` line (USER_ERROR), Ctrl-C one `interrupted` line (INTERRUPTED), and a reader that
@@ -49,8 +57,10 @@ def run(main, argv=None) -> int:
     _ctrl_c.clear()
     mine = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    hook = sys.unraisablehook
     if mine:  # Python's own handler, which also records the Ctrl-C for check_interrupt
         signal.signal(signal.SIGINT, _on_ctrl_c)
+        sys.unraisablehook = partial(_quiet_lost_ctrl_c, shown=hook)
     try:
         return main(argv) or 0
     except UserError as e:
@@ -66,6 +76,7 @@ def run(main, argv=None) -> int:
     finally:
         if mine:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.unraisablehook = hook
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
