@@ -74,6 +74,7 @@ def run(main, argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
+        _ctrl_c.clear()  # this run's: a later loop outside run (a test's, a library's) goes on
         if mine:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             sys.unraisablehook = hook

@@ -441,6 +441,7 @@ def token_losses(gpt: Transformer, ids, stride: int, progress=None
 
     targets, losses, weights = [], [], []
     for i, w in enumerate(plan):
+        flags.check_interrupt()  # a Ctrl-C that a finalizer swallowed ends the run here
         n = w.end - w.begin
         if w.end > w.first:  # a last window of one token scores nothing (the guide's nan)
             size = padded_length(gpt, n - 1)  # position p predicts token begin + p + 1
