@@ -43,7 +43,7 @@ def check_interrupt():
         raise KeyboardInterrupt
 
 
-def _quiet_lost_ctrl_c(unraisable, shown=sys.unraisablehook):
+def _quiet_lost_ctrl_c(unraisable, shown):
     """sys.unraisablehook while a CLI runs: a Ctrl-C that a finalizer dropped is not printed
     (with its traceback) but left to check_interrupt; anything else is printed as always."""
     if not isinstance(unraisable.exc_value, KeyboardInterrupt):

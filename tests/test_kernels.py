@@ -24,7 +24,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2" / "model.safetensors"
 # load_gpt2 left its weights as lazy copies from the file, which ran again at every step. On the
 # CPU, 43 since each product is runtime.cpu_matmul's kernel (issue 34): tinygrad fused GELU into
 # c_fc's product and the residual add into mlp.c_proj's, which now run as 2 kernels of their own
-# per layer (gpt2: 223), a few microseconds each.
+# per layer (gpt2: 222), a few microseconds each.
 MAX_KERNELS_PER_DECODE_STEP = {"CPU": 43, "CL": 40}
 
 
