@@ -728,8 +728,9 @@ def _compile_c(source: str, target) -> bytes:
 def _cpu_matmul_grads(grad: UOp, call: UOp) -> tuple:
     """Gradients for (out, x, W[, b]): none for the output buffer, then tinygrad's own."""
     g = Tensor(grad)
-    _, x, w, *bias = (Tensor(u) for u in call.src[1:])
-    dx = TINYGRAD_DOT(g, w)  # (..., M, K)
+    _, x_in, w, *bias = (Tensor(u) for u in call.src[1:])
+    x = x_in.reshape(*g.shape[:-1], w.shape[-1])  # (..., M, K): x came in as in_order found it
+    dx = TINYGRAD_DOT(g, w).reshape(x_in.shape)
     if w.ndim == 2:  # one W for all of x's rows: dW and db sum over every one of them
         g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # (rows, N), (rows, K)
     # dW (..., N, K), db (N,)
@@ -780,7 +781,7 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         add_bias_n=" + b[n]" if bias is not None else "")
     device = Device[x.device]
     binary = _compile_c(source, device.renderer.target)
-    inputs = [t.contiguous() for t in (x, weight, bias) if t is not None]
+    inputs = [t.contiguous() for t in (in_order(x), weight, bias) if t is not None]
     n_bufs = 1 + len(inputs)  # the output, then the inputs
     moved = 4 * batch * (M * K + M * N) + weight_bytes
     estimates = Estimates(ops=flops, lds=moved, mem=moved)
@@ -800,6 +801,226 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out.custom_kernel(*inputs, fxn=program, grad_fxn=_cpu_matmul_grads)[0]
 
 
+def _one(s) -> bool:
+    return isinstance(s, int) and s == 1
+
+
+def reshaped_steps(shape: list, steps: list[int], new: list) -> list[int] | None:
+    """The steps of a view (shape, steps) reshaped to new, or None where the reshape would need
+    a copy: axes may split or merge only where they lie in order in memory (as NumPy decides
+    whether a reshape is a view). A symbolic axis must stay whole."""
+    old = [(s, step) for s, step in zip(shape, steps) if not _one(s)]
+    kept = [(k, s) for k, s in enumerate(new) if not _one(s)]
+    out, i, j = [0] * len(new), 0, 0
+    while i < len(old) and j < len(kept):
+        (size, step), (k, want) = old[i], kept[j]
+        if size is want:  # the same axis, symbolic or whole
+            out[k], i, j = step, i + 1, j + 1
+            continue
+        if not isinstance(size, int) or not isinstance(want, int):
+            return None
+        group_old, group_new = [i], [j]  # the axes on each side that hold the same elements
+        while size != want:
+            if size < want:
+                i += 1
+                if i == len(old) or not isinstance(old[i][0], int):
+                    return None
+                group_old.append(i)
+                size *= old[i][0]
+            else:
+                j += 1
+                if j == len(kept) or not isinstance(kept[j][1], int):
+                    return None
+                group_new.append(j)
+                want *= kept[j][1]
+        if any(old[a][1] != old[b][1] * old[b][0] for a, b in zip(group_old, group_old[1:])):
+            return None  # the old axes do not lie in order: the reshape is a copy
+        step = old[group_old[-1]][1]
+        for jj in reversed(group_new):
+            out[kept[jj][0]] = step
+            step *= kept[jj][1]
+        i, j = i + 1, j + 1
+    return out if i == len(old) and j == len(kept) else None
+
+
+def strided(t: Tensor) -> tuple[Tensor, list, list[int], int] | None:
+    """t as a view of a tensor of whole sizes, read in place: (that tensor, t's shape, the
+    step in it for each of t's axes, where t starts), when the view is made of shrinks,
+    permutes and reshapes that need no copy (a slice of the KV cache; q, k and v's slices of
+    c_attn's output, split into heads). Else None."""
+    from tinygrad.uop.ops import Ops
+
+    views, u = [], t.uop
+    while u.op in (Ops.PERMUTE, Ops.RESHAPE, Ops.SHRINK, Ops.CONTIGUOUS_BACKWARD):
+        if u.op is not Ops.CONTIGUOUS_BACKWARD:  # the same values, going forward
+            views.append(u)
+        u = u.src[0]
+    if not all(isinstance(s, int) for s in u.shape):
+        return None
+    shape, steps, offset = list(u.shape), [math.prod(u.shape[i + 1:]) for i in range(u.ndim)], 0
+    for view in reversed(views):
+        if view.op is Ops.PERMUTE:
+            shape, steps = [shape[i] for i in view.arg], [steps[i] for i in view.arg]
+        elif view.op is Ops.SHRINK:
+            starts = [start for start, _ in view.marg]
+            if not all(isinstance(s, int) for s in starts):
+                return None
+            offset += sum(s * step for s, step in zip(starts, steps))
+            shape = list(view.shape)
+        else:
+            if (steps := reshaped_steps(shape, steps, list(view.shape))) is None:
+                return None
+            shape = list(view.shape)
+    return Tensor(u), shape, steps, offset
+
+
+def in_order(t: Tensor) -> Tensor:
+    """For a kernel that reads t's elements in order from a flat pointer: t, or where t is a
+    contiguous copy of a view that already lies in order at the start of another tensor (the
+    heads' outputs side by side after a transpose of an axis of 1), that tensor, shaped as it
+    is. tinygrad 0.14 copies such a view, even a reshape of a kernel's output."""
+    from tinygrad.uop.ops import Ops
+
+    if t.uop.op is not Ops.CONTIGUOUS or (view := strided(Tensor(t.uop.src[0]))) is None:
+        return t
+    base, shape, steps, offset = view
+    if not all(isinstance(s, int) for s in shape) or base.numel() != t.numel() or offset:
+        return t
+    if any(step != math.prod(shape[i + 1:]) for i, step in enumerate(steps) if shape[i] != 1):
+        return t
+    return base
+
+
+# One decoding query against the KV cache: q kᵀ (each cached key a row along memory) or att v
+# (the cached values summed with att's weights, row by row), read where the cache holds them.
+# The number of cached positions S changes every step: it is an argument (the step's position
+# variable), not part of the compiled kernel, so one kernel serves the whole context.
+CACHE_C = string.Template(r"""
+typedef float f8 __attribute__((ext_vector_type(8)));
+static inline f8 load8(const float *p, int n) {
+  f8 v = 0; __builtin_memcpy(&v, p, (unsigned long)n * sizeof(float)); return v;
+}
+static inline float sum8(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+void $name(float *restrict out, const float *restrict x, const float *restrict w, int core_id,
+           int $var) {
+  enum { E = $entries, N = $N, K = $K, CORES = $cores, PER = (E + CORES - 1) / CORES };
+  const long S = $S;  /* the cached positions read this step */
+  for (int e = core_id * PER; e < E && e < (core_id + 1) * PER; e++) {
+    const float *we = w + $wplace;
+    const float *xe = x + $xplace;
+#if $rows  /* scores: q against each cached key, S rows $step floats apart */
+    float *oe = out + (long)e * $ostride;
+    for (long s = 0; s < S; s++) {
+      const float *ws = we + s * $step;
+      f8 acc[4] = {0};
+      int k = 0;
+      for (; k + 32 <= K; k += 32)
+        for (int u = 0; u < 4; u++) acc[u] += load8(xe + k + 8 * u, 8) * load8(ws + k + 8 * u, 8);
+      for (; k + 8 <= K; k += 8) acc[0] += load8(xe + k, 8) * load8(ws + k, 8);
+      if (K % 8) acc[0] += load8(xe + k, K % 8) * load8(ws + k, K % 8);
+      oe[s] = sum8((acc[0] + acc[2]) + (acc[1] + acc[3]));
+    }
+#else  /* values: the S cached rows, $step floats apart, summed with the weights in x */
+    float *oe = out + (long)e * N;
+    f8 acc[(N + 7) / 8] = {0};
+    for (long s = 0; s < S; s++) {
+      const float *ws = we + s * $step;
+      f8 a = xe[s];
+      for (int j = 0; j < N / 8; j++) acc[j] += a * load8(ws + 8 * j, 8);
+      if (N % 8) acc[N / 8] += a * load8(ws + N - N % 8, N % 8);
+    }
+    for (int j = 0; j < N / 8; j++) __builtin_memcpy(oe + 8 * j, &acc[j], 8 * sizeof(float));
+    if (N % 8) __builtin_memcpy(oe + N - N % 8, &acc[N / 8], (N % 8) * sizeof(float));
+#endif
+  }
+}
+""")
+
+
+def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
+    """x Wᵀ per entry of a batch for one row of x, x (..., 1, K) and weight (..., N, K), when
+    N or K is a symbolic count of cached positions (a decoding step's q kᵀ or att v) and weight
+    is a view of the KV cache (strided): as one hand-written kernel that reads the cache where
+    it lies, with the count an argument. tinygrad 0.14's own kernels over a symbolic length
+    read the keys at a fraction of the memory's speed (docs/speed.md); copying them out of the
+    cache first costs what the product would save. None where it does not apply."""
+    from tinygrad import Device, dtypes
+    from tinygrad.dtype import AddrSpace
+    from tinygrad.helpers import NUM_CPU_THREADS
+    from tinygrad.renderer import Estimates
+    from tinygrad.runtime.ops_cpu import CPUDevice
+    from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp
+
+    *lead, N, K = weight.shape
+    symbolic = [s for s in (N, K) if not isinstance(s, int)]
+    if (len(symbolic) != 1 or x.ndim != weight.ndim or x.ndim < 3 or x.shape[-2] != 1
+            or tuple(x.shape[:-2]) != tuple(lead) or not all(isinstance(s, int) for s in lead)
+            or not (x.shape[-1] is K or x.shape[-1] == K)):
+        return None
+    if dtypes.float32 != x.dtype or dtypes.float32 != weight.dtype or not isinstance(x.device, str):
+        return None
+    if x.device != weight.device or not isinstance(device := Device[x.device], CPUDevice):
+        return None
+    if type(device.renderer).__name__ == "LVPRenderer" or _c_compiler() is None:
+        return None
+    count = symbolic[0]
+    if len(variables := count.variables()) != 1 or (view := strided(weight)) is None:
+        return None
+    base, _, steps, offset = view
+    rows = isinstance(K, int)  # q kᵀ: the keys are W's rows; else att v: the values are its columns
+    if steps[-1 if rows else -2] != 1:
+        return None
+    var, most = variables[0], count.vmax
+    entries = math.prod(lead)
+
+    def place(steps: list[int], offset: int) -> str:
+        """Where entry e starts, from its index along the leading axes (C)."""
+        return " + ".join([str(offset)] + [
+            f"(long)(e / {math.prod(lead[i + 1:])} % {n}) * {step}"
+            for i, (n, step) in enumerate(zip(lead, steps)) if n > 1])
+
+    if rows:  # q, read where c_attn wrote it when its features lie along memory
+        q = strided(x)
+        x, xplace = (q[0], place(q[2], q[3])) if q and q[2][-1] == 1 else (x, f"(long)e * {K}")
+    else:  # att (..., 1, S) padded to the longest S: a buffer of whole size. The softmax
+        # writes it, not a copy of its own contiguous output
+        if x.uop.op is Ops.CONTIGUOUS:
+            x = Tensor(x.uop.src[0])
+        x, xplace = x.pad(((0, 0),) * (x.ndim - 1) + ((0, most - count),)), f"(long)e * {most}"
+    cores = min(NUM_CPU_THREADS.value, entries)
+    name = f"cache_{'scores' if rows else 'values'}_{entries}_{K if rows else N}_{most}"
+    source = CACHE_C.substitute(
+        name=name, var=var.expr, entries=entries, N=0 if rows else N, K=K if rows else 0,
+        cores=cores, S=count.render(), wplace=place(steps, offset), xplace=xplace,
+        ostride=most, rows=int(rows), step=steps[-2] if rows else steps[-1])
+    binary = _compile_c(source, device.renderer.target)
+    inputs = [x.contiguous(), base.contiguous()]
+    moved = 4 * entries * (most * (K if rows else N) + most)
+    estimates = Estimates(ops=2 * moved // 4, lds=moved, mem=moved)
+
+    def program(*params: UOp) -> UOp:
+        core_id = UOp.param(3, dtypes.int, (), vmin_vmax=(0, cores - 1), name="core_id",
+                            addrspace=AddrSpace.ALU)
+        length = UOp.param(4, dtypes.int, (), vmin_vmax=(var.vmin, var.vmax), name=var.expr,
+                           addrspace=AddrSpace.ALU)
+        info = ProgramInfo(name, (cores, 1, 1), (1, 1, 1), (core_id, length), (0, 1, 2),
+                           (0,), (1, 2), device.renderer.target)
+        sink = UOp.sink(arg=KernelInfo(name, estimates=estimates))
+        return UOp(Ops.PROGRAM, arg=info, src=(sink, UOp(Ops.LINEAR, src=params),
+                                               UOp(Ops.SOURCE, arg=source),
+                                               UOp(Ops.BINARY, arg=binary)))
+
+    if rows:  # (..., 1, S) of a buffer for the longest S
+        out = Tensor.empty(*lead, 1, most, device=x.device).custom_kernel(*inputs, fxn=program)[0]
+        return out.shrink(tuple((0, s) for s in (*lead, 1)) + ((0, count),))
+    # (..., 1, N) made as (..., 1, H, N), the same memory: the heads' outputs side by side, as
+    # attention's next step (transpose(1, 2), then c_proj) reads them, with no copy between
+    out = Tensor.empty(*lead[:-1], 1, lead[-1], N, device=x.device)
+    return out.custom_kernel(*inputs, fxn=program)[0].transpose(-3, -2)
+
+
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x Wᵀ + b for x (N, in) and weight (out, in), or per entry of a batch, x (..., T, d) and
     weight (..., S, d). By the fastest form here: train_matmul when training (2-D), cpu_matmul
@@ -808,6 +1029,8 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     if TRAINING and x.ndim == 2:
         y = train_matmul(x, weight)
+    elif not TRAINING and bias is None and (y := cache_matmul(x, weight)) is not None:
+        return y
     elif not TRAINING and cpu_matmul_fits(x, weight, bias):
         return cpu_matmul(x, weight, bias)
     else:

@@ -14,14 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PLAIN
 from test_transformer import assert_clean_error, cli_process  # transformer.py, one error line
 from tinygrad import Context, Tensor, TinyJit
 
 import bench
+import gpt
 import runtime
+from generate import generate
 from transformer import Config, Transformer
 
 REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO / "tests" / "fixtures" / "tiny-gpt2" / "model.safetensors"
 
 
 # 48 rows split into 24 partial sums of dW, 34 (= 2 x 17) into 17, 7 (prime) into 7, 13 x 17 into 17
@@ -268,6 +272,104 @@ def test_cpu_matmul_gradients_equal_numpy(lead):
     g2, x2 = g.reshape(-1, 10), x.reshape(-1, 16)
     for got, want in zip(grads, [g @ w, g2.T @ x2, g2.sum(0)]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _permute(t, order):
+    return t.permute(order) if isinstance(t, Tensor) else t.transpose(order)
+
+
+# A view read in place: shrinks, permutes and reshapes that need no copy (q's slice of c_attn's
+# output split into heads, a slice of the KV cache); axes that no longer lie in order in memory
+# (after a permute, after a slice) cannot merge without a copy
+@pytest.mark.parametrize("view, in_place", [
+    (lambda t: t[1, :, 1:3], True),
+    (lambda t: _permute(t.reshape(2, 3, 40)[:, :, 8:24].reshape(2, 3, 2, 8), (0, 2, 1, 3)), True),
+    (lambda t: t.reshape(6, 40)[1:5].reshape(4, 4, 10)[:, 2:].reshape(4, 20), True),
+    (lambda t: _permute(t, (0, 2, 1, 3)).reshape(2, 12, 10), False),
+    (lambda t: t[..., :5].reshape(2, 3, 20), False)],
+    ids=["slice", "heads", "merge", "permuted", "sliced"])
+def test_strided_finds_the_elements_a_view_reads(view, in_place):
+    a = np.arange(240, dtype=np.float32).reshape(2, 3, 4, 10)
+    got = runtime.strided(view(Tensor(a)))
+    if not in_place:
+        assert got is None
+        return
+    base, shape, steps, offset = got
+    want = view(a)
+    assert tuple(shape) == want.shape and base.numel() == a.size
+    where = offset + sum(i * step for i, step in zip(np.indices(want.shape), steps))
+    np.testing.assert_array_equal(a.ravel()[where], want)
+
+
+def test_a_product_reads_the_heads_outputs_where_they_lie():
+    # attention's heads' outputs (B, H, 1, hs), transposed to (B, 1, H, hs) and flattened for
+    # c_proj: in memory the same order, which tinygrad copies and in_order does not; the
+    # numbers and the gradients through it still equal NumPy's
+    rng = np.random.default_rng(6)
+    xh, wh, w2, g = (rng.normal(size=s).astype(np.float32)
+                     for s in ((2, 3, 1, 5), (2, 3, 4, 5), (6, 12), (2, 1, 6)))
+    Xh, Wh, W2 = Tensor(xh), Tensor(wh), Tensor(w2)
+    z = runtime.cpu_matmul(Xh, Wh).transpose(1, 2).reshape(2, 1, 12).contiguous()
+    assert runtime.in_order(z) is not z
+    y = runtime.cpu_matmul(z, W2)
+    dxh, dw2 = (y * Tensor(g)).sum().gradient(Xh, W2)  # before y is realized, which ends its graph
+    zn = np.swapaxes(xh @ np.swapaxes(wh, -1, -2), 1, 2).reshape(2, 1, 12)
+    np.testing.assert_allclose(y.numpy(), zn @ w2.T, rtol=1e-5, atol=1e-5)
+    dz = (g @ w2).reshape(2, 1, 3, 4).swapaxes(1, 2)  # (2, 3, 1, 4), back through the transpose
+    np.testing.assert_allclose(dxh.numpy(), dz @ wh, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw2.numpy(), g.reshape(2, 6).T @ zn.reshape(2, 12), rtol=1e-5,
+                               atol=1e-5)
+
+
+# A decoding step's q kᵀ and att v over the KV cache, read in place with the number of cached
+# positions a variable: one compiled step replayed at every position, against NumPy; GPT-2's 12
+# heads of 64, and a batch of 2 with 3 heads of 12 (an 8-float step with 4 left over)
+@pytest.mark.parametrize("B, H, hs", [(1, 12, 64), (2, 3, 12)])
+def test_cache_products_over_a_variable_count_equal_numpy(B, H, hs):
+    from tinygrad import Variable
+
+    rng = np.random.default_rng(B * H)
+    n_ctx = 40
+    cache = rng.normal(size=(2, B, H, n_ctx, hs)).astype(np.float32)
+    q, att = rng.normal(size=(B, H, 1, hs)), rng.random((B, H, 1, n_ctx))
+    KV, Q, A = (Tensor(a.astype(np.float32)).realize() for a in (cache, q, att))
+    pos = Variable("pos", 1, n_ctx - 1)
+
+    def step(p):
+        S = p + 1
+        k, v = KV[0, :, :, :S], KV[1, :, :, :S]  # (B, H, S, hs), views of the cache
+        scores = runtime.cache_matmul(Q, k)  # (B, H, 1, S)
+        out = runtime.cache_matmul(A[:, :, :, :S], v.transpose(-2, -1))  # (B, H, 1, hs)
+        assert scores is not None and out is not None, "not taken by the cache kernel"
+        return scores.pad(((0, 0),) * 3 + ((0, n_ctx - S),)).contiguous().realize(), out.realize()
+
+    jit = TinyJit(step)
+    for p in (1, 3, 17, 39, 5, 39):  # captured on the second call, replayed from the third
+        scores, out = (t.numpy() for t in jit(pos.bind(p)))
+        S = p + 1
+        want = q @ np.swapaxes(cache[0, :, :, :S], -1, -2)
+        np.testing.assert_allclose(scores[..., :S], want, rtol=1e-5, atol=1e-5)
+        want = att[..., :S] @ cache[1, :, :, :S]
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(PLAIN, reason="TINYGPT_PLAIN=1: tinygrad's own products")
+def test_decoding_reads_the_kv_cache_in_place(monkeypatch):
+    # each layer's q kᵀ and att v in a decode step (over a variable number of keys): the cache
+    # kernel, not tinygrad's own product; the prefill's products (whole sizes) are not its own
+    taken = []
+    kernel = runtime.cache_matmul
+
+    def spy(x, w):
+        symbolic = not all(isinstance(s, int) for s in w.shape)
+        return taken.append((symbolic, r := kernel(x, w))) or r
+
+    monkeypatch.setattr(runtime, "cache_matmul", spy)
+    model = gpt.load_gpt2("gpt2", FIXTURE)
+    list(generate(model, np.array([[464, 2068, 7586]], dtype=np.int32), 3))
+    steps = [r for symbolic, r in taken if symbolic]
+    assert len(steps) == 2 * model.config.n_layer and all(r is not None for r in steps)
+    assert all(r is None for symbolic, r in taken if not symbolic)
 
 
 def test_linear_takes_the_cpu_kernel_only_where_it_fits(monkeypatch):
