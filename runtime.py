@@ -14,10 +14,11 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
   again in each new process; kept, a schedule whose kernels are all kept gets them in one step.
   Can go when tinygrad keeps its generated programs between runs.
 - run_on_all_cores: tinygrad splits a large CPU kernel into one chunk per core, then runs the
-  chunks one after another; here at once. Can go when its CPU runtime runs the chunks in
-  parallel again (its threads were deleted after 0.14, PR #17866).
+  chunks one after another; here at once, on helper threads in C (native_cores) that wait for
+  the next kernel by spinning a short while, not by waking up through Python. Can go when its
+  CPU runtime runs the chunks in parallel again (its threads were deleted after 0.14, PR #17866).
 - cpu_graph: TinyJit replays CPU kernels through a generic path that resolves each kernel's
-  buffers and arguments again in Python; a prepared loop instead. Can go when a CPU graph ships
+  buffers and arguments again in Python; a prepared table instead, run by one call into C. Can go when a CPU graph ships
   outside the experimental HCQ2.
 - use_device: tinygrad picks OpenCL (PoCL) or clang on a CPU; LLVM code generation is the
   fastest. Can go when tinygrad's own default on a CPU is LLVM.
@@ -37,6 +38,9 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
 - cpu_matmul: x Wᵀ + b outside training as one hand-written kernel (C vector code compiled by
   tinygrad's own clang compiler, run as a tinygrad program) that keeps vector arithmetic in
   vectors, as a BLAS does. Can go when tinygrad's CPU code does so too.
+- cache_matmul: a decode step's q kᵀ and att v as hand-written kernels that read the KV cache
+  where it lies, the number of cached keys an argument. Can go when tinygrad's kernels over a
+  symbolic length read memory at the speed of its others.
 """
 from __future__ import annotations
 
@@ -243,6 +247,162 @@ class _Cores:
 
 
 _CORES = _Cores()
+CORES_SPINS = 20000  # about 0.1-1 ms of waiting for the next kernel, then asleep
+
+
+# The helper threads in C: each waits for the next kernel by spinning on a counter for a short
+# while (a decode step's kernels follow one another within microseconds), then sleeps on a
+# condition variable until woken. A kernel's chunks are called with its arguments as 64-bit
+# words, as tinygrad's own CPUProgram passes them through ctypes.
+CORES_C = string.Template(r"""
+#include <pthread.h>
+#include <stdint.h>
+typedef uint64_t u64;
+enum { MAXA = $maxa, SPINS = $spins };
+typedef struct { void *fxn; int64_t chunks; const u64 *args; } launch;  /* chunks rows of MAXA */
+typedef void (*kernel)($params);
+static void call(const launch *l, int64_t c) {
+  const u64 *a = l->args + c * MAXA;
+  ((kernel)l->fxn)($args);
+}
+static int helpers;
+static const launch *job;
+static unsigned gen, done, sleeping, started_at;
+static u64 handed;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ volatile("yield");
+#endif
+}
+static void *serve(void *arg) {
+  int64_t id = (int64_t)(intptr_t)arg;  /* the chunk this thread runs: 1, 2, ... */
+  unsigned seen = started_at, g;  /* not gen now: a launch may have begun before this line */
+  for (;;) {
+    for (long spins = 0; (g = __atomic_load_n(&gen, __ATOMIC_SEQ_CST)) == seen;) {
+      if (++spins < SPINS) { relax(); continue; }
+      /* asleep until woken: counted first, so that a launch that follows sees it and wakes it */
+      pthread_mutex_lock(&mu);
+      __atomic_add_fetch(&sleeping, 1, __ATOMIC_SEQ_CST);
+      while (__atomic_load_n(&gen, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&cv, &mu);
+      __atomic_sub_fetch(&sleeping, 1, __ATOMIC_SEQ_CST);
+      pthread_mutex_unlock(&mu);
+    }
+    seen = g;
+    const launch *l = __atomic_load_n(&job, __ATOMIC_SEQ_CST);
+    if (id < l->chunks) { call(l, id); __atomic_add_fetch(&handed, 1, __ATOMIC_RELAXED); }
+    __atomic_add_fetch(&done, 1, __ATOMIC_SEQ_CST);
+  }
+  return 0;
+}
+int cores_start(int n) {  /* n helper threads in all; returns how many run */
+  started_at = __atomic_load_n(&gen, __ATOMIC_SEQ_CST);  /* no launch runs during a start */
+  while (helpers < n) {
+    pthread_t t;
+    if (pthread_create(&t, 0, serve, (void *)(intptr_t)(helpers + 1))) break;
+    pthread_detach(t);
+    helpers++;
+  }
+  return helpers;
+}
+void cores_forget(void) {  /* in a forked child, where no helper thread lives on */
+  helpers = 0; gen = done = sleeping = 0;
+  pthread_mutex_init(&mu, 0); pthread_cond_init(&cv, 0);
+}
+u64 cores_handed(void) { return __atomic_load_n(&handed, __ATOMIC_SEQ_CST); }
+void cores_run(const launch *ls, int64_t count) {  /* each kernel's chunks at once, in order */
+  for (int64_t i = 0; i < count; i++) {
+    const launch *l = ls + i;
+    if (l->chunks == 1 || helpers == 0) {
+      for (int64_t c = 0; c < l->chunks; c++) call(l, c);
+      continue;
+    }
+    __atomic_store_n(&job, l, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&done, 0, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&gen, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&sleeping, __ATOMIC_SEQ_CST)) {
+      pthread_mutex_lock(&mu); pthread_cond_broadcast(&cv); pthread_mutex_unlock(&mu);
+    }
+    call(l, 0);
+    for (int64_t c = helpers + 1; c < l->chunks; c++) call(l, c);  /* more chunks than threads */
+    while (__atomic_load_n(&done, __ATOMIC_SEQ_CST) < (unsigned)helpers) relax();
+  }
+}
+""")
+
+
+class Launch(ctypes.Structure):
+    """One kernel for native_cores: its code, its number of chunks, and chunks rows of MAX_ARGS
+    64-bit arguments (chunk c's core_id in its row)."""
+    _fields_ = [("fxn", ctypes.c_void_p), ("chunks", ctypes.c_int64),
+                ("args", ctypes.POINTER(ctypes.c_uint64))]
+
+
+def launch(fxn: int, chunks: list[list[int]]) -> tuple[Launch, ctypes.Array]:
+    """A Launch of the kernel at address fxn with one argument list per chunk, and the array
+    of arguments it points into (to be kept alive, and written when an argument changes)."""
+    from tinygrad.runtime.ops_cpu import MAX_ARGS
+
+    args = (ctypes.c_uint64 * (MAX_ARGS * len(chunks)))()
+    for c, chunk in enumerate(chunks):
+        args[c * MAX_ARGS:c * MAX_ARGS + len(chunk)] = [getattr(a, "value", a) for a in chunk]
+    return Launch(fxn, len(chunks), args), args
+
+
+@functools.cache
+def native_cores() -> ctypes.CDLL | None:
+    """The C helper threads (CORES_C), built once per machine into tinygrad's cache folder and
+    started with one thread per core beyond the first; None where there is no C compiler or the
+    build fails (then _CORES's Python threads run the chunks)."""
+    import subprocess
+    import tempfile
+
+    from tinygrad.helpers import NUM_CPU_THREADS, cache_dir
+    from tinygrad.runtime.ops_cpu import MAX_ARGS
+
+    compiler = _c_compiler()
+    if compiler is None or sys.platform != "linux":
+        return None
+    source = CORES_C.substitute(
+        maxa=MAX_ARGS, spins=CORES_SPINS, params=", ".join(["u64"] * MAX_ARGS),
+        args=", ".join(f"a[{i}]" for i in range(MAX_ARGS)))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, "tinygpt", f"cores-{digest}.so")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            c_file = os.path.join(tmp, "cores.c")
+            with open(c_file, "w") as f:
+                f.write(source)
+            so_file = f"{path}.{os.getpid()}"  # beside it, so that the rename below is atomic
+            built = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-pthread", c_file, "-o",
+                                    so_file], capture_output=True)
+            if built.returncode != 0:
+                return None
+            os.replace(so_file, path)  # whole, or not there: another process may be reading it
+    lib = ctypes.CDLL(path)
+    lib.cores_run.argtypes = [ctypes.POINTER(Launch), ctypes.c_int64]
+    lib.cores_handed.restype = ctypes.c_uint64
+    lib.cores_start(NUM_CPU_THREADS.value - 1)
+    # a forked child has none of the threads: its own start
+    os.register_at_fork(after_in_child=lambda: (lib.cores_forget(),
+                                                lib.cores_start(NUM_CPU_THREADS.value - 1)))
+    return lib
+
+
+def run_launches(table, count: int):
+    """count Launches (table: a ctypes array, or one Launch by reference) by native_cores, in
+    order, one kernel at a time whichever Python thread calls. _CORES.handed counts the chunks
+    its helper threads ran (for tests)."""
+    lib = native_cores()
+    with _CORES.lock:
+        before = lib.cores_handed()
+        lib.cores_run(table, count)
+        _CORES.handed += lib.cores_handed() - before
+
 
 
 def chunk_args(args: list[int], core: int | None, n: int) -> list[list[ctypes.c_uint64]]:
@@ -258,9 +418,11 @@ def run_on_all_cores():
     tinygrad 0.14 splits a large CPU kernel (128K operations per core or more) into one chunk
     per core, told apart by a `core_id` argument, then calls the chunks one after another on
     one thread. Here chunk 0 runs on the calling thread and the others on helper threads at the
-    same time: ctypes lets go of Python's lock while compiled code runs. The chunks write
-    disjoint outputs, so results are bit for bit the same. What it buys each training step:
-    docs/speed.md, "Both cores". Idempotent; use_device calls it."""
+    same time: native_cores' threads in C, or where it cannot be built _CORES's in Python
+    (ctypes lets go of Python's lock while compiled code runs; handing a chunk over and back
+    through Python's queues costs 15-40 us). The chunks write disjoint outputs, so results are
+    bit for bit the same. What it buys each training step: docs/speed.md, "Both cores".
+    Idempotent; use_device calls it."""
     from tinygrad.runtime.ops_cpu import CPUProgram
 
     serial = CPUProgram.__call__
@@ -274,7 +436,12 @@ def run_on_all_cores():
             return serial(self, *bufs, global_size=global_size, local_size=local_size, vals=vals,
                           wait=wait, timeout=timeout)
         start = time.perf_counter()
-        _CORES.run(self.fxn, chunk_args([*(b.va_addr for b in bufs), *vals], slot, global_size[0]))
+        chunks = chunk_args([*(b.va_addr for b in bufs), *vals], slot, global_size[0])
+        if native_cores() is not None:
+            one, args = launch(self.addr, chunks)
+            run_launches(ctypes.byref(one), 1)
+        else:
+            _CORES.run(self.fxn, chunks)
         return time.perf_counter() - start if wait else None
 
     call.all_cores = True
@@ -301,11 +468,14 @@ def cpu_graph():
         replays = 0  # calls of any CPUGraph so far (for tests)
 
         def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
+            from tinygrad.runtime.ops_cpu import MAX_ARGS
+
             super().__init__(linear, input_uops)
             self.launches = []  # per kernel: (compiled function, argument list per chunk)
             self.patches = []  # (kernel, argument, input slot): buffers that change between calls
             self.first_var = []  # per kernel: where its variables start among its arguments
             zeros = {v: 0 for v in self.vars}
+            addresses = []
             for j, ((_, program, bufs, device_vars), runtime) in enumerate(zip(self.calls,
                                                                                self.runtimes)):
                 info = program.arg
@@ -315,22 +485,36 @@ def cpu_graph():
                 core = runtime.runtimevars.get("core_id")
                 n = info.launch_dims(zeros)[0][0] if core is not None else 1
                 self.launches.append((runtime.fxn, chunk_args(args, core, n)))
+                addresses.append(runtime.addr)
                 self.patches += [(j, k, slot) for p, slot in self.uop_replace[j]
                                  for k, g in enumerate(info.globals) if g == p]
                 self.first_var.append(len(kernel_bufs))
+            # the same launches for the C helper threads: one call replays them all
+            self.table = None
+            if native_cores() is not None:
+                made = [launch(a, chunks) for a, (_, chunks) in zip(addresses, self.launches)]
+                self.table = (Launch * len(made))(*(one for one, _ in made))
+                self.argv, self.row = [args for _, args in made], MAX_ARGS
+
+        def set_arg(self, j: int, k: int, value: int):
+            """Argument k of kernel j, in every chunk, for the next replay."""
+            for c, chunk in enumerate(self.launches[j][1]):
+                chunk[k] = ctypes.c_uint64(value)
+                if self.table is not None:
+                    self.argv[j][c * self.row + k] = value
 
         def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait=False):
             for j, k, slot in self.patches:
                 buf = input_uops[slot].buffer
-                address = ctypes.c_uint64(buf.get_buf(buf.device).va_addr)
-                for chunk in self.launches[j][1]:
-                    chunk[k] = address
+                self.set_arg(j, k, buf.get_buf(buf.device).va_addr)
             for j, i, value in self.updated_vars(var_vals):
-                for chunk in self.launches[j][1]:
-                    chunk[self.first_var[j] + i] = ctypes.c_uint64(value)
+                self.set_arg(j, self.first_var[j] + i, value)
             start = time.perf_counter()
-            for fxn, chunks in self.launches:
-                _CORES.run(fxn, chunks)
+            if self.table is not None:
+                run_launches(self.table, len(self.table))
+            else:
+                for fxn, chunks in self.launches:
+                    _CORES.run(fxn, chunks)
             GlobalCounters.kernel_count += len(self.launches) - 1  # tinygrad counts a graph as one
             CPUGraph.replays += 1
             return time.perf_counter() - start if wait else None

@@ -163,6 +163,41 @@ def test_kernel_chunks_on_all_cores_give_the_same_numbers():
     assert int(out.stdout) >= 2 * 3 * 3  # two kernels, three runs, three helper chunks each
 
 
+@pytest.mark.skipif(sys.platform != "linux" or not runtime._c_compiler(),
+                    reason="the C helper threads are built on Linux with a C compiler")
+def test_c_helper_threads_wake_from_sleep_and_serve_a_forked_child():
+    # native_cores' helpers spin a while after each kernel, then sleep on a condition variable:
+    # a kernel after a pause must wake them (a lost wake-up hangs, and the timeout fails it);
+    # a forked child starts helpers of its own; 4 chunks per kernel (NUM_CPU_THREADS=4) on any
+    # machine, so 3 go to helpers each time
+    code = """if True:
+    import os, time, numpy as np, runtime
+    from tinygrad import Tensor
+    assert runtime.native_cores() is not None
+    runtime.run_on_all_cores()
+    c = np.random.default_rng(0).normal(size=(1024, 512)).astype(np.float32)
+    want = 2 * np.exp(c.astype(np.float64)).sum(1)
+    check = lambda: np.testing.assert_allclose((Tensor(c).exp() * 2).sum(1).numpy(), want,
+                                               rtol=1e-4)
+    for pause in (0, 0.01, 0, 0.05, 0.001):
+        check()
+        time.sleep(pause)
+    handed = runtime._CORES.handed
+    pid = os.fork()
+    if pid == 0:
+        check()
+        os._exit(0 if runtime._CORES.handed > handed else 3)
+    assert os.waitpid(pid, 0)[1] == 0
+    check()
+    print(runtime._CORES.handed)
+    """
+    env = {**os.environ, "DEV": "CPU", "NUM_CPU_THREADS": "4"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout) >= 6 * 3  # six runs of a 4-chunk kernel in the parent
+
+
 def test_cpu_graph_replays_give_the_same_numbers_with_new_inputs_and_variables():
     # a TinyJit'd function replayed with fresh inputs and a new value of a bound Variable each
     # call: through tinygrad's own replay, then through CPUGraph; the same bits, kernel counts,
