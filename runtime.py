@@ -18,8 +18,8 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
   the next kernel by spinning a short while, not by waking up through Python. Can go when its
   CPU runtime runs the chunks in parallel again (its threads were deleted after 0.14, PR #17866).
 - cpu_graph: TinyJit replays CPU kernels through a generic path that resolves each kernel's
-  buffers and arguments again in Python; a prepared table instead, run by one call into C. Can go when a CPU graph ships
-  outside the experimental HCQ2.
+  buffers and arguments again in Python; a prepared table instead, run by one call into C.
+  Can go when a CPU graph ships outside the experimental HCQ2.
 - use_device: tinygrad picks OpenCL (PoCL) or clang on a CPU; LLVM code generation is the
   fastest. Can go when tinygrad's own default on a CPU is LLVM.
 - on_device: tinygrad copies a NumPy array into a fresh buffer of its own; on a CPU the
