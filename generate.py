@@ -13,7 +13,7 @@ import numpy as np
 from tinygrad import Context, Tensor, Variable
 from tinygrad.helpers import BEAM
 
-from runtime import host_input, jit_at_once, kept_jits
+from runtime import host_input, host_output, jit_at_once, kept_jits
 from transformer import Transformer
 
 
@@ -108,6 +108,6 @@ def generate(model: Transformer, prompt: np.ndarray, max_new_tokens: int, temper
         else:
             with Context(BEAM=beam or BEAM.value):  # 0 leaves tinygrad's own setting alone
                 tok = host_input(tok, nxt[:, None])
-                logits = decode(tok, pos_var.bind(window.shape[1] - 1)).numpy()
+                logits = host_output(decode(tok, pos_var.bind(window.shape[1] - 1)))
 
 

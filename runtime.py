@@ -28,8 +28,9 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
 - jit_at_once, kept_jits: TinyJits that capture on their first call, and are kept from one
   call to the next while the buffers they read stay the same. Can go when TinyJit takes the
   number of plain calls as an option and checks what it reads.
-- host_input: a decode step's token written into the buffer the step's TinyJit read last time,
-  not made a new tensor whose copy the JIT schedules anew. Can go when that copy is cheap.
+- host_input, host_output: a decode step's token written into the buffer the step's TinyJit
+  read last time, not made a new tensor whose copy the JIT schedules anew; its logits read from
+  the buffer the step wrote. Can go when those copies are cheap.
 - exit_now: Python's teardown frees tinygrad's graphs one object at a time after every run,
   when nothing is left to use them. Can go when that teardown is quick.
 - train_matmul: x Wᵀ with a backward whose CPU kernels read memory in order and split the long
@@ -535,14 +536,19 @@ def cpu_graph():
 
 
 def batch_cpu_kernels():
-    """Let TinyJit replay the default device's kernels through CPUGraph, if it is a CPU.
-    Idempotent; use_device calls it."""
+    """Let TinyJit replay the default device's kernels through CPUGraph, if it is a CPU, all of
+    a capture's kernels in one graph: TinyJit cuts graphs of 32, 64, ... kernels so that a GPU
+    starts on the first while the next is sent, where a CPU would only wait longer (JIT_BATCH_SIZE
+    in the environment still rules). Idempotent; use_device calls it."""
     from tinygrad import Device
+    from tinygrad.helpers import JIT_BATCH_SIZE
     from tinygrad.runtime.ops_cpu import CPUDevice
 
     device = Device[Device.DEFAULT]
     if isinstance(device, CPUDevice) and type(device.renderer).__name__ != "LVPRenderer":
         device.graph = cpu_graph()
+        if "JIT_BATCH_SIZE" not in os.environ:
+            JIT_BATCH_SIZE.value = 0  # no limit
 
 
 def use_device(device: str | None = None) -> str:
@@ -689,6 +695,30 @@ def jit_at_once(fxn) -> TinyJit:
     return jit
 
 
+def _host_view(t: Tensor):
+    """A NumPy view of t's elements in the memory of its buffer, when t is a realized buffer on a
+    CPU device or a view of one (strided: the logits' slice of the padded output layer); else
+    None."""
+    import numpy as np
+    from tinygrad.device import Buffer
+    from tinygrad.dtype import _to_np_dtype
+    from tinygrad.runtime.ops_cpu import CPUDevice
+    from tinygrad.uop.ops import Ops
+
+    if (view := strided(t)) is None or not all(isinstance(s, int) for s in view[1]):
+        return None
+    base, shape, steps, offset = view
+    buf = base.uop.buffer if base.uop.op is Ops.BUFFER else None
+    if not isinstance(buf, Buffer) or not buf.is_allocated() or buf.size != base.numel():
+        return None
+    if not isinstance(buf.allocator.dev, CPUDevice) or _to_np_dtype(buf.dtype) is None:
+        return None
+    # no copy: synchronized first, so no kernel still writes it
+    flat = np.frombuffer(buf.as_memoryview(force_zero_copy=True), dtype=_to_np_dtype(buf.dtype))
+    return np.lib.stride_tricks.as_strided(flat[offset:], shape,
+                                           [step * flat.itemsize for step in steps])
+
+
 def host_input(held: Tensor | None, array) -> Tensor:
     """A NumPy array as a TinyJit's input. Tensor(array) is a new tensor each call, whose copy
     onto the device the JIT schedules before it replays: milliseconds for one token per decode
@@ -702,9 +732,21 @@ def host_input(held: Tensor | None, array) -> Tensor:
         return Tensor(array)
     if held is None or held.shape != array.shape or held.dtype != _from_np_dtype(array.dtype):
         return Tensor(array).contiguous().realize()
+    if (memory := _host_view(held)) is not None and memory.flags.writeable:  # written in place
+        memory[...] = array
+        return held
     host = Buffer("PYTHON", array.size, held.dtype, opaque=memoryview(bytearray(array.tobytes())))
     held.uop.buffer.copy_from(host)
     return held
+
+
+def host_output(t: Tensor):
+    """t's values as a NumPy array (a copy). Tensor.numpy() schedules and runs a copy through
+    tinygrad's graph rewrites each call: 0.3 ms for a decode step's one row of logits, a tenth
+    of the step with --half (docs/speed.md). Once installed, a realized buffer on a CPU is read
+    where it lies. Can go when Tensor.numpy() of a realized buffer is that cheap."""
+    view = _host_view(t) if INSTALLED else None
+    return t.numpy() if view is None else view.copy()
 
 
 class _Kept:

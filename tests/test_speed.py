@@ -407,6 +407,26 @@ def test_decoding_reads_the_kv_cache_in_place(monkeypatch):
     assert all(r is None for symbolic, r in taken if not symbolic)
 
 
+def test_host_input_and_output_pass_a_jits_values_in_place():
+    # a decode step's token written into the buffer the TinyJit reads, and its logits (a slice
+    # of the padded output layer's row) read from the buffer it wrote: the values NumPy wants,
+    # step after step, and the array handed back is the caller's own copy
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(64, 24)).astype(np.float32)
+    W = Tensor(w).realize()
+    step = TinyJit(lambda tok: (W[tok.reshape(-1)] * 2)[:, :20].realize())  # (B, 20) of (B, 24)
+    tok = None
+    for ids in ([[3], [5]], [[7], [1]], [[63], [0]], [[2], [2]], [[9], [4]]):
+        ids = np.array(ids, dtype=np.int32)
+        held = tok
+        tok = runtime.host_input(tok, ids)
+        assert held is None or tok is held or PLAIN  # the same buffer, written again
+        out = runtime.host_output(step(tok))
+        np.testing.assert_array_equal(out, 2 * w[ids[:, 0], :20])
+        out[:] = -1  # a copy: the next step's values do not depend on it
+    assert step.cnt >= 3  # replayed, not traced each time
+
+
 def test_linear_takes_the_cpu_kernel_only_where_it_fits(monkeypatch):
     # float32 rows on a CPU, one (decoding) or many, with float32 or float16 weights: the
     # hand-written kernel; float16 rows, training: tinygrad's own code
