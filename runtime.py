@@ -1123,39 +1123,50 @@ def in_order(t: Tensor) -> Tensor:
 # variable), not part of the compiled kernel, so one kernel serves the whole context.
 CACHE_C = string.Template(r"""
 typedef float f8 __attribute__((ext_vector_type(8)));
+typedef short s8 __attribute__((vector_size(16)));
+typedef $wtype W;
 static inline f8 load8(const float *p, int n) {
   f8 v = 0; __builtin_memcpy(&v, p, (unsigned long)n * sizeof(float)); return v;
+}
+static inline f8 loadw8(const W *p, int n) {  /* a float16 cache (--half) widened as loaded */
+#if $half && defined(__F16C__)
+  s8 h = {0}; __builtin_memcpy(&h, p, (unsigned long)n * 2); return __builtin_ia32_vcvtph2ps256(h);
+#elif $half
+  f8 v = 0; for (int i = 0; i < n; i++) v[i] = (float)p[i]; return v;
+#else
+  return load8(p, n);
+#endif
 }
 static inline float sum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
-void $name(float *restrict out, const float *restrict x, const float *restrict w, int core_id,
+void $name(float *restrict out, const float *restrict x, const W *restrict w, int core_id,
            int $var) {
   enum { E = $entries, N = $N, K = $K, CORES = $cores, PER = (E + CORES - 1) / CORES };
   const long S = $S;  /* the cached positions read this step */
   for (int e = core_id * PER; e < E && e < (core_id + 1) * PER; e++) {
-    const float *we = w + $wplace;
+    const W *we = w + $wplace;
     const float *xe = x + $xplace;
 #if $rows  /* scores: q against each cached key, S rows $step floats apart */
     float *oe = out + (long)e * $ostride;
     for (long s = 0; s < S; s++) {
-      const float *ws = we + s * $step;
+      const W *ws = we + s * $step;
       f8 acc[4] = {0};
       int k = 0;
       for (; k + 32 <= K; k += 32)
-        for (int u = 0; u < 4; u++) acc[u] += load8(xe + k + 8 * u, 8) * load8(ws + k + 8 * u, 8);
-      for (; k + 8 <= K; k += 8) acc[0] += load8(xe + k, 8) * load8(ws + k, 8);
-      if (K % 8) acc[0] += load8(xe + k, K % 8) * load8(ws + k, K % 8);
+        for (int u = 0; u < 4; u++) acc[u] += load8(xe + k + 8 * u, 8) * loadw8(ws + k + 8 * u, 8);
+      for (; k + 8 <= K; k += 8) acc[0] += load8(xe + k, 8) * loadw8(ws + k, 8);
+      if (K % 8) acc[0] += load8(xe + k, K % 8) * loadw8(ws + k, K % 8);
       oe[s] = sum8((acc[0] + acc[2]) + (acc[1] + acc[3]));
     }
 #else  /* values: the S cached rows, $step floats apart, summed with the weights in x */
     float *oe = out + (long)e * N;
     f8 acc[(N + 7) / 8] = {0};
     for (long s = 0; s < S; s++) {
-      const float *ws = we + s * $step;
+      const W *ws = we + s * $step;
       f8 a = xe[s];
-      for (int j = 0; j < N / 8; j++) acc[j] += a * load8(ws + 8 * j, 8);
-      if (N % 8) acc[N / 8] += a * load8(ws + N - N % 8, N % 8);
+      for (int j = 0; j < N / 8; j++) acc[j] += a * loadw8(ws + 8 * j, 8);
+      if (N % 8) acc[N / 8] += a * loadw8(ws + N - N % 8, N % 8);
     }
     for (int j = 0; j < N / 8; j++) __builtin_memcpy(oe + 8 * j, &acc[j], 8 * sizeof(float));
     if (N % 8) __builtin_memcpy(oe + N - N % 8, &acc[N / 8], (N % 8) * sizeof(float));
@@ -1185,7 +1196,9 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
             or tuple(x.shape[:-2]) != tuple(lead) or not all(isinstance(s, int) for s in lead)
             or not (x.shape[-1] is K or x.shape[-1] == K)):
         return None
-    if dtypes.float32 != x.dtype or dtypes.float32 != weight.dtype or not isinstance(x.device, str):
+    if dtypes.float32 != x.dtype or weight.dtype not in (dtypes.float32, dtypes.float16):
+        return None
+    if not isinstance(x.device, str):
         return None
     if x.device != weight.device or not isinstance(device := Device[x.device], CPUDevice):
         return None
@@ -1216,15 +1229,18 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
             x = Tensor(x.uop.src[0])
         x, xplace = x.pad(((0, 0),) * (x.ndim - 1) + ((0, most - count),)), f"(long)e * {most}"
     cores = min(NUM_CPU_THREADS.value, entries)
-    name = f"cache_{'scores' if rows else 'values'}_{entries}_{K if rows else N}_{most}"
+    half = weight.dtype.itemsize == 2
+    name = (f"cache_{'scores' if rows else 'values'}_{entries}_{K if rows else N}_{most}"
+            + ("_half" if half else ""))
     source = CACHE_C.substitute(
+        wtype="__fp16" if half else "float", half=int(half),
         name=name, var=var.expr, entries=entries, N=0 if rows else N, K=K if rows else 0,
         cores=cores, S=count.render(), wplace=place(steps, offset), xplace=xplace,
         ostride=most, rows=int(rows), step=steps[-2] if rows else steps[-1])
     binary = _compile_c(source, device.renderer.target)
     inputs = [x.contiguous(), base.contiguous()]
-    moved = 4 * entries * (most * (K if rows else N) + most)
-    estimates = Estimates(ops=2 * moved // 4, lds=moved, mem=moved)
+    moved = entries * most * ((K if rows else N) * weight.dtype.itemsize + 4)
+    estimates = Estimates(ops=2 * entries * most * (K if rows else N), lds=moved, mem=moved)
 
     def program(*params: UOp) -> UOp:
         core_id = UOp.param(3, dtypes.int, (), vmin_vmax=(0, cores - 1), name="core_id",

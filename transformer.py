@@ -218,12 +218,16 @@ class CausalSelfAttention(MultiHeadAttention):
     def remember(self, k: Tensor, v: Tensor, start_pos) -> tuple[Tensor, Tensor]:
         """Write this call's keys and values at start_pos and return everything cached so far."""
         B, H, T, hs = k.shape
-        if self.cache_kv is None or self.cache_kv.shape[1] != B or self.cache_kv.dtype != k.dtype:
+        # in the weights' precision: float16 weights (--half) keep float16 keys and values, half
+        # the bytes that each step reads back (as llama.cpp's cache does)
+        dtype = self.c_attn.weight.dtype
+        if self.cache_kv is None or self.cache_kv.shape[1] != B or self.cache_kv.dtype != dtype:
             # empty, not zeros: every position is written before it is read, and needs no kernel
-            cache = Tensor.empty(2, B, H, self.n_ctx, hs, dtype=k.dtype)
+            cache = Tensor.empty(2, B, H, self.n_ctx, hs, dtype=dtype)
             self.cache_kv = cache.is_param_(False)  # state, not a weight: kept out of checkpoints
         end = start_pos + T
-        self.cache_kv[:, :, :, start_pos:end].assign(Tensor.stack(k, v))  # (2, B, H, T, hs)
+        # (2, B, H, T, hs)
+        self.cache_kv[:, :, :, start_pos:end].assign(Tensor.stack(k, v).cast(dtype))
         return self.cache_kv[0, :, :, :end], self.cache_kv[1, :, :, :end]
 
 

@@ -210,10 +210,14 @@ def test_half_greedy_text_equals_float32s_for_20_tokens_on_the_trained_model():
 # the cache) against the plain forward pass over all pos + 1 tokens, far into a context of
 # GPT-2's 1024, in float32 and with --half's float16 weights (float32 activations). The weights
 # are GPT-2's initial ones plus noise of std 0.1, so biases are not 0, LayerNorm gains not 1, and
-# the logits are of order 1 (std 0.63): measured, the step is within 5e-7 of the plain pass and
-# the float16 model within 2e-3 of the float32 one.
+# the logits are of order 1 (std 0.63): measured, the step is within 5e-7 of the plain pass (the
+# float16 model's within 2.7e-4: its cache is float16) and the float16 model within 2e-3 of the
+# float32 one.
 DECODE_TOL = 1e-5  # float32 sums in another order
 HALF_TOL = 1e-2  # float16 weights against float32 ones: their rounding, 2^-11 of each weight
+# float16 weights keep float16 keys and values in the cache, which the plain pass does not round
+# (measured: within 2.7e-4)
+HALF_CACHE_TOL = 2e-3
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
@@ -236,7 +240,8 @@ def test_decode_steps_at_positions_0_300_900_equal_the_plain_forward_pass(half):
             model(Tensor(ids[:, :pos]), 0).realize()  # the prompt into the cache
         step = model(Tensor(ids[:, pos : pos + 1]), pos_var.bind(pos) if pos else 0)
         want = model(Tensor(ids[:, : pos + 1])).numpy()[0, -1]  # no cache
-        np.testing.assert_allclose(step.numpy()[0, -1], want, rtol=0, atol=DECODE_TOL,
+        np.testing.assert_allclose(step.numpy()[0, -1], want, rtol=0,
+                                   atol=HALF_CACHE_TOL if half else DECODE_TOL,
                                    err_msg=f"position {pos}")
     if half:  # and the float16 model's logits near the float32 model's
         fp32 = transformer.Transformer(model.config)

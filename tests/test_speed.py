@@ -359,15 +359,17 @@ def test_a_product_reads_the_heads_outputs_where_they_lie():
 # A decoding step's q kᵀ and att v over the KV cache, read in place with the number of cached
 # positions a variable: one compiled step replayed at every position, against NumPy; GPT-2's 12
 # heads of 64, and a batch of 2 with 3 heads of 12 (an 8-float step with 4 left over)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B, H, hs", [(1, 12, 64), (2, 3, 12)])
-def test_cache_products_over_a_variable_count_equal_numpy(B, H, hs):
+def test_cache_products_over_a_variable_count_equal_numpy(B, H, hs, dtype):
     from tinygrad import Variable
 
     rng = np.random.default_rng(B * H)
     n_ctx = 40
-    cache = rng.normal(size=(2, B, H, n_ctx, hs)).astype(np.float32)
-    q, att = rng.normal(size=(B, H, 1, hs)), rng.random((B, H, 1, n_ctx))
-    KV, Q, A = (Tensor(a.astype(np.float32)).realize() for a in (cache, q, att))
+    cache = rng.normal(size=(2, B, H, n_ctx, hs)).astype(dtype)  # --half keeps float16 (its
+    q, att = rng.normal(size=(B, H, 1, hs)), rng.random((B, H, 1, n_ctx))  # values multiplied)
+    KV = Tensor(cache).realize()
+    Q, A = (Tensor(a.astype(np.float32)).realize() for a in (q, att))
     pos = Variable("pos", 1, n_ctx - 1)
 
     def step(p):
@@ -382,14 +384,15 @@ def test_cache_products_over_a_variable_count_equal_numpy(B, H, hs):
     for p in (1, 3, 17, 39, 5, 39):  # captured on the second call, replayed from the third
         scores, out = (t.numpy() for t in jit(pos.bind(p)))
         S = p + 1
-        want = q @ np.swapaxes(cache[0, :, :, :S], -1, -2)
+        want = q @ np.swapaxes(cache[0, :, :, :S], -1, -2).astype(np.float64)
         np.testing.assert_allclose(scores[..., :S], want, rtol=1e-5, atol=1e-5)
-        want = att[..., :S] @ cache[1, :, :, :S]
+        want = att[..., :S] @ cache[1, :, :, :S].astype(np.float64)
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(PLAIN, reason="TINYGPT_PLAIN=1: tinygrad's own products")
-def test_decoding_reads_the_kv_cache_in_place(monkeypatch):
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_decoding_reads_the_kv_cache_in_place(monkeypatch, half):
     # each layer's q kᵀ and att v in a decode step (over a variable number of keys): the cache
     # kernel, not tinygrad's own product; the prefill's products (whole sizes) are not its own
     taken = []
@@ -400,7 +403,7 @@ def test_decoding_reads_the_kv_cache_in_place(monkeypatch):
         return taken.append((symbolic, r := kernel(x, w))) or r
 
     monkeypatch.setattr(runtime, "cache_matmul", spy)
-    model = gpt.load_gpt2("gpt2", FIXTURE)
+    model = gpt.load_gpt2("gpt2", FIXTURE, half=half)  # --half: a float16 cache
     list(generate(model, np.array([[464, 2068, 7586]], dtype=np.int32), 3))
     steps = [r for symbolic, r in taken if symbolic]
     assert len(steps) == 2 * model.config.n_layer and all(r is not None for r in steps)
