@@ -210,3 +210,10 @@ def names(choices, what: str):
         return chosen
 
     return parse
+
+
+def existing_dir(text: str) -> Path:
+    """An argparse type: a folder that exists (bench.py's --llama-cpp)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return Path(text)

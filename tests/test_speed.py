@@ -533,6 +533,33 @@ def test_pocl_compiles_without_noise_on_stderr(tmp_path, how):
         assert run.stderr == "", run.stderr
 
 
+def test_bench_writes_gpt2s_tokenizer_files_that_encode_as_tiktoken(tmp_path):
+    # vocab.json and merges.txt for llama.cpp's converter, recovered from tiktoken's ranks: GPT-2's
+    # byte-pair encoding with them (OpenAI's encoder.py: merge the lowest-ranked pair until none
+    # is left), written out here, gives tiktoken's ids for single words
+    import tiktoken
+
+    bench.gpt2_tokenizer_files(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    lines = (tmp_path / "merges.txt").read_text().splitlines()[1:]
+    rank = {tuple(line.split(" ")): i for i, line in enumerate(lines)}
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    stand_in = {b: chr(b) for b in shown}
+    stand_in |= {b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in shown)}
+    enc = tiktoken.get_encoding("r50k_base")
+    assert len(vocab) == 50257 and len(rank) == 50000 and vocab["<|endoftext|>"] == 50256
+    for word in (" Hello", " world", "ing", " antidisestablishment", " naïve", "日本語", " 🙂",
+                 "\n\n", " 1234", "Ġ"):
+        parts = [stand_in[b] for b in word.encode()]
+        while len(parts) > 1:
+            pair = min(zip(parts, parts[1:]), key=lambda p: rank.get(p, len(rank)))
+            if pair not in rank:
+                break
+            i = next(i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) == pair)
+            parts[i:i + 2] = [pair[0] + pair[1]]
+        assert [vocab[p] for p in parts] == enc.encode(word), word
+
+
 def test_bench_kernel_profile_finds_the_matmul():
     rng = np.random.default_rng(0)
     a, b = (rng.normal(size=(128, 256)).astype(np.float32) for _ in range(2))
