@@ -264,8 +264,9 @@ def write_random_gpt2(folder: Path) -> Path:
         f.write(head)
         for array in blobs:
             f.write(array.tobytes())
+    # n_ctx beside n_positions: llama.cpp's converter reads it (--llama-cpp)
     config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": V,
-              "n_positions": n_ctx, "n_embd": C, "n_layer": L, "n_head": 12,
+              "n_positions": n_ctx, "n_ctx": n_ctx, "n_embd": C, "n_layer": L, "n_head": 12,
               "layer_norm_epsilon": 1e-5}
     (folder / "config.json").write_text(json.dumps(config))
     return folder

@@ -820,17 +820,10 @@ def _train_matmul():
     return x_wt
 
 
-# x Wᵀ (+ b) for x (M, K), W (N, K), b (N,), or a batch of them: each output is a dot product
-# of two rows that lie along memory. A tile of MR rows of x (3, or as many as there are) by 4
-# rows of W keeps MR x 4 sums of 8 lanes each in registers, so each 8 floats loaded serve 3 or 4
-# multiply-adds; a last part of fewer than 8 is read as 8 with zeros after it. W (and b) may be
-# float16 (--half), widened to float32 as it is loaded (8 at once by F16C's vcvtph2ps on x86):
-# half the bytes to read. Every output adds its products in the same order whatever M (above 1)
-# and the tiling are, so a row's result does not depend on the rows beside it, and zeros after a
-# row (padded keys, whose attention is 0) leave it as it was. One row alone (decoding) reads
-# each row of W start to end in one stream instead (4 rows of W interleaved took float16 at half
-# the speed on the build machine), its sums split 8 ways: the same within float32 rounding.
-MATMUL_C = string.Template(r"""
+# What the hand-written kernels share: 8 floats loaded at once (a last part of fewer with
+# zeros after it), W of type $wtype widened to float32 as loaded where $half, and the sum of
+# 8 lanes in a fixed order.
+VECTORS_C = r"""
 typedef float f8 __attribute__((ext_vector_type(8)));
 typedef short s8 __attribute__((vector_size(16)));
 typedef $wtype W;
@@ -849,6 +842,19 @@ static inline f8 loadw8(const W *p, int n) {
 static inline float sum8(f8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
+"""
+
+# x Wᵀ (+ b) for x (M, K), W (N, K), b (N,), or a batch of them: each output is a dot product
+# of two rows that lie along memory. A tile of MR rows of x (3, or as many as there are) by 4
+# rows of W keeps MR x 4 sums of 8 lanes each in registers, so each 8 floats loaded serve 3 or 4
+# multiply-adds; a last part of fewer than 8 is read as 8 with zeros after it. W (and b) may be
+# float16 (--half), widened to float32 as it is loaded (8 at once by F16C's vcvtph2ps on x86):
+# half the bytes to read. Every output adds its products in the same order whatever M (above 1)
+# and the tiling are, so a row's result does not depend on the rows beside it, and zeros after a
+# row (padded keys, whose attention is 0) leave it as it was. One row alone (decoding) reads
+# each row of W start to end in one stream instead (4 rows of W interleaved took float16 at half
+# the speed on the build machine), its sums split 8 ways: the same within float32 rounding.
+MATMUL_C = string.Template(VECTORS_C + r"""
 #define STEP(k, len) {                                                                  \
   f8 a[MR];                                                                             \
   for (int i = 0; i < MR; i++) a[i] = load8(xr[i] + (k), len);                          \
@@ -1121,25 +1127,7 @@ def in_order(t: Tensor) -> Tensor:
 # (the cached values summed with att's weights, row by row), read where the cache holds them.
 # The number of cached positions S changes every step: it is an argument (the step's position
 # variable), not part of the compiled kernel, so one kernel serves the whole context.
-CACHE_C = string.Template(r"""
-typedef float f8 __attribute__((ext_vector_type(8)));
-typedef short s8 __attribute__((vector_size(16)));
-typedef $wtype W;
-static inline f8 load8(const float *p, int n) {
-  f8 v = 0; __builtin_memcpy(&v, p, (unsigned long)n * sizeof(float)); return v;
-}
-static inline f8 loadw8(const W *p, int n) {  /* a float16 cache (--half) widened as loaded */
-#if $half && defined(__F16C__)
-  s8 h = {0}; __builtin_memcpy(&h, p, (unsigned long)n * 2); return __builtin_ia32_vcvtph2ps256(h);
-#elif $half
-  f8 v = 0; for (int i = 0; i < n; i++) v[i] = (float)p[i]; return v;
-#else
-  return load8(p, n);
-#endif
-}
-static inline float sum8(f8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
+CACHE_C = string.Template(VECTORS_C + r"""
 void $name(float *restrict out, const float *restrict x, const W *restrict w, int core_id,
            int $var) {
   enum { E = $entries, N = $N, K = $K, CORES = $cores, PER = (E + CORES - 1) / CORES };
