@@ -498,10 +498,14 @@ def cpu_graph():
                 self.argv, self.row = [args for _, args in made], MAX_ARGS
 
         def set_arg(self, j: int, k: int, value: int):
-            """Argument k of kernel j, in every chunk, for the next replay."""
-            for c, chunk in enumerate(self.launches[j][1]):
-                chunk[k] = ctypes.c_uint64(value)
-                if self.table is not None:
+            """Argument k of kernel j, in every chunk, for the next replay (in the C table when
+            there is one: the Python lists are then only what it was made from)."""
+            chunks = self.launches[j][1]
+            if self.table is None:
+                for chunk in chunks:
+                    chunk[k] = ctypes.c_uint64(value)
+            else:
+                for c in range(len(chunks)):
                     self.argv[j][c * self.row + k] = value
 
         def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait=False):
@@ -1242,13 +1246,11 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
                                                UOp(Ops.SOURCE, arg=source),
                                                UOp(Ops.BINARY, arg=binary)))
 
-    if rows:  # (..., 1, S) of a buffer for the longest S
-        out = Tensor.empty(*lead, 1, most, device=x.device).custom_kernel(*inputs, fxn=program)[0]
-        return out.shrink(tuple((0, s) for s in (*lead, 1)) + ((0, count),))
-    # (..., 1, N) made as (..., 1, H, N), the same memory: the heads' outputs side by side, as
-    # attention's next step (transpose(1, 2), then c_proj) reads them, with no copy between
-    out = Tensor.empty(*lead[:-1], 1, lead[-1], N, device=x.device)
-    return out.custom_kernel(*inputs, fxn=program)[0].transpose(-3, -2)
+    # scores: (..., 1, S) of a buffer for the longest S; values: (..., 1, N), which c_proj then
+    # reads as it lies (in_order)
+    out = Tensor.empty(*lead, 1, most if rows else N, device=x.device)
+    out = out.custom_kernel(*inputs, fxn=program)[0]
+    return out.shrink(tuple((0, s) for s in (*lead, 1)) + ((0, count),)) if rows else out
 
 
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
