@@ -28,7 +28,8 @@ both libraries load them from one checkpoint that this script writes in the hub'
              grid and attribution patching, against TransformerLens (if installed).
   serve      the workbench (issue 32), over HTTP on loopback: /api/run on the lab's texts of 14
              to 40 tokens after a first request of each, /api/ablate of two heads, /api/patch
-             of a 15-token pair, and the start (load + warm). Peer: a forward with
+             of a 15-token pair, the resid_pre grid of a 20-token pair with its progress
+             streamed (the second scan), and the start (load + warm). Peer: a forward with
              output_attentions after loading, as for --attention.
   train      four training workloads (TRAIN_WORKLOADS: the reversal demo, modular addition at
              p=113 and p=59 full batch, nanoGPT's CPU shakespeare_char): steady ms per optimizer
@@ -532,10 +533,39 @@ def child_tinygrad_serve(folder: Path) -> dict:
             "corrupt": "When Mary and John went to the store, Mary gave a drink to",
             "answer": " Mary", "wrong": " John"}
     patch_s = post("/api/patch", pair)
+
+    def scan(body: dict) -> tuple[float, float, int]:
+        """/api/patch with its progress streamed: -> (s to the grid's last batch, s to the
+        answer, the progress lines read)."""
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=600)
+        t1 = time.perf_counter()
+        conn.request("POST", "/api/patch", json.dumps({**body, "progress": True}),
+                     {"Content-Type": "application/json"})
+        reply, lines, grid_s = conn.getresponse(), 0, None
+        while line := reply.readline():
+            got = json.loads(line)
+            if "done" not in got:
+                if "tokens" not in got:
+                    raise ChildFailed(f"/api/patch answered {got}")
+                return grid_s, time.perf_counter() - t1, lines
+            lines += 1
+            if got["step"].endswith("hook_resid_pre"):
+                grid_s = time.perf_counter() - t1
+        raise ChildFailed("/api/patch ended without its answer")
+
+    # the brief's grid: a 20-token pair, its resid_pre grid alone, after a first scan compiles
+    grid = {"clean": "When Mary and John went to the store on a sunny day, John gave a big cold "
+                     "drink to",
+            "corrupt": "When Mary and John went to the store on a sunny day, Mary gave a big cold "
+                       "drink to",
+            "answer": " Mary", "wrong": " John", "grids": ["resid_pre"]}
+    grid_first_s = scan(grid)[1]
+    grid_s, grid_all_s, grid_lines = scan(grid)
     server.shutdown()
     return {"start_s": start_s, "run_first_s": first, "run_s": run, "run_s_max": max(run),
             "ablate_s": ablate, "ablate_s_max": max(ablate), "bare_s": bare,
-            "bare_s_max": max(bare), "patch_s": patch_s,
+            "bare_s_max": max(bare), "patch_s": patch_s, "grid_s": grid_s,
+            "grid_all_s": grid_all_s, "grid_first_s": grid_first_s, "grid_lines": grid_lines,
             "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
 
@@ -1198,7 +1228,12 @@ def table_rows(results: dict) -> list[list[str]]:
              None, 0.5, 2)
     absolute("  without the maps and the lens (\"views\": false: the page's scan)",
              serving.get("bare_s_max"), None, 0.5, 2)
+    absolute(f"workbench 20-token resid_pre grid s, to its last of {serving.get('grid_lines')} "
+             "progress lines (after a first scan)", serving.get("grid_s"), None, 10)
     if serving.get("patch_s") is not None:
+        rows.append(["  the whole answer s (attribution and DLA too) / the first scan s",
+                     f"{fmt(serving.get('grid_all_s'), 1)} / {fmt(serving.get('grid_first_s'), 1)}",
+                     "", "", ""])
         rows.append(["  /api/patch s (15 tokens: every grid, attribution, DLA)",
                      fmt(serving["patch_s"], 1), "", "", ""])
         rows.append(["  start s (load + warm) / first /api/run of each text s",

@@ -5,7 +5,7 @@
     curl -s localhost:8000/api/run -d '{"text": "The cat sat on the mat"}'
 
 The model is loaded once and its passes warmed before the URL is printed. Every endpoint is a
-thin layer over the lab's own functions: heads.attention_maps, heads.lens_top1 and
+thin layer over the lab's own functions: heads.attention_maps, heads.lens_read and
 heads.KnockOut for /api/run and /api/ablate, patching.py for /api/patch, generate.generate for
 /api/generate. The page (web/workbench.html, .js, .css) is served from the repository: nothing
 comes from another site. docs/serve.md lists the endpoints with a curl example each.
@@ -42,6 +42,7 @@ MAX_NEW = 256  # tokens one /api/generate may ask for
 PASS_ROWS = 16  # the pass is compiled for texts of 1-16, 17-32, ... tokens
 LENS_KEPT = 4  # compiled lenses kept (Workbench.lens)
 LENS_ROWS = 8  # the lens is compiled for texts of 1-8, 9-16, ... tokens
+PLAIN_KEPT = 8  # the plain lenses of this many texts are kept (Workbench.read_lens)
 DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
 FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
 
@@ -140,19 +141,31 @@ class Workbench:
         # set by cancel() (POST /api/patch/cancel, outside the lock): the running scan stops
         self.cancelled, self.scanning = threading.Event(), False
         self.jits, self.knockouts = {}, {}  # see compiled; one heads.KnockOut per kind of mean
+        self.plain_lens = {}  # (ids, size) -> the lens of the plain pass (read_lens)
         shared_kernel_cache()
         c = model.config
         # right-padding to generate's buckets lets texts of other lengths reuse the kernels;
         # safe where the causal mask hides the padding and no id means padding (as heads.py)
         self.pads = c.causal and c.pad_id is None
 
+    def groups(self, size: int) -> tuple[list[int], int]:
+        """How the lens reads the streams of compiled(size)'s pass: in groups of g blocks, one
+        product with the unembedding each (a product per block read GPT-2's 154 MB unembedding
+        12 times over, and a short text's lens is that read). Two halves of the model; fewer
+        blocks at once where the text is long (heads.LENS_ELEMENTS). -> (where each group
+        starts, g): the groups are all as large and end at the last block, the first one
+        overlapping the next where g does not divide n_layer."""
+        L, V = self.model.config.n_layer, self.model.config.vocab_size
+        g = max(1, min(-(-L // 2), heads.LENS_ELEMENTS // (size * V)))
+        return [max(0, start) for start in range(L - g, -g, -g)], g
+
     def compiled(self, size: int, mean):
         """The pass of /api/run and /api/ablate on ids (1, size): logits, every head's attention
-        (1, L, H, size, size) and the stream before each block (L, size, C) for the lens, from
-        one pass, compiled once per length and kind of knock-out by TinyJit
-        (runtime.jit_at_once) and replayed: scheduling GPT-2's pass anew took longer than
-        running it. The knock-out masks are buffers written in place (heads.KnockOut), so a
-        replay knocks out the heads of now."""
+        (1, L, H, size, size) and the stream before each block for the lens, in the groups of
+        groups(size) (each (g, size, C)), from one pass, compiled once per length and kind of
+        knock-out by TinyJit (runtime.jit_at_once) and replayed: scheduling GPT-2's pass anew
+        took longer than running it. The knock-out masks are buffers written in place
+        (heads.KnockOut), so a replay knocks out the heads of now."""
         from tinygrad import Tensor
 
         from runtime import jit_at_once
@@ -163,38 +176,76 @@ class Workbench:
             patterns = [f"blocks.{layer}.attn.hook_pattern"
                         for layer in range(model.config.n_layer)]
             points = heads.lens_points(model)[:-1]  # the last reading is the logits themselves
+            starts, g = self.groups(size)
 
             def passes(x):
                 out, cache = model.run_with_cache(x, patterns + points)
                 att = Tensor.stack(*[cache[name] for name in patterns], dim=1).realize()
-                stream = Tensor.stack(*[cache[name][0] for name in points]).realize()
-                return out, att, stream
+                streams = [Tensor.stack(*[cache[name][0] for name in points[s:s + g]]).realize()
+                           for s in starts]  # (g, size, C) each
+                return out, att, *streams
 
             self.jits[key] = jit_at_once(passes)
         return self.jits[key]
 
     def lens(self, size: int, rows: int):
-        """The logit lens (heads.lens_top1) of the first rows positions of compiled(size)'s
-        pass, compiled once per (size, rows) by TinyJit and replayed (its schedule took a tenth
-        of a request). rows is the text's length rounded up to LENS_ROWS, not the pass's padded
-        length: the lens's products with the unembedding are most of a request, and padding 40
-        tokens to 64 would make them 60 % more."""
+        """The logit lens (heads.lens_read) over the first rows positions of compiled(size)'s
+        pass: a group of blocks' streams (g, size, C) read through the final LayerNorm and the
+        unembedding, and the logits (1, size, V) as they are; two TinyJits, compiled once per
+        (size, rows) and replayed, the first once per group. rows is the text's length rounded
+        up to LENS_ROWS, not the pass's padded length: the lens's products with the unembedding
+        are most of a request, and padding 40 tokens to 64 would make them 60 % more."""
         from runtime import jit_at_once
 
         key = ("lens", size, rows)
         if key not in self.jits:
-            # each keeps its readings' buffers (up to heads.LENS_ELEMENTS floats): the oldest go
+            # each keeps its readings' buffers (g x rows x V floats): the oldest go
             kept = [k for k in self.jits if k[0] == "lens"]
             for old in kept[:max(0, len(kept) - LENS_KEPT + 1)]:
                 del self.jits[old]
             model = self.model
-
-            def lens(stream, logits, next_ids):  # stream (L, size, C), logits (1, size, V)
-                found = heads.lens_top1(model, stream[:, :rows], logits[:, :rows], next_ids)
-                return tuple(t.realize() for t in found)
-
-            self.jits[key] = jit_at_once(lens)
+            read = lambda z, next_ids: tuple(t.realize() for t in heads.lens_read(z, next_ids))
+            self.jits[key] = (jit_at_once(lambda x, nxt: read(model.unembed(x[:, :rows]), nxt)),
+                              jit_at_once(lambda logits, nxt: read(logits[:, :rows], nxt)))
         return self.jits[key]
+
+    def read_lens(self, ids: np.ndarray, size: int, streams, logits, knocked) -> list:
+        """The lens of compiled(size)'s pass on ids: [top ids, their probabilities, the next
+        token's] (L + 1, T) each. The blocks up to the first knocked-out head's read what they
+        read without it: a group of those is taken from the plain pass of the same text when
+        its lens was read (the page reads /api/run before each /api/ablate), so knocking out a
+        head in the model's second half reads half the lens."""
+        from tinygrad import Tensor
+
+        from runtime import host_output
+
+        T, L = len(ids), self.model.config.n_layer
+        rows = min(size, -(-T // LENS_ROWS) * LENS_ROWS)
+        following = np.zeros(rows, dtype=np.int32)  # each position's next token
+        following[:T - 1] = ids[1:]
+        following = Tensor(following)
+        group, last = self.lens(size, rows)
+        key = (ids.tobytes(), size)
+        plain = self.plain_lens.get(key) if knocked else None
+        first = min(layer for layer, _ in knocked) + 1 if knocked else 0  # the first block moved
+        read = lambda found: [host_output(t)[:, :T] for t in found]  # 3 x (n, T)
+        lens = [np.zeros((L + 1, T), np.int64), np.zeros((L + 1, T)), np.zeros((L + 1, T))]
+        starts, g = self.groups(size)
+        for start, stream in zip(starts, streams):
+            if plain is not None and start + g <= first:  # the group before any knocked head
+                parts = [part[start:start + g] for part in plain]
+            else:
+                parts = read(group(stream, following))
+            for part, got in zip(lens, parts):
+                part[start:start + g] = got
+        for part, got in zip(lens, read(last(logits, following))):
+            part[L:] = got
+        if not knocked:
+            self.plain_lens.pop(key, None)
+            self.plain_lens[key] = lens  # the newest last
+            while len(self.plain_lens) > PLAIN_KEPT:
+                del self.plain_lens[next(iter(self.plain_lens))]
+        return lens
 
     def info(self) -> dict:
         c = self.model.config
@@ -236,15 +287,12 @@ class Workbench:
                 mean, heads.KnockOut(self.model, mean))
             with ko:
                 ko.knock(list(knocked))
-                out, att, stream = self.compiled(size, mean)(Tensor(padded[None]))
+                out, att, *streams = self.compiled(size, mean)(Tensor(padded[None]))
                 logits = out.numpy()[0, :T].astype(np.float64)
                 if views:
                     att = att.numpy()[0, :, :, :T, :T]
-                    rows = min(size, -(-T // LENS_ROWS) * LENS_ROWS)
-                    following = np.zeros(rows, dtype=np.int32)  # each position's next token
-                    following[:T - 1] = ids[1:]
-                    found = self.lens(size, rows)(stream, out, Tensor(following))
-                    lens_ids, lens_probs, next_prob = (t.numpy()[:, :T] for t in found)
+                    lens_ids, lens_probs, next_prob = self.read_lens(ids, size, streams, out,
+                                                                     knocked)
         z = logits - logits.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (T, V)
         last = np.exp(logp[-1])

@@ -433,16 +433,18 @@ def causes_reference(encoder):
         out[f"{kind}_loss_delta"] = delta
     mean, knocked = False, {(0, 1), (1, 0)}
     out["zero_0.1_1.0_loss"] = np.array(loss())
-    knocked = set()
-    with torch.no_grad():
-        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-        readings = [model.lm_head(model.transformer.ln_f(h)) for h in hidden[:-1]]
-        readings.append(model.lm_head(hidden[-1]))
-    probs = torch.stack(readings)[:, 0].double().softmax(-1).numpy()  # (L + 1, T, V)
     T = len(ids)
-    out["next_token_prob"] = probs[:, np.arange(T - 1), ids[1:]]  # (L + 1, T - 1)
-    out["top_ids"] = np.argsort(-probs, axis=-1, kind="stable")[:, :, :5]
-    out["top_probs"] = np.take_along_axis(probs, out["top_ids"], -1)
+    # the lens of the plain pass, and of the pass with head 0.1 zeroed ("ablated_" keys)
+    for tag, knocked in (("", set()), ("ablated_", {(0, 1)})):
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            readings = [model.lm_head(model.transformer.ln_f(h)) for h in hidden[:-1]]
+            readings.append(model.lm_head(hidden[-1]))
+        probs = torch.stack(readings)[:, 0].double().softmax(-1).numpy()  # (L + 1, T, V)
+        out[f"{tag}next_token_prob"] = probs[:, np.arange(T - 1), ids[1:]]  # (L + 1, T - 1)
+        out[f"{tag}top_ids"] = np.argsort(-probs, axis=-1, kind="stable")[:, :, :5]
+        out[f"{tag}top_probs"] = np.take_along_axis(probs, out[f"{tag}top_ids"], -1)
+    knocked = set()
     return out
 
 

@@ -127,6 +127,34 @@ def test_ablate_equals_hugging_face(server, heads, mean, want):
     assert got["lens"]["probs"][-1] != plain["lens"]["probs"][-1]
 
 
+def test_ablated_lens_equals_hugging_face(server):
+    """/api/ablate's lens with head 0.1 zeroed against Hugging Face's (the c_proj hook): the
+    rows before block 0's head come from /api/run's lens of the same text (read_lens), and the
+    same lens read whole, with no plain lens kept, is equal."""
+    def lens_of(got):
+        lens = got["lens"]
+        nxt = np.array([[np.nan if p is None else p for p in row] for row in lens["next_prob"]])
+        return np.array(lens["ids"]), np.array(lens["probs"]), nxt[:, :-1]
+
+    server.workbench.plain_lens.clear()
+    for fresh in (True, False):
+        if not fresh:
+            assert post(server, "/api/run", {"text": ROMEO})[0] == 200
+            assert len(server.workbench.plain_lens) == 1
+        status, got = post(server, "/api/ablate", {"text": ROMEO, "heads": ["0.1"]})
+        assert status == 200, got
+        ids, probs, nxt = lens_of(got)
+        assert ids.tolist() == CAUSES["ablated_top_ids"][:, :, 0].tolist()
+        assert_near(probs, CAUSES["ablated_top_probs"][:, :, 0], "ablated lens top probability")
+        assert_near(nxt, CAUSES["ablated_next_token_prob"], "ablated lens next-token probability")
+        # the rows after block 0 moved: the oracle tells the ablated lens from the plain one
+        assert np.abs(probs[1:] - CAUSES["top_probs"][1:, :, 0]).max() > 1e-3
+        if fresh:
+            whole = got["lens"]
+        else:
+            assert got["lens"] == whole
+
+
 def test_patch_equals_hugging_face(server):
     status, got = post(server, "/api/patch", {"clean": CLEAN, "corrupt": CORRUPT,
                                               "answer": " John", "wrong": " Mary"})
