@@ -640,9 +640,9 @@ def child_torch_finetune(folder: Path, steps: int) -> dict:
 
 def kernel_profile(step_fn, x, y, lr: float) -> dict:
     """Run the step once more without TinyJit and with DEBUG=2, which makes tinygrad wait for each
-    kernel and print its name, time, GFLOP/s and GB/s. A matmul here is a reduce kernel of at least
-    1 MFLOP that does at least 2 flops per byte it moves: a LayerNorm's or a softmax's sums do
-    about 0.25, a matmul of these shapes 10 to 50."""
+    kernel and print its name, time, GFLOP/s and GB/s. A matmul here is runtime.cpu_matmul's
+    kernel, or a reduce kernel, of at least 1 MFLOP that does at least 2 flops per byte it moves:
+    a LayerNorm's or a softmax's sums do about 0.25, a matmul of these shapes 10 to 50."""
     import contextlib
     import io
     import re
@@ -661,8 +661,9 @@ def kernel_profile(step_fn, x, y, lr: float) -> dict:
             kernels.append({"name": m.group(1), "ms": ms, "gflops": int(m.group(4)),
                             "gb_s": int(m.group(5))})
     # GB/s is printed rounded; the gradient norm, one sum over every parameter, is a reduce with
-    # an axis per buffer in its name and no matmul
-    matmuls = [k for k in kernels if k["name"].startswith("r_") and k["gflops"] * k["ms"] >= 1
+    # an axis per buffer in its name and no matmul; runtime.cpu_matmul's kernels are "matmul_"
+    matmuls = [k for k in kernels if k["name"].startswith(("r_", "matmul_"))
+               and k["gflops"] * k["ms"] >= 1
                and k["gflops"] >= 2 * max(k["gb_s"], 0.5) and k["name"].count("_") <= 8]
     slowest = min(matmuls, key=lambda k: k["gflops"], default=None)
     fastest = max(matmuls, key=lambda k: k["gflops"], default=None)

@@ -118,11 +118,10 @@ def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     weight (..., S, d): what x @ W.T (and x.linear(W.T, b)) computes once installed."""
     if weight.ndim > 2:
         return matmul(x, weight, bias)
-    from tinygrad.helpers import TRAINING
 
     *lead, n_in = x.shape
     n_out = weight.shape[0]
-    if not TRAINING and cpu_matmul_fits(x, weight, bias):
+    if cpu_matmul_fits(x, weight, bias):
         return cpu_matmul(x, weight, bias)  # (..., out): x's rows as they lie, not copied flat
     if math.prod(lead) == 1 and n_in % 4 == 0:
         # One row (decoding) off the CPU: as 4 interleaved partial sums, not one serial chain
@@ -962,16 +961,25 @@ def _compile_c(source: str, target) -> bytes:
 
 
 def _cpu_matmul_grads(grad: UOp, call: UOp) -> tuple:
-    """Gradients for (out, x, W[, b]): none for the output buffer, then tinygrad's own."""
+    """Gradients for (out, x, W[, b]): none for the output buffer, then dx = g W and
+    dW = gᵀ x. Each is cpu_matmul's product of copies transposed so that both sides' rows lie
+    along memory, where it fits (tinygrad's own read W across memory for dx, and summed dW over
+    all rows in one serial chain per output: docs/speed.md, "Training with the hand-written
+    kernel"); else tinygrad's products."""
     g = Tensor(grad)
     _, x_in, w, *bias = (Tensor(u) for u in call.src[1:])
     x = x_in.reshape(*g.shape[:-1], w.shape[-1])  # (..., M, K): x came in as in_order found it
-    dx = TINYGRAD_DOT(g, w).reshape(x_in.shape)
     if w.ndim == 2:  # one W for all of x's rows: dW and db sum over every one of them
-        g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # (rows, N), (rows, K)
-    # dW (..., N, K), db (N,)
-    grads = [dx, TINYGRAD_DOT(g.transpose(-2, -1), x)] + [g.sum(0)] * len(bias)
-    return (None, *(t.uop for t in grads))
+        rows_g, rows_x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # (R, N), (R, K)
+    else:
+        rows_g, rows_x = g, x
+    flip = lambda t: t.transpose(-2, -1).contiguous()
+    if cpu_matmul_fits(g, flip(w)):
+        dx = cpu_matmul(g, flip(w))  # (..., M, N) by (..., K, N): (..., M, K)
+        dw = cpu_matmul(flip(rows_g), flip(rows_x))  # (..., N, R) by (..., K, R): (..., N, K)
+    else:
+        dx, dw = TINYGRAD_DOT(g, w), TINYGRAD_DOT(rows_g.transpose(-2, -1), rows_x)
+    return (None, dx.reshape(x_in.shape).uop, dw.uop, *[rows_g.sum(0).uop] * len(bias))
 
 
 def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -1259,12 +1267,12 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     where it fits, else tinygrad's own product."""
     from tinygrad.helpers import TRAINING
 
-    if TRAINING and x.ndim == 2:
-        y = train_matmul(x, weight)
-    elif not TRAINING and bias is None and (y := cache_matmul(x, weight)) is not None:
+    if not TRAINING and bias is None and (y := cache_matmul(x, weight)) is not None:
         return y
-    elif not TRAINING and cpu_matmul_fits(x, weight, bias):
+    elif cpu_matmul_fits(x, weight, bias):
         return cpu_matmul(x, weight, bias)
+    elif TRAINING and x.ndim == 2:
+        y = train_matmul(x, weight)
     else:
         y = TINYGRAD_DOT(x, weight.transpose(-2, -1))
     return y if bias is None else y + bias

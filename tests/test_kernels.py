@@ -45,8 +45,10 @@ def test_kernels_per_decode_step_do_not_grow():
 
 # The reversal demo's training step (2 layers; forward, backward, clipping, AdamW), measured with
 # tinygrad 0.14.0: 239 kernels, then 258 once each Linear's backward became matmul_backward (a
-# transposed copy of W, and partial sums of dW added by one more kernel). The same on CL.
-MAX_KERNELS_PER_TRAIN_STEP = 258
+# transposed copy of W, and partial sums of dW added by one more kernel), as on CL. On the CPU
+# 320 since every product, its gradients too, is runtime.cpu_matmul's kernel, whose dx and dW
+# read transposed copies (W's, and the rows of x and of the gradient; docs/speed.md).
+MAX_KERNELS_PER_TRAIN_STEP = {"CPU": 320}
 
 
 def test_kernels_per_training_step_do_not_grow():
@@ -64,7 +66,8 @@ def test_kernels_per_training_step_do_not_grow():
             counts.append(GlobalCounters.kernel_count - before)
     # the first two calls run the step plainly (TinyJit captures on the second); then replays
     assert counts[2] == counts[3], f"replayed steps differ in kernel count: {counts}"
-    assert counts[3] <= MAX_KERNELS_PER_TRAIN_STEP, (
-        f"a training step launches {counts[3]} kernels, more than {MAX_KERNELS_PER_TRAIN_STEP}: "
+    limit = MAX_KERNELS_PER_TRAIN_STEP.get(Device.DEFAULT, 258)
+    assert counts[3] <= limit, (
+        f"a training step launches {counts[3]} kernels, more than {limit}: "
         "something that used to fuse no longer does")
     assert counts[3] > 100, f"only {counts[3]} kernels counted: is the counter still counting?"

@@ -38,19 +38,24 @@ def test_training_linear_backward_matches_numpy(lead):
     b = rng.normal(size=n_out).astype(np.float32)
     g = rng.normal(size=(*lead, n_out)).astype(np.float32)  # the gradient arriving at y
 
-    def run(training: int):
+    def run(how: str):
         X, W, B = Tensor(x), Tensor(w), Tensor(b)
-        with Context(TRAINING=training):
-            y = X.linear(W.T, B)
+        with Context(TRAINING=int(how != "plain")):
+            if how == "split":  # matmul_backward: where cpu_matmul does not fit (sharded, GPUs)
+                y = runtime.train_matmul(X.reshape(-1, n_in), W).reshape(*lead, n_out) + B
+            else:  # on a CPU, cpu_matmul and its gradients' kernels
+                y = X.linear(W.T, B)
             grads = (y * Tensor(g)).sum().gradient(X, W, B)
         return [t.numpy() for t in (y, *grads)]
 
     xs, gs = x.reshape(-1, n_in).astype(np.float64), g.reshape(-1, n_out).astype(np.float64)
     want = [x.astype(np.float64) @ w.T + b, g.astype(np.float64) @ w, gs.T @ xs, gs.sum(0)]
-    split, plain = run(1), run(0)  # TRAINING=1 takes matmul_backward, 0 tinygrad's own gradient
-    for name, got, ref, other in zip(("y", "dx", "dW", "db"), split, want, plain):
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(got, other, rtol=1e-5, atol=1e-5, err_msg=f"{name} vs plain")
+    plain = run("plain")  # TINYGPT_PLAIN=1: tinygrad's own gradient
+    for how in ("split", "kernel"):
+        for name, got, ref, other in zip(("y", "dx", "dW", "db"), run(how), want, plain):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=f"{how} {name}")
+            np.testing.assert_allclose(got, other, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{how} {name} vs plain")
 
 
 def test_training_forward_and_gradients_equal_the_plain_ones():
@@ -295,18 +300,32 @@ def test_cpu_matmul_zeros_after_a_row_leave_it_as_it_was():
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("lead", [(), (2, 3)], ids=["rows", "batch-of-rows"])
-def test_cpu_matmul_gradients_equal_numpy(lead):
-    # outside TRAINING, linear is cpu_matmul; a gradient through it (the lab's attributions),
-    # for x (6, 16) and for x (2, 3, 6, 16) whose rows all meet the one W
+@pytest.mark.parametrize("lead, per_entry", [((), False), ((2, 3), False), ((2, 3), True)],
+                         ids=["rows", "batch-of-rows", "a-W-per-entry"])
+def test_cpu_matmul_gradients_equal_numpy(monkeypatch, lead, per_entry):
+    # linear is cpu_matmul, in training too; its gradients (training's, the lab's attributions)
+    # are its own products of transposed copies: for x (6, 16), for x (2, 3, 6, 16) whose rows
+    # all meet the one W, and for one W per entry of the batch (attention's q kᵀ per head)
+    calls = []
+    kernel = runtime.cpu_matmul
+    monkeypatch.setattr(runtime, "cpu_matmul", lambda *a: calls.append(a[0].shape) or kernel(*a))
     rng = np.random.default_rng(4)
-    shapes = ((*lead, 6, 16), (10, 16), (10,), (*lead, 6, 10))
+    shapes = ((*lead, 6, 16), ((*lead, 10, 16) if per_entry else (10, 16)), (10,),
+              (*lead, 6, 10))
     x, w, b, g = (rng.normal(size=s).astype(np.float32) for s in shapes)
     X, W, B = Tensor(x), Tensor(w), Tensor(b)
-    grads = [t.numpy() for t in (runtime.cpu_matmul(X, W, B) * Tensor(g)).sum().gradient(X, W, B)]
-    g2, x2 = g.reshape(-1, 10), x.reshape(-1, 16)
-    for got, want in zip(grads, [g @ w, g2.T @ x2, g2.sum(0)]):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    y = runtime.cpu_matmul(X, W, None if per_entry else B)
+    grads = [t.numpy() for t in (y * Tensor(g)).sum().gradient(X, W)]
+    assert len(calls) == 3  # the product, then dx and dW
+    if per_entry:  # dW per entry: (..., 10, 16)
+        want = [g @ w, np.swapaxes(g, -1, -2) @ x]
+    else:
+        g2, x2 = g.reshape(-1, 10), x.reshape(-1, 16)
+        want = [g @ w, g2.T @ x2]
+        db = (y * Tensor(g)).sum().gradient(B)[0].numpy()
+        np.testing.assert_allclose(db, g2.sum(0), rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def _permute(t, order):
@@ -431,8 +450,8 @@ def test_host_input_and_output_pass_a_jits_values_in_place():
 
 
 def test_linear_takes_the_cpu_kernel_only_where_it_fits(monkeypatch):
-    # float32 rows on a CPU, one (decoding) or many, with float32 or float16 weights: the
-    # hand-written kernel; float16 rows, training: tinygrad's own code
+    # float32 rows on a CPU, one (decoding) or many, with float32 or float16 weights, training
+    # or not: the hand-written kernel; float16 rows: tinygrad's own code
     calls = []
     kernel = runtime.cpu_matmul
     monkeypatch.setattr(runtime, "cpu_matmul", lambda *a: calls.append(a[0].shape) or kernel(*a))
@@ -444,10 +463,11 @@ def test_linear_takes_the_cpu_kernel_only_where_it_fits(monkeypatch):
     np.testing.assert_array_equal(one_row, np.full((1, 1, 3), 17))
     assert calls == [(2, 5, 16), (1, 1, 16)]
     runtime.product(Tensor.ones(5, 16).half(), w.half()).realize()
+    assert calls == [(2, 5, 16), (1, 1, 16)]
     with Context(TRAINING=1):
         runtime.product(Tensor.ones(5, 16), w).realize()
         runtime.product(Tensor.ones(1, 16), w).realize()
-    assert calls == [(2, 5, 16), (1, 1, 16)]
+    assert calls == [(2, 5, 16), (1, 1, 16), (5, 16), (1, 16)]
 
 
 def test_kept_kernels_are_read_back_by_the_next_process(tmp_path):
