@@ -2,7 +2,7 @@
 that checks on held-out data that a model really learned, and the command line.
 
 The step follows tinygrad's examples/beautiful_mnist.py: a TinyJit'd function computes the loss,
-its gradients and the AdamW update, so after two calls Python only replays its kernels. What a
+its gradients and the AdamW update, so after the first call Python only replays its kernels. What a
 model learns and how it is judged comes from a task (tasks.py); the loop does not know which.
 
     python transformer.py -v                        # learn to reverse digit strings: exact match
@@ -26,13 +26,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Context, Tensor, TinyJit, nn
+from tinygrad import Context, Tensor, nn
 from tinygrad.nn.state import get_state_dict, safe_load, safe_save
 
 import flags
 from families import Classifier, EncoderDecoder
 from flags import UserError
-from runtime import exit_now, install
+from runtime import exit_now, install, jit_at_once
 from tasks import IGNORE, TASKS
 from transformer import ABLATIONS, SIMILARITIES, Config, Transformer
 
@@ -76,8 +76,12 @@ def set_gradients(opt, grads: list[Tensor], lr: Tensor, clip: float | None) -> T
 
 def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
                     grokfast: tuple[float, float] | None = None, l2: float = 0.0):
-    """One optimizer step, compiled by TinyJit: after two calls the kernels are captured and
-    replayed, so Python no longer rebuilds the graph each step.
+    """One optimizer step, compiled by TinyJit: the kernels are captured on the first call
+    (runtime.jit_at_once) and replayed, so Python no longer rebuilds the graph each step. TinyJit
+    would run the step plainly once first, in case it makes buffers that outlive it; the weights
+    and the optimizer's state are made before, so it makes none, and the plain run's buffers,
+    left in tinygrad's cache beside the capture's, were most of fine-tuning's memory
+    (docs/train.md).
 
     grokfast=(alpha, lamb) amplifies the slow part of the gradient before the step, as in Grokfast
     (Lee et al., 2024): ema <- alpha ema + (1 - alpha) g, then g <- g + lamb ema. The averages
@@ -95,7 +99,7 @@ def make_train_step(model: Transformer, opt, clip: float | None = 1.0,
         emas = [Tensor.zeros(*p.shape).contiguous().is_param_(False).realize() for p in params]
         started = Tensor.zeros(1).contiguous().is_param_(False).realize()  # 0 before step one
 
-    @TinyJit
+    @jit_at_once
     def step(x: Tensor | tuple[Tensor, ...], y: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
         inputs = x if isinstance(x, tuple) else (x,)  # (source, target) for an encoder-decoder
         loss = model(*inputs).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
@@ -130,7 +134,7 @@ def make_accumulating_step(model: Transformer, opt, k: int, clip: float | None =
     # zeros_like: on the weight's device, or replicated on its devices (--devices)
     sums = [Tensor.zeros_like(p).contiguous().is_param_(False).realize() for p in params]
 
-    @TinyJit
+    @jit_at_once  # as make_train_step's: the sums are made before
     def accumulate(x: Tensor, y: Tensor, keep: Tensor) -> Tensor:
         loss = model(x).sparse_categorical_crossentropy(y, ignore_index=IGNORE)
         grads = loss.gradient(*params)
@@ -139,7 +143,7 @@ def make_accumulating_step(model: Transformer, opt, k: int, clip: float | None =
         Tensor.realize(loss, *sums)
         return loss
 
-    @TinyJit
+    @jit_at_once
     def apply(lr: Tensor) -> Tensor:
         norm = set_gradients(opt, [s / k for s in sums], lr, clip)
         norm.realize(*opt.schedule_step())

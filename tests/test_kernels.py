@@ -64,7 +64,7 @@ def test_kernels_per_training_step_do_not_grow():
             before = GlobalCounters.kernel_count
             step(Tensor(x), Tensor(y), Tensor([task.lr]))[0].item()
             counts.append(GlobalCounters.kernel_count - before)
-    # the first two calls run the step plainly (TinyJit captures on the second); then replays
+    # captured by the first call (jit_at_once; TinyJit alone, by the second), then replayed
     assert counts[2] == counts[3], f"replayed steps differ in kernel count: {counts}"
     limit = MAX_KERNELS_PER_TRAIN_STEP.get(Device.DEFAULT, 258)
     assert counts[3] <= limit, (
