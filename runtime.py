@@ -8,8 +8,9 @@ they were written against (then with one note on stderr), none is installed and 
 runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pieces".
 
 - product: the one seam into the model files. Tensor.dot and Tensor.linear (x @ W.T, q @ kᵀ,
-  att @ v) by the fastest form here: train_matmul when training, cpu_matmul where it fits, one
-  row (decoding) as four interleaved sums. Can go when tinygrad's own products are as fast.
+  att @ v) by the fastest form here: cpu_matmul where it fits, training included, train_matmul
+  when training elsewhere, one row (decoding) as four interleaved sums. Can go when tinygrad's
+  own products are as fast.
 - keep_kernels: tinygrad caches compiled binaries on disk but generates every kernel's code
   again in each new process; kept, a schedule whose kernels are all kept gets them in one step.
   Can go when tinygrad keeps its generated programs between runs.
@@ -33,12 +34,14 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
   the buffer the step wrote. Can go when those copies are cheap.
 - exit_now: Python's teardown frees tinygrad's graphs one object at a time after every run,
   when nothing is left to use them. Can go when that teardown is quick.
-- train_matmul: x Wᵀ with a backward whose CPU kernels read memory in order and split the long
-  sums, where tinygrad's own read W across memory and sum all rows in one chain.
+- train_matmul: x Wᵀ with a backward whose kernels read memory in order and split the long
+  sums, where tinygrad's own read W across memory and sum all rows in one chain; for training
+  where cpu_matmul does not fit (batches sharded across devices, GPUs).
   Can go when tinygrad's matmul backward runs at its forward's speed.
-- cpu_matmul: x Wᵀ + b outside training as one hand-written kernel (C vector code compiled by
-  tinygrad's own clang compiler, run as a tinygrad program) that keeps vector arithmetic in
-  vectors, as a BLAS does. Can go when tinygrad's CPU code does so too.
+- cpu_matmul: x Wᵀ + b as one hand-written kernel (C vector code compiled by tinygrad's own
+  clang compiler, run as a tinygrad program) that keeps vector arithmetic in vectors, as a BLAS
+  does; its gradients are the same kernel's products of transposed copies. Can go when
+  tinygrad's CPU code does so too.
 - cache_matmul: a decode step's q kᵀ and att v as hand-written kernels that read the KV cache
   where it lies, the number of cached keys an argument. Can go when tinygrad's kernels over a
   symbolic length read memory at the speed of its others.
