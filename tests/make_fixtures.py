@@ -435,7 +435,8 @@ def causes_reference(encoder):
     out["zero_0.1_1.0_loss"] = np.array(loss())
     T = len(ids)
     # the lens of the plain pass, and of the pass with head 0.1 zeroed ("ablated_" keys)
-    for tag, knocked in (("", set()), ("ablated_", {(0, 1)})):
+    for tag, heads in (("", set()), ("ablated_", {(0, 1)})):
+        knocked = heads  # what the c_proj hooks read
         with torch.no_grad():
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
             readings = [model.lm_head(model.transformer.ln_f(h)) for h in hidden[:-1]]
