@@ -228,6 +228,20 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
+def check_resumed_shape(path: Path, config: Config) -> None:
+    """--resume takes the model from the checkpoint at path; with --init too, it must be of the
+    shape --init names (config), or the run would go on with another model than asked for."""
+    try:
+        saved = json.loads(checkpoint_files(path)[1].read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # load_checkpoint says what is wrong with it
+    shape = ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd")
+    if differ := [f"{k} {saved[k]} against {getattr(config, k)}" for k in shape
+                  if k in saved and saved[k] != getattr(config, k)]:
+        raise UserError(f"checkpoint {path} holds another model than --init names "
+                        f"({', '.join(differ)}); resume with the --init it started from")
+
+
 def load_checkpoint(path: Path, opt_lr: float | None = None):
     """-> (model, optimizer or None, meta). Raises UserError with a one-line reason."""
     weights_path, meta_path = checkpoint_files(path)
@@ -584,6 +598,8 @@ def command(args) -> int:
     out = args.out or Path(__file__).parent / "models" / task.name
     if fine_tuning:  # the best model in Hugging Face's layout, in a folder of --out's name
         task.best_dir = out
+    if args.resume and args.init is not None:
+        check_resumed_shape(out, task.config)
     log = print if args.verbose else (lambda *a, **k: None)
     log(f"device {device}")
     for flag, value in (("--port", args.port), ("--host", args.host)):

@@ -222,6 +222,23 @@ def test_cli_bad_input_is_one_error_line(args, fragments, text_file, tmp_path):
     assert not out.exists() and not checkpoint_files(out)[0].exists()  # nothing written
 
 
+def test_resuming_another_model_is_one_error_line(stopped, text_file):
+    """--resume with an --init of another shape than the checkpoint's (the 3-layer, 12-wide
+    fixture against the 2-layer, 16-wide one it was started from): one error line naming what
+    differs, and the checkpoint left as it was."""
+    out = stopped["out"]
+    before = [f.read_bytes() for f in checkpoint_files(out)]
+    narrow = FIXTURES / "tiny-gpt2-narrow"
+    run = run_main(train_module.main, "--task", "text", "--init", str(narrow), "--data",
+                   str(text_file), "--block-size", str(BLOCK), "--out", str(out), "--steps",
+                   str(STEPS), "--resume")
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr
+    assert "n_layer 2 against 3" in lines[0] and "n_embd 16 against 12" in lines[0], lines[0]
+    assert [f.read_bytes() for f in checkpoint_files(out)] == before
+
+
 @pytest.mark.parametrize("flag", [["--init", "gpt2"], ["--block-size", "8"]])
 def test_fine_tuning_flags_need_the_text_task(flag):
     run = run_main(train_module.main, "--task", "reverse", *flag)
