@@ -95,11 +95,15 @@ def cli_checkpoint(tmp_path_factory) -> Path:
 
 def assert_padding_changes_nothing(padded: np.ndarray, plain: np.ndarray, T: int):
     """The real positions' values of a padded pass (logits or attention) against the unpadded
-    pass on T tokens: the same bits from 8 tokens on. The unpadded pass of a shorter text runs
-    kernels of its own (one token: the decode step's one-row product; under 8 tokens, those
+    pass on T tokens: on a CPU the same bits from 8 tokens on. The unpadded pass of a shorter text
+    runs kernels of its own (one token: the decode step's one-row product; under 8 tokens, those
     tinygrad picks for the small shapes), which round a few float32 steps apart (measured: up to
-    2.4e-6 on logits of 5 to 7), so there within 1e-6 of the values' scale."""
-    atol = 0 if T >= 8 else 1e-6 * np.abs(plain).max()
+    2.4e-6 on logits of 5 to 7), so there within 1e-6 of the values' scale; and so on a GPU,
+    whose kernels for the two shapes sum in other orders (CUDA on an H200: 2.4e-6 at 9 tokens)."""
+    from tinygrad import Device
+
+    same_bits = T >= 8 and Device.DEFAULT.split(":")[0] == "CPU"
+    atol = 0 if same_bits else 1e-6 * np.abs(plain).max()
     np.testing.assert_allclose(padded, plain, rtol=0, atol=atol)
 
 
