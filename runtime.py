@@ -967,8 +967,8 @@ def _cpu_matmul_grads(grad: UOp, call: UOp) -> tuple:
     """Gradients for (out, x, W[, b]): none for the output buffer, then dx = g W and
     dW = gᵀ x. Each is cpu_matmul's product of copies transposed so that both sides' rows lie
     along memory, where it fits (tinygrad's own read W across memory for dx, and summed dW over
-    all rows in one serial chain per output: docs/speed.md, "Training with the hand-written
-    kernel"); else tinygrad's products."""
+    all rows in one serial chain per output: docs/speed.md, Training, issue 33); else
+    tinygrad's products."""
     g = Tensor(grad)
     _, x_in, w, *bias = (Tensor(u) for u in call.src[1:])
     x = x_in.reshape(*g.shape[:-1], w.shape[-1])  # (..., M, K): x came in as in_order found it
@@ -977,8 +977,8 @@ def _cpu_matmul_grads(grad: UOp, call: UOp) -> tuple:
     else:
         rows_g, rows_x = g, x
     flip = lambda t: t.transpose(-2, -1).contiguous()
-    if cpu_matmul_fits(g, flip(w)):
-        dx = cpu_matmul(g, flip(w))  # (..., M, N) by (..., K, N): (..., M, K)
+    if cpu_matmul_fits(g, w_t := flip(w)):
+        dx = cpu_matmul(g, w_t)  # (..., M, N) by (..., K, N): (..., M, K)
         dw = cpu_matmul(flip(rows_g), flip(rows_x))  # (..., N, R) by (..., K, R): (..., N, K)
     else:
         dx, dw = TINYGRAD_DOT(g, w), TINYGRAD_DOT(rows_g.transpose(-2, -1), rows_x)
@@ -1266,8 +1266,9 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
 
 def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x Wᵀ + b for x (N, in) and weight (out, in), or per entry of a batch, x (..., T, d) and
-    weight (..., S, d). By the fastest form here: train_matmul when training (2-D), cpu_matmul
-    where it fits, else tinygrad's own product."""
+    weight (..., S, d). By the fastest form here: cache_matmul for a decode step's attention,
+    cpu_matmul where it fits, train_matmul when training elsewhere (2-D), else tinygrad's own
+    product."""
     from tinygrad.helpers import TRAINING
 
     if not TRAINING and bias is None and (y := cache_matmul(x, weight)) is not None:
