@@ -927,8 +927,7 @@ def cpu_matmul_fits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bo
     """Can cpu_matmul take x Wᵀ + b: x float32, W and b float32 or float16 on a CPU device
     compiled by tinygrad (not LVP), whole sizes, W (N, K) for x (..., K) or one W per entry of
     x's batch, and a C compiler."""
-    from tinygrad import Device, dtypes
-    from tinygrad.runtime.ops_cpu import CPUDevice
+    from tinygrad import dtypes
 
     floats = (dtypes.float32, dtypes.float16)
     if dtypes.float32 != x.dtype or weight.dtype not in floats:
@@ -943,14 +942,52 @@ def cpu_matmul_fits(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bo
         return False
     if weight.ndim != 2 and x.shape[:-2] != weight.shape[:-2]:  # one W, or one per entry
         return False
-    device = Device[x.device]
-    return (isinstance(device, CPUDevice) and type(device.renderer).__name__ != "LVPRenderer"
-            and _c_compiler() is not None)
+    return _c_device(x.device) is not None
 
 
 @functools.cache
 def _c_compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "clang"))
+
+
+def _c_device(name: str):
+    """The device a hand-written kernel runs on: a CPU device whose code tinygrad compiles (not
+    LVP), with a C compiler here; else None."""
+    from tinygrad import Device
+    from tinygrad.runtime.ops_cpu import CPUDevice
+
+    device = Device[name]
+    if not isinstance(device, CPUDevice) or type(device.renderer).__name__ == "LVPRenderer":
+        return None
+    return device if _c_compiler() is not None else None
+
+
+def _c_program(name: str, source: str, device, n_bufs: int, cores: int, estimates,
+               var=None):
+    """custom_kernel's fxn for a hand-written C kernel: compiled here by tinygrad's clang
+    compiler, run as a tinygrad program over n_bufs buffers (the output first) with the chunk's
+    core_id, and var's value after it where the kernel takes one (a count of cached positions)."""
+    from tinygrad import dtypes
+    from tinygrad.dtype import AddrSpace
+    from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp
+
+    binary = _compile_c(source, device.renderer.target)
+
+    def program(*params: UOp) -> UOp:
+        core_id = UOp.param(n_bufs, dtypes.int, (), vmin_vmax=(0, cores - 1), name="core_id",
+                            addrspace=AddrSpace.ALU)
+        values = (core_id,) if var is None else (core_id, UOp.param(
+            n_bufs + 1, dtypes.int, (), vmin_vmax=(var.vmin, var.vmax), name=var.expr,
+            addrspace=AddrSpace.ALU))
+        info = ProgramInfo(name, (cores, 1, 1), (1, 1, 1), values, tuple(range(n_bufs)), (0,),
+                           tuple(range(1, n_bufs)), device.renderer.target)
+        # a PROGRAM that ends in its BINARY is compiled already: tinygrad loads and runs it
+        sink = UOp.sink(arg=KernelInfo(name, estimates=estimates))
+        return UOp(Ops.PROGRAM, arg=info, src=(sink, UOp(Ops.LINEAR, src=params),
+                                               UOp(Ops.SOURCE, arg=source),
+                                               UOp(Ops.BINARY, arg=binary)))
+
+    return program
 
 
 @functools.cache
@@ -994,11 +1031,9 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     speed against tinygrad's and NumPy's BLAS: docs/speed.md, "A hand-written matmul kernel").
     Compiled with tinygrad's own clang compiler (its disk cache keeps it), loaded as a tinygrad
     program, so TinyJit and CPUGraph replay it like any other kernel."""
-    from tinygrad import Device, dtypes
-    from tinygrad.dtype import AddrSpace
+    from tinygrad import Device
     from tinygrad.helpers import NUM_CPU_THREADS
     from tinygrad.renderer import Estimates
-    from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp
 
     *lead, M, K = x.shape
     # one W for all of x's rows (a Linear): they are one matrix of rows, however x is shaped
@@ -1026,24 +1061,10 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         bias="" if bias is None else f" const {c_type[bias.dtype.itemsize]} *restrict b,",
         add_bias=" + b[n + j]" if bias is not None else "",
         add_bias_n=" + b[n]" if bias is not None else "")
-    device = Device[x.device]
-    binary = _compile_c(source, device.renderer.target)
     inputs = [t.contiguous() for t in (in_order(x), weight, bias) if t is not None]
-    n_bufs = 1 + len(inputs)  # the output, then the inputs
     moved = 4 * batch * (M * K + M * N) + weight_bytes
-    estimates = Estimates(ops=flops, lds=moved, mem=moved)
-
-    def program(*params: UOp) -> UOp:
-        core_id = UOp.param(n_bufs, dtypes.int, (), vmin_vmax=(0, cores - 1), name="core_id",
-                            addrspace=AddrSpace.ALU)
-        info = ProgramInfo(name, (cores, 1, 1), (1, 1, 1), (core_id,), tuple(range(n_bufs)),
-                           (0,), tuple(range(1, n_bufs)), device.renderer.target)
-        # a PROGRAM that ends in its BINARY is compiled already: tinygrad loads and runs it
-        sink = UOp.sink(arg=KernelInfo(name, estimates=estimates))
-        return UOp(Ops.PROGRAM, arg=info, src=(sink, UOp(Ops.LINEAR, src=params),
-                                               UOp(Ops.SOURCE, arg=source),
-                                               UOp(Ops.BINARY, arg=binary)))
-
+    program = _c_program(name, source, Device[x.device], 1 + len(inputs), cores,
+                         Estimates(ops=flops, lds=moved, mem=moved))
     out = Tensor.empty(*x.shape[:-1], N, device=x.device)
     return out.custom_kernel(*inputs, fxn=program, grad_fxn=_cpu_matmul_grads)[0]
 
@@ -1187,11 +1208,9 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
     read the keys at a fraction of the memory's speed (docs/speed.md); copying them out of the
     cache first costs what the product would save. None where it does not apply."""
     from tinygrad import Device, dtypes
-    from tinygrad.dtype import AddrSpace
     from tinygrad.helpers import NUM_CPU_THREADS
     from tinygrad.renderer import Estimates
-    from tinygrad.runtime.ops_cpu import CPUDevice
-    from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp
+    from tinygrad.uop.ops import Ops
 
     *lead, N, K = weight.shape
     symbolic = [s for s in (N, K) if not isinstance(s, int)]
@@ -1201,11 +1220,7 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
         return None
     if dtypes.float32 != x.dtype or weight.dtype not in (dtypes.float32, dtypes.float16):
         return None
-    if not isinstance(x.device, str):
-        return None
-    if x.device != weight.device or not isinstance(device := Device[x.device], CPUDevice):
-        return None
-    if type(device.renderer).__name__ == "LVPRenderer" or _c_compiler() is None:
+    if not isinstance(x.device, str) or x.device != weight.device or _c_device(x.device) is None:
         return None
     count = symbolic[0]
     if len(variables := count.variables()) != 1 or (view := strided(weight)) is None:
@@ -1240,23 +1255,10 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
         name=name, var=var.expr, entries=entries, N=0 if rows else N, K=K if rows else 0,
         cores=cores, S=count.render(), wplace=place(steps, offset), xplace=xplace,
         ostride=most, rows=int(rows), step=steps[-2] if rows else steps[-1])
-    binary = _compile_c(source, device.renderer.target)
     inputs = [x.contiguous(), base.contiguous()]
     moved = entries * most * ((K if rows else N) * weight.dtype.itemsize + 4)
-    estimates = Estimates(ops=2 * entries * most * (K if rows else N), lds=moved, mem=moved)
-
-    def program(*params: UOp) -> UOp:
-        core_id = UOp.param(3, dtypes.int, (), vmin_vmax=(0, cores - 1), name="core_id",
-                            addrspace=AddrSpace.ALU)
-        length = UOp.param(4, dtypes.int, (), vmin_vmax=(var.vmin, var.vmax), name=var.expr,
-                           addrspace=AddrSpace.ALU)
-        info = ProgramInfo(name, (cores, 1, 1), (1, 1, 1), (core_id, length), (0, 1, 2),
-                           (0,), (1, 2), device.renderer.target)
-        sink = UOp.sink(arg=KernelInfo(name, estimates=estimates))
-        return UOp(Ops.PROGRAM, arg=info, src=(sink, UOp(Ops.LINEAR, src=params),
-                                               UOp(Ops.SOURCE, arg=source),
-                                               UOp(Ops.BINARY, arg=binary)))
-
+    program = _c_program(name, source, Device[x.device], 3, cores, Estimates(
+        ops=2 * entries * most * (K if rows else N), lds=moved, mem=moved), var)
     # scores: (..., 1, S) of a buffer for the longest S; values: (..., 1, N), which c_proj then
     # reads as it lies (in_order)
     out = Tensor.empty(*lead, 1, most if rows else N, device=x.device)
