@@ -127,22 +127,32 @@ def test_ablate_equals_hugging_face(server, heads, mean, want):
     assert got["lens"]["probs"][-1] != plain["lens"]["probs"][-1]
 
 
-def test_ablated_lens_equals_hugging_face(server):
-    """/api/ablate's lens with head 0.1 zeroed against Hugging Face's (the c_proj hook): the
-    rows before block 0's head come from /api/run's lens of the same text (read_lens), and the
-    same lens read whole, with no plain lens kept, is equal."""
+def test_ablated_lens_equals_hugging_face(server, monkeypatch):
+    """/api/ablate's lens with head 0.1 zeroed against Hugging Face's (the c_proj hook): read
+    whole, with no plain lens kept, and with block 0's row (before the knocked-out head) taken
+    from /api/run's lens of the same text (read_lens), which reads one group fewer."""
     def lens_of(got):
         lens = got["lens"]
         nxt = np.array([[np.nan if p is None else p for p in row] for row in lens["next_prob"]])
         return np.array(lens["ids"]), np.array(lens["probs"]), nxt[:, :-1]
 
-    server.workbench.plain_lens.clear()
+    bench, reads = server.workbench, []
+    lens = bench.lens
+
+    def counted(size, rows):  # counts the replays of the group reading
+        group, last = lens(size, rows)
+        return (lambda *a: reads.append(1) or group(*a)), last
+
+    monkeypatch.setattr(bench, "lens", counted)
+    bench.plain_lens.clear()
     for fresh in (True, False):
         if not fresh:
             assert post(server, "/api/run", {"text": ROMEO})[0] == 200
-            assert len(server.workbench.plain_lens) == 1
+            assert len(bench.plain_lens) == 1
+        reads.clear()
         status, got = post(server, "/api/ablate", {"text": ROMEO, "heads": ["0.1"]})
         assert status == 200, got
+        assert len(reads) == (2 if fresh else 1)  # the fixture's 2 blocks, one group each
         ids, probs, nxt = lens_of(got)
         assert ids.tolist() == CAUSES["ablated_top_ids"][:, :, 0].tolist()
         # 1e-5 of float32 arithmetic and half a unit of the fifth decimal they travel rounded to
