@@ -496,7 +496,9 @@ def child_torch_patching(folder: Path) -> dict:
 def child_tinygrad_serve(folder: Path) -> dict:
     """The workbench (serve.py) over HTTP on loopback, end to end (JSON included): the start
     (load + warm), then per text of LAB_TEXTS a first /api/run (which may compile its length's
-    pass) and a timed second one, /api/ablate of two heads, and /api/patch of a 15-token pair."""
+    pass) and a timed second one, /api/ablate of two heads (after the /api/run of its text, as
+    the page asks, and on a text not run before), /api/patch of a 15-token pair, and the
+    resid_pre grid of a 20-token pair with its progress streamed."""
     import http.client
     import threading
 
@@ -529,6 +531,13 @@ def child_tinygrad_serve(folder: Path) -> dict:
         post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"]})
         ablate.append(post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"]}))
         bare.append(post("/api/ablate", {"text": text, "heads": ["5.1", "9.6"], "views": False}))
+    # texts no /api/run read first (a link opened with heads knocked out): the whole lens is
+    # read. Windows of the brief's 40 tokens: the first compiles the lens of that length, the
+    # median of the next three is timed
+    ids = gpt.tokenizer().encode(LAB_TEXTS[-1])
+    unseen_s = statistics.median([post("/api/ablate", {
+        "text": gpt.tokenizer().decode(ids[i:i + 40]), "heads": ["5.1", "9.6"]})
+        for i in range(4)][1:])
     pair = {"clean": "When Mary and John went to the store, John gave a drink to",
             "corrupt": "When Mary and John went to the store, Mary gave a drink to",
             "answer": " Mary", "wrong": " John"}
@@ -563,7 +572,7 @@ def child_tinygrad_serve(folder: Path) -> dict:
     server.shutdown()
     return {"start_s": start_s, "run_first_s": first, "run_s": run, "run_s_max": max(run),
             "ablate_s": ablate, "ablate_s_max": max(ablate), "bare_s": bare,
-            "bare_s_max": max(bare), "patch_s": patch_s, "grid_s": grid_s,
+            "bare_s_max": max(bare), "unseen_s": unseen_s, "patch_s": patch_s, "grid_s": grid_s,
             "grid_all_s": grid_all_s, "grid_first_s": grid_first_s, "grid_lines": grid_lines,
             "rss_mb": peak_rss_mb(), **tinygrad_info()}
 
@@ -1226,6 +1235,8 @@ def table_rows(results: dict) -> list[list[str]]:
              get(r, "torch-attention", "attention_s_max"), 1.0, 2)
     absolute("workbench /api/ablate wall s, two heads, slowest of 4", serving.get("ablate_s_max"),
              None, 0.5, 2)
+    absolute("  on 40-token texts no /api/run read first (the lens read whole; median of 3)",
+             serving.get("unseen_s"), None, 0.5, 2)
     absolute("  without the maps and the lens (\"views\": false: the page's scan)",
              serving.get("bare_s_max"), None, 0.5, 2)
     absolute(f"workbench 20-token resid_pre grid s, to the last of its "
