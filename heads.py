@@ -405,9 +405,6 @@ def read_lens(model, ids: np.ndarray, logits, cache: dict, k: int = 5) -> dict:
     return {"next_token_prob": next_prob, "top_ids": top_ids, "top_probs": top_probs, "ids": ids}
 
 
-LENS_ELEMENTS = 1 << 26  # lens_top1 reads at most this many logits (256 MB) at once
-
-
 def lens_read(z, next_ids):
     """One set of the logit lens's readings z (N, T, V) -> Tensors top_ids (N, T), top_probs and
     next_probs (N, T): the top reading, its probability and that of each position's next token,
@@ -423,25 +420,6 @@ def lens_read(z, next_ids):
     index = next_ids.reshape(1, -1, 1).expand(z.shape[0], -1, 1)
     picked = z.gather(-1, index).squeeze(-1).realize()
     return z.argmax(-1).realize(), (top - lse).exp(), (picked - lse).exp()
-
-
-def lens_top1(model, stream, logits, next_ids):
-    """The logit lens's top reading and its next-token probability, computed in tinygrad so that
-    only (L + 1, T) numbers leave it, not (L + 1, T, V): the workbench's lens (serve.py), where
-    copying GPT-2's 13 x T x 50257 readings to NumPy and ranking them took most of a request.
-    stream (L, T, C): the stream before each block (lens_points but the last), logits (1, T, V):
-    the model's own, the last reading; next_ids as lens_read's. -> Tensors top_ids (L + 1, T),
-    top_probs and next_probs (L + 1, T), as read_lens's top_ids[..., 0], top_probs[..., 0],
-    next_token_prob."""
-    from tinygrad import Tensor
-
-    # a few layers at a time where the text is long: the readings of all 12 of GPT-2's layers
-    # at 1024 positions would be 2.5 GB at once
-    L, T, V = stream.shape[0], stream.shape[1], logits.shape[-1]
-    step = max(1, LENS_ELEMENTS // (T * V))
-    rows = [lens_read(model.unembed(stream[i:i + step]), next_ids) for i in range(0, L, step)]
-    rows.append(lens_read(logits, next_ids))
-    return tuple(Tensor.cat(*part, dim=0) for part in zip(*rows))
 
 
 def lens_report(lens: dict, labels: list[str], decode) -> str:

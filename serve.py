@@ -42,6 +42,7 @@ MAX_NEW = 256  # tokens one /api/generate may ask for
 PASS_ROWS = 16  # the pass is compiled for texts of 1-16, 17-32, ... tokens
 LENS_KEPT = 4  # compiled lenses kept (Workbench.lens)
 LENS_ROWS = 8  # the lens is compiled for texts of 1-8, 9-16, ... tokens
+LENS_ELEMENTS = 1 << 26  # the lens reads at most this many logits (256 MB) at once (groups)
 PLAIN_KEPT = 8  # the plain lenses of this many texts are kept (Workbench.read_lens)
 DIGITS = 5  # attention and probabilities travel rounded to 5 decimals
 FIRST_PORT, PORTS_TRIED = 8000, 20  # no --port: 8000, else the next free one
@@ -152,11 +153,11 @@ class Workbench:
         """How the lens reads the streams of compiled(size)'s pass: in groups of g blocks, one
         product with the unembedding each (a product per block read GPT-2's 154 MB unembedding
         12 times over, and a short text's lens is that read). Two halves of the model; fewer
-        blocks at once where the text is long (heads.LENS_ELEMENTS). -> (where each group
+        blocks at once where the text is long (LENS_ELEMENTS). -> (where each group
         starts, g): the groups are all as large and end at the last block, the first one
         overlapping the next where g does not divide n_layer."""
         L, V = self.model.config.n_layer, self.model.config.vocab_size
-        g = max(1, min(-(-L // 2), heads.LENS_ELEMENTS // (size * V)))
+        g = max(1, min(-(-L // 2), LENS_ELEMENTS // (size * V)))
         return [max(0, start) for start in range(L - g, -g, -g)], g
 
     def compiled(self, size: int, mean):

@@ -148,17 +148,19 @@ def test_logit_lens_equals_hugging_face_and_its_last_row_is_the_model(trained):
 
 
 
-def test_lens_top1_in_tinygrad_equals_hugging_face(trained):
-    """heads.lens_top1 (the workbench's lens, computed in tinygrad) against the same readings
-    of Hugging Face as logit_lens."""
+def test_lens_read_in_tinygrad_equals_hugging_face(trained):
+    """heads.lens_read (the workbench's lens, computed in tinygrad) of every block's stream
+    through the final LayerNorm and the unembedding, and of the logits, against the same
+    readings of Hugging Face as logit_lens."""
     ids = REF["ids"].astype(np.int32)
     points = heads.lens_points(trained)[:-1]
     logits, cache = trained.run_with_cache(Tensor(ids[None]), points)
-    stream = Tensor.stack(*[cache[name][0] for name in points])
+    stream = Tensor.stack(*[cache[name][0] for name in points])  # (L, T, C)
     following = np.zeros(len(ids), dtype=np.int32)
     following[:-1] = ids[1:]
-    top_ids, top_probs, next_probs = (t.numpy() for t in heads.lens_top1(
-        trained, stream, logits, Tensor(following)))
+    read = [heads.lens_read(z, Tensor(following)) for z in (trained.unembed(stream), logits)]
+    top_ids, top_probs, next_probs = (np.concatenate([t.numpy() for t in part])
+                                      for part in zip(*read))  # (L + 1, T) each
     np.testing.assert_array_equal(top_ids, REF["top_ids"][:, :, 0])
     np.testing.assert_allclose(top_probs, REF["top_probs"][:, :, 0], atol=1e-5)
     np.testing.assert_allclose(next_probs[:, :-1], REF["next_token_prob"], atol=1e-5)
