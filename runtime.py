@@ -26,9 +26,10 @@ runs on tinygrad alone. What each buys, measured: docs/speed.md, "The runtime pi
 - on_device: tinygrad copies a NumPy array into a fresh buffer of its own; on a CPU the
   arrays are written once, on all cores, into huge pages that become the buffers. Can go when
   Tensor(array) on a CPU takes the array's memory.
-- jit_at_once, kept_jits: TinyJits that capture on their first call, and are kept from one
-  call to the next while the buffers they read stay the same. Can go when TinyJit takes the
-  number of plain calls as an option and checks what it reads.
+- jit_at_once, kept_jits: TinyJits that capture on their first call, replay the tensors of
+  their last call without searching them again, and are kept from one call to the next while
+  the buffers they read stay the same. Can go when TinyJit takes the number of plain calls as
+  an option and checks what it reads, and cheaply.
 - host_input, host_output: a decode step's token written into the buffer the step's TinyJit
   read last time, not made a new tensor whose copy the JIT schedules anew; its logits read from
   the buffer the step wrote. Can go when those copies are cheap.
@@ -344,15 +345,25 @@ class Launch(ctypes.Structure):
                 ("args", ctypes.POINTER(ctypes.c_uint64))]
 
 
-def launch(fxn: int, chunks: list[list[int]]) -> tuple[Launch, ctypes.Array]:
-    """A Launch of the kernel at address fxn with one argument list per chunk, and the array
-    of arguments it points into (to be kept alive, and written when an argument changes)."""
+def launches(kernels: list[tuple[int, list[list]]]):
+    """Launches for native_cores of kernels, each (the address of its code, one argument list per
+    chunk): a ctypes array of Launch, the flat array of every chunk's MAX_ARGS arguments that they
+    point into (NumPy's view of it: to be kept alive, and written when an argument changes), and
+    where each kernel's first chunk's arguments start in it."""
+    import numpy as np
     from tinygrad.runtime.ops_cpu import MAX_ARGS
 
-    args = (ctypes.c_uint64 * (MAX_ARGS * len(chunks)))()
-    for c, chunk in enumerate(chunks):
-        args[c * MAX_ARGS:c * MAX_ARGS + len(chunk)] = [getattr(a, "value", a) for a in chunk]
-    return Launch(fxn, len(chunks), args), args
+    rows = sum(len(chunks) for _, chunks in kernels)
+    memory = (ctypes.c_uint64 * (MAX_ARGS * rows))()
+    flat, table, starts, row = np.ctypeslib.as_array(memory), (Launch * len(kernels))(), [], 0
+    for i, (fxn, chunks) in enumerate(kernels):
+        for c, chunk in enumerate(chunks):
+            flat[(row + c) * MAX_ARGS:][:len(chunk)] = [getattr(a, "value", a) for a in chunk]
+        args = ctypes.byref(memory, row * MAX_ARGS * 8)  # a pointer to the chunk's row
+        table[i] = Launch(fxn, len(chunks), ctypes.cast(args, ctypes.POINTER(ctypes.c_uint64)))
+        starts.append(row * MAX_ARGS)
+        row += len(chunks)
+    return table, flat, starts
 
 
 @functools.cache
@@ -441,8 +452,8 @@ def run_on_all_cores():
         start = time.perf_counter()
         chunks = chunk_args([*(b.va_addr for b in bufs), *vals], slot, global_size[0])
         if native_cores() is not None:
-            one, args = launch(self.addr, chunks)
-            run_launches(ctypes.byref(one), 1)
+            table, args, _ = launches([(self.addr, chunks)])  # args: kept alive for the call
+            run_launches(table, 1)
         else:
             _CORES.run(self.fxn, chunks)
         return time.perf_counter() - start if wait else None
@@ -454,6 +465,7 @@ def run_on_all_cores():
 @functools.cache
 def cpu_graph():
     """The class CPUGraph, made on first use: it subclasses tinygrad's internal GraphRunner."""
+    import numpy as np
     from tinygrad.engine.jit import GraphRunner
     from tinygrad.engine.realize import get_call_arg_uops
     from tinygrad.uop.ops import Ops
@@ -471,12 +483,10 @@ def cpu_graph():
         replays = 0  # calls of any CPUGraph so far (for tests)
 
         def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
-            from tinygrad.runtime.ops_cpu import MAX_ARGS
-
             super().__init__(linear, input_uops)
             self.launches = []  # per kernel: (compiled function, argument list per chunk)
-            self.patches = []  # (kernel, argument, input slot): buffers that change between calls
-            self.first_var = []  # per kernel: where its variables start among its arguments
+            patches = []  # (kernel, argument, input slot): buffers that change between calls
+            first_var = []  # per kernel: where its variables start among its arguments
             zeros = {v: 0 for v in self.vars}
             addresses = []
             for j, ((_, program, bufs, device_vars), runtime) in enumerate(zip(self.calls,
@@ -489,39 +499,45 @@ def cpu_graph():
                 n = info.launch_dims(zeros)[0][0] if core is not None else 1
                 self.launches.append((runtime.fxn, chunk_args(args, core, n)))
                 addresses.append(runtime.addr)
-                self.patches += [(j, k, slot) for p, slot in self.uop_replace[j]
-                                 for k, g in enumerate(info.globals) if g == p]
-                self.first_var.append(len(kernel_bufs))
-            # the same launches for the C helper threads: one call replays them all
-            self.table = None
-            if native_cores() is not None:
-                made = [launch(a, chunks) for a, (_, chunks) in zip(addresses, self.launches)]
-                self.table = (Launch * len(made))(*(one for one, _ in made))
-                self.argv, self.row = [args for _, args in made], MAX_ARGS
+                patches += [(j, k, slot) for p, slot in self.uop_replace[j]
+                            for k, g in enumerate(info.globals) if g == p]
+                first_var.append(len(kernel_bufs))
+            # every chunk's arguments in one array (what the C helper threads read), and the
+            # places in it of each input buffer and each variable: a replay writes each with one
+            # NumPy assignment
+            self.table, self.args, self.starts = launches(list(zip(addresses, (
+                chunks for _, chunks in self.launches))))
+            self.places: dict[tuple, list[int]] = {}
+            for j, k, slot in patches:
+                self.places.setdefault(("buffer", slot), []).extend(self.spots(j, k))
+            for j, vidxs in self.var_vals_replace.items():
+                for i, v in vidxs:
+                    self.places.setdefault(("var", self.vars[v]), []).extend(
+                        self.spots(j, first_var[j] + i))
+            self.places = {key: np.array(places) for key, places in self.places.items()}
 
-        def set_arg(self, j: int, k: int, value: int):
-            """Argument k of kernel j, in every chunk, for the next replay (in the C table when
-            there is one: the Python lists are then only what it was made from)."""
-            chunks = self.launches[j][1]
-            if self.table is None:
-                for chunk in chunks:
-                    chunk[k] = ctypes.c_uint64(value)
-            else:
-                for c in range(len(chunks)):
-                    self.argv[j][c * self.row + k] = value
+        def spots(self, j: int, k: int) -> list[int]:
+            """Argument k of kernel j in every one of its chunks: places in self.args."""
+            from tinygrad.runtime.ops_cpu import MAX_ARGS
+
+            return [self.starts[j] + c * MAX_ARGS + k for c in range(len(self.launches[j][1]))]
 
         def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait=False):
-            for j, k, slot in self.patches:
-                buf = input_uops[slot].buffer
-                self.set_arg(j, k, buf.get_buf(buf.device).va_addr)
-            for j, i, value in self.updated_vars(var_vals):
-                self.set_arg(j, self.first_var[j] + i, value)
+            from tinygrad.runtime.ops_cpu import MAX_ARGS
+
+            for (kind, key), places in self.places.items():
+                if kind == "buffer":
+                    buf = input_uops[key].buffer
+                    self.args[places] = buf.get_buf(buf.device).va_addr
+                else:
+                    self.args[places] = var_vals[key]
             start = time.perf_counter()
-            if self.table is not None:
+            if native_cores() is not None:
                 run_launches(self.table, len(self.table))
-            else:
-                for fxn, chunks in self.launches:
-                    _CORES.run(fxn, chunks)
+            else:  # Python's threads, each chunk's arguments read from the array
+                for (fxn, chunks), first in zip(self.launches, self.starts):
+                    _CORES.run(fxn, [[ctypes.c_uint64(int(a)) for a in self.args[
+                        first + c * MAX_ARGS:][:len(chunk)]] for c, chunk in enumerate(chunks)])
             GlobalCounters.kernel_count += len(self.launches) - 1  # tinygrad counts a graph as one
             CPUGraph.replays += 1
             return time.perf_counter() - start if wait else None
@@ -697,24 +713,68 @@ def jit_at_once(fxn) -> TinyJit:
     state); for one that creates none, or only buffers that live tensors hold (TinyJit 0.14
     keeps those out of its memory plan: a prefill's KV caches, which the model holds), the plain
     call is a pass of tinygrad's scheduler for nothing before the capture (what it cost GPT-2's
-    decode warm-up: docs/speed.md). Can go when TinyJit takes the number of plain calls as an
-    option."""
-    jit = TinyJit(fxn)
-    if INSTALLED:  # else TinyJit as it is
-        jit.cnt = 1  # calls so far: the next one captures
+    decode warm-up: docs/speed.md). Once installed it is a _QuickJit. Can go when TinyJit takes
+    the number of plain calls as an option."""
+    if not INSTALLED:
+        return TinyJit(fxn)  # TinyJit as it is
+    jit = _quick_jit()(fxn)
+    jit.cnt = 1  # calls so far: the next one captures
     return jit
+
+
+@functools.cache
+def _quick_jit():
+    """The class _QuickJit, made on first use: it subclasses tinygrad's internal _TinyJit."""
+    from tinygrad.engine import jit as tinyjit
+    from tinygrad.uop.ops import UOp
+
+    class _QuickJit(tinyjit._TinyJit):
+        """A TinyJit whose replay with the very tensors of its last call (a decode step's token,
+        written in place by host_input) skips finding and checking its inputs again, the most
+        of a decode step's Python, in caches the step has just flushed (docs/speed.md). Only
+        the variables' values are read anew. Can go when TinyJit's check of its inputs is that
+        cheap."""
+
+        last = None  # the last call's tensors and their UOps
+        found = None  # its input buffers and their variables' values, as TinyJit finds them
+
+        def __call__(self, *args, **kwargs):
+            tensors = [(a, a.uop) for a in args if isinstance(a, Tensor)]
+            if (self.last is not None and self.captured is not None and not kwargs
+                    and len(tensors) == len(self.last)
+                    and all(a is b and u is v for (a, u), (b, v) in zip(tensors, self.last))):
+                if self.found is None:  # a second call with them: found once, and kept
+                    self.found = tinyjit._prepare_jit_inputs(args, {})[:2]
+                buffers, values = self.found
+                bound = dict(a.unbind() for a in args if isinstance(a, UOp))  # Variable: value
+                self.cnt += 1
+                return self.captured(buffers, values | {v.expr: n for v, n in bound.items()})
+            self.last, self.found = tensors, None
+            return super().__call__(*args, **kwargs)
+
+    return _QuickJit
+
+
+_HOST_VIEWS: dict = {}  # _host_view's last answers: t's UOp -> (its buffer, its memory, view)
 
 
 def _host_view(t: Tensor):
     """A NumPy view of t's elements in the memory of its buffer, when t is a realized buffer on a
     CPU device or a view of one (strided: the logits' slice of the padded output layer); else
-    None."""
+    None. The last few are kept: a decode step reads and writes the same buffers every time, and
+    finding the view again cost more than the copy through it, in caches the step has just
+    flushed."""
     import numpy as np
     from tinygrad.device import Buffer
     from tinygrad.dtype import _to_np_dtype
     from tinygrad.runtime.ops_cpu import CPUDevice
     from tinygrad.uop.ops import Ops
 
+    # the same memory: a buffer freed and allocated again would be elsewhere
+    if (kept := _HOST_VIEWS.get(t.uop)) is not None:
+        buf, memory, array = kept
+        if buf._bufs.get(buf.device) is memory:
+            return array
     if (view := strided(t)) is None or not all(isinstance(s, int) for s in view[1]):
         return None
     base, shape, steps, offset = view
@@ -725,8 +785,12 @@ def _host_view(t: Tensor):
         return None
     # no copy: synchronized first, so no kernel still writes it
     flat = np.frombuffer(buf.as_memoryview(force_zero_copy=True), dtype=_to_np_dtype(buf.dtype))
-    return np.lib.stride_tricks.as_strided(flat[offset:], shape,
-                                           [step * flat.itemsize for step in steps])
+    array = np.lib.stride_tricks.as_strided(flat[offset:], shape,
+                                            [step * flat.itemsize for step in steps])
+    _HOST_VIEWS[t.uop] = (buf, buf._bufs.get(buf.device), array)
+    if len(_HOST_VIEWS) > 8:  # the oldest goes
+        del _HOST_VIEWS[next(iter(_HOST_VIEWS))]
+    return array
 
 
 def host_input(held: Tensor | None, array) -> Tensor:

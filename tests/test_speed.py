@@ -449,6 +449,76 @@ def test_host_input_and_output_pass_a_jits_values_in_place():
     assert step.cnt >= 3  # replayed, not traced each time
 
 
+def test_host_output_reads_a_buffer_again_after_it_moved():
+    # _host_view keeps the view it found for a tensor; the buffer freed and allocated anew (a
+    # TinyJit's intermediates are) lies elsewhere, and the view must follow it
+    t = Tensor(np.arange(12, dtype=np.float32)).realize()
+    np.testing.assert_array_equal(runtime.host_output(t), np.arange(12))
+    buf = t.uop.buffer
+    if PLAIN:
+        return
+    from tinygrad.device import Buffer
+
+    write = lambda b, v: np.frombuffer(b.as_memoryview(force_zero_copy=True), np.float32).fill(v)
+    buf.deallocate()
+    other = Buffer(buf.device, 12, buf.dtype).allocate()  # takes the memory freed, if reused
+    buf.allocate()
+    write(other, 7)
+    write(buf, 5)
+    np.testing.assert_array_equal(runtime.host_output(t), np.full(12, 5))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+def test_host_memory_is_private_so_it_can_take_huge_pages():
+    # Linux gives shared anonymous memory (Python's mmap default) huge pages only where
+    # shmem_enabled allows, by default never: the weights' memory must be a private mapping
+    memory = runtime.host_memory(4 << 20)
+    start = np.frombuffer(memory, np.uint8).ctypes.data
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        low, high = (int(a, 16) for a in line.split()[0].split("-"))
+        if low <= start < high:
+            assert line.split()[1] == "rw-p", line  # p: private, s: shared
+            break
+    else:
+        raise AssertionError("the mapping is not in /proc/self/maps")
+
+
+def test_jit_at_once_replays_its_last_tensors_without_finding_them_again(monkeypatch):
+    # a decode step: the same held input, written in place, and a bound Variable that changes.
+    # Replays with the last call's tensors skip TinyJit's search of its inputs, yet read the
+    # new values; a new tensor goes the whole way again (as a training step's batches do, which
+    # pay nothing more). NumPy's numbers throughout.
+    import tinygrad.engine.jit as jit_module
+    from tinygrad import Variable
+
+    found = []
+    prepare = jit_module._prepare_jit_inputs
+    monkeypatch.setattr(jit_module, "_prepare_jit_inputs",
+                        lambda *a: found.append(1) or prepare(*a))
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(64, 24)).astype(np.float32)
+    W = Tensor(w).realize()
+    step = runtime.jit_at_once(
+        lambda tok, n: (W[tok.reshape(-1)] * 2)[:, :20].shrink((None, (0, n))).sum(1).realize())
+    tok, calls = None, []
+    for i, ids in enumerate(([[3], [5]], [[7], [1]], [[63], [0]], [[2], [2]], [[9], [4]])):
+        ids = np.array(ids, dtype=np.int32)
+        tok = runtime.host_input(tok, ids) if i != 3 else Tensor(ids).realize()  # 3: a new one
+        before = len(found)
+        n = 5 + 3 * i
+        out = runtime.host_output(step(tok, Variable("n", 1, 20).bind(n)))
+        calls.append(len(found) - before)
+        np.testing.assert_allclose(out, 2 * w[ids[:, 0], :n].sum(1), rtol=1e-5)
+    before = len(found)
+    out = runtime.host_output(step(tok, Variable("n", 1, 20).bind(20)))
+    calls.append(len(found) - before)
+    np.testing.assert_allclose(out, 2 * w[[9, 4], :20].sum(1), rtol=1e-5)
+    if not PLAIN:
+        # captured; the same tensor again: found once more, and kept; then not searched. The
+        # new tensor: searched, and once more when it comes again (written in place)
+        assert calls == [1, 1, 0, 1, 1, 0], calls
+
+
 def test_linear_takes_the_cpu_kernel_only_where_it_fits(monkeypatch):
     # float32 rows on a CPU, one (decoding) or many, with float32 or float16 weights, training
     # or not: the hand-written kernel; float16 rows: tinygrad's own code
