@@ -1309,11 +1309,13 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
     if rows:  # q, read where c_attn wrote it when its features lie along memory
         q = strided(x)
         x, xplace = (q[0], place(q[2], q[3])) if q and q[2][-1] == 1 else (x, f"(long)e * {K}")
-    else:  # att (..., 1, S) padded to the longest S: a buffer of whole size. The softmax
-        # writes it, not a copy of its own contiguous output
+    else:  # att (..., 1, S) written into a buffer of the longest S, its S weights alone: by
+        # the softmax's own kernel, not as a copy of its contiguous output
         if x.uop.op is Ops.CONTIGUOUS:
             x = Tensor(x.uop.src[0])
-        x, xplace = x.pad(((0, 0),) * (x.ndim - 1) + ((0, most - count),)), f"(long)e * {most}"
+        whole = Tensor.empty(*x.shape[:-1], most, device=x.device)
+        whole.shrink(tuple((0, s) for s in x.shape[:-1]) + ((0, count),)).assign(x)
+        x, xplace = whole, f"(long)e * {most}"
     cores = min(NUM_CPU_THREADS.value, entries)
     half = weight.dtype.itemsize == 2
     name = (f"cache_{'scores' if rows else 'values'}_{entries}_{K if rows else N}_{most}"
