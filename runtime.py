@@ -670,7 +670,7 @@ def on_device(arrays: dict, dtype, shapes: dict) -> dict[str, Tensor]:
 
     tinygrad 0.14's Tensor(array) copies an array into a fresh buffer of its own. On a CPU
     device each array is written instead (cast, transposed, padded) into zeroed host memory that
-    becomes the buffer itself and lives as long as the buffer does, the copies on all cores at
+    becomes the buffer itself and lives as long as the buffers do, the copies on all cores at
     once (NumPy lets go of Python's lock while it copies): one write per weight, not two, and
     no kernel to schedule (GPT-2 124M's loading: docs/speed.md). Elsewhere each is copied to the
     device as before. Can go when Tensor(array) on a CPU takes the array's memory as it is."""
@@ -680,29 +680,33 @@ def on_device(arrays: dict, dtype, shapes: dict) -> dict[str, Tensor]:
     from tinygrad.runtime.ops_cpu import CPUDevice
 
     on_cpu = INSTALLED and isinstance(Device[Device.DEFAULT], CPUDevice)  # else Tensor(array)
+    # on a CPU one mapping holds them all, each at a multiple of 64 bytes (a cache line): huge
+    # pages cover all of it, where a mapping per weight left each one's last part of 2 MiB in
+    # small pages, which a decode step reads more slowly (docs/speed.md)
+    sizes = {name: math.prod(shapes[name]) for name in arrays}
+    starts = np.cumsum([0] + [-(-n * np.dtype(dtype).itemsize // 64) * 64 for n in sizes.values()])
+    memory = host_memory(int(starts[-1])) if on_cpu else None
 
-    def host(name: str) -> np.ndarray:
-        array, shape = arrays[name], tuple(shapes[name])
-        size = math.prod(shape)
+    def host(name: str, start: int) -> np.ndarray:
+        array, shape, size = arrays[name], tuple(shapes[name]), sizes[name]
         if not on_cpu and shape == array.shape:
             return np.ascontiguousarray(array, dtype)  # no copy where none is needed
         if on_cpu:
-            memory = host_memory(size * np.dtype(dtype).itemsize)
-            out = np.frombuffer(memory, dtype, count=size).reshape(shape)  # page-aligned
+            out = np.frombuffer(memory, dtype, count=size, offset=start).reshape(shape)
         else:
             out = np.zeros(shape, dtype)
         np.copyto(out[: len(array)], array, casting="same_kind")
         return out
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        hosts = dict(zip(arrays, pool.map(host, arrays)))
+        hosts = dict(zip(arrays, pool.map(host, arrays, map(int, starts))))
     if not on_cpu:
         return {name: Tensor(a, device=Device.DEFAULT) for name, a in hosts.items()}
     tensors = {}
     for name, a in hosts.items():
         t = Tensor.from_blob(a.ctypes.data, a.shape, dtype=_from_np_dtype(a.dtype),
                              device=Device.DEFAULT)
-        t.uop.buffer.host_array = a  # the buffer's memory: freed with the buffer, not before
+        t.uop.buffer.host_array = a  # its memory: freed with the last of the buffers, not before
         tensors[name] = t
     return tensors
 

@@ -483,6 +483,30 @@ def test_host_memory_is_private_so_it_can_take_huge_pages():
         raise AssertionError("the mapping is not in /proc/self/maps")
 
 
+def test_on_device_writes_every_weight_into_one_mapping():
+    # cast, padded with zero rows, each at a multiple of 64 bytes of one mapping (so that huge
+    # pages cover all of it), and the values NumPy has
+    rng = np.random.default_rng(5)
+    arrays = {"a": rng.normal(size=(5, 3)), "b": rng.normal(size=(7,)),
+              "c": rng.normal(size=(2, 9))}
+    shapes = {"a": (8, 3), "b": (7,), "c": (2, 9)}
+    tensors = runtime.on_device(arrays, np.float16, shapes)
+    for name, t in tensors.items():
+        want = np.zeros(shapes[name], np.float16)
+        want[: len(arrays[name])] = arrays[name]
+        np.testing.assert_array_equal(t.numpy(), want)
+    if PLAIN:
+        return
+    def root(a):  # the memory under a view of a view
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return a.obj if isinstance(a, memoryview) else a
+
+    hosts = [t.uop.buffer.host_array for t in tensors.values()]
+    assert len({id(root(h)) for h in hosts}) == 1
+    assert all(h.ctypes.data % 64 == 0 for h in hosts)
+
+
 def test_jit_at_once_replays_its_last_tensors_without_finding_them_again(monkeypatch):
     # a decode step: the same held input, written in place, and a bound Variable that changes.
     # Replays with the last call's tensors skip TinyJit's search of its inputs, yet read the
