@@ -44,7 +44,8 @@ both libraries load them from one checkpoint that this script writes in the hub'
   demo       the wall time of the whole `python transformer.py -v`, first on an empty kernel cache
              (a fresh tinygrad cache.db and PoCL cache), then again on the cache it filled.
   bandwidth  the machine's streaming read bandwidth (NumPy sums over 1 GiB), and decode speed as a
-             percentage of the bound it sets: every weight is read once per token.
+             percentage of the bound it sets: every weight is read once per token. Each decode
+             child also measures it right after its timing, and its own share uses that.
 
 Every measurement runs in its own Python process, so imports, caches and peak memory do not mix;
 the child prints one JSON line and this script collects them into a table whose ratio column is
@@ -118,6 +119,10 @@ TRAIN_STEPS, QUICK_TRAIN_STEPS = 20, 8
 FINETUNE_BATCH, FINETUNE_BLOCK, FINETUNE_LR = 4, 128, 1e-4
 FINETUNE_STEPS, QUICK_FINETUNE_STEPS = 10, 5
 CHILD_TIMEOUT_S = 3600  # a cold BEAM search on two cores can take tens of minutes
+# --llama-cpp: llama-bench's tests (pp512, tg64), in rounds that alternate with ours, so that
+# both see the same machine; the median of each. Its two ways of loading the weights (mapping
+# the file, its default, or reading them into memory of its own) are both run; the faster counts.
+LLAMA_ROUNDS, LLAMA_GEN_TOKENS, LLAMA_LOAD_MODES = 3, 64, "mmap,none"
 
 # The training workloads of the speed issue: each is one model shape and batch, trained with
 # AdamW and gradient clipping at 1.0 in both libraries. T is the sequence length of a batch;
@@ -308,10 +313,11 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
     unjitted = GlobalCounters.kernel_count - before
     n_params = sum(p.numel() for p in model.parameters().values())
     contexts = context_speeds(lambda ids: generate(model, ids, CONTEXT_TOKENS, 0.0, beam=beam))
+    rss = peak_rss_mb()  # before the bandwidth's GiB
     return {**decode_summary(stamps, t_start, t_loaded), **contexts,
             "kernels_per_step": min(per_step),
             "kernels_per_step_max": max(per_step), "kernels_unjitted": unjitted,
-            "n_params": n_params, "rss_mb": peak_rss_mb(), **tinygrad_info()}
+            "n_params": n_params, "rss_mb": rss, **tinygrad_info(), **bandwidth_beside()}
 
 
 def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
@@ -329,6 +335,24 @@ def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
     seconds = time.perf_counter() - t1
     return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
             "prefill_first_s": t1 - t0, "rss_mb": peak_rss_mb(), **tinygrad_info()}
+
+
+def child_tinygrad_peer(folder: Path, half: bool) -> dict:
+    """llama-bench's two tests, for time_llama's rounds: pp512 (a second prompt of the bucket, as
+    child_tinygrad_prefill) and tg64 (greedy tokens after a one-token prompt, as llama-bench
+    decodes from an empty context; the capture and first replay not timed, as its warm-up run
+    is not)."""
+    from generate import generate
+
+    model = load_gpt2_tinygrad(folder, half)
+    for seed in (1, 2):
+        t0 = time.perf_counter()
+        next(generate(model, random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=seed), 1))
+        prefill_s = time.perf_counter() - t0
+    stamps = [time.perf_counter() for _ in generate(
+        model, random_ids(1, GPT2_VOCAB, seed=3), LLAMA_GEN_TOKENS + 3)][2:]
+    return {"prefill_tok_s": PREFILL_TOKENS / prefill_s,
+            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
 def lab_ids() -> np.ndarray:
@@ -732,9 +756,9 @@ def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
     stamps = [time.perf_counter() for _ in decode(ids, tokens)]
     contexts = context_speeds(lambda ids: decode(ids, CONTEXT_TOKENS))
     n_params = sum(p.numel() for p in model.parameters())  # the tied wte is counted once
+    rss = peak_rss_mb()  # before the bandwidth's GiB
     return {**decode_summary(stamps, t_start, t_loaded), **contexts, "n_params": n_params,
-            "rss_mb": peak_rss_mb(),
-            "attn": model.config._attn_implementation}
+            "rss_mb": rss, "attn": model.config._attn_implementation, **bandwidth_beside()}
 
 
 def child_torch_prefill(folder: Path, bf16: bool = False) -> dict:
@@ -794,12 +818,15 @@ def torch_training(torch, model, batches, lr: float, wd: float, betas, t_start: 
 def child_bandwidth(repeats: int) -> dict:
     """Streaming read bandwidth: sum a 1 GiB float32 array, far larger than any cache. One thread
     rarely saturates memory, so the array is also summed in one slice per core; NumPy releases the
-    GIL inside the reduction, so the threads run in parallel."""
-    a = np.ones(2**28, dtype=np.float32)  # np.ones writes every page, so none is left unmapped
-    cores = os.cpu_count() or 1
-    slices = np.array_split(a, cores)
+    GIL inside the reduction, so the threads run in parallel. Twice: in NumPy's own memory (small
+    pages, unless the system gives every mapping huge ones), then in memory that asks for huge
+    pages (MADV_HUGEPAGE), as the weights' memory does (runtime.host_memory): with small pages
+    the reads also wait on the TLB, and the bound the weights' reads face is the faster one."""
+    import mmap
 
-    def best(fn) -> float:
+    cores = os.cpu_count() or 1
+
+    def best(a: np.ndarray, fn) -> float:
         seconds = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -807,11 +834,31 @@ def child_bandwidth(repeats: int) -> dict:
             seconds.append(time.perf_counter() - t0)
         return a.nbytes / min(seconds) / 1e9
 
-    with ThreadPoolExecutor(cores) as pool:
-        threaded = best(lambda: sum(pool.map(np.sum, slices)))
-    single = best(a.sum)
-    return {"single_gb_s": single, "threaded_gb_s": threaded, "gb_s": max(single, threaded),
-            "threads": cores}
+    def speeds(a: np.ndarray) -> tuple[float, float]:
+        slices = np.array_split(a, cores)
+        with ThreadPoolExecutor(cores) as pool:
+            return best(a, lambda: sum(pool.map(np.sum, slices))), best(a, a.sum)
+
+    n = 2**28
+    threaded, single = speeds(np.ones(n, dtype=np.float32))  # np.ones writes every page
+    huge = {}
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory = mmap.mmap(-1, 4 * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory.madvise(mmap.MADV_HUGEPAGE)
+        a = np.frombuffer(memory, np.float32)
+        a.fill(1)
+        huge_threaded, huge_single = speeds(a)
+        huge = {"huge_threaded_gb_s": huge_threaded, "huge_single_gb_s": huge_single}
+        del a
+    return {"single_gb_s": single, "threaded_gb_s": threaded, **huge,
+            "gb_s": max(single, threaded, *huge.values()), "threads": cores}
+
+
+def bandwidth_beside() -> dict:
+    """The read bandwidth right after a decode child's timing, in its own process: this machine's
+    bandwidth moves by half from one minute to the next, so the bound a decode speed is set
+    against is measured beside it (bound_percent)."""
+    return {"bound_gb_s": child_bandwidth(3)["gb_s"]}
 
 
 def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
@@ -829,6 +876,8 @@ def run_child(name: str, folder: Path, tokens: int, quick: bool) -> dict:
                                                                    BENCH_BEAM),
         "tinygrad-prefill": lambda: child_tinygrad_prefill(folder, half=False),
         "tinygrad-prefill-half": lambda: child_tinygrad_prefill(folder, half=True),
+        "tinygrad-peer": lambda: child_tinygrad_peer(folder, half=False),
+        "tinygrad-peer-half": lambda: child_tinygrad_peer(folder, half=True),
         "torch-prefill-bf16": lambda: child_torch_prefill(folder, bf16=True),
         "tinygrad-perplexity": lambda: child_tinygrad_perplexity(folder),
         "tinygrad-serve": lambda: child_tinygrad_serve(folder),
@@ -1006,11 +1055,12 @@ def gpt2_tokenizer_files(folder: Path):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def time_llama(folder: Path, args) -> dict:
+def time_llama(folder: Path, args, env: dict) -> dict:
     """llama.cpp on the same checkpoint (issue 34): converted to GGUF in float32 and float16 by
     its converter (convert_hf_to_gguf.py in --llama-cpp's folder, run by --torch-python's
-    interpreter, which needs the gguf package), then its llama-bench on all cores: decode
-    (64 tokens, tg64) and a 512-token prefill (pp512), each the mean of 3 runs."""
+    interpreter, which needs the gguf package), then its llama-bench on all cores, decode (64
+    tokens, tg64) and a 512-token prefill (pp512), in LLAMA_ROUNDS rounds that alternate with
+    our child_tinygrad_peer: the median of each, both sides."""
     root = Path(args.llama_cpp)
     converter = root / "convert_hf_to_gguf.py"
     found = [p for p in (root / "build" / "bin" / "llama-bench", root / "llama-bench") if
@@ -1027,18 +1077,31 @@ def time_llama(folder: Path, args) -> dict:
         if made.returncode != 0:
             return {"error": f"converting to {kind}: " + made.stderr.strip().splitlines()[-1]}
     threads = str(os.cpu_count() or 1)
-    result = {"decode_tok_s": {}, "prefill_tok_s": {}}
-    for kind, model in models.items():
-        print(f"  llama.cpp {kind} ...", file=sys.stderr)
-        ran = subprocess.run([str(found[0]), "-m", str(model), "-p", str(PREFILL_TOKENS), "-n",
-                              "64", "-t", threads, "-r", "3", "-o", "json"],
-                             capture_output=True, text=True)
-        if ran.returncode != 0:
-            return {"error": f"llama-bench {kind}: " + ran.stderr.strip()[-300:]}
-        for test in json.loads(ran.stdout):
-            field = "decode_tok_s" if test["n_gen"] else "prefill_tok_s"
-            result[field][kind] = test["avg_ts"]
-    return result
+    runs = {side: {field: {kind: [] for kind in models} for field in ("decode_tok_s",
+                                                                      "prefill_tok_s")}
+            for side in ("llama.cpp", "tinygrad")}
+    for _ in range(LLAMA_ROUNDS):
+        for kind, model in models.items():
+            print(f"  llama.cpp {kind} ...", file=sys.stderr)
+            cmd = [str(found[0]), "-m", str(model), "-p", str(PREFILL_TOKENS), "-n",
+                   str(LLAMA_GEN_TOKENS), "-t", threads, "-r", "1", "-o", "json"]
+            ran = subprocess.run(cmd + ["-lm", LLAMA_LOAD_MODES], capture_output=True, text=True)
+            if ran.returncode != 0:  # a llama.cpp from before --load-mode: its default alone
+                ran = subprocess.run(cmd, capture_output=True, text=True)
+            if ran.returncode != 0:
+                return {"error": f"llama-bench {kind}: " + ran.stderr.strip()[-300:]}
+            best = {}  # per test, the faster way of loading
+            for test in json.loads(ran.stdout):
+                field = "decode_tok_s" if test["n_gen"] else "prefill_tok_s"
+                best[field] = max(best.get(field, 0.0), test["avg_ts"])
+            ours = spawn("tinygrad-peer" + ("-half" if kind == "f16" else ""), args, env)
+            if "error" in ours:
+                return ours
+            for field, value in best.items():
+                runs["llama.cpp"][field][kind].append(value)
+                runs["tinygrad"][field][kind].append(ours[field])
+    return {side: {field: {kind: statistics.median(v) for kind, v in kinds.items()}
+                   for field, kinds in fields.items()} for side, fields in runs.items()}
 
 
 def time_demo(env: dict) -> dict:
@@ -1130,8 +1193,10 @@ def gpt2_params(vocab=GPT2_VOCAB, n_ctx=1024, n_layer=12, n_embd=768) -> int:
 def bound_percent(results: dict, name: str, bytes_per_param: int,
                   tok_s: float | None = None) -> float | None:
     """Decode speed (the child's, or tok_s) as % of what memory bandwidth allows when each token
-    reads every weight once: bound = bandwidth / (parameters * bytes per parameter)."""
-    gb_s = get(results, "bandwidth", "gb_s")
+    reads every weight once: bound = bandwidth / (parameters * bytes per parameter). The
+    bandwidth measured beside it in the same child (bandwidth_beside), else the bandwidth
+    group's."""
+    gb_s = get(results, name, "bound_gb_s") or get(results, "bandwidth", "gb_s")
     tok_s = get(results, name, "decode_tok_s") if tok_s is None else tok_s
     if gb_s is None or tok_s is None:
         return None
@@ -1176,6 +1241,10 @@ def table_rows(results: dict) -> list[list[str]]:
                 "met" if tg >= BOUND_TARGET else "missed")  # 16-bit's: 1.7x fp32's speed
             rows.append([f"decode % of bandwidth bound, {label}", fmt(tg, 1), fmt(pt, 1), ratio,
                          target])
+            if get(r, name, "bound_gb_s") is not None:
+                rows.append(["  the read bandwidth beside it GB/s (the bound: tok/s = GB/s / GB "
+                             "per token)", fmt(get(r, name, "bound_gb_s"), 1),
+                             fmt(get(r, peer, "bound_gb_s"), 1), "", ""])
     for name, peer, label, width in (("tinygrad-decode", "torch-decode", "fp32", 4),
                                      ("tinygrad-decode-half", "torch-decode-bf16", "16-bit", 2)):
         tg, pt = get(r, name, "context_tok_s") or {}, get(r, peer, "context_tok_s") or {}
@@ -1205,17 +1274,16 @@ def table_rows(results: dict) -> list[list[str]]:
         rows.append(["  against tinygrad's fp32 prefill", fmt(tg / fp32, 2), "", "",
                      ">= 1.00 " + ("met" if tg >= fp32 else "missed")])
     llama = r.get("llama.cpp", {})
-    for field, label, ours in (("decode_tok_s", "decode", ("tinygrad-decode",
-                                                          "tinygrad-decode-half")),
-                               ("prefill_tok_s", f"prefill {PREFILL_TOKENS}",
-                                ("tinygrad-prefill", "tinygrad-prefill-half"))):
-        for kind, name in zip(("f32", "f16"), ours):  # issue 34: llama.cpp's speed or better
-            theirs = (llama.get(field) or {}).get(kind)
+    for field, label in (("decode_tok_s", f"decode {LLAMA_GEN_TOKENS} tokens"),
+                         ("prefill_tok_s", f"prefill {PREFILL_TOKENS}")):
+        for kind in ("f32", "f16"):  # issue 34: llama.cpp's speed or better
+            theirs = llama.get("llama.cpp", {}).get(field, {}).get(kind)
             if theirs is not None:
-                tg = get(r, name, field)
+                tg = llama["tinygrad"][field][kind]
                 ratio, target = ratio_cell(tg, theirs, (">=", 1.0))
-                rows.append([f"{label} tok/s, {kind}, against llama.cpp (in the PyTorch column)",
-                             fmt(tg, 1), fmt(theirs, 1), ratio, target])
+                rows.append([f"{label} tok/s, {kind}, against llama.cpp (in the PyTorch column; "
+                             f"median of {LLAMA_ROUNDS} rounds, in turn)", fmt(tg, 1),
+                             fmt(theirs, 1), ratio, target])
     lab = r.get("lab", {})
 
     def absolute(label, value, peer, limit, digits=1):
@@ -1364,6 +1432,8 @@ def machine_info(results: dict, env: dict) -> dict:
         "torch_threads": probe.get("threads"),
         "torch_attention": get(results, "torch-decode", "attn"),
         "read_bandwidth_gb_s": get(results, "bandwidth", "gb_s"),
+        "read_bandwidth_small_pages_gb_s": get(results, "bandwidth", "threaded_gb_s"),
+        "read_bandwidth_huge_pages_gb_s": get(results, "bandwidth", "huge_threaded_gb_s"),
         "gpt2_params": gpt2_params(),
     }
 
@@ -1440,7 +1510,7 @@ def bench(argv=None) -> int:
             own = name.startswith("tinygrad-finetune")  # cold, then warm on what cold filled
             results[name] = spawn(name, args, env | cache if own else env)
         if args.llama_cpp and {"decode", "half", "prefill"} & args.groups:
-            results["llama.cpp"] = time_llama(Path(folder), args)
+            results["llama.cpp"] = time_llama(Path(folder), args, env)
         if "lab" in args.groups:
             args.torch_ok = torch_ok
             try:
