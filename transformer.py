@@ -39,7 +39,9 @@ def causal_mask(T: int, S, start_pos=0, device=None) -> Tensor:
     """Additive mask (T, S): 0 where query t (at start_pos + t) may see key s, -inf after.
     device: the queries' (a tuple for a batch sharded across devices, train.py --devices)."""
     mask = Tensor.full((T, S), float("-inf")).triu(start_pos + 1)
-    return mask if device is None else mask.to(device)
+    # contiguous: made once, where tinygrad would remake it inside the kernels that read the
+    # scores, with a branch for each element (speed: docs/speed.md)
+    return (mask if device is None else mask.to(device)).contiguous()
 
 
 # How much a query wants a key: four similarity functions (GPT-2's is scaled; --similarity NAME
@@ -82,7 +84,11 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None,
     scores = similarity(q, k)  # (..., T, S)
     if mask is not None:
         scores = scores + mask
-    return scores.softmax(-1).contiguous()
+    # the softmax written out: the largest score subtracted first, so that exp cannot overflow,
+    # and the exponentials stored once (contiguous), where tinygrad's own softmax computes them
+    # again in the sum and in the division (speed: docs/speed.md)
+    e = (scores - scores.max(-1, keepdim=True)).exp().contiguous()  # (..., T, S)
+    return (e / e.sum(-1, keepdim=True)).contiguous()
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
