@@ -507,14 +507,14 @@ def cpu_graph():
             # NumPy assignment
             self.table, self.args, self.starts = launches(list(zip(addresses, (
                 chunks for _, chunks in self.launches))))
-            self.places: dict[tuple, list[int]] = {}
+            places: dict[tuple, list[int]] = {}  # ("buffer", input slot) or ("var", name)
             for j, k, slot in patches:
-                self.places.setdefault(("buffer", slot), []).extend(self.spots(j, k))
+                places.setdefault(("buffer", slot), []).extend(self.spots(j, k))
             for j, vidxs in self.var_vals_replace.items():
                 for i, v in vidxs:
-                    self.places.setdefault(("var", self.vars[v]), []).extend(
+                    places.setdefault(("var", self.vars[v]), []).extend(
                         self.spots(j, first_var[j] + i))
-            self.places = {key: np.array(places) for key, places in self.places.items()}
+            self.places = {key: np.array(spots) for key, spots in places.items()}
 
         def spots(self, j: int, k: int) -> list[int]:
             """Argument k of kernel j in every one of its chunks: places in self.args."""
