@@ -820,8 +820,8 @@ def child_bandwidth(repeats: int) -> dict:
     rarely saturates memory, so the array is also summed in one slice per core; NumPy releases the
     GIL inside the reduction, so the threads run in parallel. Twice: in NumPy's own memory (small
     pages, unless the system gives every mapping huge ones), then in memory that asks for huge
-    pages (MADV_HUGEPAGE), as the weights' memory does (runtime.host_memory): with small pages
-    the reads also wait on the TLB, and the bound the weights' reads face is the faster one."""
+    pages (MADV_HUGEPAGE), as the weights' memory does (runtime.host_memory); the bound is the
+    faster of the two."""
     import mmap
 
     cores = os.cpu_count() or 1
