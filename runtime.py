@@ -347,23 +347,23 @@ class Launch(ctypes.Structure):
 
 def launches(kernels: list[tuple[int, list[list]]]):
     """Launches for native_cores of kernels, each (the address of its code, one argument list per
-    chunk): a ctypes array of Launch, the flat array of every chunk's MAX_ARGS arguments that they
-    point into (NumPy's view of it: to be kept alive, and written when an argument changes), and
-    where each kernel's first chunk's arguments start in it."""
-    import numpy as np
+    chunk): a ctypes array of Launch, the ctypes array of every chunk's MAX_ARGS arguments that
+    they point into (to be kept alive, and written when an argument changes), and where each
+    kernel's first chunk's arguments start in it."""
     from tinygrad.runtime.ops_cpu import MAX_ARGS
 
     rows = sum(len(chunks) for _, chunks in kernels)
-    memory = (ctypes.c_uint64 * (MAX_ARGS * rows))()
-    flat, table, starts, row = np.ctypeslib.as_array(memory), (Launch * len(kernels))(), [], 0
+    memory, table = (ctypes.c_uint64 * (MAX_ARGS * rows))(), (Launch * len(kernels))()
+    starts, row = [], 0
     for i, (fxn, chunks) in enumerate(kernels):
         for c, chunk in enumerate(chunks):
-            flat[(row + c) * MAX_ARGS:][:len(chunk)] = [getattr(a, "value", a) for a in chunk]
+            at = (row + c) * MAX_ARGS
+            memory[at:at + len(chunk)] = [getattr(a, "value", a) for a in chunk]
         args = ctypes.byref(memory, row * MAX_ARGS * 8)  # a pointer to the chunk's row
         table[i] = Launch(fxn, len(chunks), ctypes.cast(args, ctypes.POINTER(ctypes.c_uint64)))
         starts.append(row * MAX_ARGS)
         row += len(chunks)
-    return table, flat, starts
+    return table, memory, starts
 
 
 @functools.cache
@@ -505,8 +505,9 @@ def cpu_graph():
             # every chunk's arguments in one array (what the C helper threads read), and the
             # places in it of each input buffer and each variable: a replay writes each with one
             # NumPy assignment
-            self.table, self.args, self.starts = launches(list(zip(addresses, (
+            self.table, memory, self.starts = launches(list(zip(addresses, (
                 chunks for _, chunks in self.launches))))
+            self.args = np.ctypeslib.as_array(memory)  # a view that keeps memory alive
             places: dict[tuple, list[int]] = {}  # ("buffer", input slot) or ("var", name)
             for j, k, slot in patches:
                 places.setdefault(("buffer", slot), []).extend(self.spots(j, k))
