@@ -89,7 +89,7 @@ GROUPS = ("decode", "half", "beam", "prefill", "lab", "serve", "train", "finetun
 GPT2_VOCAB = 50257  # token ids are drawn below this, whatever padding an implementation adds
 PROMPT_TOKENS = 16  # the short prompt before decoding
 PREFILL_TOKENS = 512
-# --attention's texts: lengths 14, 14, 26 and 40 in GPT-2's tokens (the issue's, and longer)
+# --attention's texts: lengths 14, 15, 24 and 45 in GPT-2's tokens (the issue's, and longer)
 LAB_TEXTS = (
     "The cat sat on the mat because it was tired of chasing mice.",
     "A dog ran into the garden and barked at the old grey cat.",
@@ -320,35 +320,36 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
             "n_params": n_params, "rss_mb": rss, **tinygrad_info(), **bandwidth_beside()}
 
 
-def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
-
+def prefill_seconds(model) -> tuple[float, float]:
+    """generation's own prefill of PREFILL_TOKENS, which gives the first token (PyTorch's peer
+    keeps one row of logits too): the first prompt of the process, which traces the bucket's
+    graph (its kernels come from the disk cache), then a second prompt, another text of the same
+    length, which replays it. -> (first s, second s)"""
     from generate import generate
 
-    model = load_gpt2_tinygrad(folder, half)
-    # generation's own prefill, which gives the first token; PyTorch's peer keeps one row of
-    # logits too. The first prompt of the process traces the bucket's graph (its kernels come
-    # from the disk cache); a second prompt, another text of the same length, replays it.
-    t0 = time.perf_counter()
-    next(generate(model, random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=1), 1))
-    t1 = time.perf_counter()
-    next(generate(model, random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=2), 1))
-    seconds = time.perf_counter() - t1
-    return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
-            "prefill_first_s": t1 - t0, "rss_mb": peak_rss_mb(), **tinygrad_info()}
-
-
-def child_tinygrad_peer(folder: Path, half: bool) -> dict:
-    """llama-bench's two tests, for time_llama's rounds: pp512 (a second prompt of the bucket, as
-    child_tinygrad_prefill) and tg64 (greedy tokens after a one-token prompt, as llama-bench
-    decodes from an empty context; the capture and first replay not timed, as its warm-up run
-    is not)."""
-    from generate import generate
-
-    model = load_gpt2_tinygrad(folder, half)
+    seconds = []
     for seed in (1, 2):
         t0 = time.perf_counter()
         next(generate(model, random_ids(PREFILL_TOKENS, GPT2_VOCAB, seed=seed), 1))
-        prefill_s = time.perf_counter() - t0
+        seconds.append(time.perf_counter() - t0)
+    return seconds[0], seconds[1]
+
+
+def child_tinygrad_prefill(folder: Path, half: bool) -> dict:
+    first, seconds = prefill_seconds(load_gpt2_tinygrad(folder, half))
+    return {"prefill_tok_s": PREFILL_TOKENS / seconds, "prefill_s": seconds,
+            "prefill_first_s": first, "rss_mb": peak_rss_mb(), **tinygrad_info()}
+
+
+def child_tinygrad_peer(folder: Path, half: bool) -> dict:
+    """llama-bench's two tests, for time_llama's rounds: pp512 (a second prompt of the bucket,
+    prefill_seconds) and tg64 (greedy tokens after a one-token prompt, as llama-bench decodes
+    from an empty context; the capture and first replay not timed, as its warm-up run is
+    not)."""
+    from generate import generate
+
+    model = load_gpt2_tinygrad(folder, half)
+    _, prefill_s = prefill_seconds(model)
     stamps = [time.perf_counter() for _ in generate(
         model, random_ids(1, GPT2_VOCAB, seed=3), LLAMA_GEN_TOKENS + 3)][2:]
     return {"prefill_tok_s": PREFILL_TOKENS / prefill_s,
