@@ -930,10 +930,22 @@ static inline float sum8(f8 v) {
 # float16 (--half), widened to float32 as it is loaded (8 at once by F16C's vcvtph2ps on x86):
 # half the bytes to read. Every output adds its products in the same order whatever M (above 1)
 # and the tiling are, so a row's result does not depend on the rows beside it, and zeros after a
-# row (padded keys, whose attention is 0) leave it as it was. One row alone (decoding) reads
+# row (padded keys, whose attention is 0) leave it as it was. A row's 4 sums of 8 lanes end
+# together, by shuffles that add across the 4: one at a time they cost as much as the products
+# where the sums are short (q kᵀ's 64; docs/speed.md). One row alone (decoding) reads
 # each row of W start to end in one stream instead (4 rows of W interleaved took float16 at half
 # the speed on the build machine), its sums split 8 ways: the same within float32 rounding.
 MATMUL_C = string.Template(VECTORS_C + r"""
+typedef float f4 __attribute__((ext_vector_type(4)));
+static inline f4 sum4x8(f8 a, f8 b, f8 c, f8 d) {  /* the sums of 4 vectors, side by side */
+  f8 ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14)
+        + __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);  /* a0+a1 b0+b1 a2+a3 .. */
+  f8 cd = __builtin_shufflevector(c, d, 0, 8, 2, 10, 4, 12, 6, 14)
+        + __builtin_shufflevector(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
+  f8 q = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13)
+       + __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);  /* a0..3 b0..3 .. d4..7 */
+  return __builtin_shufflevector(q, q, 0, 1, 2, 3) + __builtin_shufflevector(q, q, 4, 5, 6, 7);
+}
 #define STEP(k, len) {                                                                  \
   f8 a[MR];                                                                             \
   for (int i = 0; i < MR; i++) a[i] = load8(xr[i] + (k), len);                          \
@@ -985,8 +997,10 @@ void $name(float *restrict out, const float *restrict x, const W *restrict w,$bi
           f8 acc[MR][4] = {{0}};
           for (int k = 0; k + 8 <= K; k += 8) STEP(k, 8)
           if (K % 8) STEP(K - K % 8, K % 8)
-          for (int i = 0; i < mr; i++)
-            for (int j = 0; j < nr; j++) ob[(long)(m + i) * N + n + j] = sum8(acc[i][j])$add_bias;
+          for (int i = 0; i < mr; i++) {
+            f4 s = sum4x8(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+            for (int j = 0; j < nr; j++) ob[(long)(m + i) * N + n + j] = s[j]$add_bias;
+          }
         }
       }
     }
