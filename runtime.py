@@ -1229,6 +1229,14 @@ def strided(t: Tensor) -> tuple[Tensor, list, list[int], int] | None:
     return Tensor(u), shape, steps, offset
 
 
+def entry_place(lead: list[int], steps: list[int], offset: int, index: str) -> str:
+    """Where entry `index` (a C expression) of a batch with leading axes lead starts, in a view
+    with these steps that starts at offset (strided): a C expression."""
+    return " + ".join([str(offset)] + [
+        f"(long)({index} / {math.prod(lead[i + 1:])} % {n}) * {step}"
+        for i, (n, step) in enumerate(zip(lead, steps)) if n > 1])
+
+
 def in_order(t: Tensor) -> Tensor:
     """For a kernel that reads t's elements in order from a flat pointer: t, or where t is a
     contiguous copy of a view that already lies in order at the start of another tensor (the
@@ -1319,15 +1327,10 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
     var, most = variables[0], count.vmax
     entries = math.prod(lead)
 
-    def place(steps: list[int], offset: int) -> str:
-        """Where entry e starts, from its index along the leading axes (C)."""
-        return " + ".join([str(offset)] + [
-            f"(long)(e / {math.prod(lead[i + 1:])} % {n}) * {step}"
-            for i, (n, step) in enumerate(zip(lead, steps)) if n > 1])
-
     if rows:  # q, read where c_attn wrote it when its features lie along memory
         q = strided(x)
-        x, xplace = (q[0], place(q[2], q[3])) if q and q[2][-1] == 1 else (x, f"(long)e * {K}")
+        x, xplace = ((q[0], entry_place(lead, q[2], q[3], "e")) if q and q[2][-1] == 1
+                     else (x, f"(long)e * {K}"))
     else:  # att (..., 1, S) written into a buffer of the longest S, its S weights alone: by
         # the softmax's own kernel, not as a copy of its contiguous output
         if x.uop.op is Ops.CONTIGUOUS:
@@ -1342,8 +1345,8 @@ def cache_matmul(x: Tensor, weight: Tensor) -> Tensor | None:
     source = CACHE_C.substitute(
         wtype="__fp16" if half else "float", half=int(half),
         name=name, var=var.expr, entries=entries, N=0 if rows else N, K=K if rows else 0,
-        cores=cores, S=count.render(), wplace=place(steps, offset), xplace=xplace,
-        ostride=most, rows=int(rows), step=steps[-2] if rows else steps[-1])
+        cores=cores, S=count.render(), wplace=entry_place(lead, steps, offset, "e"),
+        xplace=xplace, ostride=most, rows=int(rows), step=steps[-2] if rows else steps[-1])
     inputs = [x.contiguous(), base.contiguous()]
     moved = entries * most * ((K if rows else N) * weight.dtype.itemsize + 4)
     program = _c_program(name, source, Device[x.device], 3, cores, Estimates(
