@@ -966,7 +966,7 @@ void $name(float *restrict out, const float *restrict x, const W *restrict w,$bi
   int c0 = BY_COLS ? 4 * s0 : 0, c1 = BY_COLS ? (4 * s1 < N ? 4 * s1 : N) : N;
   for (int bt = BY_BATCH ? s0 : 0; bt < (BY_BATCH ? s1 : BATCH); bt++) {
     const float *xb = x + (long)bt * M * K;
-    const W *wb = w + (long)bt * N * K;
+    const W *wb = w + $wplace;
     float *ob = out + (long)bt * M * N;
     int m0 = BY_ROWS ? s0 : 0, m1 = BY_ROWS ? s1 : M;
     if (M == 1) {  /* one row of x (decoding): W read once, so the order of the reads rules */
@@ -1142,18 +1142,28 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     c_type = {2: "__fp16", 4: "float"}
     name = (f"matmul_{batch}_{M}_{N}_{K}" + ("_half" if half else "")
             + ("" if bias is None else f"_bias{bias.dtype.itemsize * 8}"))
+    wplace, w_in, grads = f"(long)bt * {N * K}", weight, _cpu_matmul_grads
+    if weight.ndim > 2 and (view := strided(weight)) is not None:
+        base, _, steps, offset = view
+        if steps[-1] == 1 and (steps[-2] == K or N == 1) and base.numel() > weight.numel():
+            # each entry's rows lie along memory in one block, the entries apart: a slice of
+            # the KV cache (prefill's keys), read where it lies, not copied out first. Its
+            # gradient would be the whole cache's: none is offered
+            w_in, grads = base, None
+            wplace = entry_place(list(weight.shape[:-2]), steps, offset, "bt")
+            name += "_strided"
     source = MATMUL_C.substitute(
-        name=name, batch=batch, M=M, N=N, K=K, cores=cores, mr=min(M, 3), by=by,
+        name=name, batch=batch, M=M, N=N, K=K, cores=cores, mr=min(M, 3), by=by, wplace=wplace,
         wtype=c_type[weight.dtype.itemsize], half=int(half),
         bias="" if bias is None else f" const {c_type[bias.dtype.itemsize]} *restrict b,",
         add_bias=" + b[n + j]" if bias is not None else "",
         add_bias_n=" + b[n]" if bias is not None else "")
-    inputs = [t.contiguous() for t in (in_order(x), weight, bias) if t is not None]
+    inputs = [t.contiguous() for t in (in_order(x), w_in, bias) if t is not None]
     moved = 4 * batch * (M * K + M * N) + weight_bytes
     program = _c_program(name, source, Device[x.device], 1 + len(inputs), cores,
                          Estimates(ops=flops, lds=moved, mem=moved))
     out = Tensor.empty(*x.shape[:-1], N, device=x.device)
-    return out.custom_kernel(*inputs, fxn=program, grad_fxn=_cpu_matmul_grads)[0]
+    return out.custom_kernel(*inputs, fxn=program, grad_fxn=grads)[0]
 
 
 def _one(s) -> bool:

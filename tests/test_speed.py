@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import PLAIN
 from test_transformer import assert_clean_error, cli_process  # transformer.py, one error line
-from tinygrad import Context, Tensor, TinyJit
+from tinygrad import Context, GlobalCounters, Tensor, TinyJit
 
 import bench
 import gpt
@@ -298,6 +298,28 @@ def test_cpu_matmul_zeros_after_a_row_leave_it_as_it_was():
     np.testing.assert_array_equal(padded.numpy(), short)
     np.testing.assert_allclose(short, att.astype(np.float64) @ np.swapaxes(v, 1, 2), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("w_dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_cpu_matmul_reads_a_slice_of_the_cache_where_it_lies(w_dtype):
+    # a prefill's q kᵀ against the keys it has just cached: each head's S rows lie in one
+    # block of the cache (2, B, H, n_ctx, hs), the heads n_ctx rows apart. The product reads
+    # them there, one kernel and no copy; att v's values, which it reads across memory, are
+    # copied out first, as before
+    rng = np.random.default_rng(5)
+    cache = Tensor(rng.normal(size=(2, 2, 3, 40, 16)).astype(w_dtype)).realize()
+    q, att = (Tensor(rng.normal(size=s).astype(np.float32)).realize()
+              for s in ((2, 3, 7, 16), (2, 3, 7, 30)))
+    k, v = cache[0, :, :, :30], cache[1, :, :, 2:32]  # (B, H, S, hs), v from its third row
+    before = GlobalCounters.kernel_count
+    scores = runtime.cpu_matmul(q, k).realize()
+    assert GlobalCounters.kernel_count - before == 1  # the product alone
+    out = runtime.cpu_matmul(att, v.transpose(-2, -1)).realize()  # (B, H, T, hs)
+    assert GlobalCounters.kernel_count - before == 3  # vᵀ copied, then its product
+    c = cache.numpy().astype(np.float64)
+    want = q.numpy() @ np.swapaxes(c[0, :, :, :30], -1, -2)
+    np.testing.assert_allclose(scores.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), att.numpy() @ c[1, :, :, 2:32], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lead, per_entry", [((), False), ((2, 3), False), ((2, 3), True)],
