@@ -696,6 +696,61 @@ def test_bench_writes_gpt2s_tokenizer_files_that_encode_as_tiktoken(tmp_path):
         assert [vocab[p] for p in parts] == enc.encode(word), word
 
 
+def test_bench_sets_each_stretch_of_tokens_against_the_reads_beside_it(monkeypatch):
+    # a clock of our own: each token takes 1 s, the first 2 s and a read 100 s. From token 4
+    # on, a read every 3 tokens, its time left out of the stamps; each stretch of 3 tokens
+    # (1 tok/s) set against the faster read on either side
+    monkeypatch.setattr(bench, "STEADY_FROM", 4)
+    monkeypatch.setattr(bench, "SEGMENT", 3)
+    now = [0.0]
+
+    def tokens(n):
+        for i in range(n):
+            now[0] += 2.0 if i == 0 else 1.0
+            yield i
+
+    readings = iter([30.0, 10.0, 20.0, 50.0])
+
+    def read():
+        now[0] += 100.0
+        return next(readings)
+
+    stamps, beside = bench.timed_tokens(tokens(14), read, clock=lambda: now[0])
+    assert stamps == [2.0 + i for i in range(14)]  # reads after tokens 4, 7, 10 and 13
+    assert beside == {"segments": [[1.0, 30.0], [1.0, 20.0], [1.0, 50.0]], "bound_gb_s": 25.0}
+    # the bound's share: GPT-2 124M reads its 124,439,808 weights a token, less 1,023 of the
+    # 1,024 rows of position embeddings, 4 bytes each; the stretches' median
+    per_token = (124_439_808 - 1023 * 768) * 4
+    shares = [100 * 1.0 / (g * 1e9 / per_token) for g in (30.0, 20.0, 50.0)]
+    results = {"child": beside}
+    assert bench.bound_percent(results, "child", 4) == pytest.approx(np.median(shares))
+    # a speed at a length of context: against the reads' median
+    assert bench.bound_percent(results, "child", 4, 5.0) == pytest.approx(
+        100 * 5.0 / (25.0 * 1e9 / per_token))
+
+
+def test_bench_context_speeds_take_the_lengths_in_turn(monkeypatch):
+    # three rounds of 30, 300 and 900 tokens of context; the third round's are all slow (a busy
+    # minute), which the medians and the per-round ratio (900 against 30) leave out
+    monkeypatch.setattr(bench, "CONTEXT_TOKENS", 5)
+    now, calls = [0.0], []
+    step = {(0, 30): 0.1, (0, 300): 0.1, (0, 900): 0.125, (1, 30): 0.1, (1, 300): 0.125,
+            (1, 900): 0.125, (2, 30): 0.5, (2, 300): 0.5, (2, 900): 0.5}
+
+    def decode(ids):
+        T = ids.shape[1]
+        calls.append(T)
+        for _ in range(bench.CONTEXT_TOKENS):
+            now[0] += step[(calls.count(30) - 1, T)]
+            yield 0
+
+    got = bench.context_speeds(decode, clock=lambda: now[0])
+    assert calls == [30, 300, 900] * 3
+    # 5 tokens, timed from the fourth: 1 interval each
+    assert got["context_tok_s"] == pytest.approx({"30": 10.0, "300": 8.0, "900": 8.0})
+    assert got["context_held"] == pytest.approx(np.median([0.8, 0.8, 1.0]))
+
+
 def test_bench_kernel_profile_finds_the_matmul():
     rng = np.random.default_rng(0)
     a, b = (rng.normal(size=(128, 256)).astype(np.float32) for _ in range(2))
