@@ -1144,7 +1144,7 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             + ("" if bias is None else f"_bias{bias.dtype.itemsize * 8}"))
     wplace, w_in, grads = f"(long)bt * {N * K}", weight, _cpu_matmul_grads
     if weight.ndim > 2 and (view := strided(weight)) is not None:
-        base, _, steps, offset = view
+        base, shape, steps, offset = view
         if steps[-1] == 1 and (steps[-2] == K or N == 1) and base.numel() > weight.numel():
             # each entry's rows lie along memory in one block, the entries apart: a slice of
             # the KV cache (prefill's keys), read where it lies, not copied out first. Its
@@ -1152,9 +1152,15 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             w_in, grads = base, None
             wplace = entry_place(list(weight.shape[:-2]), steps, offset, "bt")
             name += "_strided"
+        elif half and any(step != math.prod(shape[i + 1:]) for i, step in enumerate(steps)
+                          if shape[i] != 1):
+            # a float16 view that must be copied (prefill's values, read across the cache) is
+            # copied as float32, the same values: tinygrad's LLVM code has no float16, and
+            # rounding each one back to float16 in integer steps cost 3x the widening
+            w_in, half, name = weight.float(), False, name + "_widened"
     source = MATMUL_C.substitute(
         name=name, batch=batch, M=M, N=N, K=K, cores=cores, mr=min(M, 3), by=by, wplace=wplace,
-        wtype=c_type[weight.dtype.itemsize], half=int(half),
+        wtype=c_type[w_in.dtype.itemsize], half=int(half),
         bias="" if bias is None else f" const {c_type[bias.dtype.itemsize]} *restrict b,",
         add_bias=" + b[n + j]" if bias is not None else "",
         add_bias_n=" + b[n]" if bias is not None else "")
