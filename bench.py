@@ -223,19 +223,24 @@ def decode_summary(stamps: list[float], t_start: float, t_loaded: float) -> dict
     }
 
 
-def context_speeds(decode, clock=time.perf_counter) -> dict:
+def context_speeds(decode, reads, clock=time.perf_counter) -> dict:
     """Decode tokens/s after prompts of each of CONTEXTS' lengths: decode(prompt (1, T)) yields
     as each new token comes out. The first three tokens (the prefill's, and the steps right
     after a new prompt) are not timed. CONTEXT_ROUNDS rounds, each of every length in turn, as
-    this machine's speed moves from one minute to the next: each length's median, and the median
-    of each round's speed at the longest against at the shortest."""
+    this machine's speed moves from one minute to the next, with a read of the memory's
+    bandwidth (reads()) before the first and after each: each length's median, each round's
+    speeds and the faster read beside it (for bound_percent), and the median of each round's
+    speed at the longest against at the shortest."""
     speeds = {str(n): [] for n in CONTEXTS}
+    gb_s = [reads()]
     for _ in range(CONTEXT_ROUNDS):
         for n in CONTEXTS:
             stamps = [clock() for _ in decode(random_ids(n, GPT2_VOCAB, seed=n))][3:]
             speeds[str(n)].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        gb_s.append(reads())
     first, last = speeds[str(CONTEXTS[0])], speeds[str(CONTEXTS[-1])]
     return {"context_tok_s": {n: statistics.median(v) for n, v in speeds.items()},
+            "context_rounds": speeds, "context_gb_s": [max(a, b) for a, b in zip(gb_s, gb_s[1:])],
             "context_held": statistics.median(b / a for a, b in zip(first, last))}
 
 
@@ -313,6 +318,8 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
 
     with ReadsBeside() as reads:
         stamps, beside = timed_tokens(counted(), reads)
+        contexts = context_speeds(lambda ids: generate(model, ids, CONTEXT_TOKENS, 0.0,
+                                                       beam=beam), reads)
     last = kept[0]
     # kernels between two yields in steady state, as GlobalCounters sees them: TinyJit's replay
     # of the step, plus the copies of the token in and the logits out
@@ -326,7 +333,6 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
     Device[Device.DEFAULT].synchronize()
     unjitted = GlobalCounters.kernel_count - before
     n_params = sum(p.numel() for p in model.parameters().values())
-    contexts = context_speeds(lambda ids: generate(model, ids, CONTEXT_TOKENS, 0.0, beam=beam))
     rss = peak_rss_mb()
     return {**decode_summary(stamps, t_start, t_loaded), **contexts,
             "kernels_per_step": min(per_step),
@@ -770,7 +776,7 @@ def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
 
     with ReadsBeside() as reads:
         stamps, beside = timed_tokens(decode(ids, tokens), reads)
-    contexts = context_speeds(lambda ids: decode(ids, CONTEXT_TOKENS))
+        contexts = context_speeds(lambda ids: decode(ids, CONTEXT_TOKENS), reads)
     n_params = sum(p.numel() for p in model.parameters())  # the tied wte is counted once
     rss = peak_rss_mb()
     return {**decode_summary(stamps, t_start, t_loaded), **contexts, "n_params": n_params,
@@ -1270,19 +1276,23 @@ def gpt2_params(vocab=GPT2_VOCAB, n_ctx=1024, n_layer=12, n_embd=768) -> int:
 
 
 def bound_percent(results: dict, name: str, bytes_per_param: int,
-                  tok_s: float | None = None) -> float | None:
+                  context: int | None = None) -> float | None:
     """Decode speed as % of what memory bandwidth allows when each token reads every weight once
     (of the position embeddings, its own row): bound = bandwidth / bytes per token. The child's
-    own stretches set against the reads beside each (timed_tokens), their median; for tok_s (a
-    speed at a length of context), against the median of the child's reads; else the bandwidth
-    group's."""
+    own stretches (timed_tokens), or with context its rounds at that length (context_speeds),
+    each set against the reads beside it: their median. Else its speed against its reads'
+    median, or the bandwidth group's."""
     per_token = (gpt2_params() - (1024 - 1) * 768) * bytes_per_param
-    segments = get(results, name, "segments") if tok_s is None else None
-    if segments:
-        return statistics.median(100 * speed / (gb_s * 1e9 / per_token)
-                                 for speed, gb_s in segments)
+    if context is None:
+        pairs = get(results, name, "segments") or []
+    else:
+        pairs = list(zip((get(results, name, "context_rounds") or {}).get(str(context), []),
+                         get(results, name, "context_gb_s") or []))
+    if pairs:
+        return statistics.median(100 * speed / (gb_s * 1e9 / per_token) for speed, gb_s in pairs)
     gb_s = get(results, name, "bound_gb_s") or get(results, "bandwidth", "gb_s")
-    tok_s = get(results, name, "decode_tok_s") if tok_s is None else tok_s
+    tok_s = (get(results, name, "decode_tok_s") if context is None
+             else (get(results, name, "context_tok_s") or {}).get(str(context)))
     if gb_s is None or tok_s is None:
         return None
     return 100 * tok_s / (gb_s * 1e9 / per_token)
@@ -1338,7 +1348,7 @@ def table_rows(results: dict) -> list[list[str]]:
             continue
         for n in CONTEXTS:
             speed, peer_speed = tg.get(str(n)), pt.get(str(n))
-            share = bound_percent(r, name, width, speed) if speed is not None else None
+            share = bound_percent(r, name, width, n) if speed is not None else None
             cell = fmt(speed, 1) + ("" if share is None else f" ({share:.0f} % of the bound)")
             rows.append([f"decode tok/s at {n} tokens of context, {label}", cell,
                          fmt(peer_speed, 1), ratio_cell(speed, peer_speed, None)[0], ""])

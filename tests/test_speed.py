@@ -724,8 +724,9 @@ def test_bench_sets_each_stretch_of_tokens_against_the_reads_beside_it(monkeypat
     shares = [100 * 1.0 / (g * 1e9 / per_token) for g in (30.0, 20.0, 50.0)]
     results = {"child": beside}
     assert bench.bound_percent(results, "child", 4) == pytest.approx(np.median(shares))
-    # a speed at a length of context: against the reads' median
-    assert bench.bound_percent(results, "child", 4, 5.0) == pytest.approx(
+    # without stretches (too few tokens): the speed against the reads' median
+    results = {"child": {"segments": [], "bound_gb_s": 25.0, "decode_tok_s": 5.0}}
+    assert bench.bound_percent(results, "child", 4) == pytest.approx(
         100 * 5.0 / (25.0 * 1e9 / per_token))
 
 
@@ -744,11 +745,17 @@ def test_bench_context_speeds_take_the_lengths_in_turn(monkeypatch):
             now[0] += step[(calls.count(30) - 1, T)]
             yield 0
 
-    got = bench.context_speeds(decode, clock=lambda: now[0])
+    readings = iter([40.0, 30.0, 50.0, 20.0])  # before the rounds, then after each
+    got = bench.context_speeds(decode, lambda: next(readings), clock=lambda: now[0])
     assert calls == [30, 300, 900] * 3
     # 5 tokens, timed from the fourth: 1 interval each
     assert got["context_tok_s"] == pytest.approx({"30": 10.0, "300": 8.0, "900": 8.0})
     assert got["context_held"] == pytest.approx(np.median([0.8, 0.8, 1.0]))
+    # each round's speed at a length against the faster read beside that round, the median
+    assert got["context_gb_s"] == [40.0, 50.0, 50.0]
+    per_token = (124_439_808 - 1023 * 768) * 2  # float16
+    shares = [100 * s / (g * 1e9 / per_token) for s, g in zip([8.0, 8.0, 2.0], [40.0, 50.0, 50.0])]
+    assert bench.bound_percent({"child": got}, "child", 2, 900) == pytest.approx(np.median(shares))
 
 
 def test_bench_kernel_profile_finds_the_matmul():
