@@ -724,6 +724,14 @@ def test_bench_sets_each_stretch_of_tokens_against_the_reads_beside_it(monkeypat
     shares = [100 * 1.0 / (g * 1e9 / per_token) for g in (30.0, 20.0, 50.0)]
     results = {"child": beside}
     assert bench.bound_percent(results, "child", 4) == pytest.approx(np.median(shares))
+    # --half against fp32 from two children whose machine differed: at the same bandwidth, their
+    # speeds per GB/s of the reads beside them, 130 / 37 against 100 / 49
+    rows = {row[0].strip(): row for row in bench.table_rows({
+        "tinygrad-decode": {"decode_tok_s": 100.0, "segments": [[100.0, 49.0]]},
+        "tinygrad-decode-half": {"decode_tok_s": 130.0, "segments": [[130.0, 37.0]]}})}
+    assert rows["against tinygrad's fp32 decode (two children, minutes apart)"][1] == "1.30"
+    same = rows["the same at the same read bandwidth (2 x its share of the bound / fp32's)"]
+    assert same[1] == f"{(130 / 37) / (100 / 49):.2f}" and same[4] == ">= 1.70 met"
     # without stretches (too few tokens): the speed against the reads' median
     results = {"child": {"segments": [], "bound_gb_s": 25.0, "decode_tok_s": 5.0}}
     assert bench.bound_percent(results, "child", 4) == pytest.approx(
