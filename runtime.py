@@ -1152,8 +1152,7 @@ def cpu_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             w_in, grads = base, None
             wplace = entry_place(list(weight.shape[:-2]), steps, offset, "bt")
             name += "_strided"
-        elif half and any(step != math.prod(shape[i + 1:]) for i, step in enumerate(steps)
-                          if shape[i] != 1):
+        elif half and not lies_in_order(shape, steps):
             # a float16 view that must be copied (prefill's values, read across the cache) is
             # copied as float32, the same values: tinygrad's LLVM code has no float16, and
             # rounding each one back to float16 in integer steps cost 3x the widening
@@ -1253,6 +1252,11 @@ def entry_place(lead: list[int], steps: list[int], offset: int, index: str) -> s
         for i, (n, step) in enumerate(zip(lead, steps)) if n > 1])
 
 
+def lies_in_order(shape: list, steps: list[int]) -> bool:
+    """Does a view with these steps (strided's) read its elements one after another?"""
+    return all(step == math.prod(shape[i + 1:]) for i, step in enumerate(steps) if shape[i] != 1)
+
+
 def in_order(t: Tensor) -> Tensor:
     """For a kernel that reads t's elements in order from a flat pointer: t, or where t is a
     contiguous copy of a view that already lies in order at the start of another tensor (the
@@ -1265,9 +1269,7 @@ def in_order(t: Tensor) -> Tensor:
     base, shape, steps, offset = view
     if not all(isinstance(s, int) for s in shape) or base.numel() != t.numel() or offset:
         return t
-    if any(step != math.prod(shape[i + 1:]) for i, step in enumerate(steps) if shape[i] != 1):
-        return t
-    return base
+    return base if lies_in_order(shape, steps) else t
 
 
 # One decoding query against the KV cache: q kᵀ (each cached key a row along memory) or att v
