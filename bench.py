@@ -304,6 +304,7 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
 
     from generate import generate
 
+    reads = ReadsBeside()  # before the clock starts: writing its 2 GiB takes seconds
     t_start = time.perf_counter()
     model = load_gpt2_tinygrad(folder, half)
     t_loaded = time.perf_counter()
@@ -316,7 +317,7 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
             kept[:] = [tok]
             yield tok
 
-    with ReadsBeside() as reads:
+    with reads:
         stamps, beside = timed_tokens(counted(), reads)
         contexts = context_speeds(lambda ids: generate(model, ids, CONTEXT_TOKENS, 0.0,
                                                        beam=beam), reads)
@@ -333,11 +334,10 @@ def child_tinygrad_decode(folder: Path, tokens: int, half: bool, beam: int = 0) 
     Device[Device.DEFAULT].synchronize()
     unjitted = GlobalCounters.kernel_count - before
     n_params = sum(p.numel() for p in model.parameters().values())
-    rss = peak_rss_mb()
     return {**decode_summary(stamps, t_start, t_loaded), **contexts,
             "kernels_per_step": min(per_step),
             "kernels_per_step_max": max(per_step), "kernels_unjitted": unjitted,
-            "n_params": n_params, "rss_mb": rss, **tinygrad_info(), **beside}
+            "n_params": n_params, "rss_mb": peak_rss_mb(), **tinygrad_info(), **beside}
 
 
 def prefill_seconds(model) -> tuple[float, float]:
@@ -757,6 +757,7 @@ def child_torch_probe() -> dict:
 
 def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
     torch, transformers = torch_setup()
+    reads = ReadsBeside()  # before the clock starts: writing its 2 GiB takes seconds
     t_start = time.perf_counter()
     model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     if bf16:
@@ -774,13 +775,12 @@ def child_torch_decode(folder: Path, tokens: int, bf16: bool) -> dict:
                     out = model(input_ids=tok[:, None], past_key_values=out.past_key_values,
                                 use_cache=True)
 
-    with ReadsBeside() as reads:
+    with reads:
         stamps, beside = timed_tokens(decode(ids, tokens), reads)
         contexts = context_speeds(lambda ids: decode(ids, CONTEXT_TOKENS), reads)
     n_params = sum(p.numel() for p in model.parameters())  # the tied wte is counted once
-    rss = peak_rss_mb()
     return {**decode_summary(stamps, t_start, t_loaded), **contexts, "n_params": n_params,
-            "rss_mb": rss, "attn": model.config._attn_implementation, **beside}
+            "rss_mb": peak_rss_mb(), "attn": model.config._attn_implementation, **beside}
 
 
 def child_torch_prefill(folder: Path, bf16: bool = False) -> dict:
@@ -893,9 +893,7 @@ class ReadsBeside:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "reads"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
-        self.proc.stdin.write("\n")  # the first answer says the memory is ready
-        self.proc.stdin.flush()
-        float(self.proc.stdout.readline())
+        self.proc.stdout.readline()  # "ready": its memory is written
 
     def __call__(self) -> float:
         self.proc.stdin.write("\n")
@@ -914,6 +912,7 @@ class ReadsBeside:
 def child_reads() -> dict:
     """ReadsBeside's process: a reading for each line on stdin, until it closes."""
     reads = ReadBandwidth()
+    print("ready", flush=True)
     for _ in sys.stdin:
         print(reads(), flush=True)
     return {}
@@ -1287,7 +1286,7 @@ def bound_percent(results: dict, name: str, bytes_per_param: int,
     own stretches (timed_tokens), or with context its rounds at that length (context_speeds),
     each set against the reads beside it: their median. Else its speed against its reads'
     median, or the bandwidth group's."""
-    per_token = (gpt2_params() - (1024 - 1) * 768) * bytes_per_param
+    per_token = gpt2_params(n_ctx=1) * bytes_per_param  # a token reads one position's row
     if context is None:
         pairs = get(results, name, "segments") or []
     else:
